@@ -1,0 +1,325 @@
+"""Offline CPU tests: every script runs end to end as a user runs it, on a tiny generated dataset.
+
+    pytest -q
+
+The dataset is a 10-class ImageFolder of generated 32x32 PNGs (each class a different stripe
+pattern plus noise), written once per session to a temporary folder. The scripts run as
+subprocesses with tiny budgets; the unit tests check the mathematics that can silently go wrong.
+"""
+import inspect
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.functional import to_pil_image
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, ROOT)
+
+import collect_kernels  # noqa: E402
+import pretrain  # noqa: E402
+import train_advreg  # noqa: E402
+import train_small  # noqa: E402
+
+
+def run(script, *args, ok=True):
+    """Run `python script args...` from the repo root as a user would; returns the completed process."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
+                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    if ok:
+        assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def assert_user_error(proc, *phrases):
+    """A user's mistake: exit code != 0, a clear message, no traceback."""
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    for phrase in phrases:
+        assert phrase in proc.stderr + proc.stdout, (phrase, proc.stderr)
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """ImageFolder tree with 10 classes, 12 train and 5 test PNGs per class."""
+    root = tmp_path_factory.mktemp("tiny_data")
+    g = torch.Generator().manual_seed(0)
+    for split, count in (("train", 12), ("test", 5)):
+        for c in range(10):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+                pattern = torch.sin((xx * (c % 5 + 1) + yy * (c // 5)) * 0.4)
+                img = 127 + 60 * pattern[None].expand(3, 32, 32) + 30 * torch.randn(3, 32, 32, generator=g)
+                to_pil_image(img.clamp(0, 255).to(torch.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def pretrained(tiny_data, tmp_path_factory):
+    """Two seeds of pretrain.py (2 epochs each) and the banks collected from them."""
+    out = tmp_path_factory.mktemp("pretrain")
+    ckpts, banks = out / "checkpoints", out / "kernels"
+    run("pretrain.py", "--data", tiny_data, "--seeds", 0, 1, "--epochs", 2, "--batch-size", 32, "--out", ckpts)
+    run("collect_kernels.py", "--checkpoints", ckpts, "--layers", "conv1", "conv2", "--out", banks)
+    return ckpts, banks
+
+
+# ----------------------------------------------------------------------------- stages 1-2
+def test_pretrain_writes_checkpoints_summary_and_curves(pretrained):
+    ckpts, _ = pretrained
+    summary = json.loads((ckpts / "summary.json").read_text())
+    assert set(summary["test_acc"]) == {"0", "1"}
+    accs = list(summary["test_acc"].values())
+    assert all(0.0 <= a <= 1.0 for a in accs)
+    assert summary["mean"] == pytest.approx(sum(accs) / 2)
+    for seed in (0, 1):
+        ckpt = torch.load(ckpts / f"seed{seed}.pt", weights_only=True)
+        assert ckpt["arch"] == "PaperCNN" and ckpt["epoch"] == 2 and ckpt["seed"] == seed
+        assert len(ckpt["history"]["train_loss"]) == 2 and len(ckpt["history"]["test_acc"]) == 2
+        assert ckpt["args"]["epochs"] == 2
+        assert ckpt["model"]["conv1.weight"].shape == (64, 3, 7, 7)
+        assert ckpt["model"]["fc.weight"].shape == (10, 256)
+    assert (ckpts / "training_curves.png").stat().st_size > 1000
+
+
+def test_collect_kernels_banks_and_figure(pretrained):
+    ckpts, banks = pretrained
+    conv1 = torch.load(banks / "conv1_7x7.pt", weights_only=True)
+    conv2 = torch.load(banks / "conv2_5x5.pt", weights_only=True)
+    assert conv1["kernels"].shape == (2 * 64 * 3, 7, 7)
+    assert conv2["kernels"].shape == (2 * 128 * 64, 5, 5)
+    for bank in (conv1, conv2):
+        assert torch.isfinite(bank["kernels"]).all()
+        assert bank["seeds"] == [0, 1] and len(bank["test_acc"]) == 2 and len(bank["sources"]) == 2
+    # the bank is exactly the checkpoints' weights, slice by slice
+    seed1 = torch.load(ckpts / "seed1.pt", weights_only=True)["model"]["conv1.weight"]
+    assert torch.equal(conv1["kernels"][192:], seed1.reshape(-1, 7, 7))
+    assert conv1["layer"] == "conv1" and conv1["kernel_size"] == 7 and conv1["source_counts"] == [192, 192]
+    assert (banks / "conv1_7x7_grid.png").stat().st_size > 1000
+    assert (banks / "conv2_5x5_grid.png").stat().st_size > 1000
+
+
+def test_paper_cnn_has_the_papers_parameter_count():
+    assert sum(p.numel() for p in pretrain.PaperCNN(100).parameters()) == 945_572
+
+
+def test_cnn_and_helper_copies_agree():
+    """The scripts share no module: their copies of the CNN and the helpers must stay identical."""
+    models = [m.PaperCNN(10) for m in (pretrain, train_small, train_advreg)]
+    shapes = [{k: v.shape for k, v in m.state_dict().items()} for m in models]
+    assert shapes[0] == shapes[1] == shapes[2]
+    x = torch.randn(4, 3, 32, 32)
+    outputs = []
+    for m in models:
+        m.load_state_dict(models[0].state_dict())
+        outputs.append(m.eval()(x))
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+    for name in ("PaperCNN", "load_split", "normalize", "augment", "evaluate", "save_atomic", "pick_device",
+                 "write_json_atomic"):
+        sources = {inspect.getsource(getattr(m, name)) for m in (pretrain, train_small, train_advreg)}
+        assert len(sources) == 1, f"the copies of {name} differ"
+    for name in ("small_subset", "load_small_data", "load_bank_kernels", "init_conv1_from_bank"):
+        assert inspect.getsource(getattr(train_small, name)) == inspect.getsource(getattr(train_advreg, name)), name
+    for name in ("standardize_kernels", "frechet_distance", "low_freq_share", "bank_reference", "kernel_grid"):
+        assert inspect.getsource(getattr(collect_kernels, name)) == inspect.getsource(getattr(train_advreg, name)), name
+    assert inspect.getsource(collect_kernels.kernel_grid) == inspect.getsource(train_small.kernel_grid)
+
+
+def test_augment_keeps_shapes_and_labels():
+    """Each output image is a padded crop (or its mirror) of the SAME input image, so labels stay aligned."""
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    out = pretrain.augment(images)
+    assert out.shape == images.shape and out.dtype == images.dtype
+    padded = F.pad(images, (4, 4, 4, 4))
+    flips = 0
+    for i in range(len(images)):
+        crops = [(padded[i, :, dy:dy + 32, dx:dx + 32], flip) for dy in range(9) for dx in range(9) for flip in (0, 1)]
+        matches = [flip for crop, flip in crops if torch.equal(out[i], crop.flip(2) if flip else crop)]
+        assert matches, f"augmented image {i} is not a crop of input image {i}"
+        flips += matches[0]
+    assert 0 < flips < len(images)  # both flipped and unflipped images occur
+
+
+def test_pretrain_resume_continues_from_saved_epoch(tiny_data, tmp_path):
+    common = ["--data", tiny_data, "--seeds", 0, "--batch-size", 32]
+    run("pretrain.py", *common, "--epochs", 2, "--out", tmp_path / "straight")
+    run("pretrain.py", *common, "--epochs", 1, "--out", tmp_path / "resumed")
+    proc = run("pretrain.py", *common, "--epochs", 2, "--out", tmp_path / "resumed")
+    assert "resuming" in proc.stdout and "after epoch 1" in proc.stdout
+    straight = torch.load(tmp_path / "straight" / "seed0.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "seed0.pt", weights_only=True)
+    assert resumed["epoch"] == 2 and len(resumed["history"]["train_loss"]) == 2
+    # optimizer and random state travel with the checkpoint: the interrupted run ends where the straight one does
+    for key, value in straight["model"].items():
+        assert torch.allclose(value.float(), resumed["model"][key].float(), atol=1e-5), key
+
+
+def test_bad_input_gives_one_clear_error(tiny_data, pretrained, tmp_path):
+    ckpts, banks = pretrained
+    assert_user_error(run("pretrain.py", "--data", "imagenet", ok=False), "neither a known dataset")
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    assert_user_error(run("pretrain.py", "--data", tmp_path / "empty", "--out", tmp_path / "o", ok=False), "no images")
+    assert not (tmp_path / "o").exists()
+    assert_user_error(run("pretrain.py", "--device", "tpu", ok=False), "invalid choice")
+    assert_user_error(run("collect_kernels.py", "--checkpoints", tmp_path / "none*.pt", ok=False),
+                      "no checkpoints match", "pretrain.py")
+    assert_user_error(run("collect_kernels.py", "--checkpoints", ckpts, "--layers", "conv9", ok=False),
+                      "unknown layer")
+    # a checkpoint of another architecture is refused, and the existing bank is not overwritten
+    other = tmp_path / "other"
+    other.mkdir()
+    torch.save({"arch": "PaperCNN", "model": {"conv1.weight": torch.zeros(32, 3, 5, 5)}}, other / "seed0.pt")
+    before = (banks / "conv1_7x7.pt").read_bytes()
+    assert_user_error(run("collect_kernels.py", "--checkpoints", other, "--out", banks, ok=False),
+                      "another architecture")
+    assert (banks / "conv1_7x7.pt").read_bytes() == before
+
+
+# ----------------------------------------------------------------------------- stages 3-4
+def test_train_small_end_to_end_and_bank_init(tiny_data, pretrained, tmp_path):
+    _, banks = pretrained
+    out = tmp_path / "small"
+    run("train_small.py", "--data", tiny_data, "--per-class", 4, "--seeds", 0, 1, "--epochs", 3,
+        "--eval-every", 2, "--out", out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["test_acc"]) == {"0", "1"}
+    for seed in (0, 1):
+        rows = (out / f"seed{seed}" / "metrics.csv").read_text().strip().splitlines()
+        assert rows[0] == "epoch,train_loss,test_acc" and len(rows) == 1 + 3
+        assert rows[2].split(",")[2] != "" and rows[1].split(",")[2] == ""  # evaluated at epochs 2 and 3
+        for fig in ("test_acc.png", "kernels.png"):
+            assert (out / f"seed{seed}" / fig).stat().st_size > 1000
+        ckpt = torch.load(out / f"seed{seed}" / "model.pt", weights_only=True)
+        assert ckpt["arch"] == "PaperCNN" and ckpt["epoch"] == 3 and ckpt["model"]["fc.weight"].shape == (10, 256)
+    # --init-bank: at initialisation every conv1 kernel is one of the bank's kernels
+    bank = train_small.load_bank_kernels(str(banks / "conv1_7x7.pt"), kernel_size=7)
+    model = train_small.PaperCNN(10)
+    train_small.init_conv1_from_bank(model, bank, seed=0)
+    kernels = model.conv1.weight.detach().reshape(-1, 1, 49)
+    assert (kernels == bank.reshape(1, -1, 49)).all(dim=2).any(dim=1).all()
+    run("train_small.py", "--data", tiny_data, "--per-class", 4, "--epochs", 1, "--init-bank",
+        banks / "conv1_7x7.pt", "--out", tmp_path / "small_bank")
+
+
+def test_train_advreg_sweep_end_to_end_and_resume(tiny_data, pretrained, tmp_path):
+    _, banks = pretrained
+    out = tmp_path / "advreg"
+    common = ["--data", tiny_data, "--bank", banks / "conv1_7x7.pt", "--per-class", 4, "--batch-size", 16,
+              "--d-batch", 32, "--eval-every", 1, "--log-every", 1, "--out", out]
+    run("train_advreg.py", *common, "--lam", 0, 0.5, "--seeds", 0, 1, "--epochs", 1)
+    proc = run("train_advreg.py", *common, "--lam", 0, 0.5, "--seeds", 0, 1, "--epochs", 2,
+               "--init-bank", banks / "conv1_7x7.pt")
+    assert "lam0.5_seed0: resuming" in proc.stdout
+    results = (out / "results.csv").read_text().strip().splitlines()
+    assert len(results) == 1 + 4  # (default, bank init) x (lam 0, lam 0.5)
+    assert "| bank (reference) |" in (out / "results.md").read_text()
+    iters = 3 * 2  # 40 images / batch 16 = 3 steps per epoch, 2 epochs
+    rows = (out / "lam0.5_seed0" / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + iters
+    d_real, d_fake = float(rows[-1].split(",")[5]), float(rows[-1].split(",")[6])
+    assert 0 < d_real < 1 and 0 < d_fake < 1
+    assert rows[-1].split(",")[-1] != ""  # test accuracy at the last evaluation
+    for fig in ("losses.png", "d_outputs.png", "test_acc.png", "kernels_conv1.png"):
+        assert (out / "lam0.5_seed0" / fig).stat().st_size > 1000
+    summary = json.loads((out / "lam0.5_seed0" / "summary.json").read_text())
+    assert summary["conv1_frechet"] >= 0 and 0 < summary["conv1_low_freq"] < 1
+    # lam = 0 has no discriminator: its D columns are empty (NaN)
+    assert "nan" in (out / "lam0_seed0" / "metrics.csv").read_text().splitlines()[1]
+
+
+def test_train_advreg_two_layers_and_compare(tiny_data, pretrained, tmp_path):
+    _, banks = pretrained
+    out = tmp_path / "two"
+    run("train_advreg.py", "--data", tiny_data, "--bank", banks / "conv1_7x7.pt", banks / "conv2_5x5.pt",
+        "--layers", "conv1", "conv2", "--per-class", 2, "--epochs", 1, "--d-batch", 16, "--out", out)
+    ckpt = torch.load(out / "lam1_seed0" / "model.pt", weights_only=True)
+    assert sorted(ckpt["discs"]) == ["conv1", "conv2"]
+    assert (out / "lam1_seed0" / "kernels_conv2.png").exists()
+    assert "conv2_frechet" in (out / "results.csv").read_text()
+    run("collect_kernels.py", "--compare", out / "lam1_seed0" / "model.pt", "--bank", banks / "conv1_7x7.pt",
+        "--out", tmp_path / "cmp")
+    rows = (tmp_path / "cmp" / "compare.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 2 and (tmp_path / "cmp" / "compare.png").exists()
+
+
+def test_advreg_bad_input(pretrained, tiny_data, tmp_path):
+    _, banks = pretrained
+    out = tmp_path / "bad"
+    base = ["--data", tiny_data, "--out", out]
+    assert_user_error(run("train_advreg.py", *base, "--bank", tmp_path / "missing.pt", ok=False),
+                      "collect_kernels.py", "missing.pt")
+    assert_user_error(run("train_advreg.py", *base, "--bank", banks / "conv2_5x5.pt", ok=False), "5x5")
+    assert_user_error(run("train_advreg.py", *base, "--bank", banks / "conv1_7x7.pt", "--lam", -1, ok=False),
+                      "--lam must be >= 0")
+    assert_user_error(run("train_advreg.py", *base, "--layers", "fc", ok=False), "unknown layer")
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    assert_user_error(run("train_advreg.py", "--data", tmp_path / "empty", "--bank", banks / "conv1_7x7.pt",
+                          "--out", out, ok=False), "no images")
+    assert not out.exists()
+
+
+def test_generator_loss_reaches_conv1_and_d_outputs_are_probabilities():
+    torch.manual_seed(0)
+    model, disc = train_advreg.PaperCNN(10), train_advreg.KernelDiscriminator()
+    images, labels = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (8,))
+    g = torch.Generator().manual_seed(0)
+    _, _, reg_loss, fakes = train_advreg.classifier_loss(model, {"conv1": disc}, images, labels, 1.0, 64,
+                                                         "standardized", g)
+    reg_loss.backward()
+    assert model.conv1.weight.grad is not None and model.conv1.weight.grad.abs().sum() > 0
+    assert model.conv2.weight.grad is None  # only the regularized layer is touched
+    assert all(p.grad is None for p in disc.parameters())  # the generator step does not train D
+    d_out = disc(train_advreg.to_d_input(torch.randn(64, 7, 7) * 10, "raw"))
+    assert d_out.shape == (64,) and ((d_out > 0) & (d_out < 1)).all()
+    _, d_real, d_fake = train_advreg.discriminator_step(
+        {"conv1": disc}, {"conv1": torch.optim.Adam(disc.parameters())}, {"conv1": torch.randn(100, 7, 7)},
+        fakes, 1.0, 64, "standardized", g)
+    assert 0 < d_real < 1 and 0 < d_fake < 1
+
+
+def test_lambda_zero_gradients_equal_the_baselines():
+    torch.manual_seed(0)
+    baseline = train_small.PaperCNN(10)
+    regularized = train_advreg.PaperCNN(10)
+    regularized.load_state_dict(baseline.state_dict())
+    images, labels = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (8,))
+    F.cross_entropy(baseline(train_small.normalize(images)), labels).backward()  # train_small.py's loss
+    loss, _, reg_loss, _ = train_advreg.classifier_loss(regularized, {"conv1": train_advreg.KernelDiscriminator()},
+                                                        images, labels, 0.0, 64, "standardized",
+                                                        torch.Generator().manual_seed(0))
+    loss.backward()
+    assert reg_loss.item() > 0  # the discriminator term was computed, and lam = 0 switched it off
+    for (name, p), q in zip(baseline.named_parameters(), regularized.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-7), name
+
+
+def test_standardized_d_input_ignores_scale():
+    kernels = torch.randn(10, 7, 7)
+    a = train_advreg.to_d_input(kernels, "standardized")
+    b = train_advreg.to_d_input(kernels * 5 + 2, "standardized")
+    assert torch.allclose(a, b, atol=1e-5) and a.shape == (10, 1, 7, 7)
+
+
+def test_frechet_distance_and_low_frequency_share():
+    torch.manual_seed(0)
+    kernels = torch.randn(2000, 7, 7)
+    flat = collect_kernels.standardize_kernels(kernels)
+    assert abs(collect_kernels.frechet_distance(flat, flat)) < 1e-6
+    distances = [collect_kernels.frechet_distance(
+        flat, collect_kernels.standardize_kernels(kernels + noise * torch.randn(7, 7) * torch.ones(2000, 1, 1)))
+        for noise in (0.0, 0.5, 2.0)]
+    assert distances[0] < 1e-6 < distances[1] < distances[2]
+    # white noise puts 1/6 of its energy at radius <= 0.25; a smooth blob much more
+    assert collect_kernels.low_freq_share(kernels) == pytest.approx(1 / 6, abs=0.02)
+    yy, xx = torch.meshgrid(torch.arange(7.0) - 3, torch.arange(7.0) - 3, indexing="ij")
+    blob = torch.exp(-(xx ** 2 + yy ** 2) / 4)[None]
+    assert collect_kernels.low_freq_share(blob) > 0.8
