@@ -77,7 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=1, help="evaluate test accuracy every N epochs")
     p.add_argument("--quick", action="store_true",
                    help="laptop-CPU smoke run: sets --epochs 2 --train-limit 2000 --test-limit 1000")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="auto = cuda if available, else mps, else cpu")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     p.add_argument("--out", default="checkpoints", help="folder for seed<N>.pt, summary.json, curves")
     p.add_argument("--benchmark", action="store_true",

@@ -40,7 +40,8 @@ Writes: per run <out>/lam<lam>_seed<N>[_bankinit]/: model.pt (classifier and dis
         written atomically at every evaluation, so an interrupted run resumes), metrics.csv (per
         iteration: losses, D(real), D(fake); test accuracy at evaluations), losses.png (Fig. 4),
         d_outputs.png (Fig. 5), kernels_<layer>.png (Fig. 7/10), test_acc.png (Fig. 9), summary.json;
-        for the whole grid <out>/results.csv and <out>/results.md (mean ± std over seeds per row).
+        for the whole grid <out>/results.csv, <out>/results.md (mean ± std over seeds per row) and
+        <out>/results.png (accuracy and kernel metrics against lambda).
 """
 import argparse
 import csv
@@ -100,7 +101,8 @@ def parse_args(argv=None):
                    help="turn off random crop (padding 4) + flip (paper text: on; authors' notebook: off)")
     p.add_argument("--eval-every", type=int, default=50, help="evaluate test accuracy every N epochs")
     p.add_argument("--log-every", type=int, default=50, help="print a progress line every N epochs")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="auto = cuda if available, else mps, else cpu")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     p.add_argument("--out", default="runs/advreg", help="output folder of the grid")
     args = p.parse_args(argv)
@@ -560,6 +562,9 @@ def train_run(lam, seed, bank_init, args, device, data, banks, init_kernels):
             discs[layer].load_state_dict(ckpt["discs"][layer])
             d_optimizers[layer].load_state_dict(ckpt["d_optimizers"][layer])
         history = ckpt["history"]
+        if history["epoch_done"] > args.epochs:
+            raise SystemExit(f"error: {ckpt_path} already has {history['epoch_done']} epochs, more than "
+                             f"--epochs {args.epochs}; pass --epochs >= {history['epoch_done']} or another --out")
         done_iters = history["epoch_done"] * iters_per_epoch
         log[:min(done_iters, len(log))] = ckpt["log"][:len(log)].to(device)
         torch.set_rng_state(ckpt["rng_cpu"])
@@ -672,10 +677,28 @@ def write_results(summaries, references, args):
     text = (f"Results of {args.out}: mean ± std over seeds; D outputs averaged over the last 10% of iterations; "
             f"Frechet = distance of standardized kernels to the bank (lower = closer); low freq = share of "
             f"kernel energy at radius <= 0.25 cycles/pixel (white noise: 0.167).\n\n" + "\n".join(lines) + "\n")
+    plot_results(rows, args)
     with open(os.path.join(args.out, "results.md.tmp"), "w") as f:
         f.write(text)
     os.replace(os.path.join(args.out, "results.md.tmp"), os.path.join(args.out, "results.md"))
     print("\n" + text)
+
+
+def plot_results(rows, args):
+    """results.png: test accuracy and the conv1 kernel metrics against lambda, mean ± std over seeds."""
+    panels = [("final_test_acc", "final test accuracy"), (f"{args.layers[0]}_frechet", f"{args.layers[0]} Frechet to bank"),
+              (f"{args.layers[0]}_low_freq", f"{args.layers[0]} low-frequency share")]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for ax, (metric, label) in zip(axes, panels):
+        for init in dict.fromkeys(r["init"] for r in rows):
+            group = [r for r in rows if r["init"] == init]
+            ax.errorbar(range(len(group)), [r[metric] for r in group], yerr=[r[metric + "_std"] for r in group],
+                        marker="o", capsize=3, label=f"conv1 init: {init}")
+            ax.set_xticks(range(len(group)), [f"{r['lam']:g}" for r in group])
+        ax.set(xlabel="λ", title=label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    save_png(fig, os.path.join(args.out, "results.png"))
 
 
 # ----------------------------------------------------------------------------- main

@@ -69,7 +69,8 @@ def parse_args(argv=None):
                         "the default init: the 'bank as a starting point' control")
     p.add_argument("--eval-every", type=int, default=50, help="evaluate test accuracy every N epochs")
     p.add_argument("--log-every", type=int, default=50, help="print a progress line every N epochs")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="auto = cuda if available, else mps, else cpu")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     p.add_argument("--out", default="runs/small", help="output folder")
     args = p.parse_args(argv)
