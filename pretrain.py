@@ -35,7 +35,6 @@ Writes: <out>/seed<N>.pt (weights, args, epochs done, per-epoch train loss and t
 """
 import argparse
 import json
-import math
 import os
 import time
 

@@ -1,4 +1,4 @@
-"""Offline CPU tests: every script runs end to end as a user runs it, on a tiny generated dataset.
+"""Offline CPU tests: every script (stages 1-4 and gan_labs.py) runs end to end as a user runs it, on tiny generated data.
 
     pytest -q
 
@@ -6,21 +6,26 @@ The dataset is a 10-class ImageFolder of generated 32x32 PNGs (each class a diff
 pattern plus noise), written once per session to a temporary folder. The scripts run as
 subprocesses with tiny budgets; the unit tests check the mathematics that can silently go wrong.
 """
+import csv
 import inspect
 import json
+import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
+import PIL.Image
 import pytest
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.functional import to_pil_image
+from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
 
 import collect_kernels  # noqa: E402
+import gan_labs  # noqa: E402
 import pretrain  # noqa: E402
 import train_advreg  # noqa: E402
 import train_small  # noqa: E402
@@ -323,3 +328,268 @@ def test_frechet_distance_and_low_frequency_share():
     yy, xx = torch.meshgrid(torch.arange(7.0) - 3, torch.arange(7.0) - 3, indexing="ij")
     blob = torch.exp(-(xx ** 2 + yy ** 2) / 4)[None]
     assert collect_kernels.low_freq_share(blob) > 0.8
+
+
+# ============================================================================= gan_labs.py
+# Runs every gan_labs.py subcommand as the README tells a user to, on a tiny generated
+# ImageFolder (3 classes of 28x28 grayscale PNGs), and checks the mathematics that can silently go wrong.
+GAN_REPO = Path(ROOT)
+GAN_CLASSES = 3
+GAN_TINY = ["--batch-size", "16", "--ngf", "8", "--ndf", "8", "--epochs", "1", "--eval-samples", "24",
+            "--log-every", "1", "--threads", "1", "--device", "cpu"]
+
+
+def gan_run(*args, check=True):
+    proc = subprocess.run([sys.executable, "gan_labs.py", *map(str, args)], cwd=GAN_REPO,
+                          capture_output=True, text=True, timeout=120)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc
+
+
+def gan_read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def gan_png_shape(path):
+    with PIL.Image.open(path) as img:
+        return tuple(pil_to_tensor(img).shape)
+
+
+@pytest.fixture(scope="session")
+def gan_data(tmp_path_factory):
+    """A tiny MNIST-like ImageFolder: 28x28 grayscale PNGs, one bright bar per class, plus noise."""
+    root = tmp_path_factory.mktemp("gan_data")
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 48), ("test", 24)):
+        for i in range(n):
+            c = i % GAN_CLASSES
+            img = torch.randint(0, 40, (1, 28, 28), generator=g, dtype=torch.uint8)
+            img[0, 4 + 7 * c:10 + 7 * c, 4:24] = 255
+            (root / split / str(c)).mkdir(parents=True, exist_ok=True)
+            to_pil_image(img).save(root / split / str(c) / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def gan_common(gan_data, tmp_path_factory):
+    """Flags every run shares; the metric classifier is trained once here, by its subcommand."""
+    cache = tmp_path_factory.mktemp("gan_cache")
+    flags = ["--data", gan_data, "--cache-dir", cache]
+    proc = gan_run("classifier", *flags, "--epochs", "3", "--threads", "1", "--device", "cpu")
+    assert "test accuracy" in proc.stdout
+    assert [p for p in cache.iterdir() if p.name.startswith("classifier_")]
+    return flags
+
+
+def gan_check_run(out, bce=True, size=32):
+    """What every lab run must leave behind, with sane numbers."""
+    for name in ("checkpoint.pt", "metrics.csv", "curves.png", "samples_epoch01.png", "interpolation.png",
+                 "eval.csv", "summary.json"):
+        assert (out / name).exists(), name
+    assert not list(out.glob("*.tmp")), "a temporary file was left behind"
+    side = 8 * (size + 2) + 2  # 64 samples, 8 x 8, 2-px padding
+    assert gan_png_shape(out / "samples_epoch01.png") == (3, side, side)  # make_grid writes RGB
+    rows = gan_read_csv(out / "metrics.csv")
+    assert rows
+    for r in rows:
+        for k in ("loss_d", "d_real", "d_fake"):
+            assert math.isfinite(float(r[k])), (k, r)
+        # loss_g is nan in a log window without a G step (--g-every, --n-critic); never inf
+        assert not math.isinf(float(r["loss_g"])), r
+        if bce:
+            assert 0 < float(r["d_real"]) < 1 and 0 < float(r["d_fake"]) < 1
+    assert any(math.isfinite(float(r["loss_g"])) for r in rows), "G never trained"
+    gen, floor = gan_read_csv(out / "eval.csv")
+    assert gen["comparison"].startswith("generated") and floor["comparison"].startswith("train")
+    for r in (gen, floor):
+        assert math.isfinite(float(r["fid"])) and float(r["fid"]) >= -1e-6
+        assert 0 <= float(r["precision"]) <= 1 and 0 <= float(r["recall"]) <= 1
+        assert 0 <= float(r["class_share_min"]) <= 1 / GAN_CLASSES <= float(r["class_share_max"]) <= 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["iterations"] == int(rows[-1]["iter"]) > 0
+    return rows, gen, floor
+
+
+@pytest.fixture(scope="session")
+def gan_dcgan_run(gan_common, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gan_runs") / "dcgan"
+    gan_run("dcgan", *gan_common, *GAN_TINY, "--out", out)
+    return out
+
+
+def test_gan_dcgan_trains_and_resumes(gan_dcgan_run, gan_common):
+    rows, gen, floor = gan_check_run(gan_dcgan_run)
+    assert int(rows[-1]["iter"]) == 48 // 16
+    # the real-vs-real floor in a feature space that separates the classes beats one epoch of a GAN
+    assert float(floor["fid"]) < float(gen["fid"])
+    proc = gan_run("dcgan", *gan_common, *GAN_TINY, "--epochs", "2", "--out", gan_dcgan_run)  # the last --epochs wins
+    assert "resuming dcgan" in proc.stdout
+    rows = gan_read_csv(gan_dcgan_run / "metrics.csv")
+    assert int(rows[-1]["iter"]) == 2 * 48 // 16
+    assert (gan_dcgan_run / "samples_epoch02.png").exists()
+
+
+def test_gan_evaluate_and_interpolate_from_checkpoint(gan_dcgan_run, gan_common):
+    cache = gan_common[gan_common.index("--cache-dir") + 1]
+    proc = gan_run("evaluate", "--out", gan_dcgan_run, "--cache-dir", cache, "--eval-samples", "24", "--threads", "1", "--device", "cpu")
+    assert "generated vs test" in proc.stdout and "FID" in proc.stdout
+    gan_run("interpolate", "--out", gan_dcgan_run, "--steps", "5", "--threads", "1", "--device", "cpu")
+    assert gan_png_shape(gan_dcgan_run / "interpolation.png") == (3, 34 + 2, 5 * 34 + 2)
+
+
+def test_gan_cdcgan_class_grid_and_conditional_accuracy(gan_common, tmp_path):
+    out = tmp_path / "cdcgan"
+    gan_run("cdcgan", *gan_common, *GAN_TINY, "--out", out)
+    _, gen, _ = gan_check_run(out)
+    assert 0 <= float(gen["cond_acc"]) <= 1
+    assert gan_png_shape(out / "class_grid.png") == (3, GAN_CLASSES * 34 + 2, 8 * 34 + 2)  # rows: classes, columns: z
+    gan_run("cdcgan", *gan_common, *GAN_TINY, "--no-label-in-d", "--eval-samples", "0", "--out", tmp_path / "nolabel")
+    ckpt = torch.load(tmp_path / "nolabel" / "checkpoint.pt", weights_only=False)
+    assert ckpt["d"]["net.conv1.weight"].shape[1] == 1  # D sees the image only
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["d"]["net.conv1.weight"].shape[1] == 1 + GAN_CLASSES
+
+
+def test_gan_vanilla_with_diffaug_and_saturating_loss(gan_common, tmp_path):
+    out = tmp_path / "vanilla"
+    gan_run("vanilla", *gan_common, *GAN_TINY, "--g-every", "2", "--d-dropout", "0.3", "--g-loss", "saturating",
+            "--diffaug", "translation,cutout,color", "--out", out)
+    rows, _, _ = gan_check_run(out, size=28)  # vanilla: the report's 784 = 28 x 28 inputs
+    # the saturating G loss log(1 - D(G(z))) is negative
+    assert all(float(r["loss_g"]) < 0 for r in rows if r["loss_g"] != "nan")
+
+
+def test_gan_wgan_clip_keeps_weights_in_range(gan_common, tmp_path):
+    out = tmp_path / "wgan_clip"
+    gan_run("wgan", *gan_common, *GAN_TINY, "--constraint", "clip", "--clip", "0.01", "--n-critic", "2", "--out", out)
+    rows, _, _ = gan_check_run(out, bce=False)
+    d = torch.load(out / "checkpoint.pt", weights_only=False)["d"]
+    assert max(v.abs().max().item() for v in d.values()) <= 0.01 + 1e-9
+    assert all(0 < float(r["lip_product"]) <= float(r["lip_bound"]) for r in rows)
+
+
+def test_gan_wgan_gp_mlp_critic(gan_common, tmp_path):
+    out = tmp_path / "wgan_gp"
+    gan_run("wgan", *gan_common, *GAN_TINY, "--constraint", "gp", "--critic", "mlp", "--n-critic", "2", "--out", out)
+    rows, _, _ = gan_check_run(out, bce=False)
+    assert all(float(r["gp"]) >= 0 and math.isfinite(float(r["lip_bound"])) for r in rows)
+    assert "fc4.weight" in "".join(torch.load(out / "checkpoint.pt", weights_only=False)["d"])
+
+
+@pytest.mark.parametrize("case", ["unknown_lab", "image_size", "other_lab_checkpoint", "empty_folder"])
+def test_gan_bad_input_is_one_clear_line(case, gan_dcgan_run, gan_common, tmp_path):
+    if case == "unknown_lab":
+        proc, want = gan_run("stylegan", check=False), "invalid choice"
+    elif case == "image_size":
+        proc, want = gan_run("dcgan", *gan_common, "--image-size", "48", check=False), "--image-size must be 32 or 64"
+    elif case == "other_lab_checkpoint":
+        proc, want = gan_run("wgan", *gan_common, *GAN_TINY, "--out", gan_dcgan_run, check=False), "checkpoint of the dcgan lab"
+    else:
+        (tmp_path / "empty" / "train" / "0").mkdir(parents=True)
+        (tmp_path / "empty" / "test").mkdir()
+        proc, want = gan_run("dcgan", "--data", tmp_path / "empty", "--cache-dir", tmp_path, "--out", tmp_path / "run",
+                             "--threads", "1", "--device", "cpu", check=False), "no .png/.jpg images"
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert want in proc.stderr.strip().splitlines()[-1]
+
+
+# ----------------------------------------------------------------------------- the mathematics
+def test_gan_gradient_penalty_zero_for_unit_norm_linear_critic():
+    torch.manual_seed(0)
+    real, fake = torch.randn(64, 1, 8, 8), torch.randn(64, 1, 8, 8)
+    critic = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 1))
+    with torch.no_grad():
+        critic[1].weight /= critic[1].weight.norm()  # exactly 1-Lipschitz: ||grad|| = 1 everywhere
+    assert gan_labs.gradient_penalty(critic, real, fake, 10.0).item() < 1e-9
+    with torch.no_grad():
+        critic[1].weight *= 3.0  # ||grad|| = 3 -> 10 * (3 - 1)^2
+    assert gan_labs.gradient_penalty(critic, real, fake, 10.0).item() == pytest.approx(40.0, rel=1e-4)
+
+
+def test_gan_gradient_penalty_reaches_the_critic():
+    critic = gan_labs.ConvCritic(1, 32)
+    gp = gan_labs.gradient_penalty(critic, torch.randn(4, 1, 32, 32), torch.randn(4, 1, 32, 32), 10.0)
+    gp.backward()
+    assert gp.item() > 0 and critic.net.conv1.weight.grad.abs().sum() > 0
+
+
+def test_gan_clip_weights():
+    critic = gan_labs.ConvCritic(1, 32)
+    gan_labs.clip_weights(critic, 0.01)
+    assert all(p.abs().max() <= 0.01 for p in critic.parameters())
+    assert any((p.abs() == 0.01).any() for p in critic.parameters())  # default init exceeds c: clipping acted
+
+
+@pytest.mark.parametrize("kind", ["conv", "mlp"])
+def test_gan_lipschitz_bound_dominates_measured_ratios(kind):
+    torch.manual_seed(0)
+    critic = gan_labs.ConvCritic(1, 32) if kind == "conv" else gan_labs.MLPDiscriminator(1, 32, sigmoid=False)
+    product, bound = gan_labs.lipschitz_bound(critic)
+    x = torch.randn(256, 1, 32, 32, requires_grad=True)
+    y = x.detach() + 1e-3 * torch.randn_like(x)  # near pairs: the ratio approaches the local gradient norm
+    with torch.no_grad():
+        ratio = (critic(x) - critic(y)).abs() / (x - y).flatten(1).norm(dim=1)
+    grad, = torch.autograd.grad(critic(x).sum(), x)
+    measured = max(ratio.max().item(), grad.flatten(1).norm(dim=1).max().item())
+    assert 0 < measured <= bound.item()
+    assert product.item() <= bound.item() and (kind == "conv") == (bound.item() > product.item())
+
+
+def test_gan_frechet_distance():
+    torch.manual_seed(0)
+    a = torch.randn(2000, 8) * torch.linspace(0.5, 2, 8)
+    assert abs(gan_labs.frechet_distance(a, a)) < 1e-6
+    # diagonal Gaussians: FD = ||mu_a - mu_b||^2 + sum (s_a - s_b)^2 with s the standard deviations
+    b = torch.randn(200000, 3) * torch.tensor([1.0, 2.0, 3.0]) + torch.tensor([1.0, 0.0, 0.0])
+    c = torch.randn(200000, 3) * torch.tensor([2.0, 2.0, 1.0])
+    assert gan_labs.frechet_distance(b, c) == pytest.approx(1 + 1 + 0 + 4, rel=0.02)
+
+
+def test_gan_precision_recall():
+    torch.manual_seed(0)
+    real = torch.randn(500, 4).double()
+    assert gan_labs.precision_recall(real, real.clone()) == (1.0, 1.0)
+    p, r = gan_labs.precision_recall(real, real + 100)
+    assert p == 0 and r == 0
+    collapsed = real[:5].repeat(100, 1)  # mode collapse: high precision, low recall
+    p, r = gan_labs.precision_recall(real, collapsed)
+    assert p == 1.0 and r < 0.2
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_gan_models_shapes_and_d_range(size):
+    g = gan_labs.Generator(100, 8, 3, size, n_classes=10)
+    d = gan_labs.Discriminator(8, 3, size, n_classes=10)
+    y = torch.arange(4) % 10
+    x = g(torch.randn(4, 100), y)
+    assert x.shape == (4, 3, size, size) and x.abs().max() <= 1
+    out = d(x, y)
+    assert out.shape == (4,) and ((out > 0) & (out < 1)).all()
+    out = gan_labs.MLPDiscriminator(1, 28, dropout=0.3)(gan_labs.MLPGenerator(100, 1, 28)(torch.randn(4, 100)))
+    assert out.shape == (4,) and ((out > 0) & (out < 1)).all()
+
+
+def test_gan_diffaug_keeps_shape_and_gradient():
+    x = torch.randn(8, 3, 32, 32, requires_grad=True)
+    out = gan_labs.diff_augment(x, ["translation", "cutout", "color"])
+    assert out.shape == x.shape
+    out.sum().backward()
+    assert x.grad.abs().sum() > 0
+    assert (gan_labs.diff_augment(torch.ones(8, 1, 32, 32), ["cutout"]) == 0).flatten(1).any(1).all()
+
+
+def test_gan_reshaped_norm_is_not_a_conv_bound_but_the_overlap_factor_is():
+    """A 4x4 stride-2 convolution reuses each input pixel in up to 4 patches: its operator norm
+    (power iteration) can exceed the reshaped matrix's norm, never twice that norm."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(1, 16, 4, 2, 1, bias=False)
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        for _ in range(100):
+            x = torch.nn.functional.conv_transpose2d(conv(x), conv.weight, stride=2, padding=1)
+            x = x / x.norm()
+        op_norm = conv(x).norm().item()
+    reshaped = torch.linalg.matrix_norm(conv.weight.flatten(1), ord=2).item()
+    assert reshaped < op_norm <= 2 * reshaped

@@ -665,7 +665,8 @@ def write_results(summaries, references, args):
     header = [short.get(m, m.replace("_", " ")) for m in metric_names]
     lines = ["| init | λ | seeds | " + " | ".join(header) + " |", "|---" * (3 + len(header)) + "|"]
     for r in rows:
-        cells = [f"{r[m]:.0f}" if m == "seconds" else f"{r[m]:.3f} ± {r[m + '_std']:.3f}" for m in metric_names]
+        cells = ["-" if math.isnan(r[m]) else f"{r[m]:.0f}" if m == "seconds" else f"{r[m]:.3f} ± {r[m + '_std']:.3f}"
+                 for m in metric_names]
         lines.append(f"| {r['init']} | {r['lam']:g} | {r['seeds']} | " + " | ".join(cells) + " |")
     ref_cells = []
     for m in metric_names:
