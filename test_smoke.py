@@ -237,8 +237,9 @@ def test_train_advreg_sweep_end_to_end_and_resume(tiny_data, pretrained, tmp_pat
         assert (out / "lam0.5_seed0" / fig).stat().st_size > 1000
     summary = json.loads((out / "lam0.5_seed0" / "summary.json").read_text())
     assert summary["conv1_frechet"] >= 0 and 0 < summary["conv1_low_freq"] < 1
-    # lam = 0 has no discriminator: its D columns are empty (NaN)
+    # lam = 0 has no discriminator: its D columns are empty (NaN in the CSV, null in the JSON)
     assert "nan" in (out / "lam0_seed0" / "metrics.csv").read_text().splitlines()[1]
+    assert json.loads((out / "lam0_seed0" / "summary.json").read_text())["d_real_last10pct"] is None
 
 
 def test_train_advreg_two_layers_and_compare(tiny_data, pretrained, tmp_path):

@@ -623,10 +623,11 @@ def train_run(lam, seed, bank_init, args, device, data, banks, init_kernels):
     log = log.cpu()
     title = f"lam={lam:g}, seed {seed}" + (", conv1 from bank" if bank_init else "")
     save_run_outputs(run_dir, model, log, history, banks, title)
-    last = log[-max(1, len(log) // 10):]  # D outputs over the last 10% of iterations
+    last = log[-max(1, len(log) // 10):].mean(0).tolist()  # D outputs over the last 10% of iterations
+    d_real, d_fake = (None if math.isnan(v) else v for v in last[3:5])  # lam = 0 has no D: null in JSON
     summary = {"run": name, "lam": lam, "seed": seed, "init": "bank" if bank_init else "default",
                "final_test_acc": history["test_acc"][-1], "best_test_acc": max(history["test_acc"]),
-               "d_real_last10pct": last[:, 3].mean().item(), "d_fake_last10pct": last[:, 4].mean().item(),
+               "d_real_last10pct": d_real, "d_fake_last10pct": d_fake,
                "seconds": history["seconds"], **kernel_metrics(model, banks)}
     write_json_atomic(summary, os.path.join(run_dir, "summary.json"))
     return summary
@@ -634,7 +635,7 @@ def train_run(lam, seed, bank_init, args, device, data, banks, init_kernels):
 
 # ----------------------------------------------------------------------------- results table
 def mean_std(values):
-    v = torch.tensor([x for x in values if not math.isnan(x)], dtype=torch.float64)
+    v = torch.tensor([x for x in values if x is not None and not math.isnan(x)], dtype=torch.float64)
     if len(v) == 0:
         return float("nan"), float("nan")
     return v.mean().item(), (v.std().item() if len(v) > 1 else 0.0)
