@@ -1,6 +1,6 @@
 """Stage 2 — collect the kernels of the pretrained CNNs into banks of "real" kernels.
 
-Paper: "Adversarial Regularization for Convolution Filters" (Skoltech), §3 and Figure 3. Every
+Paper: "Adversarial Regularization for Convolution Filters" (Skoltech), the kernel bank and Figure 3. Every
 (out, in) slice of a convolution weight [out, in, k, k] is one k x k kernel, so five pretrained
 models give 5 * 64 * 3 = 960 kernels of 7x7 (conv1) and 5 * 128 * 64 = 40,960 of 5x5 (conv2).
 These banks are the "real" data that stage 4's discriminator learns to tell from the classifier's

@@ -1,6 +1,6 @@
 """Stage 1 — pretrain the paper's CNN on a large dataset, once per seed.
 
-Paper: "Adversarial Regularization for Convolution Filters" (Skoltech), §3 "Collecting real kernels":
+Paper: "Adversarial Regularization for Convolution Filters" (Skoltech), the pretraining step:
 five CNNs (seeds 0–4) are trained on the full CIFAR-100 training set; their convolution kernels
 become the dataset of "real", patterned kernels that stage 2 (`collect_kernels.py`) collects.
 

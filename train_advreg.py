@@ -1,6 +1,6 @@
 """Stage 4 — adversarial regularization of convolution kernels (the paper's Algorithm 1).
 
-Paper: "Adversarial Regularization for Convolution Filters" (Skoltech), §3.2 Algorithm 1, §4 and
+Paper: "Adversarial Regularization for Convolution Filters" (Skoltech), Algorithm 1, the experiments and
 Figures 4, 5, 7, 9, 10. The classifier is trained on 100 CIFAR-10 images (as in `train_small.py`)
 while a discriminator D learns to tell kernels of the bank (pretrained models, `collect_kernels.py`)
 from the classifier's own kernels. The classifier plays the generator, with G(z) = z: the "fake"

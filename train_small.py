@@ -1,6 +1,6 @@
 """Stage 3 — the 100-image baseline: the paper's CNN trained on 10 images per class of CIFAR-10.
 
-Paper: "Adversarial Regularization for Convolution Filters" (Skoltech), §4 "Small dataset",
+Paper: "Adversarial Regularization for Convolution Filters" (Skoltech), the 100-image experiment,
 Figures 6 and 8. Trained on 100 images, the 7x7 kernels of conv1 look like noise (Fig. 6) and the
 test accuracy stays near 0.20 (Fig. 8). This script is the baseline that stage 4
 (`train_advreg.py`) regularizes. Same CNN as `pretrain.py` (the definition is copied here; a test
