@@ -131,7 +131,7 @@ def test_cnn_and_helper_copies_agree():
                  "write_json_atomic"):
         sources = {inspect.getsource(getattr(m, name)) for m in (pretrain, train_small, train_advreg)}
         assert len(sources) == 1, f"the copies of {name} differ"
-    for name in ("small_subset", "load_small_data", "load_bank_kernels", "init_conv1_from_bank"):
+    for name in ("small_subset", "load_small_data", "load_bank", "init_conv1_from_bank"):
         assert inspect.getsource(getattr(train_small, name)) == inspect.getsource(getattr(train_advreg, name)), name
     for name in ("standardize_kernels", "frechet_distance", "low_freq_share", "bank_reference", "kernel_grid"):
         assert inspect.getsource(getattr(collect_kernels, name)) == inspect.getsource(getattr(train_advreg, name)), name
@@ -206,7 +206,7 @@ def test_train_small_end_to_end_and_bank_init(tiny_data, pretrained, tmp_path):
         ckpt = torch.load(out / f"seed{seed}" / "model.pt", weights_only=True)
         assert ckpt["arch"] == "PaperCNN" and ckpt["epoch"] == 3 and ckpt["model"]["fc.weight"].shape == (10, 256)
     # --init-bank: at initialisation every conv1 kernel is one of the bank's kernels
-    bank = train_small.load_bank_kernels(str(banks / "conv1_7x7.pt"), kernel_size=7)
+    bank = train_small.load_bank(str(banks / "conv1_7x7.pt"), kernel_size=7)["kernels"]
     model = train_small.PaperCNN(10)
     train_small.init_conv1_from_bank(model, bank, seed=0)
     kernels = model.conv1.weight.detach().reshape(-1, 1, 49)

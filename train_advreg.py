@@ -237,8 +237,8 @@ def load_small_data(args, device):
     return (*(t.to(device) for t in (train_x, train_y, test_x, test_y)), classes)
 
 
-def load_bank_kernels(path, kernel_size):
-    """The kernels [N, k, k] of a bank written by collect_kernels.py, checked against the layer's k."""
+def load_bank(path, kernel_size):
+    """A bank written by collect_kernels.py (dict; "kernels" [N, k, k] as float), checked against the layer's k."""
     if not os.path.exists(path):
         raise SystemExit(f"error: kernel bank {path!r} not found; make it with collect_kernels.py "
                          f"(python collect_kernels.py --checkpoints checkpoints/ --out kernels/)")
@@ -252,7 +252,7 @@ def load_bank_kernels(path, kernel_size):
     if k != kernel_size:
         raise SystemExit(f"error: bank {path!r} holds {k}x{k} kernels, but the layer it is for has "
                          f"{kernel_size}x{kernel_size} kernels")
-    return bank["kernels"].float()
+    return dict(bank, kernels=bank["kernels"].float())
 
 
 def init_conv1_from_bank(model, bank_kernels, seed):
@@ -710,12 +710,11 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     # Every input is checked before any run starts, so a mistake costs nothing and overwrites nothing.
-    banks = {layer: load_bank_kernels(path, KERNEL_SIZE[layer]).to(device) for layer, path in zip(args.layers, args.bank)}
-    init_kernels = load_bank_kernels(args.init_bank, kernel_size=7) if args.init_bank else None
-    references = {}
-    for layer, path in zip(args.layers, args.bank):
-        bank = torch.load(path, map_location="cpu", weights_only=True)
-        references[layer] = {"frechet": bank_reference(bank), "low_freq": low_freq_share(bank["kernels"])}
+    bank_dicts = {layer: load_bank(path, KERNEL_SIZE[layer]) for layer, path in zip(args.layers, args.bank)}
+    banks = {layer: bank["kernels"].to(device) for layer, bank in bank_dicts.items()}
+    references = {layer: {"frechet": bank_reference(bank), "low_freq": low_freq_share(bank["kernels"])}
+                  for layer, bank in bank_dicts.items()}
+    init_kernels = load_bank(args.init_bank, kernel_size=7)["kernels"] if args.init_bank else None
     t0 = time.time()
     data = load_small_data(args, device)
     print(f"data: {args.data} | {len(data[0])} train images ({args.per_class} per class) / {len(data[2])} test | "

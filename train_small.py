@@ -221,8 +221,8 @@ class PaperCNN(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
-def load_bank_kernels(path, kernel_size):
-    """The kernels [N, k, k] of a bank written by collect_kernels.py, checked against the layer's k."""
+def load_bank(path, kernel_size):
+    """A bank written by collect_kernels.py (dict; "kernels" [N, k, k] as float), checked against the layer's k."""
     if not os.path.exists(path):
         raise SystemExit(f"error: kernel bank {path!r} not found; make it with collect_kernels.py "
                          f"(python collect_kernels.py --checkpoints checkpoints/ --out kernels/)")
@@ -236,7 +236,7 @@ def load_bank_kernels(path, kernel_size):
     if k != kernel_size:
         raise SystemExit(f"error: bank {path!r} holds {k}x{k} kernels, but the layer it is for has "
                          f"{kernel_size}x{kernel_size} kernels")
-    return bank["kernels"].float()
+    return dict(bank, kernels=bank["kernels"].float())
 
 
 def init_conv1_from_bank(model, bank_kernels, seed):
@@ -380,7 +380,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    bank_kernels = load_bank_kernels(args.init_bank, kernel_size=7) if args.init_bank else None
+    bank_kernels = load_bank(args.init_bank, kernel_size=7)["kernels"] if args.init_bank else None
     t0 = time.time()
     train_x, train_y, test_x, test_y, classes = load_small_data(args, device)
     print(f"data: {args.data} | {len(train_x)} train images ({args.per_class} per class, subset seed "
