@@ -135,14 +135,22 @@ def kernels_of(state, layer):
     return weight.reshape(-1, weight.shape[-2], weight.shape[-1])
 
 
-def load_bank(path):
+def load_bank(path, kernel_size=None):
+    """A bank written by collect_kernels.py (dict; "kernels" [N, k, k] as float), checked against the layer's k."""
     if not os.path.exists(path):
         raise SystemExit(f"error: kernel bank {path!r} not found; make it with "
                          f"`python collect_kernels.py --checkpoints checkpoints/ --out {os.path.dirname(path) or '.'}`")
-    bank = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(bank, dict) or "kernels" not in bank or bank["kernels"].dim() != 3:
+    try:
+        bank = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: cannot read kernel bank {path!r}: {e}")
+    if not isinstance(bank, dict) or not isinstance(bank.get("kernels"), torch.Tensor) or bank["kernels"].dim() != 3:
         raise SystemExit(f"error: {path!r} is not a kernel bank written by collect_kernels.py")
-    return bank
+    k = bank["kernels"].shape[-1]
+    if kernel_size is not None and k != kernel_size:
+        raise SystemExit(f"error: bank {path!r} holds {k}x{k} kernels, but the layer it is for has "
+                         f"{kernel_size}x{kernel_size} kernels")
+    return dict(bank, kernels=bank["kernels"].float())
 
 
 def save_atomic(obj, path):

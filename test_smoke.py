@@ -13,7 +13,6 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import PIL.Image
 import pytest
@@ -31,11 +30,11 @@ import train_advreg  # noqa: E402
 import train_small  # noqa: E402
 
 
-def run(script, *args, ok=True):
+def run(script, *args, ok=True, timeout=600):
     """Run `python script args...` from the repo root as a user would; returns the completed process."""
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
-                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=timeout)
     if ok:
         assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc
@@ -133,6 +132,7 @@ def test_cnn_and_helper_copies_agree():
         assert len(sources) == 1, f"the copies of {name} differ"
     for name in ("small_subset", "load_small_data", "load_bank", "init_conv1_from_bank"):
         assert inspect.getsource(getattr(train_small, name)) == inspect.getsource(getattr(train_advreg, name)), name
+    assert inspect.getsource(collect_kernels.load_bank) == inspect.getsource(train_advreg.load_bank)
     for name in ("standardize_kernels", "frechet_distance", "low_freq_share", "bank_reference", "kernel_grid"):
         assert inspect.getsource(getattr(collect_kernels, name)) == inspect.getsource(getattr(train_advreg, name)), name
     assert inspect.getsource(collect_kernels.kernel_grid) == inspect.getsource(train_small.kernel_grid)
@@ -334,18 +334,13 @@ def test_frechet_distance_and_low_frequency_share():
 # ============================================================================= gan_labs.py
 # Runs every gan_labs.py subcommand as the README tells a user to, on a tiny generated
 # ImageFolder (3 classes of 28x28 grayscale PNGs), and checks the mathematics that can silently go wrong.
-GAN_REPO = Path(ROOT)
 GAN_CLASSES = 3
 GAN_TINY = ["--batch-size", "16", "--ngf", "8", "--ndf", "8", "--epochs", "1", "--eval-samples", "24",
             "--log-every", "1", "--threads", "1", "--device", "cpu"]
 
 
 def gan_run(*args, check=True):
-    proc = subprocess.run([sys.executable, "gan_labs.py", *map(str, args)], cwd=GAN_REPO,
-                          capture_output=True, text=True, timeout=120)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return proc
+    return run("gan_labs.py", *args, ok=check, timeout=120)
 
 
 def gan_read_csv(path):

@@ -221,11 +221,11 @@ class PaperCNN(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
-def load_bank(path, kernel_size):
+def load_bank(path, kernel_size=None):
     """A bank written by collect_kernels.py (dict; "kernels" [N, k, k] as float), checked against the layer's k."""
     if not os.path.exists(path):
-        raise SystemExit(f"error: kernel bank {path!r} not found; make it with collect_kernels.py "
-                         f"(python collect_kernels.py --checkpoints checkpoints/ --out kernels/)")
+        raise SystemExit(f"error: kernel bank {path!r} not found; make it with "
+                         f"`python collect_kernels.py --checkpoints checkpoints/ --out {os.path.dirname(path) or '.'}`")
     try:
         bank = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -233,7 +233,7 @@ def load_bank(path, kernel_size):
     if not isinstance(bank, dict) or not isinstance(bank.get("kernels"), torch.Tensor) or bank["kernels"].dim() != 3:
         raise SystemExit(f"error: {path!r} is not a kernel bank written by collect_kernels.py")
     k = bank["kernels"].shape[-1]
-    if k != kernel_size:
+    if kernel_size is not None and k != kernel_size:
         raise SystemExit(f"error: bank {path!r} holds {k}x{k} kernels, but the layer it is for has "
                          f"{kernel_size}x{kernel_size} kernels")
     return dict(bank, kernels=bank["kernels"].float())
