@@ -30,6 +30,7 @@ import argparse
 import csv
 import glob
 import os
+import re
 
 import matplotlib
 matplotlib.use("Agg")  # figures go to files; no display needed
@@ -110,12 +111,40 @@ def find_checkpoints(spec):
     return paths
 
 
+# The authors' published models (GitHub realfolkcode/AdversarialRegularization, models/*.pt) are
+# plain state_dicts of an nn.Sequential; these are their names for the layers of the paper's CNN.
+AUTHORS_LAYERS = {"features.0": "conv1", "features.1": "bn1", "features.3": "conv2", "features.4": "bn2",
+                  "features.6": "conv3", "features.7": "bn3", "features.9": "conv4", "features.10": "bn4",
+                  "classifier.2": "fc"}
+
+
+def from_authors_layout(state, path):
+    """An authors' state_dict as a checkpoint dict like ours (layer names conv1..fc), or None."""
+    if not isinstance(state, dict) or "features.0.weight" not in state:
+        return None
+    model = {}
+    for key, value in state.items():
+        module, _, param = key.rpartition(".")
+        if module not in AUTHORS_LAYERS:
+            return None
+        model[f"{AUTHORS_LAYERS[module]}.{param}"] = value
+    seed = re.search(r"seed(\d+)", os.path.basename(path))
+    return {"arch": ARCH, "model": model, "seed": int(seed.group(1)) if seed else None,
+            "dataset": "cifar100 (the authors' models)", "format": "authors"}
+
+
 def load_checkpoint(path, layers):
-    """A checkpoint's dict, after checking it holds the paper's CNN with the layers asked for."""
+    """A checkpoint's dict, after checking it holds the paper's CNN with the layers asked for.
+
+    Reads pretrain.py's checkpoints and the authors' published state_dicts (saved on a GPU, so
+    everything is loaded to the CPU).
+    """
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"error: cannot read checkpoint {path!r}: {e}")
+    except Exception:
+        raise SystemExit(f"error: {path!r} is not a checkpoint written by pretrain.py / train_small.py "
+                         f"/ train_advreg.py nor one of the authors' models (corrupt or another format)")
+    ckpt = from_authors_layout(ckpt, path) or ckpt
     state = ckpt.get("model") if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or ckpt.get("arch") != ARCH:
         raise SystemExit(f"error: {path!r} is not a checkpoint of the paper's CNN ({ARCH}) written by "
@@ -199,7 +228,8 @@ def collect(args):
         name = f"{layer}_{k}x{k}"
         bank = {"kernels": kernels, "layer": layer, "kernel_size": k, "sources": [os.path.abspath(p) for p in paths],
                 "source_counts": [len(s) for s in per_source], "seeds": seeds, "test_acc": test_accs,
-                "dataset": ckpts[0].get("dataset"), "arch": ARCH}
+                "dataset": ckpts[0].get("dataset"), "arch": ARCH,
+                "format": ckpts[0].get("format", "pretrain.py")}
         save_atomic(bank, os.path.join(args.out, name + ".pt"))
         save_png(kernel_grid(random_sample(kernels, args.grid_kernels, args.seed)),
                  os.path.join(args.out, name + "_grid.png"))
