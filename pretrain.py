@@ -24,18 +24,21 @@ Offline, on an ImageFolder tree PATH/{train,test}/<class>/<image>:
     python pretrain.py --data PATH
 Quick run on a laptop CPU (2 epochs on 2,000 images, the real code end to end):
     python pretrain.py --data PATH --quick --seeds 0 1
-Throughput of this script's tensor pipeline against a plain DataLoader + transforms loop:
-    python pretrain.py --data PATH --benchmark
+Test accuracy of any checkpoints of the paper's CNN, ours or the authors' published models
+(GitHub realfolkcode/AdversarialRegularization, models/model1_seed*.pt), on PATH/test:
+    python pretrain.py --evaluate ~/models/model1_seed*.pt --data ~/data/cifar100-partial
 
 Reads:  the dataset.
-Writes: <out>/seed<N>.pt (weights, args, epochs done, per-epoch train loss and test accuracy;
-        rewritten atomically after every epoch, so an interrupted seed resumes where it stopped),
-        <out>/summary.json (final test accuracy per seed, key "test_acc", with mean and std),
-        <out>/training_curves.png.
+Writes: <out>/seed<N>.pt (weights, optimizer and random state, epochs done, per-epoch train loss
+        and test accuracy; rewritten after every epoch, so an interrupted seed resumes where it
+        stopped), <out>/summary.json (final test accuracy per seed, key "test_acc", with mean and
+        std), <out>/training_curves.png. With --evaluate: <out>/evaluation.json.
 """
 import argparse
 import json
+import math
 import os
+import pathlib
 import time
 
 import matplotlib
@@ -53,37 +56,43 @@ ARCH = "PaperCNN"  # stored in checkpoints; collect_kernels.py refuses anything 
 # ----------------------------------------------------------------------------- args
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description="Stage 1: pretrain the paper's CNN on CIFAR-100 (or an ImageFolder), one run per seed.",
+        description="Stage 1: pretrain the paper's CNN on CIFAR-100 (or an ImageFolder), one run "
+                    "per seed; or, with --evaluate, measure checkpoints on a test set.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default="cifar100",
                    help="cifar100 | cifar10 (torchvision download) or PATH of an ImageFolder tree "
-                        "PATH/train/<class>/* and PATH/test/<class>/* (paper: cifar100)")
+                        "PATH/train/<class>/* and PATH/test/<class>/* (paper text: cifar100)")
     p.add_argument("--data-root", default="data", help="where torchvision datasets are downloaded")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
-                   help="one model per seed (paper: 5 models, seeds 0-4)")
-    p.add_argument("--epochs", type=int, default=100, help="epochs per seed (paper: 100)")
+                   help="one model per seed (paper text: 5 models, seeds 0-4)")
+    p.add_argument("--epochs", type=int, default=100, help="epochs per seed (paper text: 100)")
     p.add_argument("--batch-size", type=int, default=128,
                    help="images per step (paper text: 128; authors' notebook: 256)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (paper: Adam defaults)")
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="Adam learning rate (paper text: Adam's defaults)")
     p.add_argument("--weight-decay", type=float, default=1e-3,
                    help="Adam weight decay (paper text: 1e-3; authors' notebook: 1e-4)")
     p.add_argument("--no-augment", action="store_true",
-                   help="turn off random crop (padding 4) + horizontal flip (paper: on)")
+                   help="turn off random crop (padding 4) + horizontal flip (on: the authors' "
+                        "notebook, which trained their published models; paper text: normalized "
+                        "only)")
     p.add_argument("--train-limit", type=int, default=0,
                    help="use only this many training images, drawn at random (0 = all)")
     p.add_argument("--test-limit", type=int, default=0,
                    help="evaluate on only this many test images (0 = all)")
-    p.add_argument("--eval-every", type=int, default=1, help="evaluate test accuracy every N epochs")
+    p.add_argument("--eval-every", type=int, default=1,
+                   help="evaluate test accuracy every N epochs")
     p.add_argument("--quick", action="store_true",
-                   help="laptop-CPU smoke run: sets --epochs 2 --train-limit 2000 --test-limit 1000")
+                   help="laptop-CPU smoke run: --epochs 2 --train-limit 2000 --test-limit 1000")
+    p.add_argument("--evaluate", nargs="+", metavar="CKPT", default=None,
+                   help="instead of training: test accuracy of these checkpoints (pretrain.py's or "
+                        "the authors' model1_seed*.pt) on the --data test split")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="auto = cuda if available, else mps, else cpu")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
-    p.add_argument("--out", default="checkpoints", help="folder for seed<N>.pt, summary.json, curves")
-    p.add_argument("--benchmark", action="store_true",
-                   help="measure images/s of this script's loop vs a DataLoader + transforms loop, then exit")
-    p.add_argument("--benchmark-steps", type=int, default=50, help="training steps timed per pipeline")
-    p.add_argument("--benchmark-workers", type=int, default=2, help="DataLoader workers of the reference loop")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch (0 = torch's default)")
+    p.add_argument("--out", default="checkpoints",
+                   help="folder for seed<N>.pt, summary.json, curves (or evaluation.json)")
     args = p.parse_args(argv)
     if args.quick:
         args.epochs, args.train_limit, args.test_limit = 2, 2000, 1000
@@ -98,22 +107,19 @@ def parse_args(argv=None):
 
 
 def pick_device(name):
+    """'auto' picks CUDA, then Apple's MPS, then the CPU; an explicit choice must be available."""
+    cuda = torch.cuda.is_available()
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda asked for, but torch sees no CUDA GPU (try --device cpu)")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise SystemExit("error: --device mps asked for, but MPS is not available (try --device cpu)")
+        name = "cuda" if cuda else "mps" if mps else "cpu"
+    if (name == "cuda" and not cuda) or (name == "mps" and not mps):
+        raise SystemExit(f"error: --device {name} asked for, but torch cannot use it here "
+                         f"(try --device cpu)")
     return torch.device(name)
 
 
 # ----------------------------------------------------------------------------- data
 TORCHVISION_DATASETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".gif", ".webp", ".tif", ".tiff")
 
 
 def load_split(data, root, train):
@@ -124,37 +130,33 @@ def load_split(data, root, train):
     """
     split = "train" if train else "test"
     if data in TORCHVISION_DATASETS:
-        cls = getattr(torchvision.datasets, TORCHVISION_DATASETS[data])
         try:
-            ds = cls(root, train=train, download=True)
+            dataset_class = getattr(torchvision.datasets, TORCHVISION_DATASETS[data])
+            ds = dataset_class(root, train, download=True)
         except Exception as e:  # offline: URLError, RuntimeError, ... all mean "could not download"
-            raise SystemExit(f"error: could not download {data} into {root!r} ({type(e).__name__}: {e}). "
-                             f"Offline? Pass an ImageFolder tree instead: --data PATH with "
+            raise SystemExit(f"error: could not download {data} into {root!r} ({type(e).__name__})."
+                             f" Offline? Pass an ImageFolder tree instead: --data PATH with "
                              f"PATH/train/<class>/*.png and PATH/test/<class>/*.png")
         images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
-        return images, torch.tensor(ds.targets, dtype=torch.long), list(ds.classes)
+        return images, torch.tensor(ds.targets), list(ds.classes)
     if not os.path.isdir(data):
         raise SystemExit(f"error: --data {data!r} is neither a known dataset "
                          f"({', '.join(TORCHVISION_DATASETS)}) nor an existing folder")
-    folder = os.path.join(data, split)
-    classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))) \
-        if os.path.isdir(folder) else []
-    files = [(os.path.join(folder, c, f), i) for i, c in enumerate(classes)
-             for f in sorted(os.listdir(os.path.join(folder, c))) if f.lower().endswith(IMAGE_EXTENSIONS)]
-    if not files:
-        raise SystemExit(f"error: no images in {folder!r}; expected an ImageFolder tree "
-                         f"{data}/{split}/<class>/<image>.png")
-    images = torch.empty(len(files), 3, 32, 32, dtype=torch.uint8)
-    for n, (path, _) in enumerate(files):
+    try:  # ImageFolder finds the class folders (sorted) and the image files in them
+        ds = torchvision.datasets.ImageFolder(os.path.join(data, split))
+    except (FileNotFoundError, OSError):
+        raise SystemExit(f"error: no images in {os.path.join(data, split)!r}; expected an "
+                         f"ImageFolder tree {data}/{split}/<class>/<image>.png")
+    images = torch.empty(len(ds), 3, 32, 32, dtype=torch.uint8)
+    for n, (path, _) in enumerate(ds.samples):
         try:
-            with PIL.Image.open(path) as img:
-                img = img.convert("RGB")
-        except Exception as e:
-            raise SystemExit(f"error: cannot read image {path!r}: {e}")
+            img = ds.loader(path)  # PIL image, RGB
+        except Exception:
+            raise SystemExit(f"error: cannot read image {path!r} (not an image, or corrupt)")
         if img.size != (32, 32):  # the CNN is built for 32x32 inputs, like CIFAR
             img = img.resize((32, 32), PIL.Image.BILINEAR)
         images[n] = torchvision.transforms.functional.pil_to_tensor(img)
-    return images, torch.tensor([label for _, label in files]), classes
+    return images, torch.tensor(ds.targets), ds.classes
 
 
 def normalize(images_uint8):
@@ -169,36 +171,50 @@ def augment(images, pad=4):
     on the device in one gather: each image gets its own offset (dy, dx) into the padded batch.
     """
     b, c, h, w = images.shape
+    dev = images.device
     padded = F.pad(images, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (b, 1, 1, 1), device=images.device)
-    dx = torch.randint(0, 2 * pad + 1, (b, 1, 1, 1), device=images.device)
-    rows = dy + torch.arange(h, device=images.device).view(1, 1, h, 1)
-    cols = dx + torch.arange(w, device=images.device).view(1, 1, 1, w)
-    flip = torch.rand(b, 1, 1, 1, device=images.device) < 0.5
-    cols = torch.where(flip, dx + (w - 1) - torch.arange(w, device=images.device).view(1, 1, 1, w), cols)
-    batch = torch.arange(b, device=images.device).view(b, 1, 1, 1)
-    channel = torch.arange(c, device=images.device).view(1, c, 1, 1)
+    dy = torch.randint(0, 2 * pad + 1, (b, 1, 1, 1), device=dev)
+    dx = torch.randint(0, 2 * pad + 1, (b, 1, 1, 1), device=dev)
+    rows = dy + torch.arange(h, device=dev).view(1, 1, h, 1)
+    cols = dx + torch.arange(w, device=dev).view(1, 1, 1, w)
+    flip = torch.rand(b, 1, 1, 1, device=dev) < 0.5
+    cols = torch.where(flip, dx + (w - 1) - torch.arange(w, device=dev).view(1, 1, 1, w), cols)
+    batch = torch.arange(b, device=dev).view(b, 1, 1, 1)
+    channel = torch.arange(c, device=dev).view(1, c, 1, 1)
     return padded[batch, channel, rows, cols]
+
+
+def load_data(args, device):
+    """(train_x, train_y, test_x, test_y, classes), the whole dataset on the device (CIFAR: 150 MB
+    as uint8), so no data loader is needed."""
+    train_x, train_y, classes = load_split(args.data, args.data_root, train=True)
+    test_x, test_y, test_classes = load_split(args.data, args.data_root, train=False)
+    if test_classes != classes:
+        raise SystemExit(f"error: train and test class folders differ: {classes} vs {test_classes}")
+    if args.train_limit:  # a fixed random subset, the same for every seed
+        keep = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))
+        train_x, train_y = train_x[keep[:args.train_limit]], train_y[keep[:args.train_limit]]
+    if args.test_limit:
+        keep = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(0))
+        test_x, test_y = test_x[keep[:args.test_limit]], test_y[keep[:args.test_limit]]
+    return (*(t.to(device) for t in (train_x, train_y, test_x, test_y)), classes)
 
 
 # ----------------------------------------------------------------------------- model
 class PaperCNN(nn.Module):
-    """conv1 7x7 3->64, conv2 5x5 64->128, conv3 5x5 128->128, conv4 3x3 128->256 (stride 2,
-    padding k//2, no bias, each followed by BatchNorm + ReLU), global average pooling, fc.
-    [B, 3, 32, 32] -> [B, 64, 16, 16] -> [B, 128, 8, 8] -> [B, 128, 4, 4] -> [B, 256, 2, 2] -> [B, classes]
-    """
+    """The paper's CNN (the authors' notebooks): four conv blocks and a linear classifier."""
 
     def __init__(self, num_classes):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)  # 64 x 16 x 16
         self.bn1 = nn.BatchNorm2d(64)
-        self.conv2 = nn.Conv2d(64, 128, 5, stride=2, padding=2, bias=False)
+        self.conv2 = nn.Conv2d(64, 128, 5, stride=2, padding=2, bias=False)  # 128 x 8 x 8
         self.bn2 = nn.BatchNorm2d(128)
-        self.conv3 = nn.Conv2d(128, 128, 5, stride=2, padding=2, bias=False)
+        self.conv3 = nn.Conv2d(128, 128, 5, stride=2, padding=2, bias=False)  # 128 x 4 x 4
         self.bn3 = nn.BatchNorm2d(128)
-        self.conv4 = nn.Conv2d(128, 256, 3, stride=2, padding=1, bias=False)
+        self.conv4 = nn.Conv2d(128, 256, 3, stride=2, padding=1, bias=False)  # 256 x 2 x 2
         self.bn4 = nn.BatchNorm2d(256)
-        self.fc = nn.Linear(256, num_classes)
+        self.fc = nn.Linear(256, num_classes)  # after global average pooling: 256
 
     def forward(self, x):
         x = F.relu(self.bn1(self.conv1(x)))
@@ -206,6 +222,35 @@ class PaperCNN(nn.Module):
         x = F.relu(self.bn3(self.conv3(x)))
         x = F.relu(self.bn4(self.conv4(x)))
         return self.fc(x.mean(dim=(2, 3)))
+
+
+# The authors' published models (GitHub realfolkcode/AdversarialRegularization, models/*.pt) are
+# plain state_dicts of an nn.Sequential; these are their names for the layers of the paper's CNN.
+AUTHORS_LAYERS = {"features.0": "conv1", "features.1": "bn1", "features.3": "conv2",
+                  "features.4": "bn2", "features.6": "conv3", "features.7": "bn3",
+                  "features.9": "conv4", "features.10": "bn4", "classifier.2": "fc"}
+
+
+def read_checkpoint(path):
+    """A checkpoint of the paper's CNN as a dict with "model" (our layer names) and provenance:
+    pretrain.py's own, or one of the authors' models (saved on a GPU: loaded to the CPU)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        ckpt = None
+    if isinstance(ckpt, dict) and "features.0.weight" in ckpt:  # the authors' layout
+        model = {}
+        for key, value in ckpt.items():
+            module, _, param = key.rpartition(".")
+            model[f"{AUTHORS_LAYERS.get(module, module)}.{param}"] = value
+        seed = "".join(c for c in os.path.basename(path).rpartition("seed")[2] if c.isdigit())
+        ckpt = {"arch": ARCH, "model": model, "seed": int(seed) if seed else None,
+                "dataset": "cifar100 (the authors' models)", "format": "authors"}
+    if not isinstance(ckpt, dict) or ckpt.get("arch") != ARCH or "model" not in ckpt:
+        raise SystemExit(f"error: {path} is not a checkpoint of the paper's CNN (corrupt or "
+                         f"another format); pretrain.py, train_small.py and train_advreg.py "
+                         f"write them, and the authors' models/model1_seed*.pt are read too")
+    return ckpt
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -221,19 +266,55 @@ def evaluate(model, images, labels, batch_size=1000):
     return correct.item() / len(images)
 
 
+def evaluate_checkpoints(args, device):
+    """--evaluate: test accuracy of each checkpoint on the --data test split."""
+    test_x, test_y, classes = load_split(args.data, args.data_root, train=False)
+    test_x, test_y = test_x.to(device), test_y.to(device)
+    accs = {}
+    for path in args.evaluate:
+        state = read_checkpoint(path)["model"]
+        num_classes = state["fc.weight"].shape[0]
+        if num_classes != len(classes):
+            raise SystemExit(f"error: {path} classifies {num_classes} classes, but {args.data}'s "
+                             f"test split has {len(classes)} class folders")
+        model = PaperCNN(num_classes).to(device)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError:
+            raise SystemExit(f"error: {path} holds another architecture than the paper's CNN")
+        accs[path] = evaluate(model, test_x, test_y)
+        print(f"{path}: test accuracy {accs[path]:.4f} on {len(test_x)} images of {args.data}")
+    values = torch.tensor(list(accs.values()), dtype=torch.float64)
+    std = values.std().item() if len(values) > 1 else 0.0
+    print(f"mean ± std over {len(values)} checkpoints: {values.mean().item():.4f} ± {std:.4f}")
+    os.makedirs(args.out, exist_ok=True)
+    write_json({"data": args.data, "images": len(test_x), "test_acc": accs,
+                "mean": values.mean().item(), "std": std},
+               os.path.join(args.out, "evaluation.json"))
+
+
 # ----------------------------------------------------------------------------- outputs
-def save_atomic(obj, path):
-    """torch.save to a temporary name, then rename: a Ctrl-C never leaves a half-written file."""
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
+def write_atomic(path, write):
+    """Write a file under a temporary name, then rename it: a Ctrl-C or a kill never leaves half a
+    file. `write(tmp)` writes to the name it is given (torch.save, fig.savefig, ...)."""
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{ext}"  # keep the extension: savefig and save_image read the format from it
+    write(tmp)
     os.replace(tmp, path)
 
 
-def write_json_atomic(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+def write_text(path, text):
+    write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(text))
+
+
+def write_json(obj, path):
+    write_text(path, json.dumps(obj, indent=2))
+
+
+def save_figure(fig, path):
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100))
+    plt.close(fig)
 
 
 def plot_curves(histories, path):
@@ -246,42 +327,73 @@ def plot_curves(histories, path):
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=100)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
+    save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path, model, optimizer, **fields):
+    """Weights, optimizer state and the random generators' state (so batch order and augmentation
+    continue exactly where they stopped), plus the caller's fields."""
+    ckpt = {"arch": ARCH, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "rng_cpu": torch.get_rng_state(), **fields}
+    if torch.cuda.is_available():
+        ckpt["rng_cuda"] = torch.cuda.get_rng_state()
+    write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
+
+
+def resume_checkpoint(path, model, optimizer, classes):
+    """Load a run's checkpoint into model and optimizer and restore the random generators;
+    returns the checkpoint's dict, or None if the run has none yet."""
+    if not os.path.exists(path):
+        return None
+    try:
+        ckpt = torch.load(path, map_location=next(model.parameters()).device, weights_only=True)
+    except Exception:
+        ckpt = None
+    if not isinstance(ckpt, dict) or ckpt.get("arch") != ARCH or ckpt.get("classes") != classes:
+        raise SystemExit(f"error: {path} is not a checkpoint of this run (corrupt, another format, "
+                         f"model or dataset); use another --out or delete it")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng_cpu"])
+    if torch.cuda.is_available() and "rng_cuda" in ckpt:
+        torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu())
+    return ckpt
+
+
+def stop_if_diverged(loss, epoch, name, flags):
+    """A run whose loss is not finite stops here, before it overwrites the last good checkpoint."""
+    if not math.isfinite(loss):
+        raise SystemExit(f"error: {name}: the training loss is {loss} at epoch {epoch}; the run "
+                         f"diverged. Its last good checkpoint is kept. Lower {flags} and run "
+                         f"again with another --out")
 
 
 # ----------------------------------------------------------------------------- training
-def train_one_seed(seed, args, device, train_x, train_y, test_x, test_y, classes):
-    """Train (or resume) one model; returns its history dict. Checkpoint after every epoch."""
-    ckpt_path = os.path.join(args.out, f"seed{seed}.pt")
+def setup_run(seed, args, device, classes):
+    """Model and optimizer of one seed, resumed from its checkpoint if there is one."""
     torch.manual_seed(seed)
     model = PaperCNN(len(classes)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     history = {"train_loss": [], "eval_epoch": [], "test_acc": [], "epoch_seconds": []}
-    start_epoch = 0
-    if os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if ckpt.get("arch") != ARCH or ckpt.get("classes") != classes:
-            raise SystemExit(f"error: {ckpt_path} is from another model or dataset "
-                             f"({ckpt.get('arch')}, {len(ckpt.get('classes', []))} classes); "
-                             f"use another --out or delete it")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng_cpu"])
-        if device.type == "cuda" and "rng_cuda" in ckpt:
-            torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu())
-        history, start_epoch = ckpt["history"], ckpt["epoch"]
-        print(f"seed {seed}: resuming from {ckpt_path} after epoch {start_epoch}")
-    if start_epoch >= args.epochs:
-        print(f"seed {seed}: already trained for {start_epoch} epochs (>= --epochs {args.epochs}), skipping")
-        return history
+    ckpt_path = os.path.join(args.out, f"seed{seed}.pt")
+    ckpt = resume_checkpoint(ckpt_path, model, optimizer, classes)
+    if ckpt is None:
+        return model, optimizer, history, 0
+    print(f"seed {seed}: resuming from {ckpt_path} after epoch {ckpt['epoch']}")
+    return model, optimizer, ckpt["history"], ckpt["epoch"]
 
+
+def train_one_seed(seed, args, device, data):
+    """Train (or resume) one model; returns its history. A checkpoint after every epoch."""
+    train_x, train_y, test_x, test_y, classes = data
+    model, optimizer, history, start_epoch = setup_run(seed, args, device, classes)
+    if start_epoch >= args.epochs:
+        print(f"seed {seed}: already trained for {start_epoch} epochs, skipping")
+        return history
     n, bs = len(train_x), args.batch_size
     for epoch in range(start_epoch, args.epochs):
         t0 = time.time()
-        model.train()
         loss_sum = torch.zeros((), device=device)  # summed on the device; read once per epoch
         perm = torch.randperm(n, device=device)
         for i in range(0, n, bs):
@@ -293,86 +405,23 @@ def train_one_seed(seed, args, device, train_x, train_y, test_x, test_y, classes
             optimizer.step()
             loss_sum += loss.detach() * len(idx)
         history["train_loss"].append((loss_sum / n).item())
+        stop_if_diverged(history["train_loss"][-1], epoch + 1, f"seed {seed}", "--lr")
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             history["eval_epoch"].append(epoch + 1)
             history["test_acc"].append(evaluate(model, test_x, test_y))
         history["epoch_seconds"].append(time.time() - t0)
-
-        ckpt = {"arch": ARCH, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "epoch": epoch + 1, "history": history, "args": vars(args), "seed": seed,
-                "classes": classes, "dataset": args.data, "rng_cpu": torch.get_rng_state()}
-        if device.type == "cuda":
-            ckpt["rng_cuda"] = torch.cuda.get_rng_state()
-        save_atomic(ckpt, ckpt_path)
+        save_checkpoint(os.path.join(args.out, f"seed{seed}.pt"), model, optimizer,
+                        epoch=epoch + 1, history=history, args=vars(args), seed=seed,
+                        classes=classes, dataset=args.data)
 
         secs = history["epoch_seconds"][-1]
-        eta = secs * (args.epochs - epoch - 1)
-        acc = f"{history['test_acc'][-1]:.4f}" if history["eval_epoch"][-1:] == [epoch + 1] else "  -   "
-        print(f"seed {seed} | epoch {epoch + 1:3d}/{args.epochs} | loss {history['train_loss'][-1]:.4f} | "
-              f"test acc {acc} | {secs:5.1f} s/epoch | {n / secs:6.0f} img/s | ETA {eta / 60:5.1f} min",
+        acc = f"{history['test_acc'][-1]:.4f}" if history["eval_epoch"][-1:] == [epoch + 1] \
+            else "  -   "
+        print(f"seed {seed} | epoch {epoch + 1:3d}/{args.epochs} | loss "
+              f"{history['train_loss'][-1]:.4f} | test acc {acc} | {secs:5.1f} s/epoch | "
+              f"{n / secs:6.0f} img/s | ETA {secs * (args.epochs - epoch - 1) / 60:5.1f} min",
               flush=True)
     return history
-
-
-# ----------------------------------------------------------------------------- benchmark
-def benchmark(args, device, train_x, train_y, num_classes):
-    """Images/s of this script's loop vs a plain DataLoader + transforms loop, same model, one run."""
-    import torchvision.transforms as T
-
-    def time_steps(batches):
-        torch.manual_seed(0)
-        model = PaperCNN(num_classes).to(device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-        seen, t0 = 0, None
-        for step, (images, labels) in enumerate(batches):
-            if step == 5:  # warm-up steps (allocator, DataLoader workers) are not timed
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                seen, t0 = 0, time.time()
-            loss = F.cross_entropy(model(images), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            seen += len(labels)
-            if step == args.benchmark_steps + 4:
-                break
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return seen / (time.time() - t0)
-
-    def tensor_pipeline():
-        while True:
-            perm = torch.randperm(len(train_x), device=device)
-            for i in range(0, len(train_x) - args.batch_size + 1, args.batch_size):
-                idx = perm[i:i + args.batch_size]
-                yield normalize(augment(train_x[idx])), train_y[idx]
-
-    transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
-                           T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
-    if args.data in TORCHVISION_DATASETS:
-        dataset = getattr(torchvision.datasets, TORCHVISION_DATASETS[args.data])(
-            args.data_root, train=True, transform=transform)
-    else:
-        dataset = torchvision.datasets.ImageFolder(os.path.join(args.data, "train"), transform=transform)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                                         num_workers=args.benchmark_workers, pin_memory=device.type == "cuda")
-
-    def reference_pipeline():
-        while True:
-            for images, labels in loader:
-                yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-
-    ours = time_steps(tensor_pipeline())
-    reference = time_steps(reference_pipeline())
-    result = {"device": str(device), "threads": torch.get_num_threads(), "batch_size": args.batch_size,
-              "steps": args.benchmark_steps, "dataloader_workers": args.benchmark_workers,
-              "tensor_pipeline_img_per_s": ours, "dataloader_img_per_s": reference, "speedup": ours / reference}
-    print(f"tensor pipeline (this script): {ours:8.0f} img/s")
-    print(f"DataLoader + transforms ({args.benchmark_workers} workers): {reference:8.0f} img/s")
-    print(f"speed-up: {ours / reference:.2f}x  ({args.benchmark_steps} steps of batch {args.batch_size}, "
-          f"{device}, {torch.get_num_threads()} threads)")
-    os.makedirs(args.out, exist_ok=True)
-    write_json_atomic(result, os.path.join(args.out, "benchmark.json"))
 
 
 # ----------------------------------------------------------------------------- main
@@ -381,30 +430,17 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
+    if args.evaluate:
+        return evaluate_checkpoints(args, device)
 
     t0 = time.time()
-    train_x, train_y, classes = load_split(args.data, args.data_root, train=True)
-    test_x, test_y, test_classes = load_split(args.data, args.data_root, train=False)
-    if test_classes != classes:
-        raise SystemExit(f"error: train and test class folders differ: {classes} vs {test_classes}")
-    if args.train_limit:  # a fixed random subset, the same for every seed
-        keep = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))[:args.train_limit]
-        train_x, train_y = train_x[keep], train_y[keep]
-    if args.test_limit:
-        keep = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(0))[:args.test_limit]
-        test_x, test_y = test_x[keep], test_y[keep]
-    # The whole dataset lives on the device (CIFAR: 150 MB as uint8), so no loader is needed.
-    train_x, train_y, test_x, test_y = (t.to(device) for t in (train_x, train_y, test_x, test_y))
-    print(f"data: {args.data} | {len(train_x)} train / {len(test_x)} test images | {len(classes)} classes | "
-          f"loaded in {time.time() - t0:.1f} s | device {device}")
-
-    if args.benchmark:
-        return benchmark(args, device, train_x, train_y, len(classes))
-
+    data = load_data(args, device)
+    print(f"data: {args.data} | {len(data[0])} train / {len(data[2])} test images | "
+          f"{len(data[4])} classes | loaded in {time.time() - t0:.1f} s | device {device}")
     os.makedirs(args.out, exist_ok=True)
     histories = {}
     for seed in args.seeds:
-        histories[seed] = train_one_seed(seed, args, device, train_x, train_y, test_x, test_y, classes)
+        histories[seed] = train_one_seed(seed, args, device, data)
         plot_curves(histories, os.path.join(args.out, "training_curves.png"))
 
     finals = {str(s): h["test_acc"][-1] for s, h in histories.items()}
@@ -413,7 +449,7 @@ def main(argv=None):
     summary = {"dataset": args.data, "epochs": args.epochs, "test_acc": finals,
                "best_test_acc": {str(s): max(h["test_acc"]) for s, h in histories.items()},
                "mean": accs.mean().item(), "std": std}
-    write_json_atomic(summary, os.path.join(args.out, "summary.json"))
+    write_json(summary, os.path.join(args.out, "summary.json"))
     print("\nseed | final test acc")
     for s, a in finals.items():
         print(f"{s:>4} | {a:.4f}")
