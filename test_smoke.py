@@ -1,24 +1,31 @@
-"""Offline CPU tests: every script (stages 1-4 and gan_labs.py) runs end to end as a user runs it, on tiny generated data.
+"""Offline CPU tests: every script (stages 1-4 and gan_labs.py) runs end to end as a user runs it,
+on tiny generated data.
 
     pytest -q
 
 The dataset is a 10-class ImageFolder of generated 32x32 PNGs (each class a different stripe
 pattern plus noise), written once per session to a temporary folder. The scripts run as
 subprocesses with tiny budgets; the unit tests check the mathematics that can silently go wrong.
+
+The throughput comparison behind the README's ratio is a test too, skipped unless asked for:
+    THROUGHPUT_DATA=~/data/cifar10 pytest -q -s -k throughput
 """
-import csv
+import ast
+import collections
 import inspect
 import json
-import math
 import os
 import subprocess
 import sys
+import time
 
 import PIL.Image
 import pytest
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.functional import pil_to_tensor, to_pil_image
+import torchvision
+import torchvision.transforms as T
+from torchvision.transforms.functional import to_pil_image
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
@@ -29,9 +36,11 @@ import pretrain  # noqa: E402
 import train_advreg  # noqa: E402
 import train_small  # noqa: E402
 
+STAGES = (pretrain, collect_kernels, train_small, train_advreg)
+
 
 def run(script, *args, ok=True, timeout=600):
-    """Run `python script args...` from the repo root as a user would; returns the completed process."""
+    """Run `python script args...` from the repo root as a user would; returns the process."""
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
                           cwd=ROOT, capture_output=True, text=True, env=env, timeout=timeout)
@@ -41,11 +50,17 @@ def run(script, *args, ok=True, timeout=600):
 
 
 def assert_user_error(proc, *phrases):
-    """A user's mistake: exit code != 0, a clear message, no traceback."""
+    """A user's mistake: exit code != 0, no traceback, and the last line says what is wrong."""
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "error" in last, proc.stderr
     for phrase in phrases:
-        assert phrase in proc.stderr + proc.stdout, (phrase, proc.stderr)
+        assert phrase in last, (phrase, last)
+
+
+def load(path):
+    return torch.load(path, weights_only=True)
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -61,7 +76,8 @@ def tiny_data(tmp_path_factory):
             for i in range(count):
                 yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
                 pattern = torch.sin((xx * (c % 5 + 1) + yy * (c // 5)) * 0.4)
-                img = 127 + 60 * pattern[None].expand(3, 32, 32) + 30 * torch.randn(3, 32, 32, generator=g)
+                img = 127 + 60 * pattern[None].expand(3, 32, 32) \
+                    + 30 * torch.randn(3, 32, 32, generator=g)
                 to_pil_image(img.clamp(0, 255).to(torch.uint8)).save(folder / f"{i}.png")
     return root
 
@@ -71,9 +87,25 @@ def pretrained(tiny_data, tmp_path_factory):
     """Two seeds of pretrain.py (2 epochs each) and the banks collected from them."""
     out = tmp_path_factory.mktemp("pretrain")
     ckpts, banks = out / "checkpoints", out / "kernels"
-    run("pretrain.py", "--data", tiny_data, "--seeds", 0, 1, "--epochs", 2, "--batch-size", 32, "--out", ckpts)
+    run("pretrain.py", "--data", tiny_data, "--seeds", 0, 1, "--epochs", 2, "--batch-size", 32,
+        "--out", ckpts)
     run("collect_kernels.py", "--checkpoints", ckpts, "--layers", "conv1", "conv2", "--out", banks)
     return ckpts, banks
+
+
+@pytest.fixture(scope="session")
+def authors_models(tmp_path_factory):
+    """Two fake checkpoints in the layout of the authors' published models: a plain state_dict of
+    an nn.Sequential (features.0 = conv1, ..., classifier.2 = fc), named model1_seed<N>.pt."""
+    folder = tmp_path_factory.mktemp("authors")
+    names = {v: k for k, v in pretrain.AUTHORS_LAYERS.items()}
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        state = pretrain.PaperCNN(10).state_dict()
+        authors = collections.OrderedDict(
+            (f"{names[k.rpartition('.')[0]]}.{k.rpartition('.')[2]}", v) for k, v in state.items())
+        torch.save(authors, folder / f"model1_seed{seed}.pt")
+    return folder
 
 
 # ----------------------------------------------------------------------------- stages 1-2
@@ -85,7 +117,7 @@ def test_pretrain_writes_checkpoints_summary_and_curves(pretrained):
     assert all(0.0 <= a <= 1.0 for a in accs)
     assert summary["mean"] == pytest.approx(sum(accs) / 2)
     for seed in (0, 1):
-        ckpt = torch.load(ckpts / f"seed{seed}.pt", weights_only=True)
+        ckpt = load(ckpts / f"seed{seed}.pt")
         assert ckpt["arch"] == "PaperCNN" and ckpt["epoch"] == 2 and ckpt["seed"] == seed
         assert len(ckpt["history"]["train_loss"]) == 2 and len(ckpt["history"]["test_acc"]) == 2
         assert ckpt["args"]["epochs"] == 2
@@ -96,50 +128,92 @@ def test_pretrain_writes_checkpoints_summary_and_curves(pretrained):
 
 def test_collect_kernels_banks_and_figure(pretrained):
     ckpts, banks = pretrained
-    conv1 = torch.load(banks / "conv1_7x7.pt", weights_only=True)
-    conv2 = torch.load(banks / "conv2_5x5.pt", weights_only=True)
+    conv1, conv2 = load(banks / "conv1_7x7.pt"), load(banks / "conv2_5x5.pt")
     assert conv1["kernels"].shape == (2 * 64 * 3, 7, 7)
     assert conv2["kernels"].shape == (2 * 128 * 64, 5, 5)
     for bank in (conv1, conv2):
-        assert torch.isfinite(bank["kernels"]).all()
+        assert torch.isfinite(bank["kernels"]).all() and bank["format"] == "pretrain.py"
         assert bank["seeds"] == [0, 1] and len(bank["test_acc"]) == 2 and len(bank["sources"]) == 2
     # the bank is exactly the checkpoints' weights, slice by slice
-    seed1 = torch.load(ckpts / "seed1.pt", weights_only=True)["model"]["conv1.weight"]
+    seed1 = load(ckpts / "seed1.pt")["model"]["conv1.weight"]
     assert torch.equal(conv1["kernels"][192:], seed1.reshape(-1, 7, 7))
-    assert conv1["layer"] == "conv1" and conv1["kernel_size"] == 7 and conv1["source_counts"] == [192, 192]
+    assert conv1["layer"] == "conv1" and conv1["kernel_size"] == 7
+    assert conv1["source_counts"] == [192, 192]
     assert (banks / "conv1_7x7_grid.png").stat().st_size > 1000
     assert (banks / "conv2_5x5_grid.png").stat().st_size > 1000
+
+
+def test_authors_models_give_a_bank_and_an_accuracy(authors_models, tiny_data, tmp_path):
+    run("collect_kernels.py", "--checkpoints", authors_models, "--layers", "conv1",
+        "--out", tmp_path / "bank")
+    bank = load(tmp_path / "bank" / "conv1_7x7.pt")
+    seed1 = load(authors_models / "model1_seed1.pt")["features.0.weight"]
+    assert torch.equal(bank["kernels"][192:], seed1.reshape(-1, 7, 7))
+    assert bank["format"] == "authors" and bank["seeds"] == [0, 1]
+    # --evaluate reads the same files; its accuracy is the model's, computed here independently
+    proc = run("pretrain.py", "--evaluate", *sorted(authors_models.glob("*.pt")), "--data",
+               tiny_data, "--out", tmp_path / "eval")
+    assert "mean ± std over 2 checkpoints" in proc.stdout
+    accs = json.loads((tmp_path / "eval" / "evaluation.json").read_text())["test_acc"]
+    test_x, test_y, _ = pretrain.load_split(str(tiny_data), "data", train=False)
+    model = pretrain.PaperCNN(10)
+    state = pretrain.read_checkpoint(str(authors_models / "model1_seed0.pt"))["model"]
+    model.load_state_dict(state)
+    expected = pretrain.evaluate(model, test_x, test_y)
+    assert accs[str(authors_models / "model1_seed0.pt")] == pytest.approx(expected)
 
 
 def test_paper_cnn_has_the_papers_parameter_count():
     assert sum(p.numel() for p in pretrain.PaperCNN(100).parameters()) == 945_572
 
 
-def test_cnn_and_helper_copies_agree():
-    """The scripts share no module: their copies of the CNN and the helpers must stay identical."""
+def shared_names():
+    """Every top-level function, class or constant defined in more than one stage script."""
+    defined = collections.defaultdict(list)
+    for module in STAGES:
+        tree = ast.parse(inspect.getsource(module))
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                defined[node.name].append(module)
+            elif isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+                defined[node.targets[0].id].append(module)
+    return {name: modules for name, modules in defined.items() if len(modules) > 1}
+
+
+def test_copies_across_scripts_agree():
+    """The scripts share no module: every helper written in more than one script is the same
+    copy, except the few that are each script's own by design."""
+    own = {"parse_args", "main", "setup_run", "train_one_seed", "write_run_outputs"}
+    shared = shared_names()
+    for expected in ("PaperCNN", "load_split", "augment", "evaluate", "write_atomic", "pick_device",
+                     "save_checkpoint", "resume_checkpoint", "stop_if_diverged", "save_figure",
+                     "kernel_grid", "save_kernel_grid", "load_bank", "read_checkpoint",
+                     "AUTHORS_LAYERS", "LOG_COLUMNS", "frechet_distance", "kernels_of"):
+        assert expected in shared, expected
+    for name, modules in shared.items():
+        if name in own:
+            continue
+        objects = [getattr(m, name) for m in modules]
+        if callable(objects[0]):
+            sources = {inspect.getsource(obj) for obj in objects}
+            assert len(sources) == 1, f"the copies of {name} differ in {modules}"
+        else:
+            assert all(obj == objects[0] for obj in objects), f"the copies of {name} differ"
+    for name in ("pick_device", "write_atomic"):  # gan_labs.py shares these two
+        assert inspect.getsource(getattr(gan_labs, name)) == \
+            inspect.getsource(getattr(train_small, name)), name
+    # the same CNN computes the same function in every copy
     models = [m.PaperCNN(10) for m in (pretrain, train_small, train_advreg)]
-    shapes = [{k: v.shape for k, v in m.state_dict().items()} for m in models]
-    assert shapes[0] == shapes[1] == shapes[2]
     x = torch.randn(4, 3, 32, 32)
     outputs = []
     for m in models:
         m.load_state_dict(models[0].state_dict())
         outputs.append(m.eval()(x))
     assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
-    for name in ("PaperCNN", "load_split", "normalize", "augment", "evaluate", "save_atomic", "pick_device",
-                 "write_json_atomic"):
-        sources = {inspect.getsource(getattr(m, name)) for m in (pretrain, train_small, train_advreg)}
-        assert len(sources) == 1, f"the copies of {name} differ"
-    for name in ("small_subset", "load_small_data", "load_bank", "init_conv1_from_bank"):
-        assert inspect.getsource(getattr(train_small, name)) == inspect.getsource(getattr(train_advreg, name)), name
-    assert inspect.getsource(collect_kernels.load_bank) == inspect.getsource(train_advreg.load_bank)
-    for name in ("standardize_kernels", "frechet_distance", "low_freq_share", "bank_reference", "kernel_grid"):
-        assert inspect.getsource(getattr(collect_kernels, name)) == inspect.getsource(getattr(train_advreg, name)), name
-    assert inspect.getsource(collect_kernels.kernel_grid) == inspect.getsource(train_small.kernel_grid)
 
 
 def test_augment_keeps_shapes_and_labels():
-    """Each output image is a padded crop (or its mirror) of the SAME input image, so labels stay aligned."""
+    """Each output image is a padded crop (or its mirror) of the SAME input image."""
     torch.manual_seed(0)
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
     out = pretrain.augment(images)
@@ -147,8 +221,10 @@ def test_augment_keeps_shapes_and_labels():
     padded = F.pad(images, (4, 4, 4, 4))
     flips = 0
     for i in range(len(images)):
-        crops = [(padded[i, :, dy:dy + 32, dx:dx + 32], flip) for dy in range(9) for dx in range(9) for flip in (0, 1)]
-        matches = [flip for crop, flip in crops if torch.equal(out[i], crop.flip(2) if flip else crop)]
+        crops = [(padded[i, :, dy:dy + 32, dx:dx + 32], flip)
+                 for dy in range(9) for dx in range(9) for flip in (0, 1)]
+        matches = [flip for crop, flip in crops
+                   if torch.equal(out[i], crop.flip(2) if flip else crop)]
         assert matches, f"augmented image {i} is not a crop of input image {i}"
         flips += matches[0]
     assert 0 < flips < len(images)  # both flipped and unflipped images occur
@@ -160,10 +236,11 @@ def test_pretrain_resume_continues_from_saved_epoch(tiny_data, tmp_path):
     run("pretrain.py", *common, "--epochs", 1, "--out", tmp_path / "resumed")
     proc = run("pretrain.py", *common, "--epochs", 2, "--out", tmp_path / "resumed")
     assert "resuming" in proc.stdout and "after epoch 1" in proc.stdout
-    straight = torch.load(tmp_path / "straight" / "seed0.pt", weights_only=True)
-    resumed = torch.load(tmp_path / "resumed" / "seed0.pt", weights_only=True)
+    straight = load(tmp_path / "straight" / "seed0.pt")
+    resumed = load(tmp_path / "resumed" / "seed0.pt")
     assert resumed["epoch"] == 2 and len(resumed["history"]["train_loss"]) == 2
-    # optimizer and random state travel with the checkpoint: the interrupted run ends where the straight one does
+    # optimizer and random state travel with the checkpoint: the interrupted run ends where the
+    # straight one does
     for key, value in straight["model"].items():
         assert torch.allclose(value.float(), resumed["model"][key].float(), atol=1e-5), key
 
@@ -172,24 +249,44 @@ def test_bad_input_gives_one_clear_error(tiny_data, pretrained, tmp_path):
     ckpts, banks = pretrained
     assert_user_error(run("pretrain.py", "--data", "imagenet", ok=False), "neither a known dataset")
     (tmp_path / "empty" / "train").mkdir(parents=True)
-    assert_user_error(run("pretrain.py", "--data", tmp_path / "empty", "--out", tmp_path / "o", ok=False), "no images")
+    assert_user_error(run("pretrain.py", "--data", tmp_path / "empty", "--out", tmp_path / "o",
+                          ok=False), "no images")
     assert not (tmp_path / "o").exists()
     assert_user_error(run("pretrain.py", "--device", "tpu", ok=False), "invalid choice")
     assert_user_error(run("collect_kernels.py", "--checkpoints", tmp_path / "none*.pt", ok=False),
                       "no checkpoints match", "pretrain.py")
-    assert_user_error(run("collect_kernels.py", "--checkpoints", ckpts, "--layers", "conv9", ok=False),
-                      "unknown layer")
+    assert_user_error(run("collect_kernels.py", "--checkpoints", ckpts, "--layers", "conv9",
+                          ok=False), "unknown layer")
     # a checkpoint of another architecture is refused, and the existing bank is not overwritten
     other = tmp_path / "other"
     other.mkdir()
-    torch.save({"arch": "PaperCNN", "model": {"conv1.weight": torch.zeros(32, 3, 5, 5)}}, other / "seed0.pt")
+    torch.save({"arch": "PaperCNN", "model": {"conv1.weight": torch.zeros(32, 3, 5, 5)}},
+               other / "seed0.pt")
     before = (banks / "conv1_7x7.pt").read_bytes()
     assert_user_error(run("collect_kernels.py", "--checkpoints", other, "--out", banks, ok=False),
                       "another architecture")
     assert (banks / "conv1_7x7.pt").read_bytes() == before
+    # files that are not torch files at all, or torch files of another kind: one line each
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "seed0.pt").write_bytes(os.urandom(2000))
+    assert_user_error(run("collect_kernels.py", "--checkpoints", junk, ok=False),
+                      "not a checkpoint", "pretrain.py")
+    assert_user_error(run("pretrain.py", "--evaluate", junk / "seed0.pt", "--data", tiny_data,
+                          ok=False), "not a checkpoint")
+    torch.save({"weights": torch.zeros(3)}, other / "foreign.pt")
+    assert_user_error(run("collect_kernels.py", "--checkpoints", other / "foreign.pt", ok=False),
+                      "not a checkpoint")
+    assert_user_error(run("train_small.py", "--data", tiny_data, "--init-bank", junk / "seed0.pt",
+                          "--out", tmp_path / "s", ok=False), "not a kernel bank",
+                      "collect_kernels.py")
+    (tmp_path / "s" / "seed0").mkdir(parents=True)  # a run folder whose checkpoint is corrupt
+    (tmp_path / "s" / "seed0" / "model.pt").write_bytes(os.urandom(2000))
+    assert_user_error(run("train_small.py", "--data", tiny_data, "--per-class", 2, "--epochs", 1,
+                          "--out", tmp_path / "s", ok=False), "not a checkpoint of this run")
 
 
-# ----------------------------------------------------------------------------- stages 3-4
+# ----------------------------------------------------------------------------- stage 3 and AMP
 def test_train_small_end_to_end_and_bank_init(tiny_data, pretrained, tmp_path):
     _, banks = pretrained
     out = tmp_path / "small"
@@ -200,26 +297,106 @@ def test_train_small_end_to_end_and_bank_init(tiny_data, pretrained, tmp_path):
     for seed in (0, 1):
         rows = (out / f"seed{seed}" / "metrics.csv").read_text().strip().splitlines()
         assert rows[0] == "epoch,train_loss,test_acc" and len(rows) == 1 + 3
-        assert rows[2].split(",")[2] != "" and rows[1].split(",")[2] == ""  # evaluated at epochs 2 and 3
+        assert rows[2].split(",")[2] != "" and rows[1].split(",")[2] == ""  # evaluated at 2 and 3
         for fig in ("test_acc.png", "kernels.png"):
             assert (out / f"seed{seed}" / fig).stat().st_size > 1000
-        ckpt = torch.load(out / f"seed{seed}" / "model.pt", weights_only=True)
-        assert ckpt["arch"] == "PaperCNN" and ckpt["epoch"] == 3 and ckpt["model"]["fc.weight"].shape == (10, 256)
-    # --init-bank: at initialisation every conv1 kernel is one of the bank's kernels
+        ckpt = load(out / f"seed{seed}" / "model.pt")
+        assert ckpt["arch"] == "PaperCNN" and ckpt["epoch"] == 3
+        assert ckpt["model"]["fc.weight"].shape == (10, 256)
+    # --init-bank: at initialization every conv1 kernel is one of the bank's kernels
     bank = train_small.load_bank(str(banks / "conv1_7x7.pt"), kernel_size=7)["kernels"]
     model = train_small.PaperCNN(10)
     train_small.init_conv1_from_bank(model, bank, seed=0)
     kernels = model.conv1.weight.detach().reshape(-1, 1, 49)
     assert (kernels == bank.reshape(1, -1, 49)).all(dim=2).any(dim=1).all()
-    run("train_small.py", "--data", tiny_data, "--per-class", 4, "--epochs", 1, "--init-bank",
-        banks / "conv1_7x7.pt", "--out", tmp_path / "small_bank")
 
 
-def test_train_advreg_sweep_end_to_end_and_resume(tiny_data, pretrained, tmp_path):
+def amp_setup():
+    torch.manual_seed(0)
+    model = train_small.PaperCNN(10)
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (8,))
+    loss_fn = lambda: F.cross_entropy(model(train_small.normalize(images)), labels)  # noqa: E731
+    return model, loss_fn, images, labels
+
+
+def test_amp_perturbation_stays_in_the_ball_and_ascends():
+    model, loss_fn, _, _ = amp_setup()
+    params = list(model.parameters())
+    loss_at_theta = loss_fn().item()
+    for epsilon, inner_steps in ((0.05, 1), (0.05, 3), (1e-4, 2)):
+        theta, delta = train_small.perturb_adversarially(params, loss_fn, epsilon, 1.0, inner_steps)
+        norm = torch.sqrt(sum((d ** 2).sum() for d in delta)).item()
+        assert norm <= epsilon * (1 + 1e-5)
+        moved = torch.sqrt(sum(((p - t) ** 2).sum() for p, t in zip(params, theta))).item()
+        assert moved == pytest.approx(norm, rel=1e-3)  # the parameters sit at theta + delta
+        if inner_steps == 1:  # on a fixed batch, one ascent step does not lower the loss
+            assert loss_fn().item() >= loss_at_theta
+        with torch.no_grad():
+            for p, t in zip(params, theta):
+                p.copy_(t)
+
+
+def test_amp_with_epsilon_zero_is_the_plain_update():
+    args = train_small.parse_args(["--amp-epsilon", "0"])
+    plain_args = train_small.parse_args([])
+    updated = []
+    for a in (args, plain_args):
+        model, _, images, labels = amp_setup()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        train_small.train_step(model, optimizer, images, labels, a)
+        updated.append([p.detach().clone() for p in model.parameters()])
+    for p, q in zip(*updated):
+        assert torch.equal(p, q)
+
+
+def test_amp_run_with_bank_init_and_the_compare_table(tiny_data, pretrained, tmp_path):
+    _, banks = pretrained
+    common = ["--data", tiny_data, "--per-class", 2, "--epochs", 2, "--eval-every", 1]
+    run("train_small.py", *common, "--out", tmp_path / "plain")
+    run("train_small.py", *common, "--amp-epsilon", 0.1, "--amp-inner-steps", 2, "--init-bank",
+        banks / "conv1_7x7.pt", "--seeds", 0, 1, "--out", tmp_path / "amp")
+    ckpt = load(tmp_path / "amp" / "seed0" / "model.pt")
+    assert ckpt["args"]["amp_epsilon"] == 0.1 and ckpt["args"]["init_bank"]
+    run("collect_kernels.py", "--compare", tmp_path / "plain" / "seed0" / "model.pt",
+        *sorted((tmp_path / "amp").glob("seed*/model.pt")), "--bank", banks / "conv1_7x7.pt",
+        "--out", tmp_path / "cmp")
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| baseline (λ = 0) | 1 |" in table
+    assert "| AMP ε = 0.1, conv1 from bank | 2 |" in table
+    assert len((tmp_path / "cmp" / "compare.csv").read_text().strip().splitlines()) == 1 + 3
+    for fig in ("compare.png", "compare_pca.png"):
+        assert (tmp_path / "cmp" / fig).stat().st_size > 1000
+    assert_user_error(run("train_small.py", *common, "--amp-epsilon", -1, ok=False),
+                      "--amp-epsilon must be >= 0")
+
+
+def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(tiny_data, tmp_path):
+    common = ["--data", tiny_data, "--per-class", 2, "--eval-every", 1, "--log-every", 1]
+    proc = run("train_small.py", *common, "--epochs", 2, "--lr", 1e38, "--out", tmp_path / "a",
+               ok=False)
+    assert_user_error(proc, "diverged", "epoch 1", "--lr")
+    assert not (tmp_path / "a" / "seed0" / "model.pt").exists()
+    # one good epoch, then a learning rate that blows up (a resumed run takes the checkpoint's)
+    run("train_small.py", *common, "--epochs", 1, "--out", tmp_path / "b")
+    ckpt_path = tmp_path / "b" / "seed0" / "model.pt"
+    ckpt = load(ckpt_path)
+    ckpt["optimizer"]["param_groups"][0]["lr"] = 1e38
+    torch.save(ckpt, ckpt_path)
+    before = ckpt_path.read_bytes()
+    proc = run("train_small.py", *common, "--epochs", 2, "--amp-epsilon", 0.1,
+               "--out", tmp_path / "b", ok=False)
+    assert_user_error(proc, "diverged", "epoch 2", "--lr or --amp-epsilon")
+    assert ckpt_path.read_bytes() == before
+
+
+# ----------------------------------------------------------------------------- stage 4
+def test_train_advreg_sweep_end_to_end_resume_and_gif(tiny_data, pretrained, tmp_path):
     _, banks = pretrained
     out = tmp_path / "advreg"
-    common = ["--data", tiny_data, "--bank", banks / "conv1_7x7.pt", "--per-class", 4, "--batch-size", 16,
-              "--d-batch", 32, "--eval-every", 1, "--log-every", 1, "--out", out]
+    common = ["--data", tiny_data, "--bank", banks / "conv1_7x7.pt", "--per-class", 4,
+              "--batch-size", 16, "--d-batch", 32, "--eval-every", 1, "--log-every", 1,
+              "--gif-every", 1, "--out", out]
     run("train_advreg.py", *common, "--lam", 0, 0.5, "--seeds", 0, 1, "--epochs", 1)
     proc = run("train_advreg.py", *common, "--lam", 0, 0.5, "--seeds", 0, 1, "--epochs", 2,
                "--init-bank", banks / "conv1_7x7.pt")
@@ -229,7 +406,7 @@ def test_train_advreg_sweep_end_to_end_and_resume(tiny_data, pretrained, tmp_pat
     assert "| bank (reference) |" in (out / "results.md").read_text()
     iters = 3 * 2  # 40 images / batch 16 = 3 steps per epoch, 2 epochs
     rows = (out / "lam0.5_seed0" / "metrics.csv").read_text().strip().splitlines()
-    assert len(rows) == 1 + iters
+    assert rows[0].split(",")[2:7] == list(train_advreg.LOG_COLUMNS) and len(rows) == 1 + iters
     d_real, d_fake = float(rows[-1].split(",")[5]), float(rows[-1].split(",")[6])
     assert 0 < d_real < 1 and 0 < d_fake < 1
     assert rows[-1].split(",")[-1] != ""  # test accuracy at the last evaluation
@@ -240,21 +417,47 @@ def test_train_advreg_sweep_end_to_end_and_resume(tiny_data, pretrained, tmp_pat
     # lam = 0 has no discriminator: its D columns are empty (NaN in the CSV, null in the JSON)
     assert "nan" in (out / "lam0_seed0" / "metrics.csv").read_text().splitlines()[1]
     assert json.loads((out / "lam0_seed0" / "summary.json").read_text())["d_real_last10pct"] is None
+    # --gif-every 1: one frame per epoch, the same across the interruption, both lams side by side
+    frames = load(out / "lam0.5_seed0" / "model.pt")["frames"]
+    assert len(frames) == 2 and frames[0].shape == (192, 7, 7)
+    with PIL.Image.open(out / "kernels_seed1.gif") as gif:
+        assert gif.n_frames == 2
+
+
+def test_train_advreg_interrupted_run_ends_like_a_straight_one(tiny_data, pretrained, tmp_path):
+    _, banks = pretrained
+    common = ["--data", tiny_data, "--bank", banks / "conv1_7x7.pt", "--per-class", 3,
+              "--d-batch", 32, "--eval-every", 1, "--lam", 0.5]
+    run("train_advreg.py", *common, "--epochs", 2, "--out", tmp_path / "straight")
+    run("train_advreg.py", *common, "--epochs", 1, "--out", tmp_path / "resumed")
+    run("train_advreg.py", *common, "--epochs", 2, "--out", tmp_path / "resumed")
+    straight = load(tmp_path / "straight" / "lam0.5_seed0" / "model.pt")
+    resumed = load(tmp_path / "resumed" / "lam0.5_seed0" / "model.pt")
+    for a, b in ((straight["model"], resumed["model"]),
+                 (straight["discs"]["conv1"], resumed["discs"]["conv1"])):
+        for key, value in a.items():
+            assert torch.equal(value, b[key]), key
+    assert torch.equal(straight["log"].nan_to_num(), resumed["log"].nan_to_num())
+    assert straight["history"]["test_acc"] == resumed["history"]["test_acc"]
+    metrics = [(tmp_path / d / "lam0.5_seed0" / "metrics.csv").read_text()
+               for d in ("straight", "resumed")]
+    assert metrics[0] == metrics[1]
 
 
 def test_train_advreg_two_layers_and_compare(tiny_data, pretrained, tmp_path):
     _, banks = pretrained
     out = tmp_path / "two"
-    run("train_advreg.py", "--data", tiny_data, "--bank", banks / "conv1_7x7.pt", banks / "conv2_5x5.pt",
-        "--layers", "conv1", "conv2", "--per-class", 2, "--epochs", 1, "--d-batch", 16, "--out", out)
-    ckpt = torch.load(out / "lam1_seed0" / "model.pt", weights_only=True)
+    run("train_advreg.py", "--data", tiny_data, "--bank", banks / "conv1_7x7.pt",
+        banks / "conv2_5x5.pt", "--layers", "conv1", "conv2", "--per-class", 2, "--epochs", 1,
+        "--d-batch", 16, "--out", out)
+    ckpt = load(out / "lam1_seed0" / "model.pt")
     assert sorted(ckpt["discs"]) == ["conv1", "conv2"]
     assert (out / "lam1_seed0" / "kernels_conv2.png").exists()
     assert "conv2_frechet" in (out / "results.csv").read_text()
-    run("collect_kernels.py", "--compare", out / "lam1_seed0" / "model.pt", "--bank", banks / "conv1_7x7.pt",
-        "--out", tmp_path / "cmp")
-    rows = (tmp_path / "cmp" / "compare.csv").read_text().strip().splitlines()
-    assert len(rows) == 1 + 2 and (tmp_path / "cmp" / "compare.png").exists()
+    run("collect_kernels.py", "--compare", out / "lam1_seed0" / "model.pt", "--bank",
+        banks / "conv1_7x7.pt", "--out", tmp_path / "cmp")
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| λ = 1 | 1 |" in table and "| bank (2 sources) |" in table
 
 
 def test_advreg_bad_input(pretrained, tiny_data, tmp_path):
@@ -263,48 +466,52 @@ def test_advreg_bad_input(pretrained, tiny_data, tmp_path):
     base = ["--data", tiny_data, "--out", out]
     assert_user_error(run("train_advreg.py", *base, "--bank", tmp_path / "missing.pt", ok=False),
                       "collect_kernels.py", "missing.pt")
-    assert_user_error(run("train_advreg.py", *base, "--bank", banks / "conv2_5x5.pt", ok=False), "5x5")
-    assert_user_error(run("train_advreg.py", *base, "--bank", banks / "conv1_7x7.pt", "--lam", -1, ok=False),
-                      "--lam must be >= 0")
+    assert_user_error(run("train_advreg.py", *base, "--bank", banks / "conv2_5x5.pt", ok=False),
+                      "5x5")
+    assert_user_error(run("train_advreg.py", *base, "--bank", banks / "conv1_7x7.pt", "--lam", -1,
+                          ok=False), "--lam must be >= 0")
     assert_user_error(run("train_advreg.py", *base, "--layers", "fc", ok=False), "unknown layer")
     (tmp_path / "empty" / "train").mkdir(parents=True)
-    assert_user_error(run("train_advreg.py", "--data", tmp_path / "empty", "--bank", banks / "conv1_7x7.pt",
-                          "--out", out, ok=False), "no images")
+    assert_user_error(run("train_advreg.py", "--data", tmp_path / "empty", "--bank",
+                          banks / "conv1_7x7.pt", "--out", out, ok=False), "no images")
     assert not out.exists()
 
 
-def test_generator_loss_reaches_conv1_and_d_outputs_are_probabilities():
+def algorithm1_batch():
     torch.manual_seed(0)
     model, disc = train_advreg.PaperCNN(10), train_advreg.KernelDiscriminator()
-    images, labels = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (8,))
-    g = torch.Generator().manual_seed(0)
-    _, _, reg_loss, fakes = train_advreg.classifier_loss(model, {"conv1": disc}, images, labels, 1.0, 64,
-                                                         "standardized", g)
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    return model, disc, images, torch.randint(0, 10, (8,)), torch.Generator().manual_seed(0)
+
+
+def test_generator_loss_reaches_conv1_and_d_outputs_are_probabilities():
+    model, disc, _, _, g = algorithm1_batch()
+    fakes = train_advreg.sample_fakes(model, {"conv1": disc}, 64, g)
+    reg_loss = train_advreg.generator_loss({"conv1": disc}, fakes, "standardized")
     reg_loss.backward()
     assert model.conv1.weight.grad is not None and model.conv1.weight.grad.abs().sum() > 0
     assert model.conv2.weight.grad is None  # only the regularized layer is touched
     assert all(p.grad is None for p in disc.parameters())  # the generator step does not train D
     d_out = disc(train_advreg.to_d_input(torch.randn(64, 7, 7) * 10, "raw"))
     assert d_out.shape == (64,) and ((d_out > 0) & (d_out < 1)).all()
-    _, d_real, d_fake = train_advreg.discriminator_step(
-        {"conv1": disc}, {"conv1": torch.optim.Adam(disc.parameters())}, {"conv1": torch.randn(100, 7, 7)},
-        fakes, 1.0, 64, "standardized", g)
-    assert 0 < d_real < 1 and 0 < d_fake < 1
+    args = train_advreg.parse_args(["--d-batch", "64"])
+    d_optimizers = {"conv1": torch.optim.Adam(disc.parameters())}
+    d = train_advreg.discriminator_step({"conv1": disc}, d_optimizers,
+                                        {"conv1": torch.randn(100, 7, 7)}, fakes, 1.0, args, g)
+    assert 0 < d["d_real"] < 1 and 0 < d["d_fake"] < 1 and d["disc_loss"] > 0
 
 
 def test_lambda_zero_gradients_equal_the_baselines():
-    torch.manual_seed(0)
+    model, disc, images, labels, g = algorithm1_batch()
     baseline = train_small.PaperCNN(10)
-    regularized = train_advreg.PaperCNN(10)
-    regularized.load_state_dict(baseline.state_dict())
-    images, labels = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (8,))
-    F.cross_entropy(baseline(train_small.normalize(images)), labels).backward()  # train_small.py's loss
-    loss, _, reg_loss, _ = train_advreg.classifier_loss(regularized, {"conv1": train_advreg.KernelDiscriminator()},
-                                                        images, labels, 0.0, 64, "standardized",
-                                                        torch.Generator().manual_seed(0))
-    loss.backward()
+    baseline.load_state_dict(model.state_dict())
+    F.cross_entropy(baseline(train_small.normalize(images)), labels).backward()  # train_small.py
+    cls_loss = F.cross_entropy(model(train_advreg.normalize(images)), labels)  # Algorithm 1
+    reg_loss = train_advreg.generator_loss(
+        {"conv1": disc}, train_advreg.sample_fakes(model, {"conv1": disc}, 64, g), "standardized")
+    (cls_loss + 0.0 * reg_loss).backward()
     assert reg_loss.item() > 0  # the discriminator term was computed, and lam = 0 switched it off
-    for (name, p), q in zip(baseline.named_parameters(), regularized.parameters()):
+    for (name, p), q in zip(baseline.named_parameters(), model.parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-7), name
 
 
@@ -320,15 +527,55 @@ def test_frechet_distance_and_low_frequency_share():
     kernels = torch.randn(2000, 7, 7)
     flat = collect_kernels.standardize_kernels(kernels)
     assert abs(collect_kernels.frechet_distance(flat, flat)) < 1e-6
-    distances = [collect_kernels.frechet_distance(
-        flat, collect_kernels.standardize_kernels(kernels + noise * torch.randn(7, 7) * torch.ones(2000, 1, 1)))
-        for noise in (0.0, 0.5, 2.0)]
+    distances = [collect_kernels.frechet_distance(flat, collect_kernels.standardize_kernels(
+        kernels + noise * torch.randn(7, 7) * torch.ones(2000, 1, 1))) for noise in (0.0, 0.5, 2.0)]
     assert distances[0] < 1e-6 < distances[1] < distances[2]
     # white noise puts 1/6 of its energy at radius <= 0.25; a smooth blob much more
     assert collect_kernels.low_freq_share(kernels) == pytest.approx(1 / 6, abs=0.02)
     yy, xx = torch.meshgrid(torch.arange(7.0) - 3, torch.arange(7.0) - 3, indexing="ij")
     blob = torch.exp(-(xx ** 2 + yy ** 2) / 4)[None]
     assert collect_kernels.low_freq_share(blob) > 0.8
+
+
+# ----------------------------------------------------------------------------- throughput
+@pytest.mark.skipif(not os.environ.get("THROUGHPUT_DATA"),
+                    reason="a measurement: THROUGHPUT_DATA=PATH pytest -s -k throughput")
+def test_throughput_tensor_pipeline_vs_dataloader():
+    """Images/s of pretrain.py's loop (uint8 data on the device, batched crop + flip) against a
+    plain ImageFolder + transforms + DataLoader loop, same model and batch, in one run."""
+    data, steps, batch = os.environ["THROUGHPUT_DATA"], 60, 128
+    train_x, train_y, _ = pretrain.load_split(data, "data", train=True)
+
+    def time_steps(batches):
+        torch.manual_seed(0)
+        model = pretrain.PaperCNN(10)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-3)
+        for step, (images, labels) in enumerate(batches):
+            if step == 5:  # warm-up steps (allocator, DataLoader workers) are not timed
+                t0 = time.time()
+            loss = F.cross_entropy(model(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if step == steps + 4:
+                return steps * batch / (time.time() - t0)
+
+    def tensor_pipeline():
+        while True:
+            perm = torch.randperm(len(train_x))
+            for i in range(0, len(train_x) - batch + 1, batch):
+                idx = perm[i:i + batch]
+                yield pretrain.normalize(pretrain.augment(train_x[idx])), train_y[idx]
+
+    transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                           T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+    dataset = torchvision.datasets.ImageFolder(os.path.join(data, "train"), transform=transform)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True,
+                                         num_workers=2)
+    ours, reference = time_steps(tensor_pipeline()), time_steps(iter(loader))
+    print(f"\ntensor pipeline {ours:.0f} img/s, DataLoader + transforms (2 workers) "
+          f"{reference:.0f} img/s: {ours / reference:.2f}x ({torch.get_num_threads()} threads)")
+    assert ours > 0 and reference > 0
 
 
 # ============================================================================= gan_labs.py
