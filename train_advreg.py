@@ -65,7 +65,9 @@ import torch.nn.functional as F
 import torchvision
 
 ARCH = "PaperCNN"  # stored in checkpoints; collect_kernels.py refuses anything else
-KERNEL_SIZE = {"conv1": 7, "conv2": 5, "conv3": 5, "conv4": 3}  # the paper's CNN, see pretrain.py
+# The paper's CNN: layer name -> weight shape [out, in, k, k] (see pretrain.py).
+CONV_SHAPES = {"conv1": (64, 3, 7, 7), "conv2": (128, 64, 5, 5), "conv3": (128, 128, 5, 5),
+               "conv4": (256, 128, 3, 3)}
 LOG_COLUMNS = ("cls_loss", "reg_loss", "disc_loss", "d_real", "d_fake")  # logged every iteration
 
 
@@ -79,7 +81,7 @@ def parse_args(argv=None):
                    help="kernel bank(s) from collect_kernels.py, one per --layers entry, in order")
     p.add_argument("--layers", nargs="+", default=["conv1"],
                    help=f"regularized layers, one discriminator each (paper text: conv1); "
-                        f"allowed: {', '.join(KERNEL_SIZE)}")
+                        f"allowed: {', '.join(CONV_SHAPES)}")
     p.add_argument("--lam", type=float, nargs="+", default=[1.0],
                    help="regularization weight(s) lambda; several values run a sweep "
                         "(authors' notebook: 1)")
@@ -128,9 +130,9 @@ def parse_args(argv=None):
                    help="CPU threads for torch (0 = torch's default)")
     p.add_argument("--out", default="runs/advreg", help="output folder of the grid")
     args = p.parse_args(argv)
-    unknown = [layer for layer in args.layers if layer not in KERNEL_SIZE]
+    unknown = [layer for layer in args.layers if layer not in CONV_SHAPES]
     if unknown:
-        p.error(f"unknown layer(s) {unknown}; the paper's CNN has {', '.join(KERNEL_SIZE)}")
+        p.error(f"unknown layer(s) {unknown}; the paper's CNN has {', '.join(CONV_SHAPES)}")
     if len(set(args.layers)) != len(args.layers):
         p.error(f"--layers has duplicates: {args.layers}")
     if len(args.bank) != len(args.layers):
@@ -849,7 +851,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     # Every input is checked before any run starts: a mistake costs nothing, overwrites nothing.
-    bank_dicts = {layer: load_bank(path, KERNEL_SIZE[layer])
+    bank_dicts = {layer: load_bank(path, CONV_SHAPES[layer][-1])
                   for layer, path in zip(args.layers, args.bank)}
     banks = {layer: bank["kernels"].to(device) for layer, bank in bank_dicts.items()}
     references = {layer: {"frechet": bank_reference(bank),
