@@ -1,38 +1,35 @@
 """The GAN labs: DCGAN, conditional DCGAN, the MLP ("vanilla") GAN and WGAN, with offline metrics.
 
-Adversarial regularization reuses the GAN game; this script teaches the game first. It reads like
-pytorch/examples dcgan/main.py (explicit nn.Sequential nets, a loop whose lines are the objective)
-and adds resumable atomic checkpoints, metrics that say whether it worked, and one-line errors.
-The lab handouts are "seed 003" (DCGAN, cDCGAN) and "seed 004" (MLP GAN, WGAN).
-
+Adversarial regularization reuses the GAN game; this script teaches the game first, as
+pytorch/examples dcgan/main.py does (explicit nn.Sequential nets, a loop whose lines are the
+objective), plus resumable atomic checkpoints, metrics and one-line errors. The lab handouts are
+"seed 003" (DCGAN, cDCGAN) and "seed 004" (MLP GAN, WGAN).
   dcgan      DCGAN (Radford et al., 2016): BCE game, Adam 2e-4, beta1 0.5, batch 128, nz 100,
-             ngf = ndf = 32, N(0, 0.02) init, 32x32 (or 64x64); BatchNorm after D's first conv
-             as seed 003 describes it (--no-first-bn: pytorch/examples' D).
-  cdcgan     conditional DCGAN (Mirza & Osindero, 2014): the one-hot y joins z in G and x (as
-             constant planes) in D; writes the class x z grid. --no-label-in-d.
+             ngf = ndf = 32, N(0, 0.02) init, 32x32 (or 64x64), BatchNorm after D's first conv
+             as in seed 003 (--no-first-bn: pytorch/examples' D).
+  cdcgan     conditional DCGAN (Mirza & Osindero, 2014): one-hot y joins z in G and x (as constant
+             planes) in D; writes the class x z grid. --no-label-in-d.
   vanilla    seed 004's MLP GAN: 4 linear layers each side, LeakyReLU(0.2), dropout in D, 28x28.
-  wgan       WGAN (Arjovsky et al., 2017), --constraint clip | gp (Gulrajani et al., 2017) | none;
-             --critic conv|mlp and --generator dcgan|mlp chosen independently (seed 004: its MLP
+  wgan       WGAN (Arjovsky et al., 2017): --constraint clip | gp (Gulrajani et al., 2017) | none;
+             --critic conv|mlp and --generator dcgan|mlp chosen independently (seed 004: the MLP
              generator with a conv critic); logs an upper bound of the critic's Lipschitz constant.
-  classifier trains the small CNN whose 128-d penultimate layer is the metrics' feature space.
-  evaluate   Frechet distance (the FID formula) and k-NN precision / recall (Kynkaanniemi et al.,
-             2019), samples vs test images and train vs test (the floor). Every lab runs it at
-             its end; this subcommand runs it again from a checkpoint.
-nz = 100 is the DCGAN paper's and pytorch/examples' value; seed 003 names both 100 and 1000, and
---nz 1000 is one of its Q5 runs. --g-every N and --n-critic N count D steps, not epochs.
+  classifier the small CNN whose 128-d penultimate layer is the metrics' feature space.
+Every lab ends with Frechet distance (the FID formula) and k-NN precision / recall (Kynkaanniemi
+et al., 2019) of samples vs test images, next to train vs test (the floor); running a finished
+run's command again evaluates it again. nz = 100, the DCGAN paper's and pytorch/examples' value
+(seed 003 names both 100 and 1000; --nz 1000 is one of its Q5 runs). --g-every and --n-critic
+count D steps, not epochs.
 
-Run (seed 003's setting; --data mnist downloads MNIST, offline pass an ImageFolder PATH):
-    python gan_labs.py dcgan --data /root/data/mnist
-    python gan_labs.py wgan --critic conv --generator mlp --data /root/data/mnist
-Quick CPU run (1 epoch, about 2 min on one core):
+    python gan_labs.py dcgan --data /root/data/mnist          # seed 003's setting: 5 epochs
+    python gan_labs.py wgan --generator mlp --data /root/data/mnist    # seed 004's conv critic
     python gan_labs.py dcgan --data /root/data/mnist --epochs 1 --threads 1 --out runs/gan/quick
 
-Reads   --data mnist | cifar10 (torchvision) or PATH/{train,test}/<class>/*.png|jpg (grayscale
-        stays 1-channel); decoded images and the metric classifier are cached in --cache-dir.
+Reads   --data mnist | cifar10 (torchvision download) or PATH/{train,test}/<class>/*.png|jpg
+        (grayscale stays 1-channel); decoded images and metric classifiers are kept in --cache-dir.
 Writes  in --out (default runs/gan/<data>/<lab>[_<flag>-<value>...], the flags that differ from
-        the lab's defaults): samples_epochNN.png (64 samples of one fixed z) and
-        interpolation_epochNN.png (G(a z1 + (1 - a) z2), a = 0 ... 1) per epoch, metrics.csv and
-        curves.png, checkpoint.pt (resumed when present), eval.csv, summary.json, class_grid.png.
+        the lab's defaults): per epoch samples_epochNN.png (64 samples of one fixed z),
+        interpolation_epochNN.png (G(a z1 + (1 - a) z2), a = 0 ... 1), metrics.csv, curves.png
+        and checkpoint.pt (resumed when present); at the end eval.csv, summary.json, class_grid.png.
 """
 import argparse
 import json
@@ -77,32 +74,35 @@ def add_train_args(p, lab):
     p.add_argument("--lr-d", type=float, default=None, help="D's learning rate (same defaults)")
     p.add_argument("--beta1", type=float, default=0.5 if bce else 0.0,
                    help="Adam beta1 of both optimizers (DCGAN: 0.5; WGAN-GP: 0)")
-    p.add_argument("--init", choices=["dcgan", "default"], default="dcgan", help="dcgan: conv "
-                   "weights N(0, 0.02), BatchNorm scales N(1, 0.02); default: PyTorch's")
+    p.add_argument("--init", choices=["dcgan", "default"], default="default" if lab in ("vanilla",
+                   "wgan") else "dcgan", help="dcgan: conv weights N(0, 0.02), BatchNorm scales "
+                   "N(1, 0.02) (DCGAN paper); default: PyTorch's")
     p.add_argument("--diffaug", default="", help="DiffAugment policies: translation,cutout,color")
-    p.add_argument("--log-every", type=int, default=25, help="steps per progress line / curve point")
+    p.add_argument("--log-every", type=int, default=25, help="steps per progress line and point")
     p.add_argument("--eval-samples", type=int, default=10000,
                    help="images per set for FID / precision / recall (0 = no metrics)")
     if bce:
-        p.add_argument("--g-loss", choices=["non-saturating", "saturating"], default="non-saturating",
+        p.add_argument("--g-loss", choices=["non-saturating", "saturating"],
+                       default="non-saturating",
                        help="G maximizes log D(G(z)), or minimizes log(1 - D(G(z))) (minimax)")
         p.add_argument("--g-every", type=int, default=1,
                        help="one G step every N D steps (counts D steps, not epochs)")
     if lab in ("dcgan", "cdcgan"):
-        p.set_defaults(g_arch="dcgan", d_arch="dcgan")
+        p.set_defaults(generator="dcgan", discriminator="dcgan")
         p.add_argument("--no-first-bn", dest="first_bn", action="store_false",
-                       help="no BatchNorm after D's first conv (pytorch/examples; seed 003 has one)")
+                       help="no BatchNorm after D's first conv (pytorch/examples; seed 003: BN)")
     if lab == "cdcgan":
         p.add_argument("--no-label-in-d", action="store_true", help="D sees x only; G keeps y")
     if lab == "vanilla":
-        p.set_defaults(g_arch="mlp", d_arch="mlp")
-        p.add_argument("--d-dropout", type=float, default=0.3, help="dropout in D (seed 004's base: 0)")
+        p.set_defaults(generator="mlp", discriminator="mlp")
+        p.add_argument("--d-dropout", type=float, default=0.3,
+                       help="dropout after D's hidden layers (seed 004's base run: 0)")
     if lab == "wgan":
         p.add_argument("--constraint", choices=["clip", "gp", "none"], default="gp",
                        help="how the critic is kept Lipschitz")
-        p.add_argument("--critic", dest="d_arch", choices=["conv", "mlp"], default="conv",
+        p.add_argument("--critic", dest="discriminator", choices=["conv", "mlp"], default="conv",
                        help="conv: 4 strided convs, 16-128 filters; mlp: vanilla's D, linear out")
-        p.add_argument("--generator", dest="g_arch", choices=["dcgan", "mlp"], default="dcgan",
+        p.add_argument("--generator", choices=["dcgan", "mlp"], default="dcgan",
                        help="the DCGAN generator or the vanilla lab's MLP (seed 004)")
         p.add_argument("--clip", type=float, default=0.01, help="c of weight clipping (WGAN: 0.01)")
         p.add_argument("--gp-lambda", type=float, default=10.0, help="gradient penalty weight")
@@ -122,12 +122,12 @@ def parse_args(argv=None):
         p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = default)")
         p.add_argument("--cache-dir", default="runs/gan/cache", help="decoded data, classifiers")
         p.add_argument("--data", default="mnist",
-                       help="mnist | cifar10 (torchvision) | PATH of an ImageFolder with train/, test/")
-        p.add_argument("--data-root", default="data", help="where torchvision keeps MNIST / CIFAR-10")
+                       help="mnist | cifar10 (torchvision) | PATH of an ImageFolder: train/, test/")
+        p.add_argument("--data-root", default="data", help="torchvision's folder of the datasets")
         p.add_argument("--seed", type=int, default=0, help="init, batches, noise, fixed samples")
         if name == "classifier":
             p.add_argument("--epochs", type=int, default=2,
-                           help="classifier epochs (a cached classifier is reused: delete it first)")
+                           help="classifier epochs (a cached classifier is reused: delete it)")
         else:
             add_train_args(p, name)
     args = parser.parse_args(argv)
@@ -143,24 +143,32 @@ def check_lab_args(p, args):
             p.error(f"{flag} must be >= 1, got {getattr(args, name)}")
     if args.eval_samples < 0 or not 0 <= getattr(args, "d_dropout", 0) < 1:
         p.error("--eval-samples must be >= 0 and --d-dropout in [0, 1)")
-    dcgan_net = "dcgan" in (args.g_arch, args.d_arch)
-    size = args.image_size or (32 if dcgan_net else 28)
+    dcgan_net = "dcgan" in (args.generator, args.discriminator)
+    default_size = 32 if dcgan_net else 28
+    size = args.image_size or default_size
     if dcgan_net and size not in (32, 64):
         p.error(f"--image-size must be 32 or 64 for the DCGAN nets, got {size}")
-    if size < (16 if args.d_arch == "conv" else 8):
+    if size < (16 if args.discriminator == "conv" else 8):
         p.error(f"--image-size {size} is too small (conv critic: >= 16, MLP nets: >= 8)")
     bad = set(filter(None, args.diffaug.split(","))) - {"translation", "cutout", "color"}
     if bad:
         p.error(f"--diffaug: unknown policy {sorted(bad)}; choose from translation,cutout,color")
-    if not args.out:  # the flags that differ from the lab's defaults name the folder
-        flags = [k.replace("_", "-") + ("" if v is True else f"-{v}") for k, v in vars(args).items()
-                 if k not in RUN_FLAGS | {"lab", "data"} and v != p.get_default(k)]
-        name = "_".join([args.lab] + flags).replace("/", "_")
-        args.out = os.path.join("runs", "gan", os.path.basename(os.path.normpath(args.data)), name)
-    args.image_size = size
     lab_lr = 2e-4 if args.lab != "wgan" else 5e-5 if args.constraint == "clip" else 1e-4
-    args.lr_g = lab_lr if args.lr_g is None else args.lr_g
-    args.lr_d = lab_lr if args.lr_d is None else args.lr_d
+    derived = {"image_size": default_size, "lr_g": lab_lr, "lr_d": lab_lr}  # they depend on flags
+    for key, default in derived.items():
+        if getattr(args, key) is None:
+            setattr(args, key, default)
+    if not args.out:  # runs/gan/<data>/<lab>_<the flags that differ from the lab's defaults>
+        name = args.lab
+        for key, value in vars(args).items():
+            if key in RUN_FLAGS | {"lab", "data"} or value == derived.get(key, p.get_default(key)):
+                continue
+            flag = key.replace("_", "-")
+            if isinstance(value, bool):  # --no-label-in-d, --no-first-bn
+                name += f"_{flag}" if value else f"_no-{flag}"
+            else:
+                name += f"_{flag}-{value}"
+        args.out = os.path.join("runs", "gan", os.path.basename(os.path.normpath(args.data)), name)
 
 
 def pick_device(name):
@@ -185,9 +193,9 @@ def load_split(args, split):
     """(uint8 images N x C x H x W at the data's own size, int64 labels, class names); an
     ImageFolder is decoded once and cached in --cache-dir."""
     if args.data in ("mnist", "cifar10"):
-        dataset = torchvision.datasets.MNIST if args.data == "mnist" else torchvision.datasets.CIFAR10
+        dataset = {"mnist": torchvision.datasets.MNIST, "cifar10": torchvision.datasets.CIFAR10}
         try:
-            ds = dataset(args.data_root, train=split == "train", download=True)
+            ds = dataset[args.data](args.data_root, train=split == "train", download=True)
         except Exception as e:  # offline: URLError, RuntimeError, ... all mean "could not download"
             raise SystemExit(f"error: cannot download {args.data} into {args.data_root} "
                              f"({type(e).__name__}); pass an ImageFolder: --data PATH")
@@ -211,8 +219,11 @@ def load_split(args, split):
         mode = "L" if first.mode in ("L", "1", "I;16", "I") else "RGB"
     images = []
     for path, _ in folder.samples:
-        with PIL.Image.open(path) as img:
-            img = torchvision.transforms.functional.pil_to_tensor(img.convert(mode))
+        try:
+            with PIL.Image.open(path) as img:
+                img = torchvision.transforms.functional.pil_to_tensor(img.convert(mode))
+        except OSError as e:  # PIL's UnidentifiedImageError is one
+            raise SystemExit(f"error: cannot read image {path} ({type(e).__name__})")
         if images and img.shape != images[0].shape:  # odd-sized images: match the first one
             img = resize_uint8(img[None], images[0].shape[-1])[0]
         images.append(img)
@@ -392,13 +403,13 @@ def build_models(args):
     k = len(args.classes) if args.lab == "cdcgan" else 0  # the cDCGAN's label inputs
     k_d = 0 if args.lab != "cdcgan" or args.no_label_in_d else k
     size, channels = args.image_size, args.channels
-    if args.g_arch == "dcgan":
+    if args.generator == "dcgan":
         g = dcgan_generator(args.nz + k, args.ngf, channels, size)
     else:
         g = mlp_generator(args.nz, channels, size)
-    if args.d_arch == "dcgan":
+    if args.discriminator == "dcgan":
         d = dcgan_discriminator(args.ndf, channels + k_d, size, args.first_bn)
-    elif args.d_arch == "conv":
+    elif args.discriminator == "conv":
         d = conv_critic(channels, size)
     else:
         d = mlp_discriminator(channels, size, getattr(args, "d_dropout", 0.0), args.lab != "wgan")
@@ -496,6 +507,8 @@ def gan_step(args, g, d, opt_g, opt_d, real, y, step, aug):
     # (2) update G once every --g-every D steps: maximize log D(G(z)) (non-saturating), or
     # minimize log(1 - D(G(z))) (saturating: the minimax game's own loss); WGAN: maximize D(G(z))
     if step % args.g_every == 0:
+        if wgan:  # WGAN Alg. 1 draws a fresh batch of z for G's step
+            fake = g(torch.randn(n, args.nz, device=real.device))
         d_gen = d(with_label(aug(fake), y_fake, k))
         if wgan:
             loss_g = -d_gen.mean()
@@ -511,7 +524,7 @@ def gan_step(args, g, d, opt_g, opt_d, real, y, step, aug):
 
 
 def make_optimizers(args, g, d):
-    if args.lab == "wgan" and args.constraint == "clip":  # WGAN Alg. 1: momentum hurts with clipping
+    if args.lab == "wgan" and args.constraint == "clip":  # WGAN Alg. 1: momentum hurts clipping
         return (torch.optim.RMSprop(g.parameters(), lr=args.lr_g),
                 torch.optim.RMSprop(d.parameters(), lr=args.lr_d))
     betas = (args.beta1, 0.9 if args.lab == "wgan" else 0.999)
@@ -525,10 +538,11 @@ def train(args, device):
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     ckpt = load_checkpoint(ckpt_path) if os.path.exists(ckpt_path) else None
     if ckpt:  # resume only the run these flags describe
-        changed = [k for k, v in vars(args).items() if k not in RUN_FLAGS and ckpt["args"].get(k) != v]
+        saved = ckpt["args"]
+        changed = [k for k, v in vars(args).items() if k not in RUN_FLAGS and saved.get(k) != v]
         if changed:
             key = changed[0]
-            raise SystemExit(f"error: {ckpt_path} is a run with {key} = {ckpt['args'].get(key)!r}, "
+            raise SystemExit(f"error: {ckpt_path} is a run with {key} = {saved.get(key)!r}, "
                              f"not {getattr(args, key)!r}; use another --out")
     x_train, y_train, args.classes = load_data(args, "train", args.image_size, device)
     args.channels = x_train.shape[1]
@@ -585,7 +599,8 @@ def train_epoch(args, epoch, g, d, opt_g, opt_d, x_train, y_train, aug):
 
 def log_row(args, d, sums, step, epoch, s_per_iter, eta):
     """The means since the last row, one progress line; a non-finite loss ends the run here."""
-    keys = ("loss_d", "loss_g", "d_real", "d_fake") + (("wdist", "gp") if args.lab == "wgan" else ())
+    keys = ["loss_d", "loss_g", "d_real", "d_fake"]
+    keys += ["wdist", "gp"] if args.lab == "wgan" else []
     row = {"iter": step, "epoch": epoch}
     for key in keys:  # nan: no G step in this window (--g-every, --n-critic), or no penalty
         row[key] = (sums[key][0] / sums[key][1]).item() if key in sums else float("nan")
@@ -623,7 +638,8 @@ def save_epoch(args, epoch, g, d, opt_g, opt_d, history, wall, device):
 
 
 def finish_run(args, g, device, history, wall):
-    """End-of-run outputs of a lab and of `evaluate`: class grid, eval.csv, summary.json."""
+    """End-of-run outputs (again when a finished run's command runs again): class grid, metrics
+    (eval.csv), summary.json."""
     if args.lab == "cdcgan":  # rows: the classes; columns: 8 fixed z (z carries the style)
         k = len(args.classes)
         z = torch.randn(8, args.nz, generator=torch.Generator().manual_seed(args.seed + 2))
@@ -640,7 +656,8 @@ def finish_run(args, g, device, history, wall):
                "s_per_iter": round(sum(r["s_per_iter"] for r in last) / max(len(last), 1), 4),
                "final": history[-1] if history else {}, "metrics": metrics, "args": vars(args)}
     text = json.dumps(summary, indent=1)
-    write_atomic(os.path.join(args.out, "summary.json"), lambda tmp: pathlib.Path(tmp).write_text(text))
+    path = os.path.join(args.out, "summary.json")
+    write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(text))
     print(f"wrote {args.out}/ (train wall time {fmt_time(wall)})")
 
 
