@@ -1,37 +1,33 @@
 """The GAN labs: DCGAN, conditional DCGAN, the MLP ("vanilla") GAN and WGAN, with offline metrics.
 
 Adversarial regularization reuses the GAN game; this script teaches the game first, as
-pytorch/examples dcgan/main.py does (explicit nn.Sequential nets, a loop whose lines are the
-objective), plus resumable atomic checkpoints, metrics and one-line errors. The lab handouts are
-"seed 003" (DCGAN, cDCGAN) and "seed 004" (MLP GAN, WGAN).
+pytorch/examples dcgan/main.py does, plus resumable atomic checkpoints, metrics and one-line
+errors. The lab handouts are "seed 003" (DCGAN, cDCGAN) and "seed 004" (MLP GAN, WGAN).
   dcgan      DCGAN (Radford et al., 2016): BCE game, Adam 2e-4, beta1 0.5, batch 128, nz 100,
-             ngf = ndf = 32, N(0, 0.02) init, 32x32 (or 64x64), BatchNorm after D's first conv
+             ngf = ndf = 32, N(0, 0.02) init, 32x32 (or 64x64); BatchNorm after D's first conv
              as in seed 003 (--no-first-bn: pytorch/examples' D).
-  cdcgan     conditional DCGAN (Mirza & Osindero, 2014): one-hot y joins z in G and x (as constant
-             planes) in D; writes the class x z grid. --no-label-in-d.
+  cdcgan     conditional DCGAN (Mirza & Osindero, 2014): one-hot y joins z in G and x in D.
   vanilla    seed 004's MLP GAN: 4 linear layers each side, LeakyReLU(0.2), dropout in D, 28x28.
   wgan       WGAN (Arjovsky et al., 2017): --constraint clip | gp (Gulrajani et al., 2017) | none;
-             --critic conv|mlp and --generator dcgan|mlp chosen independently (seed 004: the MLP
-             generator with a conv critic); logs an upper bound of the critic's Lipschitz constant.
+             --critic conv|mlp and --generator dcgan|mlp chosen independently.
   classifier the small CNN whose 128-d penultimate layer is the metrics' feature space.
 Every lab ends with Frechet distance (the FID formula) and k-NN precision / recall (Kynkaanniemi
-et al., 2019) of samples vs test images, next to train vs test (the floor); running a finished
-run's command again evaluates it again. nz = 100, the DCGAN paper's and pytorch/examples' value
-(seed 003 names both 100 and 1000; --nz 1000 is one of its Q5 runs). --g-every and --n-critic
+et al., 2019) of samples vs test images, next to train vs test (the floor). nz = 100 as in the
+DCGAN paper and pytorch/examples (seed 003 names both 100 and 1000). --g-every and --n-critic
 count D steps, not epochs.
 
     python gan_labs.py dcgan --data /root/data/mnist          # seed 003's setting: 5 epochs
     python gan_labs.py wgan --generator mlp --data /root/data/mnist    # seed 004's conv critic
     python gan_labs.py dcgan --data /root/data/mnist --epochs 1 --threads 1 --out runs/gan/quick
 
-Reads   --data mnist | cifar10 (torchvision download) or PATH/{train,test}/<class>/*.png|jpg
-        (grayscale stays 1-channel); decoded images and metric classifiers are kept in --cache-dir.
-Writes  in --out (default runs/gan/<data>/<lab>[_<flag>-<value>...], the flags that differ from
-        the lab's defaults): per epoch samples_epochNN.png (64 samples of one fixed z),
-        interpolation_epochNN.png (G(a z1 + (1 - a) z2), a = 0 ... 1), metrics.csv, curves.png
-        and checkpoint.pt (resumed when present); at the end eval.csv, summary.json, class_grid.png.
+Reads   --data mnist | cifar10 (torchvision download) or PATH/{train,test}/<class>/*.png|jpg.
+Writes  in --out (default runs/gan/<data>/<lab>[_<flag>-<value>...]): per epoch samples_epochNN.png
+        (64 samples of one fixed z), interpolation_epochNN.png, metrics.csv, curves.png and
+        checkpoint.pt (resumed when present; on a finished run the command evaluates again); at
+        the end eval.csv, summary.json, class_grid.png (cdcgan); the metric net in --cache-dir.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -120,7 +116,7 @@ def parse_args(argv=None):
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                        help="auto = cuda if available, else mps, else cpu")
         p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = default)")
-        p.add_argument("--cache-dir", default="runs/gan/cache", help="decoded data, classifiers")
+        p.add_argument("--cache-dir", default="runs/gan/cache", help="metric classifiers")
         p.add_argument("--data", default="mnist",
                        help="mnist | cifar10 (torchvision) | PATH of an ImageFolder: train/, test/")
         p.add_argument("--data-root", default="data", help="torchvision's folder of the datasets")
@@ -144,8 +140,7 @@ def check_lab_args(p, args):
     if args.eval_samples < 0 or not 0 <= getattr(args, "d_dropout", 0) < 1:
         p.error("--eval-samples must be >= 0 and --d-dropout in [0, 1)")
     dcgan_net = "dcgan" in (args.generator, args.discriminator)
-    default_size = 32 if dcgan_net else 28
-    size = args.image_size or default_size
+    size = args.image_size or (32 if dcgan_net else 28)
     if dcgan_net and size not in (32, 64):
         p.error(f"--image-size must be 32 or 64 for the DCGAN nets, got {size}")
     if size < (16 if args.discriminator == "conv" else 8):
@@ -153,22 +148,16 @@ def check_lab_args(p, args):
     bad = set(filter(None, args.diffaug.split(","))) - {"translation", "cutout", "color"}
     if bad:
         p.error(f"--diffaug: unknown policy {sorted(bad)}; choose from translation,cutout,color")
-    lab_lr = 2e-4 if args.lab != "wgan" else 5e-5 if args.constraint == "clip" else 1e-4
-    derived = {"image_size": default_size, "lr_g": lab_lr, "lr_d": lab_lr}  # they depend on flags
-    for key, default in derived.items():
-        if getattr(args, key) is None:
-            setattr(args, key, default)
-    if not args.out:  # runs/gan/<data>/<lab>_<the flags that differ from the lab's defaults>
+    if not args.out:  # the flags that differ from the lab's defaults name the folder
         name = args.lab
         for key, value in vars(args).items():
-            if key in RUN_FLAGS | {"lab", "data"} or value == derived.get(key, p.get_default(key)):
-                continue
-            flag = key.replace("_", "-")
-            if isinstance(value, bool):  # --no-label-in-d, --no-first-bn
-                name += f"_{flag}" if value else f"_no-{flag}"
-            else:
-                name += f"_{flag}-{value}"
+            if key not in RUN_FLAGS | {"lab", "data"} and value != p.get_default(key):
+                name += "_" + key.replace("_", "-") + ("" if value is True else f"-{value}")
         args.out = os.path.join("runs", "gan", os.path.basename(os.path.normpath(args.data)), name)
+    lab_lr = 2e-4 if args.lab != "wgan" else 5e-5 if args.constraint == "clip" else 1e-4
+    args.lr_g = lab_lr if args.lr_g is None else args.lr_g
+    args.lr_d = lab_lr if args.lr_d is None else args.lr_d
+    args.image_size = size
 
 
 def pick_device(name):
@@ -184,37 +173,25 @@ def pick_device(name):
 
 
 # ----------------------------------------------------------------------------- data
-def cache_path(args, prefix, path):
-    key = re.sub(r"\W+", "_", os.path.abspath(path) if os.path.isdir(path) else path).strip("_")
-    return os.path.join(args.cache_dir, f"{prefix}_{key}.pt")
-
-
-def load_split(args, split):
-    """(uint8 images N x C x H x W at the data's own size, int64 labels, class names); an
-    ImageFolder is decoded once and cached in --cache-dir."""
-    if args.data in ("mnist", "cifar10"):
+@functools.lru_cache(maxsize=4)  # a run reads each split up to three times: decode it once
+def load_split(data, data_root, split):
+    """(uint8 images N x C x H x W at the data's own size, int64 labels, class names)."""
+    if data in ("mnist", "cifar10"):
         dataset = {"mnist": torchvision.datasets.MNIST, "cifar10": torchvision.datasets.CIFAR10}
         try:
-            ds = dataset[args.data](args.data_root, train=split == "train", download=True)
+            ds = dataset[data](data_root, train=split == "train", download=True)
         except Exception as e:  # offline: URLError, RuntimeError, ... all mean "could not download"
-            raise SystemExit(f"error: cannot download {args.data} into {args.data_root} "
+            raise SystemExit(f"error: cannot download {data} into {data_root} "
                              f"({type(e).__name__}); pass an ImageFolder: --data PATH")
         x = torch.as_tensor(ds.data)
         x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
         return x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long), list(ds.classes)
-    split_dir = os.path.join(args.data, split)
+    split_dir = os.path.join(data, split)
     try:
         folder = torchvision.datasets.ImageFolder(split_dir)
     except FileNotFoundError:
         raise SystemExit(f"error: no images in {split_dir}/<class>/: --data PATH must hold "
                          f"train/ and test/ class folders of .png/.jpg files")
-    cache = cache_path(args, "data", split_dir)
-    try:  # a cache that is missing, damaged or stale is written again
-        blob = torch.load(cache, weights_only=True)
-        if blob["n_files"] == len(folder.samples) and blob["classes"] == folder.classes:
-            return blob["x"], blob["y"], folder.classes
-    except Exception:
-        pass
     with PIL.Image.open(folder.samples[0][0]) as first:  # grayscale trees (MNIST) stay 1-channel
         mode = "L" if first.mode in ("L", "1", "I;16", "I") else "RGB"
     images = []
@@ -227,11 +204,7 @@ def load_split(args, split):
         if images and img.shape != images[0].shape:  # odd-sized images: match the first one
             img = resize_uint8(img[None], images[0].shape[-1])[0]
         images.append(img)
-    blob = {"x": torch.stack(images), "y": torch.tensor(folder.targets),
-            "classes": folder.classes, "n_files": len(folder.samples)}
-    os.makedirs(args.cache_dir, exist_ok=True)
-    write_atomic(cache, lambda tmp: torch.save(blob, tmp))
-    return blob["x"], blob["y"], folder.classes
+    return torch.stack(images), torch.tensor(folder.targets), folder.classes
 
 
 def resize_uint8(x, size):
@@ -243,7 +216,7 @@ def resize_uint8(x, size):
 
 
 def load_data(args, split, size, device):
-    x, y, classes = load_split(args, split)
+    x, y, classes = load_split(args.data, args.data_root, split)
     return resize_uint8(x, size).to(device), y.to(device), classes
 
 
@@ -536,14 +509,7 @@ def make_optimizers(args, g, d):
 def train(args, device):
     """A lab end to end: data, nets, resume, the epochs, the end-of-run outputs."""
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
-    ckpt = load_checkpoint(ckpt_path) if os.path.exists(ckpt_path) else None
-    if ckpt:  # resume only the run these flags describe
-        saved = ckpt["args"]
-        changed = [k for k, v in vars(args).items() if k not in RUN_FLAGS and saved.get(k) != v]
-        if changed:
-            key = changed[0]
-            raise SystemExit(f"error: {ckpt_path} is a run with {key} = {saved.get(key)!r}, "
-                             f"not {getattr(args, key)!r}; use another --out")
+    ckpt = load_checkpoint(ckpt_path, args) if os.path.exists(ckpt_path) else None
     x_train, y_train, args.classes = load_data(args, "train", args.image_size, device)
     args.channels = x_train.shape[1]
     if len(x_train) < args.batch_size:
@@ -661,8 +627,9 @@ def finish_run(args, g, device, history, wall):
     print(f"wrote {args.out}/ (train wall time {fmt_time(wall)})")
 
 
-def load_checkpoint(path):
-    """A gan_labs.py checkpoint as a dict, or one clear line."""
+def load_checkpoint(path, args):
+    """The checkpoint of the run these flags describe, or one clear line: a damaged file, another
+    program's, or a run with another lab, net or learning rate is not resumed."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -671,6 +638,11 @@ def load_checkpoint(path):
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise SystemExit(f"error: {path} is not a checkpoint of this version of gan_labs.py; "
                          f"use another --out")
+    saved = ckpt["args"]
+    for key, value in vars(args).items():
+        if key not in RUN_FLAGS and saved.get(key) != value:
+            raise SystemExit(f"error: {path} is a run with {key} = {saved.get(key)!r}, not "
+                             f"{value!r}; use another --out")
     return ckpt
 
 
@@ -731,7 +703,8 @@ def accuracy(net, x, y):
 
 def get_classifier(args, device):
     """The cached metric network of --data (trained on first use), or one clear line."""
-    path = cache_path(args, "classifier", args.data)
+    key = re.sub(r"\W+", "_", os.path.abspath(args.data) if os.path.isdir(args.data) else args.data)
+    path = os.path.join(args.cache_dir, f"classifier_{key.strip('_')}.pt")
     if not os.path.exists(path):
         print(f"training the metric classifier -> {path}")
         return train_classifier(args, device, path), path
@@ -877,7 +850,7 @@ def main(argv=None):
         if args.lab in LABS:
             train(args, device)
         else:
-            args.channels = load_split(args, "train")[0].shape[1]
+            args.channels = load_split(args.data, args.data_root, "train")[0].shape[1]
             print(f"classifier {get_classifier(args, device)[1]}")
     except KeyboardInterrupt:
         raise SystemExit("interrupted: every file in the run folder is complete; the checkpoint "
