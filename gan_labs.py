@@ -192,6 +192,7 @@ def load_split(data, data_root, split):
     except FileNotFoundError:
         raise SystemExit(f"error: no images in {split_dir}/<class>/: --data PATH must hold "
                          f"train/ and test/ class folders of .png/.jpg files")
+    print(f"decoding the {len(folder.samples)} images of {split_dir}", flush=True)
     with PIL.Image.open(folder.samples[0][0]) as first:  # grayscale trees (MNIST) stay 1-channel
         mode = "L" if first.mode in ("L", "1", "I;16", "I") else "RGB"
     images = []
