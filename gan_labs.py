@@ -81,7 +81,7 @@ def add_train_args(p, lab):
         p.add_argument("--g-loss", choices=["non-saturating", "saturating"],
                        default="non-saturating",
                        help="G maximizes log D(G(z)), or minimizes log(1 - D(G(z))) (minimax)")
-        p.add_argument("--g-every", type=int, default=1,
+        p.add_argument("--g-every", type=int, default=1, metavar="N",
                        help="one G step every N D steps (counts D steps, not epochs)")
     if lab in ("dcgan", "cdcgan"):
         p.set_defaults(generator="dcgan", discriminator="dcgan")
@@ -102,14 +102,14 @@ def add_train_args(p, lab):
                        help="the DCGAN generator or the vanilla lab's MLP (seed 004)")
         p.add_argument("--clip", type=float, default=0.01, help="c of weight clipping (WGAN: 0.01)")
         p.add_argument("--gp-lambda", type=float, default=10.0, help="gradient penalty weight")
-        p.add_argument("--n-critic", dest="g_every", type=int, default=5,
-                       help="critic steps per G step (WGAN: 5; --g-every of the other labs)")
+        p.add_argument("--n-critic", dest="g_every", type=int, default=5, metavar="N",
+                       help="one G step every N critic steps (WGAN: 5; counts D steps)")
 
 
 def parse_args(argv=None):
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(description="The GAN labs with offline metrics.",
-                                     formatter_class=fmt)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="lab", required=True)
     for name in LABS + ("classifier",):
         p = sub.add_parser(name, formatter_class=fmt)

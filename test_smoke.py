@@ -457,6 +457,14 @@ def test_gan_folder_names_and_help(capsys):
     assert "counts D steps" in " ".join(capsys.readouterr().out.split())
 
 
+def test_gan_source_conventions():
+    """Every file goes through write_atomic, every torch.load is weights_only, lines fit in 100."""
+    source = inspect.getsource(gan_labs)
+    assert source.count("os.replace(") == 1 and "open(" not in source.replace("Image.open(", "")
+    assert source.count("torch.load(") == source.count("weights_only=True") > 0
+    assert max(map(len, source.splitlines())) <= 100
+
+
 @pytest.mark.parametrize("lab", ["dcgan", "vanilla", "wgan"])
 def test_gan_resume_gives_the_same_weights_as_an_uninterrupted_run(lab, gan_data, tmp_path):
     """Stopped after epoch 1 and resumed to 2 = a straight 2-epoch run, bit for bit (in-process)."""
