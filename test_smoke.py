@@ -465,10 +465,10 @@ def test_gan_source_conventions():
     assert max(map(len, source.splitlines())) <= 100
 
 
-@pytest.mark.parametrize("lab", ["dcgan", "vanilla", "wgan"])
+@pytest.mark.parametrize("lab", ["dcgan", "cdcgan", "vanilla", "wgan"])
 def test_gan_resume_gives_the_same_weights_as_an_uninterrupted_run(lab, gan_data, tmp_path):
     """Stopped after epoch 1 and resumed to 2 = a straight 2-epoch run, bit for bit (in-process)."""
-    flags = {"dcgan": ["--no-first-bn"], "vanilla": ["--g-every", "2", "--diffaug", "translation,cutout"],
+    flags = {"dcgan": ["--no-first-bn"], "cdcgan": [], "vanilla": ["--g-every", "2", "--diffaug", "translation,cutout"],
              "wgan": ["--critic", "conv", "--generator", "mlp", "--n-critic", "2"]}[lab]
     common = [lab, *flags, "--data", str(gan_data), "--cache-dir", str(tmp_path / "cache"), *GAN_TINY[:6],
               "--eval-samples", "0", "--log-every", "2", "--threads", "1", "--device", "cpu"]
