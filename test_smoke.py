@@ -579,15 +579,16 @@ def test_throughput_tensor_pipeline_vs_dataloader():
 
 
 # ============================================================================= gan_labs.py
-# Runs every gan_labs.py subcommand as the README tells a user to, on a tiny generated
-# ImageFolder (3 classes of 28x28 grayscale PNGs), and checks the mathematics that can silently go wrong.
+# Runs every gan_labs.py subcommand as the README tells a user to, on a tiny generated ImageFolder
+# (3 classes of 28x28 grayscale PNGs) and on the CIFAR-shaped RGB one above, and checks the
+# mathematics that can silently go wrong.
 GAN_CLASSES = 3
 GAN_TINY = ["--batch-size", "16", "--ngf", "8", "--ndf", "8", "--epochs", "1", "--eval-samples", "24",
             "--log-every", "1", "--threads", "1", "--device", "cpu"]
 
 
-def gan_run(*args, check=True):
-    return run("gan_labs.py", *args, ok=check, timeout=120)
+def gan_run(*args, ok=True):
+    return run("gan_labs.py", *args, ok=ok, timeout=120)
 
 
 def gan_read_csv(path):
@@ -598,6 +599,10 @@ def gan_read_csv(path):
 def gan_png_shape(path):
     with PIL.Image.open(path) as img:
         return tuple(pil_to_tensor(img).shape)
+
+
+def gan_ckpt(out):
+    return torch.load(out / "checkpoint.pt", weights_only=True)
 
 
 @pytest.fixture(scope="session")
@@ -626,14 +631,15 @@ def gan_common(gan_data, tmp_path_factory):
     return flags
 
 
-def gan_check_run(out, bce=True, size=32):
+def gan_check_run(out, bce=True, size=32, channels=1, n_classes=GAN_CLASSES):
     """What every lab run must leave behind, with sane numbers."""
-    for name in ("checkpoint.pt", "metrics.csv", "curves.png", "samples_epoch01.png", "interpolation.png",
-                 "eval.csv", "summary.json"):
+    for name in ("checkpoint.pt", "metrics.csv", "curves.png", "samples_epoch01.png",
+                 "interpolation_epoch01.png", "eval.csv", "summary.json"):
         assert (out / name).exists(), name
-    assert not list(out.glob("*.tmp")), "a temporary file was left behind"
+    assert not list(out.glob("*.tmp*")), "a temporary file was left behind"
     side = 8 * (size + 2) + 2  # 64 samples, 8 x 8, 2-px padding
-    assert gan_png_shape(out / "samples_epoch01.png") == (3, side, side)  # make_grid writes RGB
+    assert gan_png_shape(out / "samples_epoch01.png") == (3, side, side)  # save_image writes RGB
+    assert gan_png_shape(out / "interpolation_epoch01.png") == (3, size + 4, 11 * (size + 2) + 2)
     rows = gan_read_csv(out / "metrics.csv")
     assert rows
     for r in rows:
@@ -649,9 +655,10 @@ def gan_check_run(out, bce=True, size=32):
     for r in (gen, floor):
         assert math.isfinite(float(r["fid"])) and float(r["fid"]) >= -1e-6
         assert 0 <= float(r["precision"]) <= 1 and 0 <= float(r["recall"]) <= 1
-        assert 0 <= float(r["class_share_min"]) <= 1 / GAN_CLASSES <= float(r["class_share_max"]) <= 1
+        assert 0 <= float(r["class_share_min"]) <= 1 / n_classes <= float(r["class_share_max"]) <= 1
     summary = json.loads((out / "summary.json").read_text())
     assert summary["iterations"] == int(rows[-1]["iter"]) > 0
+    assert summary["args"]["channels"] == channels and summary["args"]["image_size"] == size
     return rows, gen, floor
 
 
@@ -662,24 +669,65 @@ def gan_dcgan_run(gan_common, tmp_path_factory):
     return out
 
 
-def test_gan_dcgan_trains_and_resumes(gan_dcgan_run, gan_common):
+def test_gan_dcgan_trains_resumes_and_has_bn_after_the_first_conv(gan_dcgan_run, gan_common):
     rows, gen, floor = gan_check_run(gan_dcgan_run)
     assert int(rows[-1]["iter"]) == 48 // 16
     # the real-vs-real floor in a feature space that separates the classes beats one epoch of a GAN
     assert float(floor["fid"]) < float(gen["fid"])
-    proc = gan_run("dcgan", *gan_common, *GAN_TINY, "--epochs", "2", "--out", gan_dcgan_run)  # the last --epochs wins
-    assert "resuming dcgan" in proc.stdout
+    d = gan_ckpt(gan_dcgan_run)["d"]
+    assert "1.running_mean" in d and d["1.weight"].shape == (8,)  # seed 003: BN after D's conv1
+    proc = gan_run("dcgan", *gan_common, *GAN_TINY, "--epochs", "2", "--out", gan_dcgan_run)
+    assert "resuming dcgan" in proc.stdout and "[evaluate]" in proc.stdout
     rows = gan_read_csv(gan_dcgan_run / "metrics.csv")
     assert int(rows[-1]["iter"]) == 2 * 48 // 16
     assert (gan_dcgan_run / "samples_epoch02.png").exists()
+    assert (gan_dcgan_run / "interpolation_epoch02.png").exists()
 
 
-def test_gan_evaluate_and_interpolate_from_checkpoint(gan_dcgan_run, gan_common):
-    cache = gan_common[gan_common.index("--cache-dir") + 1]
-    proc = gan_run("evaluate", "--out", gan_dcgan_run, "--cache-dir", cache, "--eval-samples", "24", "--threads", "1", "--device", "cpu")
-    assert "generated vs test" in proc.stdout and "FID" in proc.stdout
-    gan_run("interpolate", "--out", gan_dcgan_run, "--steps", "5", "--threads", "1", "--device", "cpu")
-    assert gan_png_shape(gan_dcgan_run / "interpolation.png") == (3, 34 + 2, 5 * 34 + 2)
+def test_gan_first_layer_bn_flag():
+    with_bn, without = gan_labs.dcgan_discriminator(8, 1, 32), gan_labs.dcgan_discriminator(8, 1, 32, False)
+    assert isinstance(with_bn[1], torch.nn.BatchNorm2d) and isinstance(without[1], torch.nn.Identity)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in with_bn) == 3  # conv1, conv2, conv3
+    assert gan_labs.parse_args(["dcgan", "--no-first-bn"]).first_bn is False
+    assert gan_labs.parse_args(["dcgan"]).first_bn is True
+
+
+def test_gan_folder_names_and_help(capsys):
+    def out(*flags):
+        return gan_labs.parse_args(list(flags)).out
+    assert out("dcgan") == os.path.join("runs", "gan", "mnist", "dcgan")
+    assert out("wgan", "--critic", "mlp", "--generator", "mlp").endswith("wgan_discriminator-mlp_generator-mlp")
+    assert out("dcgan", "--no-first-bn", "--image-size", "64").endswith("dcgan_image-size-64_first-bn-False")
+    assert gan_labs.parse_args(["wgan", "--generator", "mlp"]).image_size == 28  # seed 004's 784 inputs
+    with pytest.raises(SystemExit):
+        gan_labs.parse_args(["vanilla", "--help"])
+    assert "counts D steps" in " ".join(capsys.readouterr().out.split())
+
+
+def test_gan_source_conventions():
+    """Every file goes through write_atomic, every torch.load is weights_only, lines fit in 100."""
+    source = inspect.getsource(gan_labs)
+    assert source.count("os.replace(") == 1 and "open(" not in source.replace("Image.open(", "")
+    assert source.count("torch.load(") == source.count("weights_only=True") > 0
+    assert max(map(len, source.splitlines())) <= 100
+
+
+@pytest.mark.parametrize("lab", ["dcgan", "cdcgan", "vanilla", "wgan"])
+def test_gan_resume_gives_the_same_weights_as_an_uninterrupted_run(lab, gan_data, tmp_path):
+    """Stopped after epoch 1 and resumed to 2 = a straight 2-epoch run, bit for bit (in-process)."""
+    flags = {"dcgan": ["--no-first-bn"], "cdcgan": [], "vanilla": ["--g-every", "2", "--diffaug", "translation,cutout"],
+             "wgan": ["--critic", "conv", "--generator", "mlp", "--n-critic", "2"]}[lab]
+    common = [lab, *flags, "--data", str(gan_data), "--cache-dir", str(tmp_path / "cache"), *GAN_TINY[:6],
+              "--eval-samples", "0", "--log-every", "2", "--threads", "1", "--device", "cpu"]
+    gan_labs.main(common + ["--epochs", "1", "--out", str(tmp_path / "resumed")])
+    gan_labs.main(common + ["--epochs", "2", "--out", str(tmp_path / "resumed")])
+    gan_labs.main(common + ["--epochs", "2", "--out", str(tmp_path / "straight")])
+    resumed, straight = gan_ckpt(tmp_path / "resumed"), gan_ckpt(tmp_path / "straight")
+    assert resumed["epoch"] == straight["epoch"] == 2
+    for net in ("g", "d"):
+        assert all(torch.equal(resumed[net][k], straight[net][k]) for k in straight[net]), net
+    curves = [[{k: v for k, v in r.items() if k != "s_per_iter"} for r in c["history"]] for c in (resumed, straight)]
+    assert json.dumps(curves[0]) == json.dumps(curves[1])  # json: nan == nan
 
 
 def test_gan_cdcgan_class_grid_and_conditional_accuracy(gan_common, tmp_path):
@@ -687,18 +735,18 @@ def test_gan_cdcgan_class_grid_and_conditional_accuracy(gan_common, tmp_path):
     gan_run("cdcgan", *gan_common, *GAN_TINY, "--out", out)
     _, gen, _ = gan_check_run(out)
     assert 0 <= float(gen["cond_acc"]) <= 1
-    assert gan_png_shape(out / "class_grid.png") == (3, GAN_CLASSES * 34 + 2, 8 * 34 + 2)  # rows: classes, columns: z
-    gan_run("cdcgan", *gan_common, *GAN_TINY, "--no-label-in-d", "--eval-samples", "0", "--out", tmp_path / "nolabel")
-    ckpt = torch.load(tmp_path / "nolabel" / "checkpoint.pt", weights_only=False)
-    assert ckpt["d"]["net.conv1.weight"].shape[1] == 1  # D sees the image only
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["d"]["net.conv1.weight"].shape[1] == 1 + GAN_CLASSES
+    assert gan_png_shape(out / "class_grid.png") == (3, GAN_CLASSES * 34 + 2, 8 * 34 + 2)  # classes x z
+    assert gan_ckpt(out)["d"]["0.weight"].shape[1] == 1 + GAN_CLASSES  # x and the label planes
+    gan_labs.main(["cdcgan", *map(str, gan_common), *GAN_TINY, "--no-label-in-d", "--eval-samples", "0",
+                   "--out", str(tmp_path / "nolabel")])  # in-process: no 5 s of imports
+    assert gan_ckpt(tmp_path / "nolabel")["d"]["0.weight"].shape[1] == 1  # D sees the image only
 
 
 def test_gan_vanilla_with_diffaug_and_saturating_loss(gan_common, tmp_path):
     out = tmp_path / "vanilla"
     gan_run("vanilla", *gan_common, *GAN_TINY, "--g-every", "2", "--d-dropout", "0.3", "--g-loss", "saturating",
             "--diffaug", "translation,cutout,color", "--out", out)
-    rows, _, _ = gan_check_run(out, size=28)  # vanilla: the report's 784 = 28 x 28 inputs
+    rows, _, _ = gan_check_run(out, size=28)  # vanilla: seed 004's 784 = 28 x 28 inputs
     # the saturating G loss log(1 - D(G(z))) is negative
     assert all(float(r["loss_g"]) < 0 for r in rows if r["loss_g"] != "nan")
 
@@ -707,35 +755,84 @@ def test_gan_wgan_clip_keeps_weights_in_range(gan_common, tmp_path):
     out = tmp_path / "wgan_clip"
     gan_run("wgan", *gan_common, *GAN_TINY, "--constraint", "clip", "--clip", "0.01", "--n-critic", "2", "--out", out)
     rows, _, _ = gan_check_run(out, bce=False)
-    d = torch.load(out / "checkpoint.pt", weights_only=False)["d"]
+    d = gan_ckpt(out)["d"]
     assert max(v.abs().max().item() for v in d.values()) <= 0.01 + 1e-9
     assert all(0 < float(r["lip_product"]) <= float(r["lip_bound"]) for r in rows)
 
 
-def test_gan_wgan_gp_mlp_critic(gan_common, tmp_path):
+def test_gan_wgan_gp_conv_critic_with_the_mlp_generator(gan_common, tmp_path):
+    """Seed 004: its MLP generator fixed, the critic convolutional, at 28 x 28."""
     out = tmp_path / "wgan_gp"
-    gan_run("wgan", *gan_common, *GAN_TINY, "--constraint", "gp", "--critic", "mlp", "--n-critic", "2", "--out", out)
-    rows, _, _ = gan_check_run(out, bce=False)
-    assert all(float(r["gp"]) >= 0 and math.isfinite(float(r["lip_bound"])) for r in rows)
-    assert "fc4.weight" in "".join(torch.load(out / "checkpoint.pt", weights_only=False)["d"])
+    gan_run("wgan", *gan_common, *GAN_TINY, "--critic", "conv", "--generator", "mlp", "--n-critic", "2",
+            "--out", out)
+    rows, _, _ = gan_check_run(out, bce=False, size=28)
+    assert all(float(r["gp"]) >= 0 and float(r["lip_product"]) < float(r["lip_bound"]) for r in rows)
+    ckpt = gan_ckpt(out)
+    assert ckpt["d"]["0.weight"].shape == (16, 1, 4, 4) and ckpt["g"]["0.weight"].shape == (256, 100)
 
 
-@pytest.mark.parametrize("case", ["unknown_lab", "image_size", "other_lab_checkpoint", "empty_folder"])
+@pytest.fixture(scope="session")
+def gan_rgb_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("gan_rgb_cache")
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_gan_cifar_shaped_rgb_end_to_end(size, tiny_data, gan_rgb_cache, tmp_path):
+    """32x32 RGB JPEG-like input, 10 classes, as CIFAR-10; at 32 and at 64 pixels (seed 003)."""
+    out = tmp_path / f"rgb{size}"
+    gan_run("dcgan", "--data", tiny_data, "--cache-dir", gan_rgb_cache, *GAN_TINY, "--image-size", size,
+            "--out", out)
+    gan_check_run(out, size=size, channels=3, n_classes=10)
+    assert gan_ckpt(out)["g"]["1.weight"].shape[1] == 8 * (8 if size == 64 else 4)  # G's first block: ngf*8 at 64
+
+
+def test_gan_non_finite_loss_stops_with_one_line(gan_common, tmp_path):
+    proc = gan_run("vanilla", *gan_common, *GAN_TINY, "--lr-d", "1e30", "--lr-g", "1e30", "--epochs", "2",
+                   "--eval-samples", "0", "--out", tmp_path / "nan", ok=False)
+    assert_user_error(proc, "became nan in epoch 1", "--lr-d", "no checkpoint was written")
+    assert not (tmp_path / "nan" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("case", ["unknown_lab", "other_run", "corrupt_classifier"])
 def test_gan_bad_input_is_one_clear_line(case, gan_dcgan_run, gan_common, tmp_path):
     if case == "unknown_lab":
-        proc, want = gan_run("stylegan", check=False), "invalid choice"
-    elif case == "image_size":
-        proc, want = gan_run("dcgan", *gan_common, "--image-size", "48", check=False), "--image-size must be 32 or 64"
-    elif case == "other_lab_checkpoint":
-        proc, want = gan_run("wgan", *gan_common, *GAN_TINY, "--out", gan_dcgan_run, check=False), "checkpoint of the dcgan lab"
+        proc, want = gan_run("stylegan", ok=False), "invalid choice"
+    elif case == "other_run":  # another lab's (or another setting's) folder is not resumed
+        proc = gan_run("wgan", *gan_common, *GAN_TINY, "--out", gan_dcgan_run, ok=False)
+        want = "is a run with lab = 'dcgan'"
     else:
+        cache = tmp_path / "cache"
+        cache.mkdir()
+        classifier = next(p for p in gan_common[3].iterdir() if p.name.startswith("classifier_"))
+        (cache / classifier.name).write_bytes(b"truncated")
+        proc = gan_run("dcgan", "--data", gan_common[1], "--cache-dir", cache, *GAN_TINY, "--out", tmp_path / "run",
+                       ok=False)
+        want = "is not a metric classifier"
+    assert_user_error(proc, want)
+    assert want in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("case", ["image_size", "empty_folder", "corrupt_checkpoint", "foreign_checkpoint"])
+def test_gan_bad_files_end_in_one_line_in_process(case, gan_common, tmp_path, capsys):
+    """The same SystemExit as above, called in-process (a subprocess costs 5 s of imports here)."""
+    flags = [*map(str, gan_common), *GAN_TINY, "--out", str(tmp_path / "run")]
+    (tmp_path / "run").mkdir()
+    if case == "image_size":
+        flags, want = flags + ["--image-size", "48"], "--image-size must be 32 or 64"
+    elif case == "empty_folder":
         (tmp_path / "empty" / "train" / "0").mkdir(parents=True)
         (tmp_path / "empty" / "test").mkdir()
-        proc, want = gan_run("dcgan", "--data", tmp_path / "empty", "--cache-dir", tmp_path, "--out", tmp_path / "run",
-                             "--threads", "1", "--device", "cpu", check=False), "no .png/.jpg images"
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
-    assert want in proc.stderr.strip().splitlines()[-1]
+        flags, want = flags + ["--data", str(tmp_path / "empty")], "no images in"
+    elif case == "corrupt_checkpoint":
+        (tmp_path / "run" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+        want = "cannot read"
+    else:
+        torch.save({"state_dict": {}}, tmp_path / "run" / "checkpoint.pt")
+        want = "not a checkpoint of this version"
+    with pytest.raises(SystemExit) as exc:
+        gan_labs.main(["dcgan", *flags])
+    message = str(exc.value) if exc.value.code != 2 else capsys.readouterr().err.strip().splitlines()[-1]
+    assert exc.value.code != 0 and want in message and "\n" not in message.strip()
 
 
 # ----------------------------------------------------------------------------- the mathematics
@@ -752,14 +849,14 @@ def test_gan_gradient_penalty_zero_for_unit_norm_linear_critic():
 
 
 def test_gan_gradient_penalty_reaches_the_critic():
-    critic = gan_labs.ConvCritic(1, 32)
+    critic = gan_labs.conv_critic(1, 32)
     gp = gan_labs.gradient_penalty(critic, torch.randn(4, 1, 32, 32), torch.randn(4, 1, 32, 32), 10.0)
     gp.backward()
-    assert gp.item() > 0 and critic.net.conv1.weight.grad.abs().sum() > 0
+    assert gp.item() > 0 and critic[0].weight.grad.abs().sum() > 0
 
 
 def test_gan_clip_weights():
-    critic = gan_labs.ConvCritic(1, 32)
+    critic = gan_labs.conv_critic(1, 32)
     gan_labs.clip_weights(critic, 0.01)
     assert all(p.abs().max() <= 0.01 for p in critic.parameters())
     assert any((p.abs() == 0.01).any() for p in critic.parameters())  # default init exceeds c: clipping acted
@@ -768,7 +865,7 @@ def test_gan_clip_weights():
 @pytest.mark.parametrize("kind", ["conv", "mlp"])
 def test_gan_lipschitz_bound_dominates_measured_ratios(kind):
     torch.manual_seed(0)
-    critic = gan_labs.ConvCritic(1, 32) if kind == "conv" else gan_labs.MLPDiscriminator(1, 32, sigmoid=False)
+    critic = gan_labs.conv_critic(1, 32) if kind == "conv" else gan_labs.mlp_discriminator(1, 32, sigmoid=False)
     product, bound = gan_labs.lipschitz_bound(critic)
     x = torch.randn(256, 1, 32, 32, requires_grad=True)
     y = x.detach() + 1e-3 * torch.randn_like(x)  # near pairs: the ratio approaches the local gradient norm
@@ -803,14 +900,18 @@ def test_gan_precision_recall():
 
 @pytest.mark.parametrize("size", [32, 64])
 def test_gan_models_shapes_and_d_range(size):
-    g = gan_labs.Generator(100, 8, 3, size, n_classes=10)
-    d = gan_labs.Discriminator(8, 3, size, n_classes=10)
+    g = gan_labs.dcgan_generator(100 + 10, 8, 3, size)  # the cDCGAN's: z and a one-hot label
+    d = gan_labs.dcgan_discriminator(8, 3 + 10, size)
     y = torch.arange(4) % 10
-    x = g(torch.randn(4, 100), y)
+    x = g(gan_labs.with_label(torch.randn(4, 100), y, 10))
     assert x.shape == (4, 3, size, size) and x.abs().max() <= 1
-    out = d(x, y)
+    out = d(gan_labs.with_label(x, y, 10))
     assert out.shape == (4,) and ((out > 0) & (out < 1)).all()
-    out = gan_labs.MLPDiscriminator(1, 28, dropout=0.3)(gan_labs.MLPGenerator(100, 1, 28)(torch.randn(4, 100)))
+    for critic in (gan_labs.conv_critic(3, size), gan_labs.mlp_discriminator(3, size, sigmoid=False)):
+        assert critic(x).shape == (4,)
+    x = gan_labs.mlp_generator(100, 1, 28)(torch.randn(4, 100))
+    assert x.shape == (4, 1, 28, 28) and gan_labs.conv_critic(1, 28)(x).shape == (4,)
+    out = gan_labs.mlp_discriminator(1, 28, dropout=0.3)(x)
     assert out.shape == (4,) and ((out > 0) & (out < 1)).all()
 
 
