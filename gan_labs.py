@@ -16,9 +16,9 @@ et al., 2019) of samples vs test images, next to train vs test (the floor). nz =
 DCGAN paper and pytorch/examples (seed 003 names both 100 and 1000). --g-every and --n-critic
 count D steps, not epochs.
 
-    python gan_labs.py dcgan --data /root/data/mnist          # seed 003's setting: 5 epochs
-    python gan_labs.py wgan --generator mlp --data /root/data/mnist    # seed 004's conv critic
-    python gan_labs.py dcgan --data /root/data/mnist --epochs 1 --threads 1 --out runs/gan/quick
+    python gan_labs.py dcgan --data ~/data/mnist          # seed 003's setting: 5 epochs
+    python gan_labs.py wgan --generator mlp --data ~/data/mnist    # seed 004's conv critic
+    python gan_labs.py dcgan --data ~/data/mnist --epochs 1 --threads 1 --out runs/gan/quick
 
 Reads   --data mnist | cifar10 (torchvision download) or PATH/{train,test}/<class>/*.png|jpg.
 Writes  in --out (default runs/gan/<data>/<lab>[_<flag>-<value>...]): per epoch samples_epochNN.png

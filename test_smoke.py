@@ -12,8 +12,10 @@ The throughput comparison behind the README's ratio is a test too, skipped unles
 """
 import ast
 import collections
+import csv
 import inspect
 import json
+import math
 import os
 import subprocess
 import sys
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
-from torchvision.transforms.functional import to_pil_image
+from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
