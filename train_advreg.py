@@ -639,10 +639,11 @@ def setup_run(lam, seed, bank_init, args, device, classes, banks, init_kernels):
     d_optimizers = {layer: torch.optim.Adam(d.parameters(), lr=args.d_lr, betas=tuple(args.d_betas),
                                             weight_decay=args.d_weight_decay)
                     for layer, d in discs.items()}
-    run = {"model": model, "optimizer": optimizer, "discs": discs, "d_optimizers": d_optimizers,
+    run = {"name": run_name(lam, seed, bank_init), "lam": lam, "seed": seed, "bank_init": bank_init,
+           "model": model, "optimizer": optimizer, "discs": discs, "d_optimizers": d_optimizers,
            "d_gen": d_gen, "frames": [],
            "history": {"eval_epoch": [], "test_acc": [], "epoch_done": 0, "seconds": 0.0}}
-    ckpt_path = os.path.join(args.out, run_name(lam, seed, bank_init), "model.pt")
+    ckpt_path = os.path.join(args.out, run["name"], "model.pt")
     ckpt = resume_checkpoint(ckpt_path, model, optimizer, classes)
     if ckpt is None:
         return run, None
@@ -668,8 +669,8 @@ def run_name(lam, seed, bank_init):
 def train_run(lam, seed, bank_init, args, device, data, banks, init_kernels):
     """One run of Algorithm 1 (resumable); returns its summary dict."""
     train_x, train_y, test_x, test_y, classes = data
-    name = run_name(lam, seed, bank_init)
     run, saved_log = setup_run(lam, seed, bank_init, args, device, classes, banks, init_kernels)
+    name = run["name"]
     model, optimizer, discs, history = run["model"], run["optimizer"], run["discs"], run["history"]
     n, bs = len(train_x), args.batch_size
     iters_per_epoch = math.ceil(n / bs)
@@ -709,19 +710,17 @@ def train_run(lam, seed, bank_init, args, device, data, banks, init_kernels):
         if args.gif_every and done % args.gif_every == 0:
             run["frames"].append(model.conv1.weight.detach().cpu().reshape(-1, 7, 7).clone())
         if done % args.eval_every == 0 or done == args.epochs:
-            t_start = end_of_eval_period(run, name, log, done, iters_per_epoch, args, data, t_start,
-                                         lam, seed, bank_init)
+            t_start = end_of_eval_period(run, log, done, iters_per_epoch, args, data, t_start)
         if done % args.log_every == 0 or done == args.epochs:
             print_progress(name, log, history, done, iters_per_epoch, args, t_log, logged_epoch)
             t_log, logged_epoch = time.time(), done
 
-    return finish_run(run, name, log, args, banks, lam, seed, bank_init)
+    return finish_run(run, log, args, banks)
 
 
-def end_of_eval_period(run, name, log, done, iters_per_epoch, args, data, t_start, lam, seed,
-                       bank_init):
+def end_of_eval_period(run, log, done, iters_per_epoch, args, data, t_start):
     """Check the run did not diverge, evaluate, checkpoint; returns the new period's start time."""
-    history = run["history"]
+    history, name = run["history"], run["name"]
     period = slice(history["epoch_done"] * iters_per_epoch, done * iters_per_epoch)
     stop_if_diverged(log["cls_loss"][period].sum().item(), done, name, "--lr (or --lam, --d-lr)")
     history["eval_epoch"].append(done)
@@ -732,8 +731,9 @@ def end_of_eval_period(run, name, log, done, iters_per_epoch, args, data, t_star
                     discs={layer: d.state_dict() for layer, d in run["discs"].items()},
                     d_optimizers={layer: opt.state_dict()
                                   for layer, opt in run["d_optimizers"].items()},
-                    history=history, log=log_table, args=vars(args), lam=lam, seed=seed,
-                    bank_init=bank_init, classes=data[4], dataset=args.data,
+                    history=history, log=log_table, args=vars(args), lam=run["lam"],
+                    seed=run["seed"], bank_init=run["bank_init"], classes=data[4],
+                    dataset=args.data,
                     rng_d=run["d_gen"].get_state(), frames=run["frames"])
     return time.time()
 
@@ -751,10 +751,11 @@ def print_progress(name, log, history, done, iters_per_epoch, args, t_log, logge
           flush=True)
 
 
-def finish_run(run, name, log, args, banks, lam, seed, bank_init):
+def finish_run(run, log, args, banks):
     """The run's figures, metrics.csv and summary.json; returns the summary."""
     log = {c: v.cpu() for c, v in log.items()}
-    history = run["history"]
+    history, name = run["history"], run["name"]
+    lam, seed, bank_init = run["lam"], run["seed"], run["bank_init"]
     title = f"lam={lam:g}, seed {seed}" + (", conv1 from bank" if bank_init else "")
     write_run_outputs(os.path.join(args.out, name), run["model"], log, history, banks, title)
     last = slice(-max(1, len(log["cls_loss"]) // 10), None)  # the last 10% of iterations
