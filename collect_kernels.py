@@ -281,8 +281,8 @@ def collect(args):
 def configuration(ckpt):
     """The name of the training configuration a checkpoint comes from (its table row)."""
     run_args = ckpt.get("args", {})
-    bank_init = ckpt.get("bank_init") or bool(run_args.get("init_bank"))
-    if "lam" in ckpt:  # train_advreg.py
+    bank_init = ckpt["bank_init"] if "lam" in ckpt else bool(run_args.get("init_bank"))
+    if "lam" in ckpt:  # train_advreg.py (its --init-bank adds runs; each knows its own init)
         name = "baseline (λ = 0)" if ckpt["lam"] == 0 else f"λ = {ckpt['lam']:g}"
     elif run_args.get("amp_epsilon") is not None:  # train_small.py with AMP
         name = f"AMP ε = {run_args['amp_epsilon']:g}"
@@ -291,6 +291,14 @@ def configuration(ckpt):
     else:
         name = f"pretrained ({ckpt.get('dataset')})"
     return name + (", conv1 from bank" if bank_init else "")
+
+
+def epochs_done(ckpt):
+    return ckpt.get("epoch", ckpt.get("history", {}).get("epoch_done", 0))
+
+
+def epochs_asked(ckpt):
+    return ckpt.get("args", {}).get("epochs", 0)
 
 
 def checkpoint_row(path, ckpt, layer, bank_std):
@@ -352,10 +360,19 @@ def plot_pca(panels, path):
 def compare(args):
     bank = load_bank(args.bank)
     layer, bank_kernels = bank["layer"], bank["kernels"]
-    ckpts = [load_checkpoint(p, [layer]) for p in args.compare]
+    finished = []
+    for path in args.compare:
+        ckpt = load_checkpoint(path, [layer])
+        if epochs_done(ckpt) < epochs_asked(ckpt):  # a run still training, or stopped
+            print(f"left out: {path} is unfinished (epoch {epochs_done(ckpt)} of "
+                  f"{epochs_asked(ckpt)})")
+        else:
+            finished.append((path, ckpt))
+    if not finished:
+        raise SystemExit("error: none of the --compare checkpoints is a finished run")
     bank_std = standardize_kernels(bank_kernels)
     rows, panels = [], [(f"bank ({len(bank_kernels)} kernels)", bank_kernels)]
-    for path, ckpt in zip(args.compare, ckpts):
+    for path, ckpt in finished:
         row, kernels = checkpoint_row(path, ckpt, layer, bank_std)
         if row["configuration"] not in [title for title, _ in panels]:  # its first run is shown
             panels.append((row["configuration"], kernels))

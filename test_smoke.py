@@ -424,6 +424,17 @@ def test_train_advreg_sweep_end_to_end_resume_and_gif(tiny_data, pretrained, tmp
     assert len(frames) == 2 and frames[0].shape == (192, 7, 7)
     with PIL.Image.open(out / "kernels_seed1.gif") as gif:
         assert gif.n_frames == 2
+    # the comparison table: one row per configuration; a run that is not finished is left out
+    ckpt = load(out / "lam0.5_seed1" / "model.pt")
+    ckpt["args"]["epochs"] = 5  # as if it had been stopped at epoch 2 of 5
+    torch.save(ckpt, out / "lam0.5_seed1" / "model.pt")
+    proc = run("collect_kernels.py", "--compare", *sorted(out.glob("*/model.pt")), "--bank",
+               banks / "conv1_7x7.pt", "--out", tmp_path / "cmp")
+    assert "left out:" in proc.stdout and "lam0.5_seed1" in proc.stdout
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    for row in ("| baseline (λ = 0) | 2 |", "| baseline (λ = 0), conv1 from bank | 2 |",
+                "| λ = 0.5 | 1 |", "| λ = 0.5, conv1 from bank | 2 |"):
+        assert row in table, row
 
 
 def test_train_advreg_interrupted_run_ends_like_a_straight_one(tiny_data, pretrained, tmp_path):
