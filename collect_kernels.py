@@ -342,18 +342,22 @@ def grouped_table(rows, bank_row, args):
 
 def plot_pca(panels, path):
     """The kernels in the plane of the bank's two main directions of variation (PCA of the
-    standardized bank kernels): where each configuration's kernels lie relative to the bank's."""
+    standardized bank kernels): one panel per configuration, over the bank's kernels in grey."""
     bank_std = standardize_kernels(panels[0][1])
     mean = bank_std.mean(0)
     _, _, v = torch.linalg.svd(bank_std - mean, full_matrices=False)
-    fig, ax = plt.subplots(figsize=(6, 5))
-    for (title, kernels), marker in zip(panels, "o^sv<>Dp*hx+"):
+    bank_xy = (bank_std - mean) @ v[:2].T
+    fig, axes = plt.subplots(1, len(panels) - 1, figsize=(3.4 * (len(panels) - 1), 3.6),
+                             squeeze=False, sharex=True, sharey=True)
+    for ax, (title, kernels) in zip(axes[0], panels[1:]):
         xy = (standardize_kernels(kernels) - mean) @ v[:2].T
-        ax.scatter(xy[:, 0], xy[:, 1], s=8, alpha=0.5, marker=marker, label=title)
-    ax.set(xlabel="PC 1 of the bank's standardized kernels", ylabel="PC 2",
-           title="kernels in the bank's principal plane")
-    ax.legend(fontsize=7, markerscale=2)
-    ax.grid(alpha=0.3)
+        ax.scatter(bank_xy[:, 0], bank_xy[:, 1], s=5, color="0.75", label=panels[0][0])
+        ax.scatter(xy[:, 0], xy[:, 1], s=7, color="tab:red", label=title)
+        ax.set(xlabel="PC 1 of the bank's standardized kernels", title=title)
+        ax.title.set_fontsize(9)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("PC 2")
+    axes[0][0].legend(fontsize=7, loc="lower left")
     save_figure(fig, path)
 
 
