@@ -561,24 +561,26 @@ def write_run_outputs(run_dir, model, log, history, banks, title):
         save_kernel_grid(kernels, os.path.join(run_dir, f"kernels_{layer}.png"))
 
 
-def write_gif(path, frames_per_run, every):
-    """One animation: conv1's kernels of several runs side by side, a frame every `every` epochs."""
+def write_gif(path, frames_per_run, every, count=64):
+    """One animation: the first `count` conv1 kernels of several runs side by side, a frame every
+    `every` epochs (each kernel scaled to its own range in every frame)."""
     titles, frames = list(frames_per_run), list(frames_per_run.values())
-    fig, axes = plt.subplots(1, len(frames), figsize=(4.2 * len(frames), 2.6), squeeze=False)
-    images = [ax.imshow(kernel_grid(f[0], nrow=16).permute(1, 2, 0))
-              for ax, f in zip(axes[0], frames)]
+    fig, axes = plt.subplots(1, len(frames), figsize=(4 * len(frames), 4.3), squeeze=False)
+    grids = [[kernel_grid(k[:count]).permute(1, 2, 0) for k in f] for f in frames]
+    images = [ax.imshow(g[0]) for ax, g in zip(axes[0], grids)]
     for ax, title in zip(axes[0], titles):
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title, fontsize=10)
         ax.axis("off")
     label = fig.suptitle("")
 
     def show(i):
-        for image, f in zip(images, frames):
-            image.set_data(kernel_grid(f[min(i, len(f) - 1)], nrow=16).permute(1, 2, 0))
+        for image, g in zip(images, grids):
+            image.set_data(g[min(i, len(g) - 1)])
         label.set_text(f"conv1 kernels, epoch {(i + 1) * every}")
 
-    animation = matplotlib.animation.FuncAnimation(fig, show, frames=max(map(len, frames)))
-    write_atomic(path, lambda tmp: animation.save(tmp, writer=matplotlib.animation.PillowWriter(5)))
+    animation = matplotlib.animation.FuncAnimation(fig, show, frames=max(map(len, grids)))
+    write_atomic(path, lambda tmp: animation.save(tmp, writer=matplotlib.animation.PillowWriter(4),
+                                                  dpi=100))
     plt.close(fig)
 
 
