@@ -85,7 +85,8 @@ def parse_args(argv=None):
                         "instead of the default init: the 'bank as a starting point' control")
     p.add_argument("--amp-epsilon", type=float, default=None, metavar="EPS",
                    help="turn on AMP with this radius of the perturbation ball (norm over all "
-                        "parameters); off by default. This project's 300-epoch sweep: README")
+                        "parameters); off by default (this project's 300-epoch sweep picked "
+                        "0.3: README)")
     p.add_argument("--amp-inner-lr", type=float, default=1.0,
                    help="AMP's inner (ascent) step size (the AMP authors' code: 1)")
     p.add_argument("--amp-inner-steps", type=int, default=1,
