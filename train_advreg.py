@@ -500,6 +500,14 @@ def save_kernel_grid(kernels, path, nrow=16):
     write_atomic(path, lambda tmp: torchvision.utils.save_image(kernel_grid(kernels, nrow), tmp))
 
 
+def write_csv(path, rows):
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, text.getvalue())
+
+
 def smooth(values, window):
     """Moving average that ignores NaN (lam = 0 has no D values); same length as `values`."""
     v = torch.as_tensor(values, dtype=torch.float64)
@@ -802,11 +810,7 @@ def write_results(references, args):
         + [f"{layer}_{m}" for layer in args.layers for m in ("frechet", "low_freq")] \
         + ["d_real_last10pct", "d_fake_last10pct", "seconds"]
     rows = results_rows(summaries, metric_names)
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(os.path.join(args.out, "results.csv"), text.getvalue())
+    write_csv(os.path.join(args.out, "results.csv"), rows)
 
     short = {"final_test_acc": "final acc", "best_test_acc": "best acc", "seconds": "s/run",
              "d_real_last10pct": "D(real)", "d_fake_last10pct": "D(fake)"}
