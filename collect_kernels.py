@@ -27,7 +27,8 @@ Reads:  checkpoints written by pretrain.py or the authors' model1_seed*.pt (with
 Writes: <out>/<layer>_<k>x<k>.pt — dict with "kernels" [N, k, k] and provenance (layer,
         kernel_size, sources, source_counts, seeds, test_acc, dataset, format);
         <out>/<layer>_<k>x<k>_grid.png (Figure 3). With --compare: <out>/compare.csv (one row
-        per checkpoint), compare.md (one row per configuration), compare.png, compare_pca.png.
+        per checkpoint), compare.md (one row per configuration), compare.png (kernel grids),
+        compare_pca.png, compare_metrics.png (accuracy and kernel metrics per configuration).
 """
 import argparse
 import csv
@@ -279,18 +280,20 @@ def collect(args):
 
 # ----------------------------------------------------------------------------- compare
 def configuration(ckpt):
-    """The name of the training configuration a checkpoint comes from (its table row)."""
+    """The training configuration a checkpoint comes from: (its table row's name, a key that
+    orders the rows: baseline, lam ascending, AMP, pretrained; bank-initialized runs last)."""
     run_args = ckpt.get("args", {})
     bank_init = ckpt["bank_init"] if "lam" in ckpt else bool(run_args.get("init_bank"))
     if "lam" in ckpt:  # train_advreg.py (its --init-bank adds runs; each knows its own init)
         name = "baseline (λ = 0)" if ckpt["lam"] == 0 else f"λ = {ckpt['lam']:g}"
+        key = (0, ckpt["lam"])
     elif run_args.get("amp_epsilon") is not None:  # train_small.py with AMP
-        name = f"AMP ε = {run_args['amp_epsilon']:g}"
+        name, key = f"AMP ε = {run_args['amp_epsilon']:g}", (1, run_args["amp_epsilon"])
     elif "amp_epsilon" in run_args or "per_class" in run_args:  # train_small.py
-        name = "baseline (λ = 0)"
+        name, key = "baseline (λ = 0)", (0, 0.0)
     else:
-        name = f"pretrained ({ckpt.get('dataset')})"
-    return name + (", conv1 from bank" if bank_init else "")
+        name, key = f"pretrained ({ckpt.get('dataset')})", (2, 0.0)
+    return name + (", conv1 from bank" if bank_init else ""), (bank_init, *key)
 
 
 def epochs_done(ckpt):
@@ -305,7 +308,7 @@ def checkpoint_row(path, ckpt, layer, bank_std):
     """Metrics of one trained model's kernels (and its accuracy and D outputs, where logged)."""
     kernels = kernels_of(ckpt["model"][f"{layer}.weight"].float())
     history = ckpt.get("history", {})
-    row = {"model": path, "configuration": configuration(ckpt), "kernels": len(kernels),
+    row = {"model": path, "configuration": configuration(ckpt)[0], "kernels": len(kernels),
            "final_test_acc": history["test_acc"][-1] if history.get("test_acc") else None,
            "best_test_acc": max(history["test_acc"]) if history.get("test_acc") else None,
            "frechet_to_bank": frechet_distance(standardize_kernels(kernels), bank_std),
@@ -318,26 +321,57 @@ def checkpoint_row(path, ckpt, layer, bank_std):
     return row, kernels
 
 
-def grouped_table(rows, bank_row, args):
-    """compare.md: one row per configuration, mean ± std over its checkpoints."""
-    metrics = ["final_test_acc", "best_test_acc", "frechet_to_bank", "low_freq_share",
-               "kernel_std", "d_real", "d_fake"]
-    lines = ["| configuration | runs | final acc | best acc | Frechet to bank | low-freq share | "
-             "kernel std | D(real) | D(fake) |", "|---" * 9 + "|"]
+METRICS = ["final_test_acc", "best_test_acc", "frechet_to_bank", "low_freq_share", "kernel_std",
+           "d_real", "d_fake"]
+
+
+def group_stats(rows):
+    """{configuration: (runs, {metric: (mean, std)})} over the runs of each configuration."""
+    groups = {}
     for config in dict.fromkeys(r["configuration"] for r in rows):
         group = [r for r in rows if r["configuration"] == config]
-        cells = []
-        for m in metrics:
+        stats = {}
+        for m in METRICS:
             values = torch.tensor([r[m] for r in group if r[m] is not None], dtype=torch.float64)
             std = values.std().item() if len(values) > 1 else 0.0
-            cells.append(f"{values.mean().item():.3f} ± {std:.3f}" if len(values) else "-")
-        lines.append(f"| {config} | {len(group)} | " + " | ".join(cells) + " |")
-    bank_cells = [f"{bank_row[m]:.3f}" if bank_row.get(m) is not None else "-" for m in metrics]
+            stats[m] = (values.mean().item(), std) if len(values) else None
+        groups[config] = (len(group), stats)
+    return groups
+
+
+def grouped_table(groups, bank_row, args):
+    """compare.md: one row per configuration, mean ± std over its checkpoints."""
+    lines = ["| configuration | runs | final acc | best acc | Frechet to bank | low-freq share | "
+             "kernel std | D(real) | D(fake) |", "|---" * 9 + "|"]
+    for config, (runs, stats) in groups.items():
+        cells = [f"{stats[m][0]:.3f} ± {stats[m][1]:.3f}" if stats[m] else "-" for m in METRICS]
+        lines.append(f"| {config} | {runs} | " + " | ".join(cells) + " |")
+    bank_cells = [f"{bank_row[m]:.3f}" if bank_row.get(m) is not None else "-" for m in METRICS]
     lines.append(f"| {bank_row['model']} | | " + " | ".join(bank_cells) + " |")
     k = bank_row["kernel_size"]
     return (f"Kernels of {bank_row['layer']} ({k}x{k}) against bank {args.bank}; mean ± std over "
             f"the runs of each configuration; D outputs over the last 10% of iterations.\n\n"
             + "\n".join(lines) + "\n")
+
+
+def plot_metrics(groups, bank_row, path):
+    """compare_metrics.png: accuracy and the two kernel metrics per configuration (mean ± std),
+    the bank's own values as dashed lines."""
+    panels = [("final_test_acc", "final test accuracy"), ("frechet_to_bank", "Frechet to bank"),
+              ("low_freq_share", "low-frequency share")]
+    fig, axes = plt.subplots(1, 3, figsize=(4 * 3, 3.8))
+    for ax, (metric, title) in zip(axes, panels):
+        shown = [(c, stats[metric]) for c, (_, stats) in groups.items() if stats[metric]]
+        ax.errorbar(range(len(shown)), [v[0] for _, v in shown], yerr=[v[1] for _, v in shown],
+                    fmt="o", capsize=3)
+        ax.set_xticks(range(len(shown)), [c for c, _ in shown], rotation=30, ha="right",
+                      fontsize=8)
+        if bank_row.get(metric) is not None:
+            ax.axhline(bank_row[metric], color="gray", ls="--", lw=0.8, label="bank")
+            ax.legend(fontsize=8)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    save_figure(fig, path)
 
 
 def plot_pca(panels, path):
@@ -374,6 +408,7 @@ def compare(args):
             finished.append((path, ckpt))
     if not finished:
         raise SystemExit("error: none of the --compare checkpoints is a finished run")
+    finished.sort(key=lambda path_ckpt: configuration(path_ckpt[1])[1])
     bank_std = standardize_kernels(bank_kernels)
     rows, panels = [], [(f"bank ({len(bank_kernels)} kernels)", bank_kernels)]
     for path, ckpt in finished:
@@ -388,7 +423,8 @@ def compare(args):
 
     os.makedirs(args.out, exist_ok=True)
     write_csv(os.path.join(args.out, "compare.csv"), rows)
-    text = grouped_table(rows, bank_row, args)
+    groups = group_stats(rows)
+    text = grouped_table(groups, bank_row, args)
     write_text(os.path.join(args.out, "compare.md"), text)
     print(text)
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)
@@ -399,7 +435,9 @@ def compare(args):
         ax.axis("off")
     save_figure(fig, os.path.join(args.out, "compare.png"))
     plot_pca(panels, os.path.join(args.out, "compare_pca.png"))
-    print(f"wrote {args.out}/compare.csv, compare.md, compare.png, compare_pca.png")
+    plot_metrics(groups, bank_row, os.path.join(args.out, "compare_metrics.png"))
+    print(f"wrote {args.out}/compare.csv, compare.md, compare.png, compare_pca.png, "
+          f"compare_metrics.png")
 
 
 def main(argv=None):

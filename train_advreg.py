@@ -27,9 +27,11 @@ only the shape. README "Results" gives the measurements behind the default.
 
 Run (the paper's setting, lam = 1):
     python train_advreg.py --bank kernels/conv1_7x7.pt --lam 1 --seeds 0 --out runs/advreg
-The sweep (one results row per lam, mean ± std over seeds; lam = 0 is the baseline), plus the
-rows of the "bank as a starting point" control, and an animation of conv1's kernels per seed:
+A sweep over lam and seeds (lam = 0 is the baseline), plus the runs of the "bank as a starting
+point" control, then its table (one row per lam, mean ± std over seeds); an animation per seed:
     python train_advreg.py --lam 0 0.01 0.1 1 --seeds 0 1 2 3 4 --init-bank kernels/conv1_7x7.pt
+    python collect_kernels.py --compare runs/advreg/*/model.pt --bank kernels/conv1_7x7.pt \
+        --out runs/advreg/compare
     python train_advreg.py --lam 0 1 --seeds 0 --gif-every 10
 Quick run on a laptop CPU:
     python train_advreg.py --data PATH --bank kernels/conv1_7x7.pt --epochs 50 --eval-every 25 \
@@ -40,13 +42,11 @@ Writes: per run <out>/lam<lam>_seed<N>[_bankinit]/: model.pt (classifier and dis
         rewritten at every evaluation, so an interrupted run resumes), metrics.csv (per
         iteration: losses, D(real), D(fake); test accuracy at evaluations), losses.png (Fig. 4),
         d_outputs.png (Fig. 5), kernels_<layer>.png (Fig. 7/10), test_acc.png (Fig. 9),
-        summary.json; for every run in <out>: results.csv, results.md (mean ± std over seeds per
-        row) and results.png (accuracy and kernel metrics against lambda); with --gif-every,
+        summary.json (accuracy, D outputs, kernel metrics); with --gif-every,
         <out>/kernels_seed<N>.gif (conv1's kernels of every lam of that seed, side by side).
 """
 import argparse
 import csv
-import glob
 import io
 import json
 import math
@@ -440,19 +440,6 @@ def low_freq_share(kernels, cutoff=0.25):
     return (power[:, low].sum(1) / power.sum(dim=(1, 2)).clamp_min(1e-12)).mean().item()
 
 
-def bank_reference(bank):
-    """The bank's own Frechet distance: each source model's kernels against the other sources'
-    (mean over sources); None for a bank of one source."""
-    kernels, counts = bank["kernels"], bank.get("source_counts") or [len(bank["kernels"])]
-    if len(counts) < 2:
-        return None
-    parts = torch.split(kernels, counts)
-    distances = [frechet_distance(standardize_kernels(part),
-                                  standardize_kernels(torch.cat(parts[:i] + parts[i + 1:])))
-                 for i, part in enumerate(parts)]
-    return sum(distances) / len(distances)
-
-
 def kernel_metrics(model, banks):
     """Per regularized layer: Frechet distance of its standardized kernels to the bank's, and the
     low-frequency share."""
@@ -498,14 +485,6 @@ def kernel_grid(kernels, nrow=8, scale=8):
 
 def save_kernel_grid(kernels, path, nrow=16):
     write_atomic(path, lambda tmp: torchvision.utils.save_image(kernel_grid(kernels, nrow), tmp))
-
-
-def write_csv(path, rows):
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(path, text.getvalue())
 
 
 def smooth(values, window):
@@ -779,78 +758,6 @@ def finish_run(run, log, args, banks):
     return summary
 
 
-# ----------------------------------------------------------------------------- results table
-def mean_std(values):
-    v = torch.tensor([x for x in values if x is not None and not math.isnan(x)],
-                     dtype=torch.float64)
-    if len(v) == 0:
-        return math.nan, math.nan
-    return v.mean().item(), (v.std().item() if len(v) > 1 else 0.0)
-
-
-def results_rows(summaries, metric_names):
-    """One row per (init, lam): mean and std over seeds of every metric."""
-    rows = []
-    for init in dict.fromkeys(s["init"] for s in summaries):
-        for lam in sorted(dict.fromkeys(s["lam"] for s in summaries)):
-            group = [s for s in summaries if s["init"] == init and s["lam"] == lam]
-            if group:
-                row = {"init": init, "lam": lam, "seeds": len(group)}
-                for m in metric_names:
-                    row[m], row[m + "_std"] = mean_std([s.get(m) for s in group])
-                rows.append(row)
-    return rows
-
-
-def write_results(references, args):
-    """results.csv, results.md and results.png of every run in --out (mean ± std over seeds)."""
-    paths = sorted(glob.glob(os.path.join(args.out, "*", "summary.json")))
-    summaries = [json.loads(pathlib.Path(p).read_text()) for p in paths]
-    metric_names = ["final_test_acc", "best_test_acc"] \
-        + [f"{layer}_{m}" for layer in args.layers for m in ("frechet", "low_freq")] \
-        + ["d_real_last10pct", "d_fake_last10pct", "seconds"]
-    rows = results_rows(summaries, metric_names)
-    write_csv(os.path.join(args.out, "results.csv"), rows)
-
-    short = {"final_test_acc": "final acc", "best_test_acc": "best acc", "seconds": "s/run",
-             "d_real_last10pct": "D(real)", "d_fake_last10pct": "D(fake)"}
-    header = [short.get(m, m.replace("_", " ")) for m in metric_names]
-    lines = ["| init | λ | seeds | " + " | ".join(header) + " |", "|---" * (3 + len(header)) + "|"]
-    for r in rows:
-        cells = ["-" if math.isnan(r[m]) else f"{r[m]:.0f}" if m == "seconds"
-                 else f"{r[m]:.3f} ± {r[m + '_std']:.3f}" for m in metric_names]
-        lines.append(f"| {r['init']} | {r['lam']:g} | {r['seeds']} | " + " | ".join(cells) + " |")
-    ref = {f"{layer}_{m}": v for layer, metrics in references.items() for m, v in metrics.items()}
-    lines.append("| bank (reference) | | | " + " | ".join(
-        "" if ref.get(m) is None else f"{ref[m]:.3f}" for m in metric_names) + " |")
-    text = (f"Results of {args.out}: mean ± std over seeds; D outputs averaged over the last 10% "
-            f"of iterations; Frechet = distance of standardized kernels to the bank (lower = "
-            f"closer); low freq = share of kernel energy at radius <= 0.25 cycles/pixel (white "
-            f"noise: 0.167).\n\n" + "\n".join(lines) + "\n")
-    plot_results(rows, args)
-    write_text(os.path.join(args.out, "results.md"), text)
-    print("\n" + text)
-
-
-def plot_results(rows, args):
-    """results.png: test accuracy and the kernel metrics against lambda, mean ± std over seeds."""
-    layer = args.layers[0]
-    panels = [("final_test_acc", "final test accuracy"),
-              (f"{layer}_frechet", f"{layer} Frechet to bank"),
-              (f"{layer}_low_freq", f"{layer} low-frequency share")]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-    for ax, (metric, label) in zip(axes, panels):
-        for init in dict.fromkeys(r["init"] for r in rows):
-            group = [r for r in rows if r["init"] == init]
-            ax.errorbar(range(len(group)), [r[metric] for r in group], marker="o", capsize=3,
-                        yerr=[r[metric + "_std"] for r in group], label=f"conv1 init: {init}")
-            ax.set_xticks(range(len(group)), [f"{r['lam']:g}" for r in group])
-        ax.set(xlabel="λ", title=label)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    save_figure(fig, os.path.join(args.out, "results.png"))
-
-
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
@@ -858,12 +765,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     # Every input is checked before any run starts: a mistake costs nothing, overwrites nothing.
-    bank_dicts = {layer: load_bank(path, CONV_SHAPES[layer][-1])
-                  for layer, path in zip(args.layers, args.bank)}
-    banks = {layer: bank["kernels"].to(device) for layer, bank in bank_dicts.items()}
-    references = {layer: {"frechet": bank_reference(bank),
-                          "low_freq": low_freq_share(bank["kernels"])}
-                  for layer, bank in bank_dicts.items()}
+    banks = {layer: load_bank(path, CONV_SHAPES[layer][-1])["kernels"].to(device)
+             for layer, path in zip(args.layers, args.bank)}
     init_kernels = load_bank(args.init_bank, 7)["kernels"] if args.init_bank else None
     t0 = time.time()
     data = load_small_data(args, device)
@@ -876,7 +779,6 @@ def main(argv=None):
         for lam in args.lam:
             for seed in args.seeds:
                 train_run(lam, seed, bank_init, args, device, data, banks, init_kernels)
-    write_results(references, args)
     if args.gif_every:
         for seed in args.seeds:
             frames = {}
@@ -884,7 +786,9 @@ def main(argv=None):
                 path = os.path.join(args.out, run_name(lam, seed, False), "model.pt")
                 frames[f"λ = {lam:g}"] = torch.load(path, weights_only=True)["frames"]
             write_gif(os.path.join(args.out, f"kernels_seed{seed}.gif"), frames, args.gif_every)
-    print(f"wrote per-run folders under {args.out}/ and {args.out}/results.csv, results.md")
+    print(f"wrote per-run folders under {args.out}/; the table of every run there, mean ± std "
+          f"over seeds:\n  python collect_kernels.py --compare {args.out}/*/model.pt --bank "
+          f"{args.bank[0]} --out {args.out}/compare")
 
 
 if __name__ == "__main__":
