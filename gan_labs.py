@@ -448,7 +448,11 @@ def lipschitz_bound(critic):
 
 # ----------------------------------------------------------------------------- one step
 def log_clamped(p):
-    return torch.log(p).clamp(min=-100)  # as nn.BCELoss: a saturated D gives a large, finite loss
+    """log p, at least -100, as nn.BCELoss computes it: a saturated D gives a large, finite loss.
+    The inner `where` keeps the gradient finite where p = 0 (log's gradient there is inf, and the
+    clamp's 0 times inf is NaN); a NaN p stays NaN, so a diverged run is still caught."""
+    tiny = p <= math.exp(-100)
+    return torch.where(tiny, -100.0, torch.log(torch.where(tiny, 1.0, p)))
 
 
 def gan_step(args, g, d, opt_g, opt_d, real, y, step, aug):

@@ -865,6 +865,17 @@ def test_gan_bad_files_end_in_one_line_in_process(case, gan_common, tmp_path, ca
 
 
 # ----------------------------------------------------------------------------- the mathematics
+def test_gan_saturated_d_gives_a_finite_loss_and_gradient():
+    # D's logit far beyond float32's range of sigmoid: D = 0 or 1 exactly, as with a very wide D
+    logits = torch.tensor([-200.0, -20.0, 0.0, 20.0, 200.0], requires_grad=True)
+    for log_term in (gan_labs.log_clamped(torch.sigmoid(logits)),
+                     gan_labs.log_clamped(1 - torch.sigmoid(logits))):
+        grad, = torch.autograd.grad(log_term.sum(), logits)
+        assert log_term.min() == -100 and torch.isfinite(grad).all()
+    naive = torch.log(1 - torch.sigmoid(logits)).clamp(min=-100)  # what the helper must not be
+    assert torch.isnan(torch.autograd.grad(naive.sum(), logits)[0]).any()
+
+
 def test_gan_gradient_penalty_zero_for_unit_norm_linear_critic():
     torch.manual_seed(0)
     real, fake = torch.randn(64, 1, 8, 8), torch.randn(64, 1, 8, 8)
