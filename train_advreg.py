@@ -75,7 +75,8 @@ LOG_COLUMNS = ("cls_loss", "reg_loss", "disc_loss", "d_real", "d_fake")  # logge
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Stage 4: train on 100 CIFAR-10 images with adversarial kernel "
-                    "regularization (Algorithm 1); a grid over --lam and --seeds gives a table.",
+                    "regularization (Algorithm 1); a grid over --lam and --seeds (its table: "
+                    "collect_kernels.py --compare).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--bank", nargs="+", default=["kernels/conv1_7x7.pt"],
                    help="kernel bank(s) from collect_kernels.py, one per --layers entry, in order")
