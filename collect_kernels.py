@@ -1,34 +1,28 @@
-"""Stage 2 — collect the kernels of the pretrained CNNs into banks of "real" kernels.
+"""Stage 2: collect the kernels of the pretrained CNNs into banks of "real" kernels; compare.
 
 Paper: "Adversarial Regularization for Convolution Filters" (Skoltech), the kernel bank and
-Figure 3. Every (out, in) slice of a convolution weight [out, in, k, k] is one k x k kernel, so
-five pretrained models give 5 * 64 * 3 = 960 kernels of 7x7 (conv1) and 5 * 128 * 64 = 40,960 of
-5x5 (conv2). These banks are the "real" data that stage 4's discriminator learns to tell from the
-classifier's own kernels.
+Figure 3: every (out, in) slice of a conv weight [out, in, k, k] is one k x k kernel, so five
+pretrained models give 5 * 64 * 3 = 960 kernels of 7x7 (conv1) and 5 * 128 * 64 = 40,960 of 5x5
+(conv2): the "real" data that stage 4's discriminator learns to tell from the classifier's own.
+With --compare, trained models' kernels are measured against a bank (Frechet distance and
+low-frequency share: numbers for what the paper shows as pictures), a table row per configuration.
 
-Run (after pretrain.py, or on the authors' five published CIFAR-100 models):
+The paper's setting (after pretrain.py), and the authors' five published CIFAR-100 models:
     python collect_kernels.py --checkpoints checkpoints/ --layers conv1 conv2 --out kernels/
     python collect_kernels.py --checkpoints ~/models --out kernels/authors
-Compare trained models with a bank (after stages 3-4): one table row per configuration (mean ±
-std over its seeds), side-by-side kernel grids and a PCA scatter of the kernels:
-    python collect_kernels.py --compare runs/advreg/*/model.pt runs/small_amp0.5/seed*/model.pt \
+A quick CPU run (after pretrain.py --data PATH --quick --seeds 0 1 --out checkpoints/quick):
+    python collect_kernels.py --checkpoints checkpoints/quick --out kernels/quick
+After stages 3-4, the table (mean ± std over the seeds of each configuration):
+    python collect_kernels.py --compare runs/advreg/*/model.pt runs/small/seed*/model.pt \
         --bank kernels/conv1_7x7.pt --out kernels/compare
 
-Kernel metrics (a number for "the kernels have patterns", which the paper only shows as pictures):
-  * Frechet distance: every kernel is standardized (zero mean, unit std over its k*k pixels), a
-    Gaussian is fitted to each set in the k*k-dimensional space, and the Frechet distance between
-    the two Gaussians is reported. Lower = closer to the bank's distribution of shapes.
-  * Low-frequency share: the share of a kernel's energy (its mean removed) at spatial frequencies
-    of radius <= 0.25 cycles/pixel, averaged over kernels. White noise scores about 1/6.
-The bank's own reference: each source model's kernels against all the other sources' kernels.
-
-Reads:  checkpoints written by pretrain.py or the authors' model1_seed*.pt (with --compare: by
-        train_small.py / train_advreg.py).
-Writes: <out>/<layer>_<k>x<k>.pt — dict with "kernels" [N, k, k] and provenance (layer,
-        kernel_size, sources, source_counts, seeds, test_acc, dataset, format);
-        <out>/<layer>_<k>x<k>_grid.png (Figure 3). With --compare: <out>/compare.csv (one row
-        per checkpoint), compare.md (one row per configuration), compare.png (kernel grids),
-        compare_pca.png, compare_metrics.png (accuracy and kernel metrics per configuration).
+Reads:  checkpoints of the paper's CNN (pretrain.py's or the authors' model1_seed*.pt; with
+        --compare, train_small.py's and train_advreg.py's) and, with --compare, a bank.
+Writes: <out>/<layer>_<k>x<k>.pt ("kernels" [N, k, k] and provenance: layer, kernel_size, sources,
+        source_counts, seeds, test_acc, dataset, arch, format), <out>/<layer>_<k>x<k>_grid.png
+        (Figure 3); with --compare, compare.csv (a row per checkpoint), compare.md (a row per
+        configuration), compare.png, compare_pca.png, compare_metrics.png.
+Results: docs/collect_kernels.md
 """
 import argparse
 import csv
@@ -45,14 +39,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-ARCH = "PaperCNN"
-# The paper's CNN: layer name -> weight shape [out, in, k, k] (see pretrain.py).
-CONV_SHAPES = {"conv1": (64, 3, 7, 7), "conv2": (128, 64, 5, 5), "conv3": (128, 128, 5, 5),
-               "conv4": (256, 128, 3, 3)}
-LOG_COLUMNS = ("cls_loss", "reg_loss", "disc_loss", "d_real", "d_fake")  # train_advreg.py's log
 
-
-# ----------------------------------------------------------------------------- args
+# ----------------------------------------------------------------------------- config
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Stage 2: collect conv kernels of pretrained CNNs into banks (and Figure 3); "
@@ -60,18 +48,21 @@ def parse_args(argv=None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoints", default="checkpoints",
                    help="folder of checkpoints (all *.pt in it) or a glob such as 'ckpts/seed*.pt'"
-                        "; pretrain.py's or the authors' model1_seed*.pt")
+                        "; pretrain.py's or the authors' model1_seed*.pt (this project: "
+                        "pretrain.py's --out)")
     p.add_argument("--layers", nargs="+", default=["conv1", "conv2"],
                    help=f"layers to collect, one bank each (paper text: conv1 7x7 and conv2 5x5); "
                         f"allowed: {', '.join(CONV_SHAPES)}")
-    p.add_argument("--out", default="kernels", help="output folder")
-    p.add_argument("--grid-kernels", type=int, default=64, help="kernels shown in each figure grid")
+    p.add_argument("--out", default="kernels", help="output folder (this project)")
+    p.add_argument("--grid-kernels", type=int, default=64,
+                   help="kernels shown in each figure grid (this project: docs/collect_kernels.md)")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of the random sample of kernels shown in the figures")
+                   help="seed of the random sample of kernels shown in the figures (this project)")
     p.add_argument("--compare", nargs="+", metavar="CKPT", default=None,
                    help="instead of collecting: checkpoints of trained models to compare with "
                         "--bank")
-    p.add_argument("--bank", default="kernels/conv1_7x7.pt", help="bank used by --compare")
+    p.add_argument("--bank", default="kernels/conv1_7x7.pt",
+                   help="bank used by --compare (this project: the conv1 bank of --out)")
     args = p.parse_args(argv)
     unknown = [layer for layer in args.layers if layer not in CONV_SHAPES]
     if unknown:
@@ -81,7 +72,45 @@ def parse_args(argv=None):
     return args
 
 
+# ----------------------------------------------------------------------------- collecting
+def kernels_of(weight):
+    """Every (out, in) slice of a conv weight as one kernel: [out, in, k, k] -> [out*in, k, k]."""
+    return weight.reshape(-1, weight.shape[-2], weight.shape[-1])
+
+
+def collect(args):
+    """One bank per layer: every kernel of that layer in every checkpoint, with provenance."""
+    paths = find_checkpoints(args.checkpoints)
+    ckpts = [read_cnn_checkpoint(p, args.layers) for p in paths]  # every check before any write
+    os.makedirs(args.out, exist_ok=True)
+    print(f"{len(paths)} checkpoints: {', '.join(os.path.basename(p) for p in paths)}")
+    print(f"{'layer':6} {'bank':>14} {'mean':>8} {'std':>7} {'|kernel|':>9} {'low-freq':>9}")
+    for layer in args.layers:
+        per_source = [kernels_of(c["model"][f"{layer}.weight"].float()) for c in ckpts]
+        kernels = torch.cat(per_source)
+        name = f"{layer}_{kernels.shape[-1]}x{kernels.shape[-1]}"
+        bank = {"kernels": kernels, "layer": layer, "kernel_size": kernels.shape[-1],
+                "sources": [os.path.abspath(p) for p in paths],
+                "source_counts": [len(s) for s in per_source],
+                "seeds": [c.get("seed") for c in ckpts],
+                "test_acc": [last(c.get("history", {}), "test_acc") for c in ckpts],
+                "dataset": ckpts[0].get("dataset"), "arch": ARCH,
+                "format": ckpts[0].get("format", "pretrain.py")}
+        write_atomic(os.path.join(args.out, name + ".pt"), lambda tmp: torch.save(bank, tmp))
+        save_kernel_grid(random_sample(kernels, args.grid_kernels, args.seed),
+                         os.path.join(args.out, name + "_grid.png"), nrow=8)
+        print(f"{layer:6} {str(list(kernels.shape)):>14} {kernels.mean().item():8.4f} "
+              f"{kernels.std().item():7.4f} {kernels.flatten(1).norm(dim=1).mean().item():9.4f} "
+              f"{low_freq_share(kernels):9.3f}")
+    print(f"wrote {', '.join(f'{args.out}/{layer}_*.pt' for layer in args.layers)} and the "
+          f"Figure 3 grids (*_grid.png)")
+
+
 # ----------------------------------------------------------------------------- kernel metrics
+# Frechet distance: every kernel is standardized (zero mean, unit std over its k*k pixels: its
+# shape, not its scale), a Gaussian is fitted to each set of kernels in the k*k-dimensional space,
+# and the Frechet distance between the two Gaussians is reported. Lower = closer to the bank's
+# distribution of shapes. The bank's own reference: each source model against the others.
 def standardize_kernels(kernels):
     """[N, k, k] -> [N, k*k] float64, each kernel with zero mean and unit std: shape, not scale."""
     flat = kernels.reshape(len(kernels), -1).double()
@@ -89,19 +118,24 @@ def standardize_kernels(kernels):
     return flat / flat.std(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-def frechet_distance(a, b):
-    """Frechet distance between Gaussians fitted to the rows of a [N, d] and b [M, d].
+def psd_sqrt(m):
+    """Square root of a symmetric positive semi-definite matrix (negative eigenvalues: 0)."""
+    w, v = torch.linalg.eigh(m)
+    return (v * w.clamp(min=0).sqrt()) @ v.T
 
-    ||mu_a - mu_b||^2 + tr(C_a + C_b - 2 (C_a C_b)^(1/2)), with tr (C_a C_b)^(1/2) computed as the
-    sum of square roots of the eigenvalues of the symmetric matrix C_a^(1/2) C_b C_a^(1/2).
-    """
+
+def frechet_distance(a, b):
+    """Frechet distance between Gaussians fitted to the rows of a [N, d] and b [M, d], in float64:
+    ||mu_a - mu_b||^2 + tr(C_a + C_b - 2 (C_a^1/2 C_b C_a^1/2)^1/2) (the FID formula, Heusel et
+    al., 2017). The symmetric product has the trace root of (C_a C_b)^1/2 and is PSD, so eigh
+    replaces scipy's sqrtm."""
     a, b = a.double(), b.double()
     cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
-    eigvals, eigvecs = torch.linalg.eigh(cov_a)
-    sqrt_a = eigvecs @ torch.diag(eigvals.clamp_min(0).sqrt()) @ eigvecs.T
-    cross = torch.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clamp_min(0).sqrt().sum()
-    mean_term = ((a.mean(0) - b.mean(0)) ** 2).sum()
-    return (mean_term + cov_a.trace() + cov_b.trace() - 2 * cross).item()
+    root_a = psd_sqrt(cov_a)
+    inner = root_a @ cov_b @ root_a
+    tr_covmean = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp(min=0).sqrt().sum()
+    return (((a.mean(0) - b.mean(0)) ** 2).sum().item()
+            + (cov_a.trace() + cov_b.trace() - 2 * tr_covmean).item())
 
 
 def low_freq_share(kernels, cutoff=0.25):
@@ -128,9 +162,175 @@ def bank_reference(bank):
     return sum(distances) / len(distances)
 
 
+# ----------------------------------------------------------------------------- the compare table
+def configuration_name(ckpt):
+    """(readable name, order key) of the run a checkpoint comes from, read from its own fields.
+    Rows go: baseline, λ ascending, AMP, pretrained, then the bank-initialized runs, then the
+    transfer runs (train_small.py --init-from) by how much was transferred."""
+    run_args = ckpt.get("args") or {}
+    transfer, freeze = layer_list(run_args.get("transfer")), layer_list(run_args.get("freeze"))
+    if "lam" in ckpt:  # train_advreg.py: each run knows its λ and whether conv1 came from a bank
+        bank_init, kind = bool(ckpt.get("bank_init")), (0, ckpt["lam"])
+        parts = ["baseline (λ = 0)" if ckpt["lam"] == 0 else f"λ = {ckpt['lam']:g}"]
+        layers = layer_list(run_args.get("layers")) or ["conv1"]
+        if ckpt["lam"] != 0 and layers != ["conv1"]:  # discriminators on more layers
+            parts.append(layers_label(layers))
+    else:
+        bank_init, kind = bool(run_args.get("init_bank")), (0, 0.0)
+        parts = [transfer_label(run_args, transfer, freeze)] if transfer else []
+        if run_args.get("amp_epsilon") is not None:  # train_small.py with AMP
+            kind = (1, run_args["amp_epsilon"])
+            parts.append(f"AMP ε = {run_args['amp_epsilon']:g}")
+        elif "amp_epsilon" not in run_args and "per_class" not in run_args:  # not train_small.py
+            kind = (2, 0.0)
+            parts.append(f"pretrained ({ckpt.get('dataset')})")
+        if not parts:
+            parts.append("baseline (λ = 0)")
+    if bank_init:
+        parts.append("conv1 from bank")
+    if freeze and not transfer:
+        parts.append(f"frozen {layers_label(freeze)}")
+    transferred = (1 + len(transfer), len(freeze)) if transfer else (0, 0)
+    return ", ".join(parts), (*transferred, bank_init, *kind)
+
+
+def transfer_label(run_args, transfer, freeze):
+    """The known transfer recipes by name; any other by the layers transferred and frozen."""
+    convs = list(CONV_SHAPES)
+    from_small_run = os.path.basename(str(run_args.get("init_from"))) == "model.pt"
+    if "fc" in transfer and from_small_run:  # a train_small.py run's head too: probe, then tune
+        return "LP-FT"
+    if transfer == convs and freeze == convs:
+        return "linear probe (transfer conv1-4, frozen conv1-4)"
+    if transfer == convs and not freeze:
+        return "fine-tune (transfer conv1-4)"
+    return f"transfer {layers_label(transfer)}" + (f", frozen {layers_label(freeze)}"
+                                                   if freeze else "")
+
+
+def configuration_labels(names, ckpts):
+    """(label, order key) per checkpoint, from its configuration_name; where runs of the same name
+    differ in a flag that defines a run (lr, weight decay, augmentation, epochs, init_from, ...),
+    the name is followed by those flags' values, so that no table row mixes two configurations."""
+    flags = [defining_flags(c) for c in ckpts]
+    labels = []
+    for (name, key), own in zip(names, flags):
+        same_name = [f for (n, _), f in zip(names, flags) if n == name]
+        differing = [k for k in own if all(k in f for f in same_name)
+                     and any(f[k] != own[k] for f in same_name)]
+        label = ", ".join([name] + [flag_text(k, own[k]) for k in differing])
+        labels.append((label, (*key, label)))
+    return labels
+
+
+def checkpoint_row(path, ckpt, configuration, layer, bank_std):
+    """Metrics of one trained model's kernels (and its accuracies and D outputs, where logged)."""
+    kernels = kernels_of(ckpt["model"][f"{layer}.weight"].float())
+    history = ckpt.get("history", {})
+    row = {"model": path, "configuration": configuration, "kernels": len(kernels),
+           "final_test_acc": last(history, "test_acc"),
+           "best_test_acc": max(history["test_acc"]) if history.get("test_acc") else None,
+           "final_train_acc": last(history, "train_acc"),
+           "final_val_acc": last(history, "val_acc"),
+           "frechet_to_bank": frechet_distance(standardize_kernels(kernels), bank_std),
+           "low_freq_share": low_freq_share(kernels), "kernel_std": kernels.std().item()}
+    log = ckpt.get("log")
+    for name in ("d_real", "d_fake"):  # mean over the last 10% of iterations
+        column = log[-max(1, len(log) // 10):, LOG_COLUMNS.index(name)] if log is not None else None
+        value = None if column is None else column.mean().item()
+        row[name] = None if value is None or math.isnan(value) else value
+    return row, kernels
+
+
+METRICS = ["final_test_acc", "best_test_acc", "final_train_acc", "final_val_acc",
+           "frechet_to_bank", "low_freq_share", "kernel_std", "d_real", "d_fake"]
+HEADERS = ["final acc", "best acc", "train acc", "val acc", "Frechet to bank", "low-freq share",
+           "kernel std", "D(real)", "D(fake)"]
+
+
+def group_stats(rows):
+    """{configuration: (runs, {metric: (mean, std) or None})} over the runs of each configuration,
+    in the rows' order; a metric no run of the configuration logged is None."""
+    groups = {}
+    for config in dict.fromkeys(r["configuration"] for r in rows):
+        group = [r for r in rows if r["configuration"] == config]
+        stats = {}
+        for m in METRICS:
+            values = torch.tensor([r[m] for r in group if r[m] is not None], dtype=torch.float64)
+            std = values.std().item() if len(values) > 1 else 0.0
+            stats[m] = (values.mean().item(), std) if len(values) else None
+        groups[config] = (len(group), stats)
+    return groups
+
+
+def grouped_table(groups, bank_row, bank_path):
+    """compare.md: one row per configuration, mean ± std over its checkpoints, "-" where none has
+    the value; the val acc column only when some run has a validation split."""
+    metrics = [m for m in METRICS if m != "final_val_acc"
+               or any(stats[m] for _, stats in groups.values())]
+    headers = [h for m, h in zip(METRICS, HEADERS) if m in metrics]
+    lines = ["| configuration | runs | " + " | ".join(headers) + " |",
+             "|---" * (2 + len(headers)) + "|"]
+    for config, (runs, stats) in groups.items():
+        cells = [f"{stats[m][0]:.3f} ± {stats[m][1]:.3f}" if stats[m] else "-" for m in metrics]
+        lines.append(f"| {config} | {runs} | " + " | ".join(cells) + " |")
+    bank_cells = [f"{bank_row[m]:.3f}" if bank_row.get(m) is not None else "-" for m in metrics]
+    lines.append(f"| {bank_row['model']} | | " + " | ".join(bank_cells) + " |")
+    k = bank_row["kernel_size"]
+    return (f"Kernels of {bank_row['layer']} ({k}x{k}) against bank {bank_path}; mean ± std over "
+            f"the runs of each configuration; train acc on the training images at the last "
+            f"evaluation; D outputs over the last 10% of iterations.\n\n" + "\n".join(lines) + "\n")
+
+
+def compare(args):
+    """--compare: every finished run's kernels against the bank; a table row per configuration."""
+    bank = load_bank(args.bank)
+    layer, bank_kernels = bank["layer"], bank["kernels"]
+    runs = finished_runs(args.compare, layer)
+    ckpts = [ckpt for _, ckpt in runs]
+    labels = configuration_labels([configuration_name(c) for c in ckpts], ckpts)
+    order = sorted(range(len(runs)), key=lambda i: labels[i][1])
+    bank_std = standardize_kernels(bank_kernels)
+    rows, panels = [], [(f"bank ({len(bank_kernels)} kernels)", bank_kernels)]
+    for i in order:
+        row, kernels = checkpoint_row(*runs[i], labels[i][0], layer, bank_std)
+        if row["configuration"] not in [title for title, _ in panels]:  # its first run is shown
+            panels.append((row["configuration"], kernels))
+        rows.append(row)
+    bank_row = {"model": f"bank ({len(bank.get('source_counts', [1]))} sources)", "layer": layer,
+                "kernel_size": bank_kernels.shape[-1], "frechet_to_bank": bank_reference(bank),
+                "low_freq_share": low_freq_share(bank_kernels),
+                "kernel_std": bank_kernels.std().item()}
+    groups = group_stats(rows)
+    table = grouped_table(groups, bank_row, args.bank)
+    os.makedirs(args.out, exist_ok=True)
+    write_csv(os.path.join(args.out, "compare.csv"), rows)
+    write_text(os.path.join(args.out, "compare.md"), table)
+    print(table)
+    plot_kernel_panels(panels, args, os.path.join(args.out, "compare.png"))
+    plot_pca(panels, os.path.join(args.out, "compare_pca.png"))
+    plot_metrics(groups, bank_row, os.path.join(args.out, "compare_metrics.png"))
+    print(f"wrote {args.out}/compare.csv, compare.md, compare.png, compare_pca.png, "
+          f"compare_metrics.png")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.compare:
+        compare(args)
+    else:
+        collect(args)
+
+
+# ==== plumbing: the same in every script, checked by test_smoke.py; skip on a first read ====
 # ----------------------------------------------------------------------------- checkpoints, banks
-# The authors' published models (GitHub realfolkcode/AdversarialRegularization, models/*.pt) are
-# plain state_dicts of an nn.Sequential; these are their names for the layers of the paper's CNN.
+ARCH = "PaperCNN"  # stored in checkpoints; collect_kernels.py refuses anything else
+
+CONV_SHAPES = {"conv1": (64, 3, 7, 7), "conv2": (128, 64, 5, 5), "conv3": (128, 128, 5, 5),
+               "conv4": (256, 128, 3, 3)}
+
+LOG_COLUMNS = ("cls_loss", "reg_loss", "disc_loss", "d_real", "d_fake")  # train_advreg.py's log
+
 AUTHORS_LAYERS = {"features.0": "conv1", "features.1": "bn1", "features.3": "conv2",
                   "features.4": "bn2", "features.6": "conv3", "features.7": "bn3",
                   "features.9": "conv4", "features.10": "bn4", "classifier.2": "fc"}
@@ -138,7 +338,8 @@ AUTHORS_LAYERS = {"features.0": "conv1", "features.1": "bn1", "features.3": "con
 
 def read_checkpoint(path):
     """A checkpoint of the paper's CNN as a dict with "model" (our layer names) and provenance:
-    pretrain.py's own, or one of the authors' models (saved on a GPU: loaded to the CPU)."""
+    ours (pretrain.py, train_small.py, train_advreg.py), or one of the authors' models (saved on a
+    GPU: loaded to the CPU)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
@@ -167,7 +368,7 @@ def find_checkpoints(spec):
     return paths
 
 
-def load_checkpoint(path, layers):
+def read_cnn_checkpoint(path, layers):
     """A checkpoint's dict, after checking it holds the paper's CNN with the layers asked for."""
     ckpt = read_checkpoint(path)
     for layer in layers:
@@ -179,9 +380,21 @@ def load_checkpoint(path, layers):
     return ckpt
 
 
-def kernels_of(weight):
-    """Every (out, in) slice of a conv weight as one kernel: [out, in, k, k] -> [out*in, k, k]."""
-    return weight.reshape(-1, weight.shape[-2], weight.shape[-1])
+def finished_runs(paths, layer):
+    """[(path, checkpoint)] of the runs that trained all their epochs; the others get a line."""
+    finished = []
+    for path in paths:
+        ckpt = read_cnn_checkpoint(path, [layer])
+        history = ckpt.get("history", {})
+        done = ckpt.get("epoch", history.get("epoch_done", 0))
+        asked = (ckpt.get("args") or {}).get("epochs", 0)
+        if done < asked:  # a run still training, or stopped
+            print(f"left out: {path} is unfinished (epoch {done} of {asked})")
+        else:
+            finished.append((path, ckpt))
+    if not finished:
+        raise SystemExit("error: none of the --compare checkpoints is a finished run")
+    return finished
 
 
 def load_bank(path, kernel_size=None):
@@ -202,26 +415,100 @@ def load_bank(path, kernel_size=None):
     if kernel_size is not None and k != kernel_size:
         raise SystemExit(f"error: bank {path!r} holds {k}x{k} kernels, but the layer it is for "
                          f"has {kernel_size}x{kernel_size} kernels")
+    if not torch.isfinite(bank["kernels"]).all():
+        raise SystemExit(f"error: bank {path!r} holds non-finite kernels (NaN or inf); collect "
+                         f"it again from checkpoints of runs that did not diverge")
     return dict(bank, kernels=bank["kernels"].float())
+
+
+def last(history, key):
+    """The last value of a history's list `key`, or None where the run did not log it."""
+    values = history.get(key)
+    return values[-1] if values else None
+
+
+# Flags that do not define a run: where it ran, how often it printed or evaluated, which seeds
+# its command line had. train_advreg.py's --lam and --init-bank list a sweep: each of its runs
+# stores its own λ ("lam") and bank initialization ("bank_init").
+NOT_DEFINING = {"seeds", "seed", "threads", "device", "out", "log_every", "eval_every",
+                "data_root", "gif_every", "val_size", "quick", "evaluate"}
+
+
+def defining_flags(ckpt):
+    """The flags of the command that trained a checkpoint, but those that do not define a run."""
+    skip = NOT_DEFINING | ({"lam", "init_bank"} if "lam" in ckpt else set())
+    return {k: v for k, v in (ckpt.get("args") or {}).items() if k not in skip}
+
+
+def flag_text(name, value):
+    """A flag's value in a table label: "lr 0.01", "weight decay 0.0001", "no augmentation"."""
+    if name == "no_augment":
+        return "no augmentation" if value else "augmentation"
+    if isinstance(value, (list, tuple)):
+        value = " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    elif isinstance(value, float):
+        value = f"{value:g}"
+    return f"{name.replace('_', ' ')} {'none' if value is None else value}"
+
+
+def layer_list(value):
+    """A layer-list flag as stored (a list, one name, None or []) as a sorted list of names."""
+    if not value:
+        return []
+    return sorted([value] if isinstance(value, str) else list(value))
+
+
+def layers_label(layers):
+    """["conv1", "conv2", "conv3"] -> "conv1-3"; ["conv1", "conv2"] -> "conv1+conv2"."""
+    numbers = [int(name[4:]) for name in layers if name[:4] == "conv" and name[4:].isdigit()]
+    if len(layers) >= 3 and len(numbers) == len(layers) \
+            and numbers == list(range(numbers[0], numbers[0] + len(numbers))):
+        return f"conv{numbers[0]}-{numbers[-1]}"
+    return "+".join(layers)
 
 
 # ----------------------------------------------------------------------------- outputs
 def write_atomic(path, write):
-    """Write a file under a temporary name, then rename it: a Ctrl-C or a kill never leaves half a
-    file. `write(tmp)` writes to the name it is given (torch.save, fig.savefig, ...)."""
+    """Write a file under a temporary name, then rename it: a Ctrl-C, a kill or a full disk never
+    leaves half a file, and the previous version stays until the new one is complete.
+    `write(tmp)` writes to the name it is given (torch.save, fig.savefig, ...)."""
     root, ext = os.path.splitext(path)
     tmp = f"{root}.tmp{ext}"  # keep the extension: savefig and save_image read the format from it
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        torch_write = any(s in str(e) for s in ("inline_container", "PytorchStreamWriter"))
+        if isinstance(e, RuntimeError) and not torch_write:
+            raise  # not a write error: a bug, shown as one
+        reason = getattr(e, "strerror", None) or "the write failed: is the disk full?"
+        raise SystemExit(f"error: could not write {path} ({reason}); its previous version, if "
+                         f"any, is kept")
+    except BaseException:  # Ctrl-C, SystemExit: no temporary file left behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def write_text(path, text):
     write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(text))
 
 
-def save_figure(fig, path):
+def write_csv(path, rows):
+    """A list of dicts as CSV; the columns are their keys, in the order they first appear."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, list(dict.fromkeys(k for r in rows for k in r)),
+                            lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buffer.getvalue())
+
+
+def save_figure(fig, path, dpi=100):
     fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100))
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi))
     plt.close(fig)
 
 
@@ -241,117 +528,15 @@ def random_sample(kernels, count, seed):
     return kernels[torch.randperm(len(kernels), generator=g)[:count]]
 
 
-def write_csv(path, rows):
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(path, text.getvalue())
-
-
-# ----------------------------------------------------------------------------- collect
-def collect(args):
-    paths = find_checkpoints(args.checkpoints)
-    ckpts = [load_checkpoint(p, args.layers) for p in paths]  # every check before any write
-    histories = [c.get("history", {}) for c in ckpts]
-    test_accs = [h["test_acc"][-1] if h.get("test_acc") else None for h in histories]
-    os.makedirs(args.out, exist_ok=True)
-    print(f"{len(paths)} checkpoints: {', '.join(os.path.basename(p) for p in paths)}")
-    print(f"{'layer':6} {'bank':>14} {'mean':>8} {'std':>7} {'|kernel|':>9} {'low-freq':>9}")
-    for layer in args.layers:
-        per_source = [kernels_of(c["model"][f"{layer}.weight"].float()) for c in ckpts]
-        kernels = torch.cat(per_source)
-        name = f"{layer}_{kernels.shape[-1]}x{kernels.shape[-1]}"
-        bank = {"kernels": kernels, "layer": layer, "kernel_size": kernels.shape[-1],
-                "sources": [os.path.abspath(p) for p in paths],
-                "source_counts": [len(s) for s in per_source],
-                "seeds": [c.get("seed") for c in ckpts], "test_acc": test_accs,
-                "dataset": ckpts[0].get("dataset"), "arch": ARCH,
-                "format": ckpts[0].get("format", "pretrain.py")}
-        write_atomic(os.path.join(args.out, name + ".pt"), lambda tmp: torch.save(bank, tmp))
-        save_kernel_grid(random_sample(kernels, args.grid_kernels, args.seed),
-                         os.path.join(args.out, name + "_grid.png"), nrow=8)
-        print(f"{layer:6} {str(list(kernels.shape)):>14} {kernels.mean().item():8.4f} "
-              f"{kernels.std().item():7.4f} {kernels.flatten(1).norm(dim=1).mean().item():9.4f} "
-              f"{low_freq_share(kernels):9.3f}")
-    print(f"wrote {', '.join(f'{args.out}/{layer}_*.pt' for layer in args.layers)} and the "
-          f"Figure 3 grids (*_grid.png)")
-
-
-# ----------------------------------------------------------------------------- compare
-def configuration(ckpt):
-    """The training configuration a checkpoint comes from: (its table row's name, a key that
-    orders the rows: baseline, lam ascending, AMP, pretrained; bank-initialized runs last)."""
-    run_args = ckpt.get("args", {})
-    bank_init = ckpt["bank_init"] if "lam" in ckpt else bool(run_args.get("init_bank"))
-    if "lam" in ckpt:  # train_advreg.py (its --init-bank adds runs; each knows its own init)
-        name = "baseline (λ = 0)" if ckpt["lam"] == 0 else f"λ = {ckpt['lam']:g}"
-        key = (0, ckpt["lam"])
-    elif run_args.get("amp_epsilon") is not None:  # train_small.py with AMP
-        name, key = f"AMP ε = {run_args['amp_epsilon']:g}", (1, run_args["amp_epsilon"])
-    elif "amp_epsilon" in run_args or "per_class" in run_args:  # train_small.py
-        name, key = "baseline (λ = 0)", (0, 0.0)
-    else:
-        name, key = f"pretrained ({ckpt.get('dataset')})", (2, 0.0)
-    return name + (", conv1 from bank" if bank_init else ""), (bank_init, *key)
-
-
-def epochs_done(ckpt):
-    return ckpt.get("epoch", ckpt.get("history", {}).get("epoch_done", 0))
-
-
-def epochs_asked(ckpt):
-    return ckpt.get("args", {}).get("epochs", 0)
-
-
-def checkpoint_row(path, ckpt, layer, bank_std):
-    """Metrics of one trained model's kernels (and its accuracy and D outputs, where logged)."""
-    kernels = kernels_of(ckpt["model"][f"{layer}.weight"].float())
-    history = ckpt.get("history", {})
-    row = {"model": path, "configuration": configuration(ckpt)[0], "kernels": len(kernels),
-           "final_test_acc": history["test_acc"][-1] if history.get("test_acc") else None,
-           "best_test_acc": max(history["test_acc"]) if history.get("test_acc") else None,
-           "frechet_to_bank": frechet_distance(standardize_kernels(kernels), bank_std),
-           "low_freq_share": low_freq_share(kernels), "kernel_std": kernels.std().item()}
-    log = ckpt.get("log")
-    for name in ("d_real", "d_fake"):  # mean over the last 10% of iterations
-        column = log[-max(1, len(log) // 10):, LOG_COLUMNS.index(name)] if log is not None else None
-        value = None if column is None else column.mean().item()
-        row[name] = None if value is None or math.isnan(value) else value
-    return row, kernels
-
-
-METRICS = ["final_test_acc", "best_test_acc", "frechet_to_bank", "low_freq_share", "kernel_std",
-           "d_real", "d_fake"]
-
-
-def group_stats(rows):
-    """{configuration: (runs, {metric: (mean, std)})} over the runs of each configuration."""
-    groups = {}
-    for config in dict.fromkeys(r["configuration"] for r in rows):
-        group = [r for r in rows if r["configuration"] == config]
-        stats = {}
-        for m in METRICS:
-            values = torch.tensor([r[m] for r in group if r[m] is not None], dtype=torch.float64)
-            std = values.std().item() if len(values) > 1 else 0.0
-            stats[m] = (values.mean().item(), std) if len(values) else None
-        groups[config] = (len(group), stats)
-    return groups
-
-
-def grouped_table(groups, bank_row, args):
-    """compare.md: one row per configuration, mean ± std over its checkpoints."""
-    lines = ["| configuration | runs | final acc | best acc | Frechet to bank | low-freq share | "
-             "kernel std | D(real) | D(fake) |", "|---" * 9 + "|"]
-    for config, (runs, stats) in groups.items():
-        cells = [f"{stats[m][0]:.3f} ± {stats[m][1]:.3f}" if stats[m] else "-" for m in METRICS]
-        lines.append(f"| {config} | {runs} | " + " | ".join(cells) + " |")
-    bank_cells = [f"{bank_row[m]:.3f}" if bank_row.get(m) is not None else "-" for m in METRICS]
-    lines.append(f"| {bank_row['model']} | | " + " | ".join(bank_cells) + " |")
-    k = bank_row["kernel_size"]
-    return (f"Kernels of {bank_row['layer']} ({k}x{k}) against bank {args.bank}; mean ± std over "
-            f"the runs of each configuration; D outputs over the last 10% of iterations.\n\n"
-            + "\n".join(lines) + "\n")
+def plot_kernel_panels(panels, args, path):
+    """compare.png: a grid of --grid-kernels kernels of the bank and of each configuration."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)
+    for ax, (title, kernels) in zip(axes[0], panels):
+        grid = kernel_grid(random_sample(kernels, args.grid_kernels, args.seed))
+        ax.imshow(grid.permute(1, 2, 0).numpy())
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+    save_figure(fig, path)
 
 
 def plot_metrics(groups, bank_row, path):
@@ -395,58 +580,5 @@ def plot_pca(panels, path):
     save_figure(fig, path)
 
 
-def compare(args):
-    bank = load_bank(args.bank)
-    layer, bank_kernels = bank["layer"], bank["kernels"]
-    finished = []
-    for path in args.compare:
-        ckpt = load_checkpoint(path, [layer])
-        if epochs_done(ckpt) < epochs_asked(ckpt):  # a run still training, or stopped
-            print(f"left out: {path} is unfinished (epoch {epochs_done(ckpt)} of "
-                  f"{epochs_asked(ckpt)})")
-        else:
-            finished.append((path, ckpt))
-    if not finished:
-        raise SystemExit("error: none of the --compare checkpoints is a finished run")
-    finished.sort(key=lambda path_ckpt: configuration(path_ckpt[1])[1])
-    bank_std = standardize_kernels(bank_kernels)
-    rows, panels = [], [(f"bank ({len(bank_kernels)} kernels)", bank_kernels)]
-    for path, ckpt in finished:
-        row, kernels = checkpoint_row(path, ckpt, layer, bank_std)
-        if row["configuration"] not in [title for title, _ in panels]:  # its first run is shown
-            panels.append((row["configuration"], kernels))
-        rows.append(row)
-    bank_row = {"model": f"bank ({len(bank.get('source_counts', [1]))} sources)", "layer": layer,
-                "kernel_size": bank_kernels.shape[-1], "frechet_to_bank": bank_reference(bank),
-                "low_freq_share": low_freq_share(bank_kernels),
-                "kernel_std": bank_kernels.std().item()}
-
-    os.makedirs(args.out, exist_ok=True)
-    write_csv(os.path.join(args.out, "compare.csv"), rows)
-    groups = group_stats(rows)
-    text = grouped_table(groups, bank_row, args)
-    write_text(os.path.join(args.out, "compare.md"), text)
-    print(text)
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)
-    for ax, (title, kernels) in zip(axes[0], panels):
-        grid = kernel_grid(random_sample(kernels, args.grid_kernels, args.seed))
-        ax.imshow(grid.permute(1, 2, 0).numpy())
-        ax.set_title(title, fontsize=8)
-        ax.axis("off")
-    save_figure(fig, os.path.join(args.out, "compare.png"))
-    plot_pca(panels, os.path.join(args.out, "compare_pca.png"))
-    plot_metrics(groups, bank_row, os.path.join(args.out, "compare_metrics.png"))
-    print(f"wrote {args.out}/compare.csv, compare.md, compare.png, compare_pca.png, "
-          f"compare_metrics.png")
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    if args.compare:
-        compare(args)
-    else:
-        collect(args)
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # at the very end, so that the plumbing above is defined
     main()

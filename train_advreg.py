@@ -825,7 +825,7 @@ def resume(path, states, flags, **expected):
     if not isinstance(ckpt, dict) or any(ckpt.get(k) != v for k, v in expected.items()):
         raise SystemExit(f"error: {path} is not a checkpoint of this run (another format, model "
                          f"or dataset); use another --out or delete it")
-    saved = ckpt.get("flags", {})
+    saved = ckpt.get("flags") or {k: ckpt.get("args", {}).get(k) for k in flags}  # older: args
     changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {v!r})"
                for k, v in flags.items() if saved.get(k) != v]
     if changed:
