@@ -51,8 +51,8 @@ import torch.nn.functional as F
 import torchvision
 
 # flags that cannot change what a run computes (free when a run is resumed), and the grid's own
-FREE_FLAGS = {"epochs", "eval_every", "log_every", "gif_every", "device", "threads", "out",
-              "data_root", "lam", "seeds", "init_bank"}
+FREE_FLAGS = {"epochs", "eval_every", "log_every", "gif_every", "curve_size", "device", "threads",
+              "out", "data_root", "lam", "seeds", "init_bank"}
 
 
 # ----------------------------------------------------------------------------- config
@@ -112,6 +112,14 @@ def parse_args(argv=None):
     p.add_argument("--gif-every", type=int, default=0, metavar="N",
                    help="keep conv1's kernels every N epochs and write <out>/kernels_seed<S>.gif "
                         "with every lambda of seed S side by side (0 = off)")
+    p.add_argument("--curve-size", type=int, default=2000, metavar="N",
+                   help="test images (a fixed random sample) behind the accuracy curve along the "
+                        "run; the last evaluation uses the whole test set; 0 = the whole set "
+                        "every time (this project: keeps evaluation cheap, docs/train_advreg.md)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: autocast the classifier's and D's forward passes (float32 weights "
+                        "and optimizer state); faster on CPUs with AVX512-BF16 / AMX and on "
+                        "recent GPUs, much slower without native bf16 (docs/train_advreg.md)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="auto = cuda if available, else mps, else cpu")
     p.add_argument("--threads", type=int, default=0,
@@ -132,8 +140,9 @@ def parse_args(argv=None):
     for name in ("d_batch", "per_class", "epochs", "batch_size", "eval_every", "log_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.test_limit < 0 or args.gif_every < 0 or args.val_size < 0:
-        p.error("--test-limit, --val-size and --gif-every must be >= 0 (0 = all / none / off)")
+    if min(args.test_limit, args.gif_every, args.val_size, args.curve_size) < 0:
+        p.error("--test-limit, --val-size, --curve-size and --gif-every must be >= 0 "
+                "(0 = all / none / off)")
     if len(set(args.seeds)) != len(args.seeds) or len(set(args.lam)) != len(args.lam):
         p.error("--seeds and --lam must not repeat a value")
     return args
@@ -213,7 +222,8 @@ def bce(d_out, target):
     """Binary cross-entropy of D's outputs against 1 (bank) or 0 (fake). A diverged classifier
     has NaN kernels; their D output counts as 0.5, so the run reaches its next evaluation, which
     stops it with one line (F.binary_cross_entropy itself refuses NaN with a traceback)."""
-    return F.binary_cross_entropy(d_out.nan_to_num(0.5), torch.full_like(d_out, target))
+    d_out = d_out.float().nan_to_num(0.5)  # float: the loss in full precision under bf16 too
+    return F.binary_cross_entropy(d_out, torch.full_like(d_out, target))
 
 
 def sample_fakes(model, discs, d_batch, d_gen):
@@ -227,29 +237,30 @@ def sample_fakes(model, discs, d_batch, d_gen):
     return fakes
 
 
-def generator_loss(discs, fakes, d_input):
+def judge(discs, fakes, d_input):
+    """D(G(z)) per layer. Computed once per iteration: the generator loss and D's fake term use
+    the same outputs (D does not change between the two steps)."""
+    return {layer: disc(to_d_input(fakes[layer], d_input)) for layer, disc in discs.items()}
+
+
+def generator_loss(d_fakes):
     """Non-saturating generator loss -log D(G(z)), summed over layers (0 without a D)."""
-    reg_loss = torch.zeros((), device=next(iter(fakes.values())).device) if fakes else 0.0
-    for layer, disc in discs.items():
-        disc.requires_grad_(False)  # the generator step needs dD/d(kernels), not D's own gradients
-        d_fake = disc(to_d_input(fakes[layer], d_input))
-        disc.requires_grad_(True)
-        reg_loss = reg_loss + bce(d_fake, 1.0)
-    return reg_loss
+    return sum((bce(d_fake, 1.0) for d_fake in d_fakes.values()), torch.zeros(()))
 
 
-def discriminator_step(discs, d_optimizers, banks, fakes, lam, args, d_gen):
-    """One D update per layer on real (bank) vs fake (detached) kernels; returns a dict of
-    disc_loss, d_real, d_fake (means over layers for D's outputs)."""
+def discriminator_step(discs, d_optimizers, banks, d_fakes, lam, args, d_gen):
+    """One D update per layer on real (bank) vs fake kernels (D(G(z)) from `judge`; only D's
+    weights get its gradient); returns a dict of disc_loss, d_real, d_fake (means over layers)."""
     out = {"disc_loss": 0.0, "d_real": 0.0, "d_fake": 0.0}
     for layer, disc in discs.items():
         bank = banks[layer]
         real = bank[torch.randint(len(bank), (args.d_batch,), generator=d_gen, device=bank.device)]
-        d_real = disc(to_d_input(real, args.d_input))
-        d_fake = disc(to_d_input(fakes[layer].detach(), args.d_input))
+        with autocast(args.precision, bank.device):
+            d_real = disc(to_d_input(real, args.d_input))
+        d_fake = d_fakes[layer]
         disc_loss = lam * (bce(d_real, 1.0) + bce(d_fake, 0.0))
         d_optimizers[layer].zero_grad(set_to_none=True)
-        disc_loss.backward()
+        disc_loss.backward(inputs=list(disc.parameters()))
         d_optimizers[layer].step()
         out["disc_loss"] = out["disc_loss"] + disc_loss.detach()
         out["d_real"] = out["d_real"] + d_real.detach().mean() / len(discs)
@@ -265,7 +276,8 @@ def train(lam, seed, bank_init, args, data, banks, device):
     model = PaperCNN(len(data["classes"])).to(device)
     if bank_init:
         init_conv1_from_bank(model, load_bank(args.init_bank, 7)["kernels"], seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+    params = list(model.parameters())
+    optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay,
                                  betas=tuple(args.betas))
     discs, d_optimizers, d_gen = make_discriminators(lam, seed, banks, args, device)
     train_x, train_y = data["train_x"], data["train_y"]
@@ -280,16 +292,18 @@ def train(lam, seed, bank_init, args, data, banks, device):
             idx = perm[i:i + bs]
             images = train_x[idx] if args.no_augment else augment(train_x[idx])
             # Algorithm 1, one iteration:
-            cls_loss = F.cross_entropy(model(normalize(images)), train_y[idx])  # classifier loss
-            fakes = sample_fakes(model, discs, args.d_batch, d_gen)             # G(z) = z
-            reg_loss = generator_loss(discs, fakes, args.d_input)               # -log D(G(z))
-            optimizer.zero_grad(set_to_none=True)                               # classifier step
-            (cls_loss + lam * reg_loss).backward()
+            with autocast(args.precision, device):
+                cls_loss = F.cross_entropy(model(normalize(images)), train_y[idx])  # classifier
+                fakes = sample_fakes(model, discs, args.d_batch, d_gen)             # G(z) = z
+                d_fakes = judge(discs, fakes, args.d_input)                         # D(G(z))
+            reg_loss = generator_loss(d_fakes)                                      # -log D(G(z))
+            optimizer.zero_grad(set_to_none=True)                                   # classifier
+            (cls_loss + lam * reg_loss).backward(inputs=params, retain_graph=bool(discs))  # step
             optimizer.step()
             it = epoch * iters_per_epoch + step
             run.log["cls_loss"][it] = cls_loss.detach()
             if discs:                                                           # D step
-                d_out = discriminator_step(discs, d_optimizers, banks, fakes, lam, args, d_gen)
+                d_out = discriminator_step(discs, d_optimizers, banks, d_fakes, lam, args, d_gen)
                 run.record(it, reg_loss=reg_loss.detach(), **d_out)
 
         done = epoch + 1
@@ -378,10 +392,10 @@ class Run:
                          f"epoch {done} of {os.path.basename(self.dir)}", "--lr (or --lam, --d-lr)")
         h = self.history
         h["eval_epoch"].append(done)
-        for split in ("train", "val", "test"):
-            if len(data[f"{split}_x"]):
-                h.setdefault(f"{split}_acc", []).append(
-                    evaluate(model, data[f"{split}_x"], data[f"{split}_y"]))
+        final = done == self.args.epochs
+        for split, acc in accuracies(model, data, final, self.args.curve_size,
+                                     self.args.precision).items():
+            h.setdefault(split, []).append(acc)
         h["epoch_done"], h["seconds"] = done, h["seconds"] + time.time() - self.t_period
         log_table = torch.stack([self.log[c][:done * iters_per_epoch] for c in LOG_COLUMNS], 1)
         save_checkpoint(os.path.join(self.dir, "model.pt"), self.states, arch=ARCH, history=h,
@@ -770,9 +784,9 @@ def load_small_data(args, device):
                          f"images outside the {len(keep)} of the small subset")
     g = torch.Generator().manual_seed(args.subset_seed + 1)
     val = rest[torch.randperm(len(rest), generator=g)[:args.val_size]]
-    if args.test_limit:
-        pick = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(0))
-        test_x, test_y = test_x[pick[:args.test_limit]], test_y[pick[:args.test_limit]]
+    pick = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(0))
+    pick = pick[:args.test_limit or len(pick)]  # in random order: any first N are a fair sample
+    test_x, test_y = test_x[pick], test_y[pick]
     data = {"train_x": train_x[keep], "train_y": train_y[keep], "val_x": train_x[val],
             "val_y": train_y[val], "test_x": test_x, "test_y": test_y}
     data = {k: (as_cifar_images(v) if k.endswith("_x") else v).to(device) for k, v in data.items()}
@@ -903,6 +917,26 @@ def save_figure(fig, path, dpi=100):
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi))
     plt.close(fig)
+
+
+def autocast(precision, device):
+    """--precision bf16: forward passes and losses in bfloat16 where torch's autocast deems it
+    safe; weights, gradients and optimizer state stay float32. fp32: a no-op."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def accuracies(model, data, final, curve_size, precision):
+    """Accuracy on the training images, the validation split (if any) and the test set: all of
+    the test set at the run's end, its first `curve_size` images (a fixed random sample) before."""
+    out = {}
+    with autocast(precision, data["train_x"].device):
+        for split in ("train", "val", "test"):
+            x, y = data[f"{split}_x"], data[f"{split}_y"]
+            if split == "test" and curve_size and not final:
+                x, y = x[:curve_size], y[:curve_size]
+            if len(x):
+                out[f"{split}_acc"] = evaluate(model, x, y)
+    return out
 
 
 if __name__ == "__main__":

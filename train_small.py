@@ -44,7 +44,8 @@ import torchvision
 
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "fc")  # what --transfer and --freeze name
 # flags that cannot change what a run computes: free to differ when a run is resumed
-FREE_FLAGS = {"epochs", "seeds", "eval_every", "log_every", "device", "threads", "out", "data_root"}
+FREE_FLAGS = {"epochs", "seeds", "eval_every", "log_every", "curve_size", "device", "threads",
+              "out", "data_root"}
 
 
 # ----------------------------------------------------------------------------- config
@@ -100,6 +101,15 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=50,
                    help="evaluate test accuracy every N epochs")
     p.add_argument("--log-every", type=int, default=50, help="print a progress line every N epochs")
+    p.add_argument("--curve-size", type=int, default=2000, metavar="N",
+                   help="test images (a fixed random sample) behind the accuracy curve along the "
+                        "run; the last evaluation uses the whole test set; 0 = the whole set "
+                        "every time (this project: keeps evaluation under 15 %% of a run, "
+                        "docs/train_small.md)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: autocast forward passes (float32 weights and optimizer state); "
+                        "faster on CPUs with AVX512-BF16 / AMX and on recent GPUs, much slower "
+                        "on CPUs without native bf16 (this project: docs/train_small.md)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="auto = cuda if available, else mps, else cpu")
     p.add_argument("--threads", type=int, default=0,
@@ -109,8 +119,8 @@ def parse_args(argv=None):
     for name in ("per_class", "epochs", "batch_size", "eval_every", "log_every", "amp_inner_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.test_limit < 0 or args.val_size < 0:
-        p.error("--test-limit and --val-size must be >= 0 (0 = all / none)")
+    if args.test_limit < 0 or args.val_size < 0 or args.curve_size < 0:
+        p.error("--test-limit, --val-size and --curve-size must be >= 0 (0 = all / none)")
     if args.amp_epsilon is not None and not args.amp_epsilon >= 0:
         p.error(f"--amp-epsilon must be >= 0, got {args.amp_epsilon}")
     if not args.amp_inner_lr >= 0:
@@ -216,7 +226,11 @@ def perturb_adversarially(params, loss_fn, epsilon, inner_lr, inner_steps):
 def train_step(model, optimizer, images, labels, args):
     """One optimizer step on a batch; with AMP the gradient is taken at theta + delta."""
     params = [p for p in model.parameters() if p.requires_grad]
-    loss_fn = lambda: F.cross_entropy(model(normalize(images)), labels)  # noqa: E731
+
+    def loss_fn():
+        with autocast(args.precision, images.device):  # bf16 forward; the backward follows it
+            return F.cross_entropy(model(normalize(images)), labels)
+
     if args.amp_epsilon is not None:
         theta, _ = perturb_adversarially(params, loss_fn, args.amp_epsilon, args.amp_inner_lr,
                                          args.amp_inner_steps)
@@ -255,7 +269,7 @@ def train(seed, args, data, device):
 
         done = epoch + 1
         if done % args.eval_every == 0 or done == args.epochs:  # evaluate, then checkpoint
-            record_evaluation(history, model, data, done, loss_sums / n, stop_flags(args))
+            record_evaluation(history, model, data, done, loss_sums / n, args)
             save_run(run_dir, model, optimizer, history, args, seed, data["classes"], done)
         if done % args.log_every == 0 or done == args.epochs:
             progress.print(done, loss_sums[epoch] / n, history, stop_flags(args))
@@ -263,17 +277,16 @@ def train(seed, args, data, device):
     return history
 
 
-def record_evaluation(history, model, data, done, epoch_losses, flags):
+def record_evaluation(history, model, data, done, epoch_losses, args):
     """The losses since the last evaluation (a non-finite one stops the run), then accuracy on
-    the training images, the validation split (if any) and the test set."""
+    the training images, the validation split (if any) and the test set (see `accuracies`)."""
     new_losses = epoch_losses[len(history["train_loss"]):done].tolist()
-    stop_if_diverged(sum(new_losses), f"epoch {done}", flags)
+    stop_if_diverged(sum(new_losses), f"epoch {done}", stop_flags(args))
     history["train_loss"] += new_losses
     history["eval_epoch"].append(done)
-    for split in ("train", "val", "test"):
-        if len(data[f"{split}_x"]):
-            history.setdefault(f"{split}_acc", []).append(
-                evaluate(model, data[f"{split}_x"], data[f"{split}_y"]))
+    final = done == args.epochs
+    for split, acc in accuracies(model, data, final, args.curve_size, args.precision).items():
+        history.setdefault(split, []).append(acc)
 
 
 def stop_flags(args):
@@ -629,9 +642,9 @@ def load_small_data(args, device):
                          f"images outside the {len(keep)} of the small subset")
     g = torch.Generator().manual_seed(args.subset_seed + 1)
     val = rest[torch.randperm(len(rest), generator=g)[:args.val_size]]
-    if args.test_limit:
-        pick = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(0))
-        test_x, test_y = test_x[pick[:args.test_limit]], test_y[pick[:args.test_limit]]
+    pick = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(0))
+    pick = pick[:args.test_limit or len(pick)]  # in random order: any first N are a fair sample
+    test_x, test_y = test_x[pick], test_y[pick]
     data = {"train_x": train_x[keep], "train_y": train_y[keep], "val_x": train_x[val],
             "val_y": train_y[val], "test_x": test_x, "test_y": test_y}
     data = {k: (as_cifar_images(v) if k.endswith("_x") else v).to(device) for k, v in data.items()}
@@ -762,6 +775,26 @@ def save_figure(fig, path, dpi=100):
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi))
     plt.close(fig)
+
+
+def autocast(precision, device):
+    """--precision bf16: forward passes and losses in bfloat16 where torch's autocast deems it
+    safe; weights, gradients and optimizer state stay float32. fp32: a no-op."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def accuracies(model, data, final, curve_size, precision):
+    """Accuracy on the training images, the validation split (if any) and the test set: all of
+    the test set at the run's end, its first `curve_size` images (a fixed random sample) before."""
+    out = {}
+    with autocast(precision, data["train_x"].device):
+        for split in ("train", "val", "test"):
+            x, y = data[f"{split}_x"], data[f"{split}_y"]
+            if split == "test" and curve_size and not final:
+                x, y = x[:curve_size], y[:curve_size]
+            if len(x):
+                out[f"{split}_acc"] = evaluate(model, x, y)
+    return out
 
 
 if __name__ == "__main__":
