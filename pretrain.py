@@ -77,6 +77,10 @@ def parse_args(argv=None):
     p.add_argument("--evaluate", nargs="+", metavar="CKPT", default=None,
                    help="instead of training: test accuracy of these checkpoints (pretrain.py's or "
                         "the authors' model1_seed*.pt) on the --data test split")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: autocast forward passes (float32 weights and optimizer state); "
+                        "faster on CPUs with AVX512-BF16 / AMX and on recent GPUs, much slower "
+                        "on CPUs without native bf16 (this project: docs/pretrain.md)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="auto = cuda if available, else mps, else cpu (this project)")
     p.add_argument("--threads", type=int, default=0,
@@ -154,7 +158,8 @@ def train(seed, args, data, device):
         for i in range(0, n, args.batch_size):
             idx = perm[i:i + args.batch_size]
             images = train_x[idx] if args.no_augment else augment(train_x[idx])  # crop + flip
-            loss = F.cross_entropy(model(normalize(images)), train_y[idx])  # images in [-1, 1]
+            with autocast(args.precision, device):  # bf16 forward with --precision bf16
+                loss = F.cross_entropy(model(normalize(images)), train_y[idx])  # in [-1, 1]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -164,7 +169,8 @@ def train(seed, args, data, device):
         stop_if_diverged(history["train_loss"][-1], f"epoch {epoch} of seed {seed}", "--lr")
         if epoch % args.eval_every == 0 or epoch == args.epochs:
             history["eval_epoch"].append(epoch)
-            history["test_acc"].append(evaluate(model, test_x, test_y))
+            with autocast(args.precision, device):
+                history["test_acc"].append(evaluate(model, test_x, test_y))
         history["epoch_seconds"].append(time.time() - t0)
         # weights, optimizer and random state after every epoch: an interrupted run resumes
         save_checkpoint(path, {"model": model, "optimizer": optimizer}, arch=ARCH, epoch=epoch,
@@ -541,6 +547,12 @@ def save_figure(fig, path, dpi=100):
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi))
     plt.close(fig)
+
+
+def autocast(precision, device):
+    """--precision bf16: forward passes and losses in bfloat16 where torch's autocast deems it
+    safe; weights, gradients and optimizer state stay float32. fp32: a no-op."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 if __name__ == "__main__":  # at the very end, so that the plumbing above is defined

@@ -939,5 +939,5 @@ def accuracies(model, data, final, curve_size, precision):
     return out
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # at the very end, so that the plumbing above is defined
     main()
