@@ -21,7 +21,7 @@ Reads:  checkpoints of the paper's CNN (pretrain.py's or the authors' model1_see
 Writes: <out>/<layer>_<k>x<k>.pt ("kernels" [N, k, k] and provenance: layer, kernel_size, sources,
         source_counts, seeds, test_acc, dataset, arch, format), <out>/<layer>_<k>x<k>_grid.png
         (Figure 3); with --compare, compare.csv (a row per checkpoint), compare.md (a row per
-        configuration), compare.png, compare_pca.png, compare_metrics.png.
+        configuration), compare.png, compare_pca.png, compare_metrics.png, compare_ladder.png.
 Results: docs/collect_kernels.md
 """
 import argparse
@@ -45,7 +45,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Stage 2: collect conv kernels of pretrained CNNs into banks (and Figure 3); "
                     "or, with --compare, measure trained models' kernels against a bank.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--checkpoints", default="checkpoints",
                    help="folder of checkpoints (all *.pt in it) or a glob such as 'ckpts/seed*.pt'"
                         "; pretrain.py's or the authors' model1_seed*.pt (this project: "
@@ -310,8 +310,9 @@ def compare(args):
     plot_kernel_panels(panels, args, os.path.join(args.out, "compare.png"))
     plot_pca(panels, os.path.join(args.out, "compare_pca.png"))
     plot_metrics(groups, bank_row, os.path.join(args.out, "compare_metrics.png"))
+    plot_ladder(groups, os.path.join(args.out, "compare_ladder.png"))
     print(f"wrote {args.out}/compare.csv, compare.md, compare.png, compare_pca.png, "
-          f"compare_metrics.png")
+          f"compare_metrics.png, compare_ladder.png")
 
 
 def main(argv=None):
@@ -559,6 +560,24 @@ def plot_metrics(groups, bank_row, path):
     save_figure(fig, path)
 
 
+def plot_ladder(groups, path):
+    """compare_ladder.png: final test accuracy of every configuration, in the table's order (from
+    nothing transferred, through the kernel prior, to more and more of a pretrained network), mean
+    ± std over its runs; the kernel-prior rows (a discriminator, or conv1 from the bank) in red."""
+    shown = [(c, stats["final_test_acc"]) for c, (_, stats) in groups.items()
+             if stats["final_test_acc"]]
+    prior = [c.startswith("λ = ") or "from bank" in c for c, _ in shown]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(shown)), 4.2))
+    ax.plot(range(len(shown)), [v[0] for _, v in shown], color="gray", lw=0.8)
+    for i, ((_, (mean, std)), is_prior) in enumerate(zip(shown, prior)):
+        ax.errorbar(i, mean, yerr=std, fmt="o", capsize=3, color="tab:red" if is_prior else "k")
+    ax.set_xticks(range(len(shown)), [c for c, _ in shown], rotation=30, ha="right", fontsize=8)
+    ax.set(ylabel="final test accuracy", title="how much of the pretrained models is used "
+           "(red: the kernel prior)")
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
 def plot_pca(panels, path):
     """The kernels in the plane of the bank's two main directions of variation (PCA of the
     standardized bank kernels): one panel per configuration, over the bank's kernels in grey."""
@@ -578,6 +597,16 @@ def plot_pca(panels, path):
     axes[0][0].set_ylabel("PC 2")
     axes[0][0].legend(fontsize=7, loc="lower left")
     save_figure(fig, path)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help names each default once: a flag that is off or unset by default, or whose help
+    already says its default, gets no "(default: ...)" appended."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, []) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 if __name__ == "__main__":  # at the very end, so that the plumbing above is defined

@@ -1,33 +1,33 @@
-"""The GAN labs: DCGAN, conditional DCGAN, the MLP ("vanilla") GAN and WGAN, with offline metrics.
+"""The adversarial labs: DCGAN, cDCGAN, the MLP GAN, WGAN, and DANN, measured offline.
 
-Adversarial regularization reuses the GAN game; this script teaches the game first, as
-pytorch/examples dcgan/main.py does, plus resumable atomic checkpoints, metrics and one-line
-errors. The lab handouts are "seed 003" (DCGAN, cDCGAN) and "seed 004" (MLP GAN, WGAN).
-  dcgan      DCGAN (Radford et al., 2016): BCE game, Adam 2e-4, beta1 0.5, batch 128, nz 100,
-             ngf = ndf = 32, N(0, 0.02) init, 32x32 (or 64x64); BatchNorm after D's first conv
-             as in seed 003 (--no-first-bn: pytorch/examples' D).
-  cdcgan     conditional DCGAN (Mirza & Osindero, 2014): one-hot y joins z in G and x in D.
-  vanilla    seed 004's MLP GAN: 4 linear layers each side, LeakyReLU(0.2), dropout in D, 28x28.
-  wgan       WGAN (Arjovsky et al., 2017): --constraint clip | gp (Gulrajani et al., 2017) | none;
-             --critic conv|mlp and --generator dcgan|mlp chosen independently.
-  classifier the small CNN whose 128-d penultimate layer is the metrics' feature space.
-Every lab ends with Frechet distance (the FID formula) and k-NN precision / recall (Kynkaanniemi
-et al., 2019) of samples vs test images, next to train vs test (the floor). nz = 100 as in the
-DCGAN paper and pytorch/examples (seed 003 names both 100 and 1000). --g-every and --n-critic
-count D steps, not epochs.
+Adversarial regularization (train_advreg.py) plays a GAN game on convolution kernels; this script
+teaches the game on images, as pytorch/examples dcgan/main.py does. Handouts: "seed 003" (DCGAN,
+cDCGAN, DANN), "seed 004" (MLP GAN, WGAN), "seed 001" (the memorization check). The lesson:
+`bce_step` (Goodfellow et al., 2014, Alg. 1, as DCGAN plays it), `wgan_critic_step` and
+`wgan_generator_step` (WGAN Alg. 1: weight clipping; WGAN-GP Alg. 1: gradient penalty), called
+by `train`; `dann_step` and `GradientReversal`, called by `train_dann`.
+  dcgan | cdcgan | vanilla | wgan   the GAN labs (--train-only d|g: seed 003 Q1); each ends with
+      the FID formula and k-NN precision / recall in a small classifier's feature space
+  dann          DANN (Ganin et al., 2016): MNIST -> MNIST-M-style digits on CIFAR-10 crops
+  memorization  a trained G's samples beside their nearest training images (--run FOLDER)
+  classifier    that small classifier (trained once, then cached in --cache-dir)
 
-    python gan_labs.py dcgan --data ~/data/mnist          # seed 003's setting: 5 epochs
-    python gan_labs.py wgan --generator mlp --data ~/data/mnist    # seed 004's conv critic
+    python gan_labs.py dcgan --data ~/data/mnist                 # seed 003's setting: 5 epochs
+    python gan_labs.py wgan --generator mlp --data ~/data/mnist  # seed 004's WGAN-GP
+    python gan_labs.py dann --data ~/data/mnist --target-patches ~/data/cifar10  # + --no-adapt
     python gan_labs.py dcgan --data ~/data/mnist --epochs 1 --threads 1 --out runs/gan/quick
 
-Reads   --data mnist | cifar10 (torchvision download) or PATH/{train,test}/<class>/*.png|jpg.
-Writes  in --out (default runs/gan/<data>/<lab>[_<flag>-<value>...]): per epoch samples_epochNN.png
-        (64 samples of one fixed z), interpolation_epochNN.png, metrics.csv, curves.png and
-        checkpoint.pt (resumed when present; on a finished run the command evaluates again); at
-        the end eval.csv, summary.json, class_grid.png (cdcgan); the metric net in --cache-dir.
+Reads:  --data mnist | cifar10 (torchvision downloads them) or PATH/{train,test}/<class>/*.png.
+Writes: in --out, per epoch: samples_epochNN.png, interpolation_epochNN.png, metrics.csv,
+        curves.png, checkpoint.pt (resumed when present); at the end eval.csv, summary.json,
+        class_grid.png (cdcgan). dann: metrics.csv, checkpoint.pt, features.png, summary.json.
+        memorization: memorization.png, nn_distances.png, memorization.json in --run.
+Notes and results: docs/gan_labs.md.
 """
 import argparse
+import csv
 import functools
+import io
 import json
 import math
 import os
@@ -45,96 +45,206 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-LABS = ("dcgan", "cdcgan", "vanilla", "wgan")
-CKPT_FORMAT = "gan_labs/2"  # older checkpoints (other layer names) are refused with one line
+LABS = {"dcgan": "DCGAN (Radford et al., 2016), seed 003's lab",
+        "cdcgan": "conditional DCGAN (Mirza & Osindero, 2014), seed 003's lab",
+        "vanilla": "seed 004's MLP GAN",
+        "wgan": "WGAN (Arjovsky et al., 2017) and WGAN-GP (Gulrajani et al., 2017), seed 004"}
+SUBCOMMANDS = {**LABS, "dann": "DANN (Ganin et al., 2016), seed 003's domain-adaptation lab",
+               "memorization": "does a trained G copy its training images? (seed 001)",
+               "classifier": "the metrics' network"}
+CKPT_FORMAT = "gan_labs/3"  # older checkpoints (other keys) are refused with one line
+DANN_FORMAT = "gan_labs/dann/1"
 CLASSIFIER_SIZE = 32  # the metric network sees every image at 32x32, whatever the lab's size
 # flags that do not change what a run trains: not in the run folder's name, free to change on resume
 RUN_FLAGS = {"out", "epochs", "data_root", "cache_dir", "device", "threads", "eval_samples",
              "log_every"}
 
 
-# ----------------------------------------------------------------------------- arguments
-def add_train_args(p, lab):
+# ----------------------------------------------------------------------------- config
+def add_lab_args(p, lab):
+    """The flags of one lab, each default with its source."""
     bce = lab != "wgan"
-    p.add_argument("--out", default="", help="run folder (default: runs/gan/<data>/<lab>_<flags>)")
-    p.add_argument("--epochs", type=int, default=5, help="seed 003: 5; more resumes a finished run")
-    p.add_argument("--image-size", type=int, default=None, help="pixels; DCGAN nets: 32 (seed "
-                   "003) or 64; default 32 with a DCGAN net, else 28 (seed 004)")
+    p.add_argument("--out", default="",
+                   help="run folder (default: runs/gan/<data>/<lab> and the flags that differ)")
+    p.add_argument("--epochs", type=int, default=5,
+                   help="passes over the training set (default: %(default)s, seed 003); a larger "
+                   "value continues a finished run")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="pixels: 32 or 64 with a DCGAN net, else any >= 8 (default: 32 with a "
+                   "DCGAN net, seed 003; else 28, seed 004)")
     p.add_argument("--batch-size", type=int, default=128 if bce else 64,
-                   help="seed 003: 128; WGAN-GP Alg. 1: 64")
-    p.add_argument("--nz", type=int, default=100, help="latent size (DCGAN paper: 100)")
-    p.add_argument("--ngf", type=int, default=32, help="DCGAN generator width (seed 003: 32)")
-    p.add_argument("--ndf", type=int, default=32, help="DCGAN discriminator width (seed 003: 32)")
+                   help="images per step (default: %(default)s, "
+                   + ("seed 003)" if bce else "WGAN-GP Alg. 1)"))
+    p.add_argument("--nz", type=int, default=100,
+                   help="size of z (default: %(default)s, DCGAN paper)")
+    p.add_argument("--ngf", type=int, default=32,
+                   help="DCGAN generator width (default: %(default)s, seed 003)")
+    p.add_argument("--ndf", type=int, default=32,
+                   help="DCGAN discriminator width (default: %(default)s, seed 003)")
+    lr_source = ("2e-4, DCGAN paper" if bce else
+                 "5e-5 with --constraint clip, WGAN Alg. 1; else 1e-4, WGAN-GP Alg. 1")
     p.add_argument("--lr-g", type=float, default=None,
-                   help="G's learning rate (default 2e-4; WGAN: 5e-5 with clip, else 1e-4)")
-    p.add_argument("--lr-d", type=float, default=None, help="D's learning rate (same defaults)")
+                   help=f"G's learning rate (default: {lr_source})")
+    p.add_argument("--lr-d", type=float, default=None,
+                   help=f"D's learning rate (default: {lr_source})")
     p.add_argument("--beta1", type=float, default=0.5 if bce else 0.0,
-                   help="Adam beta1 of both optimizers (DCGAN: 0.5; WGAN-GP: 0)")
-    p.add_argument("--init", choices=["dcgan", "default"], default="default" if lab in ("vanilla",
-                   "wgan") else "dcgan", help="dcgan: conv weights N(0, 0.02), BatchNorm scales "
-                   "N(1, 0.02) (DCGAN paper); default: PyTorch's")
-    p.add_argument("--diffaug", default="", help="DiffAugment policies: translation,cutout,color")
-    p.add_argument("--log-every", type=int, default=25, help="steps per progress line and point")
+                   help="Adam's beta1 in both optimizers (default: %(default)s, "
+                   + ("DCGAN paper)" if bce else "WGAN-GP Alg. 1)"))
+    p.add_argument("--init", choices=["dcgan", "default"],
+                   default="default" if lab in ("vanilla", "wgan") else "dcgan",
+                   help="dcgan: conv weights N(0, 0.02), BatchNorm scales N(1, 0.02), as in the "
+                   "DCGAN paper; default: PyTorch's init (default: %(default)r, "
+                   + ("this project: docs/gan_labs.md)" if lab in ("vanilla", "wgan")
+                      else "DCGAN paper)"))
+    p.add_argument("--diffaug", default="",
+                   help="DiffAugment policies for D's inputs, e.g. translation,cutout,color "
+                   "(default: none; this project: docs/gan_labs.md)")
+    p.add_argument("--log-every", type=int, default=25,
+                   help="D steps per progress line and metrics.csv row (default: %(default)s)")
     p.add_argument("--eval-samples", type=int, default=10000,
-                   help="images per set for FID / precision / recall (0 = no metrics)")
+                   help="images per set for FID / precision / recall, 0 = no metrics (default: "
+                   "%(default)s; this project: docs/gan_labs.md)")
     if bce:
         p.add_argument("--g-loss", choices=["non-saturating", "saturating"],
                        default="non-saturating",
-                       help="G maximizes log D(G(z)), or minimizes log(1 - D(G(z))) (minimax)")
+                       help="G maximizes log D(G(z)), or minimizes log(1 - D(G(z))), the minimax "
+                       "game's own loss (default: %(default)s, DCGAN paper)")
         p.add_argument("--g-every", type=int, default=1, metavar="N",
-                       help="one G step every N D steps (counts D steps, not epochs)")
+                       help="one G step every N D steps; counts D steps, not epochs (default: "
+                       "%(default)s, as in Goodfellow et al.'s Alg. 1 with k = 1)")
+        p.add_argument("--train-only", choices=["d", "g"], default=None,
+                       help="seed 003 Q1, only one of the two: d = only D learns, G stays at its "
+                       "init; g = only G learns, against D at its init (default: both learn)")
     if lab in ("dcgan", "cdcgan"):
         p.set_defaults(generator="dcgan", discriminator="dcgan")
         p.add_argument("--no-first-bn", dest="first_bn", action="store_false",
-                       help="no BatchNorm after D's first conv (pytorch/examples; seed 003: BN)")
+                       help="no BatchNorm after D's first conv, as in pytorch/examples (default: "
+                       "BatchNorm there, seed 003)")
     if lab == "cdcgan":
-        p.add_argument("--no-label-in-d", action="store_true", help="D sees x only; G keeps y")
+        p.add_argument("--no-label-in-d", action="store_true",
+                       help="D sees x only, G still gets y (default: D sees y too, Mirza & "
+                       "Osindero)")
     if lab == "vanilla":
         p.set_defaults(generator="mlp", discriminator="mlp")
         p.add_argument("--d-dropout", type=float, default=0.3,
-                       help="dropout after D's hidden layers (seed 004's base run: 0)")
+                       help="dropout after D's hidden layers (default: %(default)s, seed 004; "
+                       "its base run: 0)")
     if lab == "wgan":
+        p.set_defaults(train_only=None)  # both nets learn in every WGAN run
         p.add_argument("--constraint", choices=["clip", "gp", "none"], default="gp",
-                       help="how the critic is kept Lipschitz")
+                       help="how the critic is kept Lipschitz (default: %(default)s, WGAN-GP)")
         p.add_argument("--critic", dest="discriminator", choices=["conv", "mlp"], default="conv",
-                       help="conv: 4 strided convs, 16-128 filters; mlp: vanilla's D, linear out")
+                       help="conv: 4 strided convs of 16-128 filters; mlp: vanilla's D with a "
+                       "linear output (default: %(default)s, seed 004)")
         p.add_argument("--generator", choices=["dcgan", "mlp"], default="dcgan",
-                       help="the DCGAN generator or the vanilla lab's MLP (seed 004)")
-        p.add_argument("--clip", type=float, default=0.01, help="c of weight clipping (WGAN: 0.01)")
-        p.add_argument("--gp-lambda", type=float, default=10.0, help="gradient penalty weight")
+                       help="the DCGAN generator or vanilla's MLP, seed 004's (default: "
+                       "%(default)s; this project: docs/gan_labs.md)")
+        p.add_argument("--clip", type=float, default=0.01,
+                       help="c of the weight clipping (default: %(default)s, WGAN Alg. 1)")
+        p.add_argument("--gp-lambda", type=float, default=10.0,
+                       help="gradient penalty weight (default: %(default)s, WGAN-GP Alg. 1)")
         p.add_argument("--n-critic", dest="g_every", type=int, default=5, metavar="N",
-                       help="one G step every N critic steps (WGAN: 5; counts D steps)")
+                       help="one G step every N critic steps; counts D steps (default: "
+                       "%(default)s, WGAN Alg. 1 and WGAN-GP Alg. 1)")
+
+
+def add_dann_args(p):
+    p.add_argument("--out", default="",
+                   help="run folder (default: runs/gan/<data>/dann and the flags that differ)")
+    p.add_argument("--target-patches", default="cifar10",
+                   help="colour images whose random crops become the digits' backgrounds (the "
+                   "DANN paper: BSDS500 photographs): cifar10 (torchvision) or PATH of an "
+                   "ImageFolder with train/, e.g. ~/data/cifar10; one fixed target set for "
+                   "every --seed (default: %(default)s)")
+    p.add_argument("--target", default="",
+                   help="a ready target set instead, e.g. the real MNIST-M: PATH of an "
+                   "ImageFolder with train/ and test/ of 28x28 images, the source's classes "
+                   "(default: none, built from --target-patches)")
+    p.add_argument("--no-adapt", action="store_true",
+                   help="the source-only baseline: the same code with lambda = 0, the domain "
+                   "classifier learns but sends no gradient to the features (default: DANN)")
+    p.add_argument("--epochs", type=int, default=10,
+                   help="passes over the source images (default: %(default)s; this project: "
+                   "docs/gan_labs.md)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="images per step from each domain (default: %(default)s; this project: "
+                   "docs/gan_labs.md)")
+    p.add_argument("--lr", type=float, default=0.01,
+                   help="mu_0 of mu_p = mu_0 / (1 + alpha p)^beta (default: %(default)s, DANN "
+                   "paper)")
+    p.add_argument("--lr-alpha", type=float, default=10.0,
+                   help="alpha of the learning-rate schedule (default: %(default)s, DANN paper)")
+    p.add_argument("--lr-beta", type=float, default=0.75,
+                   help="beta of the learning-rate schedule (default: %(default)s, DANN paper)")
+    p.add_argument("--gamma", type=float, default=10.0,
+                   help="gamma of lambda_p = 2 / (1 + exp(-gamma p)) - 1 (default: %(default)s, "
+                   "DANN paper)")
+    p.add_argument("--momentum", type=float, default=0.9,
+                   help="SGD momentum (default: %(default)s, DANN paper)")
+
+
+def add_common_args(p, name):
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="auto: cuda if available, else mps, else cpu (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch, 0 = torch's choice (default: %(default)s)")
+    p.add_argument("--data-root", default="data",
+                   help="torchvision's folder of the datasets (default: %(default)s)")
+    if name != "dann":
+        p.add_argument("--cache-dir", default="runs/gan/cache",
+                       help="folder of the metric networks (default: %(default)s)")
+    if name != "memorization":  # the memorization check reads both from the run's checkpoint
+        p.add_argument("--data", default="mnist",
+                       help="mnist | cifar10 (torchvision) | PATH of an ImageFolder with train/ "
+                       "and test/ (default: %(default)s, seed 003" + (", DANN's source)" if
+                       name == "dann" else ")"))
+        p.add_argument("--seed", type=int, default=0,
+                       help="init, batches, noise and the fixed samples (default: %(default)s)")
 
 
 def parse_args(argv=None):
-    fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="lab", required=True)
-    for name in LABS + ("classifier",):
-        p = sub.add_parser(name, formatter_class=fmt)
-        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                       help="auto = cuda if available, else mps, else cpu")
-        p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = default)")
-        p.add_argument("--cache-dir", default="runs/gan/cache", help="metric classifiers")
-        p.add_argument("--data", default="mnist",
-                       help="mnist | cifar10 (torchvision) | PATH of an ImageFolder: train/, test/")
-        p.add_argument("--data-root", default="data", help="torchvision's folder of the datasets")
-        p.add_argument("--seed", type=int, default=0, help="init, batches, noise, fixed samples")
-        if name == "classifier":
-            p.add_argument("--epochs", type=int, default=2,
-                           help="classifier epochs (a cached classifier is reused: delete it)")
+    for name, what in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=what, description=f"gan_labs.py {name}: {what}.")
+        add_common_args(p, name)
+        if name in LABS:
+            add_lab_args(p, name)
+        elif name == "dann":
+            add_dann_args(p)
+        elif name == "memorization":
+            p.add_argument("--run", required=True,
+                           help="the run folder of a GAN lab, whose checkpoint.pt holds G "
+                           "(default: none, required)")
+            p.add_argument("--eval-samples", type=int, default=10000,
+                           help="samples and test images whose nearest-neighbour distances are "
+                           "compared (default: %(default)s, as the labs' metrics)")
         else:
-            add_train_args(p, name)
+            p.add_argument("--epochs", type=int, default=2,
+                           help="classifier epochs; a cached classifier is reused, delete it to "
+                           "train a new one (default: %(default)s; this project)")
     args = parser.parse_args(argv)
     if args.lab in LABS:
         check_lab_args(sub.choices[args.lab], args)
+    elif args.lab == "dann":
+        check_dann_args(sub.choices["dann"], args)
+    elif args.lab == "memorization" and args.eval_samples < 2:
+        sub.choices["memorization"].error("--eval-samples must be >= 2")
     return args
 
 
+def check_dann_args(p, args):
+    if min(args.epochs, args.batch_size) < 1 or args.lr <= 0:
+        p.error("--epochs and --batch-size must be >= 1, --lr > 0")
+    args.out = args.out or default_out(p, args)  # filled in here only, as in check_lab_args
+
+
 def check_lab_args(p, args):
+    """One line for a flag out of range; then the defaults that depend on other flags are filled
+    in, here and only here (nothing writes into args after parsing)."""
     for name in ("epochs", "batch_size", "nz", "ngf", "ndf", "log_every", "g_every"):
-        if getattr(args, name, 1) < 1:
+        if getattr(args, name) < 1:
             flag = "--g-every / --n-critic" if name == "g_every" else "--" + name.replace("_", "-")
             p.error(f"{flag} must be >= 1, got {getattr(args, name)}")
     if args.eval_samples < 0 or not 0 <= getattr(args, "d_dropout", 0) < 1:
@@ -148,127 +258,40 @@ def check_lab_args(p, args):
     bad = set(filter(None, args.diffaug.split(","))) - {"translation", "cutout", "color"}
     if bad:
         p.error(f"--diffaug: unknown policy {sorted(bad)}; choose from translation,cutout,color")
-    if not args.out:  # the flags that differ from the lab's defaults name the folder
-        name = args.lab
-        for key, value in vars(args).items():
-            if key not in RUN_FLAGS | {"lab", "data"} and value != p.get_default(key):
-                name += "_" + key.replace("_", "-") + ("" if value is True else f"-{value}")
-        args.out = os.path.join("runs", "gan", os.path.basename(os.path.normpath(args.data)), name)
+    args.out = args.out or default_out(p, args)
     lab_lr = 2e-4 if args.lab != "wgan" else 5e-5 if args.constraint == "clip" else 1e-4
     args.lr_g = lab_lr if args.lr_g is None else args.lr_g
     args.lr_d = lab_lr if args.lr_d is None else args.lr_d
     args.image_size = size
 
 
-def pick_device(name):
-    """'auto' picks CUDA, then Apple's MPS, then the CPU; an explicit choice must be available."""
-    cuda = torch.cuda.is_available()
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        name = "cuda" if cuda else "mps" if mps else "cpu"
-    if (name == "cuda" and not cuda) or (name == "mps" and not mps):
-        raise SystemExit(f"error: --device {name} asked for, but torch cannot use it here "
-                         f"(try --device cpu)")
-    return torch.device(name)
-
-
-# ----------------------------------------------------------------------------- data
-@functools.lru_cache(maxsize=4)  # a run reads each split up to three times: decode it once
-def load_split(data, data_root, split):
-    """(uint8 images N x C x H x W at the data's own size, int64 labels, class names)."""
-    if data in ("mnist", "cifar10"):
-        dataset = {"mnist": torchvision.datasets.MNIST, "cifar10": torchvision.datasets.CIFAR10}
-        try:
-            ds = dataset[data](data_root, train=split == "train", download=True)
-        except Exception as e:  # offline: URLError, RuntimeError, ... all mean "could not download"
-            raise SystemExit(f"error: cannot download {data} into {data_root} "
-                             f"({type(e).__name__}); pass an ImageFolder: --data PATH")
-        x = torch.as_tensor(ds.data)
-        x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
-        return x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long), list(ds.classes)
-    split_dir = os.path.join(data, split)
-    try:
-        folder = torchvision.datasets.ImageFolder(split_dir)
-    except FileNotFoundError:
-        raise SystemExit(f"error: no images in {split_dir}/<class>/: --data PATH must hold "
-                         f"train/ and test/ class folders of .png/.jpg files")
-    print(f"decoding the {len(folder.samples)} images of {split_dir}", flush=True)
-    with PIL.Image.open(folder.samples[0][0]) as first:  # grayscale trees (MNIST) stay 1-channel
-        mode = "L" if first.mode in ("L", "1", "I;16", "I") else "RGB"
-    images = []
-    for path, _ in folder.samples:
-        try:
-            with PIL.Image.open(path) as img:
-                img = torchvision.transforms.functional.pil_to_tensor(img.convert(mode))
-        except OSError as e:  # PIL's UnidentifiedImageError is one
-            raise SystemExit(f"error: cannot read image {path} ({type(e).__name__})")
-        if images and img.shape != images[0].shape:  # odd-sized images: match the first one
-            img = resize_uint8(img[None], images[0].shape[-1])[0]
-        images.append(img)
-    return torch.stack(images), torch.tensor(folder.targets), folder.classes
-
-
-def resize_uint8(x, size):
-    if x.shape[-1] == size and x.shape[-2] == size:
-        return x
-    out = [F.interpolate(c.float(), size=(size, size), mode="bilinear", antialias=True,
-                         align_corners=False) for c in x.split(8192)]
-    return torch.cat(out).round().clamp(0, 255).to(torch.uint8)
-
-
-def load_data(args, split, size, device):
-    x, y, classes = load_split(args.data, args.data_root, split)
-    return resize_uint8(x, size).to(device), y.to(device), classes
-
-
-def to_float(x_uint8):
-    return x_uint8.float().div(127.5).sub(1.0)  # [0, 255] -> [-1, 1], the range of G's tanh
-
-
-def diff_augment(x, policy):
-    """DiffAugment (Zhao et al., 2020): random translation (1/8 of the side, zero fill), cutout
-    (a square of half the side) and colour jitter, differentiable in x: G learns through it."""
-    n, c, h, w = x.shape
-    dev = x.device
-    rows = torch.arange(n, device=dev)[:, None, None]
-    for name in policy:
-        if name == "color":
-            x = x + (torch.rand(n, 1, 1, 1, device=dev) - 0.5)
-            if c > 1:
-                mean = x.mean(1, keepdim=True)
-                x = (x - mean) * (torch.rand(n, 1, 1, 1, device=dev) * 2) + mean
-            mean = x.mean((1, 2, 3), keepdim=True)
-            x = (x - mean) * (torch.rand(n, 1, 1, 1, device=dev) + 0.5) + mean
-        elif name == "translation":
-            s = int(h * 0.125 + 0.5)
-            ty, tx = torch.randint(-s, s + 1, (2, n, 1, 1), device=dev)
-            gy, gx = torch.meshgrid(torch.arange(h, device=dev), torch.arange(w, device=dev),
-                                    indexing="ij")
-            gy, gx = (gy + ty + 1).clamp(0, h + 1), (gx + tx + 1).clamp(0, w + 1)
-            x = F.pad(x, [1, 1, 1, 1]).permute(0, 2, 3, 1)[rows, gy, gx].permute(0, 3, 1, 2)
-        elif name == "cutout":
-            ch, cw = int(h * 0.5 + 0.5), int(w * 0.5 + 0.5)
-            oy = torch.randint(0, h + (1 - ch % 2), (n, 1, 1), device=dev)
-            ox = torch.randint(0, w + (1 - cw % 2), (n, 1, 1), device=dev)
-            gy, gx = torch.meshgrid(torch.arange(ch, device=dev), torch.arange(cw, device=dev),
-                                    indexing="ij")
-            gy, gx = (gy + oy - ch // 2).clamp(0, h - 1), (gx + ox - cw // 2).clamp(0, w - 1)
-            mask = torch.ones(n, h, w, device=dev)
-            mask[rows, gy, gx] = 0
-            x = x * mask.unsqueeze(1)
-    return x
-
-
 # ----------------------------------------------------------------------------- models
-# Every net is one nn.Sequential from a flat tensor or an image; S is the image side. The cDCGAN's
-# label enters through with_label(), outside the nets.
-def dcgan_generator(nz, ngf, channels, size):
+# S is the image side. cDCGAN: the label y joins G's z and D's image inside Net.forward.
+class Net(nn.Sequential):
+    """nn.Sequential whose forward also takes the cDCGAN's labels y: the one-hot y is appended to
+    a flat input (G's z) or, as constant planes, to an image (D's x). n_classes = 0: no label."""
+
+    def __init__(self, *layers, n_classes=0):
+        super().__init__(*layers)
+        self.n_classes = n_classes
+
+    def forward(self, x, y=None):
+        if self.n_classes and y is not None:
+            onehot = F.one_hot(y, self.n_classes).float()
+            if x.dim() == 4:
+                onehot = onehot[:, :, None, None].expand(-1, -1, *x.shape[2:])
+            x = torch.cat([x, onehot], 1)
+        return super().forward(x)
+
+
+def dcgan_generator(nz, ngf, channels, size, n_classes=0):
     """pytorch/examples' generator; at S = 32 its first block (8 ngf, 4 x 4) is left out."""
+    nz += n_classes
     big = [nn.ConvTranspose2d(nz, ngf * 8, 4, 1, 0, bias=False), nn.BatchNorm2d(ngf * 8),
            nn.ReLU(True),
            # state size: (ngf*8) x 4 x 4
            nn.ConvTranspose2d(ngf * 8, ngf * 4, 4, 2, 1, bias=False)]
-    return nn.Sequential(
+    return Net(
         nn.Unflatten(1, (nz, 1, 1)),
         # input: nz x 1 x 1   (nz includes the cDCGAN's one-hot label)
         *(big if size == 64 else [nn.ConvTranspose2d(nz, ngf * 4, 4, 1, 0, bias=False)]),
@@ -283,19 +306,19 @@ def dcgan_generator(nz, ngf, channels, size):
         nn.ConvTranspose2d(ngf, channels, 4, 2, 1, bias=False),
         nn.Tanh(),
         # state size: (channels) x S x S
-    )
+        n_classes=n_classes)
 
 
-def dcgan_discriminator(ndf, channels, size, first_bn=True):
+def dcgan_discriminator(ndf, channels, size, first_bn=True, n_classes=0):
     """pytorch/examples' discriminator, with BatchNorm after the first conv too as seed 003 has it
     (first_bn=False: pytorch/examples'); at S = 32 its last block (8 ndf) is left out."""
     big = [nn.Conv2d(ndf * 4, ndf * 8, 4, 2, 1, bias=False), nn.BatchNorm2d(ndf * 8),
            nn.LeakyReLU(0.2, inplace=True),
            # state size: (ndf*8) x 4 x 4
            nn.Conv2d(ndf * 8, 1, 4, 1, 0, bias=False)]
-    return nn.Sequential(
-        # input: (channels) x S x S   (channels include the cDCGAN's label planes)
-        nn.Conv2d(channels, ndf, 4, 2, 1, bias=False),
+    return Net(
+        # input: (channels) x S x S   (and the cDCGAN's label planes)
+        nn.Conv2d(channels + n_classes, ndf, 4, 2, 1, bias=False),
         nn.BatchNorm2d(ndf) if first_bn else nn.Identity(), nn.LeakyReLU(0.2, inplace=True),
         # state size: (ndf) x S/2 x S/2
         nn.Conv2d(ndf, ndf * 2, 4, 2, 1, bias=False),
@@ -307,12 +330,12 @@ def dcgan_discriminator(ndf, channels, size, first_bn=True):
         *(big if size == 64 else [nn.Conv2d(ndf * 4, 1, 4, 1, 0, bias=False)]),
         nn.Sigmoid(), nn.Flatten(0),
         # output: D(x) in (0, 1), one per image
-    )
+        n_classes=n_classes)
 
 
 def mlp_generator(nz, channels, size):
     """Seed 004's generator."""
-    return nn.Sequential(
+    return Net(
         # input: nz
         nn.Linear(nz, 256), nn.LeakyReLU(0.2, inplace=True),
         nn.Linear(256, 512), nn.LeakyReLU(0.2, inplace=True),
@@ -325,7 +348,7 @@ def mlp_generator(nz, channels, size):
 
 def mlp_discriminator(channels, size, dropout=0.0, sigmoid=True):
     """Seed 004's discriminator; without the sigmoid, a WGAN critic."""
-    return nn.Sequential(
+    return Net(
         # input: (channels) x S x S, flattened
         nn.Flatten(), nn.Linear(channels * size * size, 1024), nn.LeakyReLU(0.2, inplace=True),
         nn.Dropout(dropout),
@@ -338,7 +361,7 @@ def mlp_discriminator(channels, size, dropout=0.0, sigmoid=True):
 
 def conv_critic(channels, size):
     """Seed 004's convolutional WGAN critic; no BatchNorm (the gradient penalty is per sample)."""
-    return nn.Sequential(
+    return Net(
         # input: (channels) x S x S
         nn.Conv2d(channels, 16, 4, 2, 1), nn.LeakyReLU(0.2, inplace=True),
         # state size: 16 x S/2 x S/2
@@ -349,17 +372,8 @@ def conv_critic(channels, size):
         nn.Conv2d(64, 128, 4, 2, 1), nn.LeakyReLU(0.2, inplace=True),
         # state size: 128 x S/16 x S/16   (rounded down: 1 x 1 at S = 28, 2 x 2 at S = 32)
         nn.Flatten(), nn.Linear(128 * (size // 16) ** 2, 1), nn.Flatten(0),
+        # output: the critic's score, one per image
     )
-
-
-def with_label(t, y, n_classes):
-    """cDCGAN: the one-hot label appended to z (N x nz) or, as constant planes, to images."""
-    if y is None:
-        return t
-    onehot = F.one_hot(y, n_classes).float()
-    if t.dim() == 4:
-        onehot = onehot[:, :, None, None].expand(-1, -1, *t.shape[2:])
-    return torch.cat([t, onehot], 1)
 
 
 def dcgan_init(m):
@@ -372,21 +386,21 @@ def dcgan_init(m):
         nn.init.zeros_(m.bias)
 
 
-def build_models(args):
-    """G and D from the run's flags (also how a checkpoint rebuilds its nets)."""
-    k = len(args.classes) if args.lab == "cdcgan" else 0  # the cDCGAN's label inputs
-    k_d = 0 if args.lab != "cdcgan" or args.no_label_in_d else k
-    size, channels = args.image_size, args.channels
+def build_models(args, channels, k):
+    """G and D from the lab's flags; k: the cDCGAN's number of labels (0: unconditional)."""
+    k_d = 0 if k == 0 or args.no_label_in_d else k  # the labels D sees
+    size = args.image_size
     if args.generator == "dcgan":
-        g = dcgan_generator(args.nz + k, args.ngf, channels, size)
+        g = dcgan_generator(args.nz, args.ngf, channels, size, k)
     else:
         g = mlp_generator(args.nz, channels, size)
     if args.discriminator == "dcgan":
-        d = dcgan_discriminator(args.ndf, channels + k_d, size, args.first_bn)
+        d = dcgan_discriminator(args.ndf, channels, size, args.first_bn, k_d)
     elif args.discriminator == "conv":
         d = conv_critic(channels, size)
     else:
-        d = mlp_discriminator(channels, size, getattr(args, "d_dropout", 0.0), args.lab != "wgan")
+        dropout = args.d_dropout if args.lab == "vanilla" else 0.0
+        d = mlp_discriminator(channels, size, dropout, sigmoid=args.lab != "wgan")
     if args.init == "dcgan":
         g.apply(dcgan_init)
         d.apply(dcgan_init)
@@ -409,7 +423,84 @@ def metric_classifier(channels, n_classes):
     ), nn.Linear(128, n_classes))
 
 
-# ----------------------------------------------------------------------------- WGAN mathematics
+# ----------------------------------------------------------------------------- the BCE game
+def log_clamped(p):
+    """log p, at least -100, as nn.BCELoss computes it: a saturated D gives a large, finite loss.
+    The inner `where` keeps the gradient finite where p = 0 (log's gradient there is inf, and the
+    clamp's 0 times inf is NaN); a NaN p stays NaN, so a diverged run is still caught."""
+    tiny = p <= math.exp(-100)
+    return torch.where(tiny, -100.0, torch.log(torch.where(tiny, 1.0, p)))
+
+
+def identity(x):
+    return x
+
+
+def bce_step(g, d, opt_g, opt_d, real, z, y_real=None, y_fake=None, aug=identity,
+             update_d=True, update_g=True, saturating=False):
+    """One iteration of the GAN game (Goodfellow et al., 2014, Alg. 1 with k = 1), as DCGAN and
+    pytorch/examples play it: D sees a real batch and G(z), then G learns from D's verdict on the
+    same G(z). y_real, y_fake: the cDCGAN's labels. aug: DiffAugment on D's inputs. Returns
+    detached device tensors (no host sync here)."""
+    # (1) Update D: maximize log D(x) + log(1 - D(G(z)))
+    fake = g(z, y_fake)
+    real_a, fake_a = aug(real), aug(fake.detach())  # detach: this step changes D only
+    d_real, d_fake = d(real_a, y_real), d(fake_a, y_fake)
+    loss_d = -(log_clamped(d_real).mean() + log_clamped(1 - d_fake).mean())
+    if update_d:
+        opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        opt_d.step()
+    out = {"loss_d": loss_d.detach(), "d_real": d_real.detach().mean(),
+           "d_fake": d_fake.detach().mean()}
+    if not update_g:
+        return out
+    # (2) Update G: maximize log D(G(z)) (non-saturating, DCGAN paper and pytorch/examples),
+    # or minimize log(1 - D(G(z))) (saturating: the minimax game's own loss, --g-loss saturating)
+    d_gen = d(aug(fake), y_fake)
+    loss_g = log_clamped(1 - d_gen).mean() if saturating else -log_clamped(d_gen).mean()
+    opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    opt_g.step()
+    out["loss_g"] = loss_g.detach()
+    return out
+
+
+# ----------------------------------------------------------------------------- the WGAN game
+def wgan_critic_step(g, d, opt_d, real, z, aug=identity, constraint="gp", clip=0.01,
+                     gp_lambda=10.0):
+    """One critic iteration: WGAN Alg. 1 lines 3-7 (constraint "clip"), WGAN-GP Alg. 1 lines 4-9
+    ("gp"), or neither constraint ("none"). The critic's output is a score, not a probability."""
+    # (1) Update the critic: maximize D(x) - D(G(z)) [- lambda (||grad D(x_hat)||_2 - 1)^2]
+    real_a, fake_a = aug(real), aug(g(z).detach())  # x ~ P_r, x~ = G(z)
+    d_real, d_fake = d(real_a), d(fake_a)
+    loss_d = d_fake.mean() - d_real.mean()  # WGAN-GP line 7: D(x~) - D(x) ...
+    gp = gradient_penalty(d, real_a, fake_a, gp_lambda) if constraint == "gp" else None
+    if gp is not None:
+        loss_d = loss_d + gp  # ... + lambda (||grad D(x_hat)||_2 - 1)^2
+    opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    opt_d.step()  # RMSProp (WGAN line 6) or Adam (WGAN-GP line 9)
+    if constraint == "clip":
+        clip_weights(d, clip)  # WGAN line 7: w <- clip(w, -c, c)
+    out = {"loss_d": loss_d.detach(), "d_real": d_real.detach().mean(),
+           "d_fake": d_fake.detach().mean()}
+    out["wdist"] = out["d_real"] - out["d_fake"]  # the critic's estimate of W(P_r, P_g)
+    if gp is not None:
+        out["gp"] = gp.detach()
+    return out
+
+
+def wgan_generator_step(g, d, opt_g, z, aug=identity):
+    """WGAN Alg. 1 lines 9-11, WGAN-GP Alg. 1 lines 11-12, on a fresh batch of z."""
+    # (2) Update G: maximize D(G(z))
+    loss_g = -d(aug(g(z))).mean()
+    opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    opt_g.step()
+    return {"loss_g": loss_g.detach()}
+
+
 def gradient_penalty(critic, real, fake, lam):
     """WGAN-GP (Gulrajani et al., 2017, eq. 3): lam * E[(||grad D(x_hat)||_2 - 1)^2] on random
     interpolates x_hat = e x + (1 - e) G(z), e ~ U[0, 1] per sample. create_graph: the penalty
@@ -446,242 +537,495 @@ def lipschitz_bound(critic):
     return product, bound
 
 
-# ----------------------------------------------------------------------------- one step
-def log_clamped(p):
-    """log p, at least -100, as nn.BCELoss computes it: a saturated D gives a large, finite loss.
-    The inner `where` keeps the gradient finite where p = 0 (log's gradient there is inf, and the
-    clamp's 0 times inf is NaN); a NaN p stays NaN, so a diverged run is still caught."""
-    tiny = p <= math.exp(-100)
-    return torch.where(tiny, -100.0, torch.log(torch.where(tiny, 1.0, p)))
-
-
-def gan_step(args, g, d, opt_g, opt_d, real, y, step, aug):
-    """One D step and, every --g-every D steps, one G step: the BCE game as pytorch/examples plays
-    it, or WGAN / WGAN-GP (their Alg. 1). Returns detached device tensors (no host sync here)."""
-    n, k, wgan = real.shape[0], len(args.classes), args.lab == "wgan"
-    y_fake = torch.randint(0, k, (n,), device=real.device) if args.lab == "cdcgan" else None
-    fake = g(with_label(torch.randn(n, args.nz, device=real.device), y_fake, k))
-    if args.lab != "cdcgan" or args.no_label_in_d:
-        y = y_fake = None  # from here on: the labels D sees
-    real_a, fake_a = with_label(aug(real), y, k), with_label(aug(fake.detach()), y_fake, k)
-    d_real, d_fake = d(real_a), d(fake_a)
-    if wgan:  # (1) update the critic: maximize D(x) - D(G(z)) [- lambda (||grad D(x_hat)|| - 1)^2]
-        loss_d = d_fake.mean() - d_real.mean()
-        gp = gradient_penalty(d, real_a, fake_a, args.gp_lambda) if args.constraint == "gp" else 0
-        loss_d = loss_d + gp
-    else:  # (1) update D: maximize log D(x) + log(1 - D(G(z)))
-        loss_d = -(log_clamped(d_real).mean() + log_clamped(1 - d_fake).mean())
-    opt_d.zero_grad(set_to_none=True)
-    loss_d.backward()
-    opt_d.step()
-    if wgan and args.constraint == "clip":
-        clip_weights(d, args.clip)
-    out = {"loss_d": loss_d.detach(), "d_real": d_real.detach().mean(),
-           "d_fake": d_fake.detach().mean()}
-    if wgan:
-        out["wdist"] = out["d_real"] - out["d_fake"]
-        if args.constraint == "gp":
-            out["gp"] = gp.detach()
-    # (2) update G once every --g-every D steps: maximize log D(G(z)) (non-saturating), or
-    # minimize log(1 - D(G(z))) (saturating: the minimax game's own loss); WGAN: maximize D(G(z))
-    if step % args.g_every == 0:
-        if wgan:  # WGAN Alg. 1 draws a fresh batch of z for G's step
-            fake = g(torch.randn(n, args.nz, device=real.device))
-        d_gen = d(with_label(aug(fake), y_fake, k))
-        if wgan:
-            loss_g = -d_gen.mean()
-        elif args.g_loss == "non-saturating":
-            loss_g = -log_clamped(d_gen).mean()
-        else:
-            loss_g = log_clamped(1 - d_gen).mean()
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
-        out["loss_g"] = loss_g.detach()
-    return out
-
-
 def make_optimizers(args, g, d):
     if args.lab == "wgan" and args.constraint == "clip":  # WGAN Alg. 1: momentum hurts clipping
         return (torch.optim.RMSprop(g.parameters(), lr=args.lr_g),
                 torch.optim.RMSprop(d.parameters(), lr=args.lr_d))
-    betas = (args.beta1, 0.9 if args.lab == "wgan" else 0.999)
+    betas = (args.beta1, 0.9 if args.lab == "wgan" else 0.999)  # WGAN-GP Alg. 1: beta2 = 0.9
     return (torch.optim.Adam(g.parameters(), lr=args.lr_g, betas=betas),
             torch.optim.Adam(d.parameters(), lr=args.lr_d, betas=betas))
 
 
-# ----------------------------------------------------------------------------- training
-def train(args, device):
-    """A lab end to end: data, nets, resume, the epochs, the end-of-run outputs."""
-    ckpt_path = os.path.join(args.out, "checkpoint.pt")
-    ckpt = load_checkpoint(ckpt_path, args) if os.path.exists(ckpt_path) else None
-    x_train, y_train, args.classes = load_data(args, "train", args.image_size, device)
-    args.channels = x_train.shape[1]
-    if len(x_train) < args.batch_size:
-        raise SystemExit(f"error: {len(x_train)} training images, fewer than --batch-size "
-                         f"{args.batch_size}")
-    torch.manual_seed(args.seed)
-    g, d = (net.to(device) for net in build_models(args))
-    opt_g, opt_d = make_optimizers(args, g, d)
-    start_epoch, history, wall = 0, [], 0.0
-    if ckpt:
-        for name, obj in (("g", g), ("d", d), ("opt_g", opt_g), ("opt_d", opt_d)):
-            obj.load_state_dict(ckpt[name])
-        start_epoch, history, wall = ckpt["epoch"], ckpt["history"], ckpt["wall_s"]
-        torch.set_rng_state(ckpt["rng"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
-        print(f"resuming {args.lab} from {ckpt_path} after epoch {start_epoch}")
-    os.makedirs(args.out, exist_ok=True)
-    n_g, n_d = (sum(p.numel() for p in net.parameters()) for net in (g, d))
-    print(f"{args.lab}: {len(x_train)} images {tuple(x_train.shape[1:])}, G {n_g:,} / D {n_d:,} "
-          f"parameters, {device}, out {args.out}")
-    policy = [p for p in args.diffaug.split(",") if p]
-    aug = (lambda x: diff_augment(x, policy)) if policy else (lambda x: x)
-    for epoch in range(start_epoch, args.epochs):
-        t0 = time.time()
-        history += train_epoch(args, epoch, g, d, opt_g, opt_d, x_train, y_train, aug)
-        wall += time.time() - t0
-        save_epoch(args, epoch, g, d, opt_g, opt_d, history, wall, device)
-    if start_epoch >= args.epochs:
-        print(f"{ckpt_path} already holds {start_epoch} epochs; writing the outputs again")
-    finish_run(args, g, device, history, wall)
+# ----------------------------------------------------------------------------- evaluation
+def knn_radii(feats, k):
+    # distance to the k-th nearest other point; column 0 of topk is the point itself
+    return torch.cat([torch.cdist(c, feats).topk(k + 1, largest=False).values[:, k]
+                      for c in feats.split(1000)])
 
 
-def train_epoch(args, epoch, g, d, opt_g, opt_d, x_train, y_train, aug):
-    """One pass over the shuffled training set; returns the log rows (means over --log-every)."""
-    iters = len(x_train) // args.batch_size  # no partial last batch: BatchNorm stats comparable
-    perm = torch.randperm(len(x_train), device=x_train.device)
-    sums, rows, t_log = {}, [], time.time()
-    for i in range(iters):
-        step = epoch * iters + i + 1
-        idx = perm[i * args.batch_size:(i + 1) * args.batch_size]
-        out = gan_step(args, g, d, opt_g, opt_d, to_float(x_train[idx]), y_train[idx], step, aug)
-        for key, value in out.items():  # summed on the device; read once per log step
-            total, count = sums.get(key, (0.0, 0))
-            sums[key] = (total + value, count + 1)
-        if step % args.log_every == 0 or i == iters - 1:
-            seconds = (time.time() - t_log) / sums["loss_d"][1]
-            rows.append(log_row(args, d, sums, step, epoch + (i + 1) / iters, seconds,
-                                seconds * (args.epochs * iters - step)))
-            sums, t_log = {}, time.time()
+def coverage(queries, refs, radii):
+    """Fraction of queries inside the union of balls B(ref, radius) (the k-NN manifold estimate)."""
+    return torch.cat([(torch.cdist(c, refs) <= radii[None]).any(1)
+                      for c in queries.split(1000)]).double().mean().item()
+
+
+def precision_recall(real, fake, k=3):
+    """Kynkäänniemi et al., 2019 (k = 3): precision = share of fakes inside the real manifold,
+    recall = share of reals inside the fake manifold."""
+    return coverage(fake, real, knn_radii(real, k)), coverage(real, fake, knn_radii(fake, k))
+
+
+@torch.no_grad()
+def evaluate_gan(args, g, net, k, device):
+    """FID / precision / recall of generated vs real test images, and train vs test as the floor,
+    in the feature space of the metric network `net`. The class shares show mode collapse: a GAN
+    that drops a digit has a share near 0 for it. k: the cDCGAN's labels (0: none)."""
+    t0 = time.time()
+    x_test, y_test, classes = load_data(args.data, args.data_root, "test", CLASSIFIER_SIZE, device)
+    x_train = load_data(args.data, args.data_root, "train", CLASSIFIER_SIZE, device)[0]
+    n = min(args.eval_samples, len(x_test), len(x_train))
+    gen = torch.Generator().manual_seed(args.seed + 3)
+    f_test = features(net, x_test[torch.randperm(len(x_test), generator=gen)[:n].to(device)])
+    real_train = x_train[torch.randperm(len(x_train), generator=gen)[:n].to(device)]
+    z = torch.randn(n, args.nz, generator=gen).to(device)
+    y = torch.arange(n, device=device) % k if k else None  # cDCGAN: every class equally often
+    rows = []
+    for name, x in (("generated vs test", sample(g, z, y)), ("train vs test (floor)", real_train)):
+        f, pred = features(net, x), features(net, x, logits=True).argmax(1)
+        p, r = precision_recall(f_test, f)
+        share = torch.bincount(pred, minlength=len(classes)).double() / n
+        rows.append({"comparison": name, "n": n, "fid": round(frechet_distance(f, f_test), 4),
+                     "precision": round(p, 4), "recall": round(r, 4),
+                     "class_share_min": round(share.min().item(), 4),
+                     "class_share_max": round(share.max().item(), 4)})
+        if y is not None and name.startswith("generated"):  # does the classifier read y back?
+            rows[-1]["cond_acc"] = round((pred == y.cpu()).double().mean().item(), 4)
+    rows[1]["classifier_test_acc"] = round(accuracy(net, x_test, y_test), 4)
+    for r in rows:
+        print("[evaluate] " + ", ".join(f"{key} {value}" for key, value in r.items()))
+    print(f"[evaluate] {fmt_time(time.time() - t0)}")
     return rows
 
 
-def log_row(args, d, sums, step, epoch, s_per_iter, eta):
-    """The means since the last row, one progress line; a non-finite loss ends the run here."""
-    keys = ["loss_d", "loss_g", "d_real", "d_fake"]
-    keys += ["wdist", "gp"] if args.lab == "wgan" else []
-    row = {"iter": step, "epoch": epoch}
-    for key in keys:  # nan: no G step in this window (--g-every, --n-critic), or no penalty
-        row[key] = (sums[key][0] / sums[key][1]).item() if key in sums else float("nan")
-    bad = [key for key in keys if key in sums and not math.isfinite(row[key])]
-    if bad:
-        done = math.ceil(epoch) - 1
-        kept = f"the checkpoint keeps epoch {done}" if done else "no checkpoint was written"
-        fix = " or --constraint gp" if args.lab == "wgan" and args.constraint == "none" else ""
-        raise SystemExit(f"error: {bad[0]} became {row[bad[0]]} in epoch {done + 1} (iteration "
-                         f"{step}); stopped, {kept}. Try a lower --lr-d / --lr-g{fix}")
-    if args.lab == "wgan":
-        row["lip_product"], row["lip_bound"] = (t.item() for t in lipschitz_bound(d))
-    row["s_per_iter"] = s_per_iter
-    print(f"[{args.lab}] epoch {math.ceil(epoch)}/{args.epochs} iter {step} | " + " ".join(
-        f"{k} {v:.3g}" for k, v in row.items() if k not in ("iter", "epoch", "s_per_iter"))
-        + f" | {s_per_iter:.3f} s/it | ETA {fmt_time(eta)}", flush=True)
-    return row
+def nearest(queries, refs, k, embed=identity):
+    """Distances and indices [len(queries), k] of each query's k nearest rows of embed(refs), in
+    Euclidean distance; refs are embedded in chunks (no float copy of a whole training set)."""
+    best_d, best_i = queries.new_empty(len(queries), 0), torch.empty(len(queries), 0).long()
+    for start in range(0, len(refs), 5000):
+        chunk = embed(refs[start:start + 5000]).to(queries.dtype)
+        i = torch.cdist(queries, chunk).topk(min(k, len(chunk)), largest=False).indices
+        # cdist's fast path loses digits for near-copies, the very case looked for: measure the
+        # chosen neighbours' distances again, directly
+        d = (queries[:, None] - chunk[i]).norm(dim=-1)
+        best_d, j = torch.cat([best_d, d], 1).topk(min(k, best_d.shape[1] + d.shape[1]),
+                                                   largest=False)
+        best_i = torch.cat([best_i, i + start], 1).gather(1, j)
+    return best_d, best_i
 
 
-def save_epoch(args, epoch, g, d, opt_g, opt_d, history, wall, device):
-    """This epoch's samples, interpolation strip and curves, then the checkpoint (last: a
-    checkpoint of epoch N means every file of epoch N is complete)."""
-    z = torch.randn(64, args.nz, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    y = torch.arange(64, device=device) % len(args.classes) if args.lab == "cdcgan" else None
-    save_grid(sample(args, g, z, y), os.path.join(args.out, f"samples_epoch{epoch + 1:02d}.png"))
-    save_strip(args, g, device, os.path.join(args.out, f"interpolation_epoch{epoch + 1:02d}.png"))
-    write_csv(os.path.join(args.out, "metrics.csv"), history)
-    plot_curves(history, args.lab, os.path.join(args.out, "curves.png"))
-    ckpt = {"format": CKPT_FORMAT, "epoch": epoch + 1, "args": vars(args), "g": g.state_dict(),
-            "d": d.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-            "history": history, "wall_s": wall, "command": " ".join(["python"] + sys.argv),
-            "rng": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-    write_atomic(os.path.join(args.out, "checkpoint.pt"), lambda tmp: torch.save(ckpt, tmp))
+def pixels(x):
+    """Images (uint8, or G's floats in [-1, 1]) as vectors of their 32 x 32 pixels in [-1, 1]."""
+    x = to_float(x) if x.dtype == torch.uint8 else x
+    if x.shape[-1] != CLASSIFIER_SIZE:
+        x = F.interpolate(x, size=(CLASSIFIER_SIZE, CLASSIFIER_SIZE), mode="bilinear",
+                          antialias=True, align_corners=False)
+    return x.flatten(1).cpu()
 
 
-def finish_run(args, g, device, history, wall):
-    """End-of-run outputs (again when a finished run's command runs again): class grid, metrics
-    (eval.csv), summary.json."""
-    if args.lab == "cdcgan":  # rows: the classes; columns: 8 fixed z (z carries the style)
-        k = len(args.classes)
-        z = torch.randn(8, args.nz, generator=torch.Generator().manual_seed(args.seed + 2))
-        y = torch.arange(k, device=device).repeat_interleave(8)
-        save_grid(sample(args, g, z.to(device).repeat(k, 1), y),
-                  os.path.join(args.out, "class_grid.png"))
-    metrics = evaluate(args, g, device) if args.eval_samples > 0 else []
-    if metrics:
-        write_csv(os.path.join(args.out, "eval.csv"), metrics)
-    last = history[-10:]
-    summary = {"lab": args.lab, "command": " ".join(["python"] + sys.argv), "device": str(device),
-               "threads": torch.get_num_threads(), "train_wall_s": round(wall, 1),
-               "iterations": history[-1]["iter"] if history else 0, "epochs": args.epochs,
-               "s_per_iter": round(sum(r["s_per_iter"] for r in last) / max(len(last), 1), 4),
-               "final": history[-1] if history else {}, "metrics": metrics, "args": vars(args)}
-    text = json.dumps(summary, indent=1)
-    path = os.path.join(args.out, "summary.json")
-    write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(text))
-    print(f"wrote {args.out}/ (train wall time {fmt_time(wall)})")
+def memorization_check(g, net, x_train, x_test, nz, k, seed, n):
+    """Seed 001's memorization check: a G that copies training images scores well on FID and
+    recall, yet its samples sit much nearer to the training set than new real images do. For the
+    64 fixed samples of samples_epochNN.png: their 3 nearest training images in the metric
+    network's feature space and in pixel space. For n samples and n test images: the distance of
+    each to its nearest training image (features), two distributions to compare."""
+    z = torch.randn(64, nz, generator=torch.Generator().manual_seed(seed)).to(x_train.device)
+    shown = sample(g, z, torch.arange(64, device=z.device) % k if k else None)
+    f_train = torch.cat([features(net, c) for c in x_train.split(5000)]).float()
+    near_f = nearest(features(net, shown).float(), f_train, 3)
+    near_p = nearest(pixels(shown), x_train, 3, embed=pixels)
+    gen = torch.Generator().manual_seed(seed + 4)
+    z = torch.randn(n, nz, generator=gen).to(x_train.device)
+    y = torch.arange(n, device=z.device) % k if k else None
+    tests = x_test[torch.randperm(len(x_test), generator=gen)[:n].to(x_test.device)]
+    d_fake = nearest(features(net, sample(g, z, y)).float(), f_train, 1)[0][:, 0]
+    d_test = nearest(features(net, tests).float(), f_train, 1)[0][:, 0]
+    return shown, near_f, near_p, d_fake, d_test
 
 
-def load_checkpoint(path, args):
-    """The checkpoint of the run these flags describe, or one clear line: a damaged file, another
-    program's, or a run with another lab, net or learning rate is not resumed."""
+# ----------------------------------------------------------------------------- training
+def train(args, x_train, y_train, k, device):
+    """The lab's game for --epochs passes over the shuffled training images, resumed from and
+    saved to --out/checkpoint.pt. k: the cDCGAN's labels (0: none). Returns G, the log rows
+    (metrics.csv) and the training wall time."""
+    torch.manual_seed(args.seed)
+    g, d = (net.to(device) for net in build_models(args, x_train.shape[1], k))
+    opt_g, opt_d = make_optimizers(args, g, d)
+    states = {"g": g, "d": d, "opt_g": opt_g, "opt_d": opt_d}
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    ckpt = resume(ckpt_path, states, training_flags(args), format=CKPT_FORMAT)
+    start, history, wall = (ckpt["epoch"], ckpt["history"], ckpt["wall_s"]) if ckpt else (0, [], 0)
+    print_start(args, g, d, x_train, device, start)
+    aug = diff_augmenter(args.diffaug)  # the identity without --diffaug
+    n, iters = args.batch_size, len(x_train) // args.batch_size  # no partial batch: BN comparable
+    for epoch in range(start, args.epochs):
+        t0 = t_log = time.time()
+        sums, perm = {}, torch.randperm(len(x_train), device=device)
+        for i in range(iters):
+            step = epoch * iters + i + 1
+            idx = perm[i * n:(i + 1) * n]
+            real, y_real = to_float(x_train[idx]), y_train[idx]
+            update_g = step % args.g_every == 0  # --g-every / --n-critic: G steps are rarer
+            update_g = update_g and args.train_only != "d"  # --train-only: one net stays at init
+            if args.lab == "wgan":
+                z = torch.randn(n, args.nz, device=device)
+                out = wgan_critic_step(g, d, opt_d, real, z, aug, args.constraint, args.clip,
+                                       args.gp_lambda)
+                if update_g:
+                    z = torch.randn(n, args.nz, device=device)  # Alg. 1: a fresh batch for G
+                    out.update(wgan_generator_step(g, d, opt_g, z, aug))
+            else:
+                y_fake = torch.randint(0, k, (n,), device=device) if k else None
+                z = torch.randn(n, args.nz, device=device)
+                out = bce_step(g, d, opt_g, opt_d, real, z, y_real, y_fake, aug,
+                               update_d=args.train_only != "g", update_g=update_g,
+                               saturating=args.g_loss == "saturating")
+            accumulate(sums, out)
+            if step % args.log_every == 0 or i == iters - 1:
+                seconds = (time.time() - t_log) / sums["loss_d"][1]
+                history.append(log_row(args, d, sums, step, epoch + (i + 1) / iters, seconds,
+                                       seconds * (args.epochs * iters - step)))
+                sums, t_log = {}, time.time()
+        wall += time.time() - t0
+        save_samples(g, args, epoch + 1, k, device)
+        write_csv(os.path.join(args.out, "metrics.csv"), history)
+        plot_curves(history, args.lab, os.path.join(args.out, "curves.png"))
+        save_checkpoint(ckpt_path, states, format=CKPT_FORMAT, epoch=epoch + 1, history=history,
+                        flags=training_flags(args), wall_s=wall, command=command_line())
+    if start >= args.epochs:
+        print(f"{ckpt_path} already holds {start} epochs; writing the outputs again")
+    return g, history, wall
+
+
+# ----------------------------------------------------------------------------- the DANN lab
+# Ganin et al., "Domain-Adversarial Training of Neural Networks" (JMLR 2016): a domain classifier
+# regularizes a classifier's *features* (in the paper, a discriminator regularizes its kernels).
+# Source: MNIST with labels; target: MNIST-M-style digits, their labels used only to evaluate.
+class DANN(nn.Module):
+    """The DANN paper's MNIST network: feature extractor G_f, label classifier G_y and domain
+    classifier G_d (which sits behind the gradient reversal layer)."""
+
+    def __init__(self, n_classes=10):
+        super().__init__()
+        self.features = nn.Sequential(
+            # input: 3 x 28 x 28 (grey source digits copied to 3 channels)
+            nn.Conv2d(3, 32, 5), nn.MaxPool2d(2), nn.ReLU(True),
+            # state size: 32 x 12 x 12
+            nn.Conv2d(32, 48, 5), nn.MaxPool2d(2), nn.ReLU(True),
+            # state size: 48 x 4 x 4
+            nn.Flatten(),
+            # output: 768 features
+        )
+        self.label_classifier = nn.Sequential(
+            nn.Linear(768, 100), nn.ReLU(True), nn.Linear(100, 100), nn.ReLU(True),
+            nn.Linear(100, n_classes),
+            # output: class logits
+        )
+        self.domain_classifier = nn.Sequential(
+            nn.Linear(768, 100), nn.ReLU(True), nn.Linear(100, 1), nn.Flatten(0),
+            # output: logit of "this image is from the target domain"
+        )
+
+
+class GradientReversal(torch.autograd.Function):
+    """The gradient reversal layer (DANN paper, Sec. 3.2): the identity going forward; going
+    backward, the gradient times -lambda."""
+
+    @staticmethod
+    def forward(ctx, x, lam):
+        ctx.lam = lam
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return -ctx.lam * grad_output, None
+
+
+def dann_schedules(p, lr0, alpha, beta, gamma):
+    """The DANN paper's schedules at training progress p in [0, 1]: the learning rate
+    mu_p = mu_0 / (1 + alpha p)^beta and the adaptation weight
+    lambda_p = 2 / (1 + exp(-gamma p)) - 1 (0 at the start, while the features are still noise;
+    near 1 by the end)."""
+    return lr0 / (1 + alpha * p) ** beta, 2 / (1 + math.exp(-gamma * p)) - 1
+
+
+def mnist_m_style(digits, patches, gen):
+    """MNIST-M as the DANN paper built it: each digit blended with a random colour patch,
+    |patch - digit| per channel. The patches are random crops of `patches` (CIFAR-10 training
+    images here, BSDS500 photographs in the paper). uint8 [N, 1, H, W] -> [N, 3, H, W]."""
+    h, w = digits.shape[-2:]
+    out = []
+    for chunk in digits.split(10000):
+        m = len(chunk)
+        pick = torch.randint(0, len(patches), (m, 1, 1), generator=gen)
+        top = torch.randint(0, patches.shape[-2] - h + 1, (m, 1, 1), generator=gen)
+        left = torch.randint(0, patches.shape[-1] - w + 1, (m, 1, 1), generator=gen)
+        rows, cols = top + torch.arange(h)[None, :, None], left + torch.arange(w)[None, None, :]
+        crops = patches[pick, :, rows, cols].permute(0, 3, 1, 2)  # m x 3 x h x w
+        out.append((crops.int() - chunk.int()).abs().to(torch.uint8))
+    return torch.cat(out)
+
+
+def dann_step(net, opt, x_source, y_source, x_target, lam, lr):
+    """One SGD step of DANN (the paper's Alg. 1 with the gradient reversal layer): G_y and G_f
+    minimize the label loss on source images; G_d minimizes the domain loss on source and target
+    images; through the reversal layer G_f gets -lambda times the domain loss's gradient, so it
+    learns features from which G_d cannot tell the domains apart."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    f = net.features(torch.cat([x_source, x_target]))
+    f_source = f[:len(x_source)]
+    loss_y = F.cross_entropy(net.label_classifier(f_source), y_source)  # L_y, source only
+    domain = torch.cat([torch.zeros(len(x_source)), torch.ones(len(x_target))]).to(f.device)
+    d_logit = net.domain_classifier(GradientReversal.apply(f, lam))
+    loss_d = F.binary_cross_entropy_with_logits(d_logit, domain)  # L_d, both domains
+    opt.zero_grad(set_to_none=True)
+    (loss_y + loss_d).backward()
+    opt.step()
+    return {"loss_y": loss_y.detach(), "loss_d": loss_d.detach(),
+            "domain_acc": ((d_logit.detach() > 0).float() == domain).float().mean()}
+
+
+def train_dann(args, data, n_classes, device):
+    """DANN for --epochs passes over the source images or, with --no-adapt, the source-only
+    baseline (lambda = 0). data: source (x, y), target x (no labels), and the two test sets."""
+    torch.manual_seed(args.seed)
+    net = DANN(n_classes).to(device)
+    opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum)
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    ckpt = resume(ckpt_path, {"net": net, "opt": opt}, training_flags(args), format=DANN_FORMAT)
+    start, history, wall = (ckpt["epoch"], ckpt["history"], ckpt["wall_s"]) if ckpt else (0, [], 0)
+    (x_s, y_s), x_t = data["source"], data["target"]
+    n, iters = args.batch_size, len(x_s) // args.batch_size
+    os.makedirs(args.out, exist_ok=True)
+    for epoch in range(start, args.epochs):
+        t0, sums = time.time(), {}
+        perm_s, perm_t = (torch.randperm(len(x), device=device) for x in (x_s, x_t))
+        for i in range(iters):
+            p = (epoch * iters + i) / (args.epochs * iters)  # training progress, 0 -> 1
+            lr, lam = dann_schedules(p, args.lr, args.lr_alpha, args.lr_beta, args.gamma)
+            lam = 0.0 if args.no_adapt else lam
+            idx_s = perm_s[i * n:(i + 1) * n]
+            idx_t = perm_t[(i * n + torch.arange(n, device=device)) % len(x_t)]
+            out = dann_step(net, opt, to_float(x_s[idx_s]), y_s[idx_s], to_float(x_t[idx_t]),
+                            lam, lr)
+            accumulate(sums, out)
+        wall += time.time() - t0
+        history.append(dann_row(args, net, data, sums, epoch + 1, (epoch + 1) * iters, lam, lr,
+                                (time.time() - t0) / iters))
+        write_csv(os.path.join(args.out, "metrics.csv"), history)
+        save_checkpoint(ckpt_path, {"net": net, "opt": opt}, format=DANN_FORMAT, epoch=epoch + 1,
+                        history=history, flags=training_flags(args), wall_s=wall,
+                        command=command_line())
+    return net, history, wall
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"error: cannot read {path} ({type(e).__name__}): it is damaged or not "
-                         f"a checkpoint; delete it or use another --out")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        raise SystemExit(f"error: {path} is not a checkpoint of this version of gan_labs.py; "
-                         f"use another --out")
-    saved = ckpt["args"]
+        if args.lab == "dann":
+            data, classes = load_dann_data(args, device)
+            net, history, wall = train_dann(args, data, len(classes), device)
+            save_dann_outputs(args, net, data, history, wall, device)
+            return
+        if args.lab == "memorization":
+            check_memorization(args, device)
+            return
+        if args.lab == "classifier":
+            channels = load_split(args.data, args.data_root, "train")[0].shape[1]
+            print(f"classifier {metric_net(args, channels, device)[1]}")
+            return
+        x_train, y_train, classes = load_data(args.data, args.data_root, "train",
+                                              args.image_size, device)
+        if len(x_train) < args.batch_size:
+            raise SystemExit(f"error: {len(x_train)} training images, fewer than --batch-size "
+                             f"{args.batch_size}")
+        k = len(classes) if args.lab == "cdcgan" else 0
+        g, history, wall = train(args, x_train, y_train, k, device)
+        metrics = []
+        if args.eval_samples > 0:
+            net, path = metric_net(args, x_train.shape[1], device)
+            print(f"[evaluate] feature net {path}")
+            metrics = evaluate_gan(args, g, net, k, device)
+        save_outputs(args, g, history, wall, metrics, classes, x_train.shape[1], k, device)
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted: every file in the run folder is complete; the checkpoint "
+                         "holds the last finished epoch")
+
+
+# ==== plumbing: the same in every script, checked by test_smoke.py; skip on a first read ====
+# ----------------------------------------------------------------------------- run folder, flags
+def free_flags(lab):
+    """The flags a run may change when it resumes; DANN's schedules run over all --epochs."""
+    return RUN_FLAGS - {"epochs"} if lab == "dann" else RUN_FLAGS
+
+
+def default_out(p, args):
+    """runs/gan/<data>/<lab>, then each flag that differs from the lab's default."""
+    name = args.lab
     for key, value in vars(args).items():
-        if key not in RUN_FLAGS and saved.get(key) != value:
-            raise SystemExit(f"error: {path} is a run with {key} = {saved.get(key)!r}, not "
-                             f"{value!r}; use another --out")
-    return ckpt
+        if key not in free_flags(args.lab) | {"lab", "data"} and value != p.get_default(key):
+            if isinstance(value, str) and os.sep in value:  # a path: its last part
+                value = os.path.basename(os.path.normpath(value))
+            name += "_" + key.replace("_", "-") + ("" if value is True else f"-{value}")
+    return os.path.join("runs", "gan", os.path.basename(os.path.normpath(args.data)), name)
 
 
-# ----------------------------------------------------------------------------- sampling
-@torch.no_grad()
-def sample(args, g, z, y=None):
-    # eval(): BatchNorm uses its running statistics, so a sample does not depend on which
-    # other z share its batch (an interpolation strip would otherwise drift with the batch)
-    g.eval()
-    x = torch.cat([g(with_label(zc, None if y is None else y[i:i + 1000], len(args.classes)))
-                   for i, zc in zip(range(0, len(z), 1000), z.split(1000))])
-    g.train()
+def training_flags(args):
+    """The flags that change what a run computes: a checkpoint made with others is not resumed."""
+    return {key: value for key, value in vars(args).items() if key not in free_flags(args.lab)}
+
+
+def command_line():
+    return " ".join(["python"] + sys.argv)
+
+
+# ----------------------------------------------------------------------------- data
+TORCHVISION_DATASETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "mnist": "MNIST"}
+
+
+@functools.lru_cache(maxsize=4)  # a run may read a split more than once: decode it once
+def load_split(data, root, split):
+    """One split ("train" or "test") as (uint8 images [N, C, H, W] at the data's own size, int64
+    labels [N], class names). `data` is a torchvision name (downloaded into `root`) or the path of
+    an ImageFolder tree data/{train,test}/<class>/<image>; grayscale trees (MNIST) stay 1-channel,
+    and an image of another size than the first is resized to it. Every image is decoded once here;
+    training then only indexes these tensors."""
+    if data in TORCHVISION_DATASETS:
+        try:
+            dataset_class = getattr(torchvision.datasets, TORCHVISION_DATASETS[data])
+            ds = dataset_class(root, train=split == "train", download=True)
+        except Exception as e:  # offline: URLError, RuntimeError, ... all mean "could not download"
+            raise SystemExit(f"error: could not download {data} into {root!r} ({type(e).__name__})."
+                             f" Offline? Pass an ImageFolder tree instead: --data PATH with "
+                             f"PATH/train/<class>/*.png and PATH/test/<class>/*.png")
+        x = torch.as_tensor(ds.data)
+        x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
+        return x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long), list(ds.classes)
+    if not os.path.isdir(data):
+        raise SystemExit(f"error: --data {data!r} is neither a known dataset "
+                         f"({', '.join(TORCHVISION_DATASETS)}) nor an existing folder")
+    folder = os.path.join(data, split)
+    try:  # ImageFolder finds the class folders (sorted) and the image files in them
+        ds = torchvision.datasets.ImageFolder(folder)
+    except (FileNotFoundError, OSError):
+        raise SystemExit(f"error: no images in {folder!r}; expected an ImageFolder tree "
+                         f"{data}/{split}/<class>/<image>.png")
+    print(f"decoding the {len(ds.samples)} images of {folder}", flush=True)
+    with PIL.Image.open(ds.samples[0][0]) as first:
+        mode = "L" if first.mode in ("L", "1", "I;16", "I") else "RGB"
+    images = []
+    for path, _ in ds.samples:
+        try:
+            with PIL.Image.open(path) as img:
+                img = torchvision.transforms.functional.pil_to_tensor(img.convert(mode))
+        except OSError as e:  # PIL's UnidentifiedImageError is one
+            raise SystemExit(f"error: cannot read image {path!r} ({type(e).__name__}): not an "
+                             f"image, or corrupt")
+        if images and img.shape != images[0].shape:
+            img = resize_uint8(img[None], images[0].shape[-1])[0]
+        images.append(img)
+    return torch.stack(images), torch.tensor(ds.targets), ds.classes
+
+
+def resize_uint8(x, size):
+    """uint8 images [N, C, H, W] -> [N, C, size, size] (bilinear, antialiased), in chunks."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    out = [F.interpolate(c.float(), size=(size, size), mode="bilinear", antialias=True,
+                         align_corners=False) for c in x.split(8192)]
+    return torch.cat(out).round().clamp(0, 255).to(torch.uint8)
+
+
+def load_data(data, root, split, size, device):
+    """A split's uint8 images at size x size on the device, its labels and class names."""
+    x, y, classes = load_split(data, root, split)
+    return resize_uint8(x, size).to(device), y.to(device), classes
+
+
+def to_float(x_uint8):
+    return x_uint8.float().div(127.5).sub(1.0)  # [0, 255] -> [-1, 1], the range of G's tanh
+
+
+def diff_augmenter(policies):
+    """The DiffAugment function of --diffaug's comma-separated policies (identity for none)."""
+    policy = [p for p in policies.split(",") if p]
+    return functools.partial(diff_augment, policy=policy) if policy else identity
+
+
+def diff_augment(x, policy):
+    """DiffAugment (Zhao et al., 2020): random translation (1/8 of the side, zero fill), cutout
+    (a square of half the side) and colour jitter, differentiable in x: G learns through it."""
+    n, c, h, w = x.shape
+    dev = x.device
+    rows = torch.arange(n, device=dev)[:, None, None]
+    for name in policy:
+        if name == "color":
+            x = x + (torch.rand(n, 1, 1, 1, device=dev) - 0.5)
+            if c > 1:
+                mean = x.mean(1, keepdim=True)
+                x = (x - mean) * (torch.rand(n, 1, 1, 1, device=dev) * 2) + mean
+            mean = x.mean((1, 2, 3), keepdim=True)
+            x = (x - mean) * (torch.rand(n, 1, 1, 1, device=dev) + 0.5) + mean
+        elif name == "translation":
+            s = int(h * 0.125 + 0.5)
+            ty, tx = torch.randint(-s, s + 1, (2, n, 1, 1), device=dev)
+            gy, gx = torch.meshgrid(torch.arange(h, device=dev), torch.arange(w, device=dev),
+                                    indexing="ij")
+            gy, gx = (gy + ty + 1).clamp(0, h + 1), (gx + tx + 1).clamp(0, w + 1)
+            x = F.pad(x, [1, 1, 1, 1]).permute(0, 2, 3, 1)[rows, gy, gx].permute(0, 3, 1, 2)
+        elif name == "cutout":
+            ch, cw = int(h * 0.5 + 0.5), int(w * 0.5 + 0.5)
+            oy = torch.randint(0, h + (1 - ch % 2), (n, 1, 1), device=dev)
+            ox = torch.randint(0, w + (1 - cw % 2), (n, 1, 1), device=dev)
+            gy, gx = torch.meshgrid(torch.arange(ch, device=dev), torch.arange(cw, device=dev),
+                                    indexing="ij")
+            gy, gx = (gy + oy - ch // 2).clamp(0, h - 1), (gx + ox - cw // 2).clamp(0, w - 1)
+            mask = torch.ones(n, h, w, device=dev)
+            mask[rows, gy, gx] = 0
+            x = x * mask.unsqueeze(1)
     return x
 
 
-def save_grid(x, path, nrow=8):
-    write_atomic(path, lambda tmp: torchvision.utils.save_image(x * 0.5 + 0.5, tmp, nrow=nrow))
+def pick_device(name):
+    """'auto' picks CUDA, then Apple's MPS, then the CPU; an explicit choice must be available."""
+    cuda = torch.cuda.is_available()
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if cuda else "mps" if mps else "cpu"
+    if (name == "cuda" and not cuda) or (name == "mps" and not mps):
+        raise SystemExit(f"error: --device {name} asked for, but torch cannot use it here "
+                         f"(try --device cpu)")
+    return torch.device(name)
 
 
-def save_strip(args, g, device, path, steps=11):
-    """G(a z1 + (1 - a) z2) for a = 0 ... 1; the same z1, z2 (and class) after every epoch."""
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    z1, z2 = torch.randn(2, 1, args.nz, generator=gen).to(device)
-    alpha = torch.linspace(0, 1, steps, device=device)[:, None]
-    y = torch.randint(0, len(args.classes), (1,), generator=gen).to(device).expand(steps)
-    save_grid(sample(args, g, alpha * z1 + (1 - alpha) * z2, y if args.lab == "cdcgan" else None),
-              path, nrow=steps)
+# ----------------------------------------------------------------------------- the metric network
+def metric_net(args, channels, device):
+    """The cached metric network of --data (trained on first use) and its path, or one line."""
+    key = re.sub(r"\W+", "_", os.path.abspath(args.data) if os.path.isdir(args.data) else args.data)
+    path = os.path.join(args.cache_dir, f"classifier_{key.strip('_')}.pt")
+    if not os.path.exists(path):
+        print(f"training the metric classifier -> {path}")
+        return train_classifier(args, device, path), path
+    try:
+        blob = torch.load(path, map_location=device, weights_only=True)
+        net = metric_classifier(blob["channels"], len(blob["classes"])).to(device)
+        net.load_state_dict(blob["state"])
+    except Exception as e:
+        raise SystemExit(f"error: {path} is not a metric classifier this script can read "
+                         f"({type(e).__name__}); delete it to train a new one")
+    if blob["channels"] != channels:
+        raise SystemExit(f"error: {path} was trained on {blob['channels']}-channel images, these "
+                         f"have {channels}; delete it to train a new one")
+    return net, path
 
 
-# ----------------------------------------------------------------------------- metrics
 def train_classifier(args, device, path):
     """The metric network, trained once on the data's own labels and saved at `path`."""
-    x, y, classes = load_data(args, "train", CLASSIFIER_SIZE, device)
-    x_test, y_test, _ = load_data(args, "test", CLASSIFIER_SIZE, device)
+    x, y, classes = load_data(args.data, args.data_root, "train", CLASSIFIER_SIZE, device)
+    x_test, y_test, _ = load_data(args.data, args.data_root, "test", CLASSIFIER_SIZE, device)
     torch.manual_seed(args.seed)
     net = metric_classifier(x.shape[1], len(classes)).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
@@ -706,26 +1050,6 @@ def accuracy(net, x, y):
     return (features(net, x, logits=True).argmax(1) == y.cpu()).double().mean().item()
 
 
-def get_classifier(args, device):
-    """The cached metric network of --data (trained on first use), or one clear line."""
-    key = re.sub(r"\W+", "_", os.path.abspath(args.data) if os.path.isdir(args.data) else args.data)
-    path = os.path.join(args.cache_dir, f"classifier_{key.strip('_')}.pt")
-    if not os.path.exists(path):
-        print(f"training the metric classifier -> {path}")
-        return train_classifier(args, device, path), path
-    try:
-        blob = torch.load(path, map_location=device, weights_only=True)
-        net = metric_classifier(blob["channels"], len(blob["classes"])).to(device)
-        net.load_state_dict(blob["state"])
-    except Exception as e:
-        raise SystemExit(f"error: {path} is not a metric classifier this script can read "
-                         f"({type(e).__name__}); delete it to train a new one")
-    if blob["channels"] != args.channels:
-        raise SystemExit(f"error: {path} was trained on {blob['channels']}-channel images, these "
-                         f"have {args.channels}; delete it to train a new one")
-    return net, path
-
-
 @torch.no_grad()
 def features(net, x, logits=False):
     """128-d features (or logits) of uint8 images or of G's float images in [-1, 1], on the CPU in
@@ -740,89 +1064,34 @@ def features(net, x, logits=False):
     return torch.cat(out).double().cpu()
 
 
-def psd_sqrt(m):
-    w, v = torch.linalg.eigh(m)
-    return (v * w.clamp(min=0).sqrt()) @ v.T
+# ----------------------------------------------------------------------------- samples, figures
+@torch.no_grad()
+def sample(g, z, y=None):
+    # eval(): BatchNorm uses its running statistics, so a sample does not depend on which
+    # other z share its batch (an interpolation strip would otherwise drift with the batch)
+    g.eval()
+    x = torch.cat([g(zc, None if y is None else y[i:i + 1000])
+                   for i, zc in zip(range(0, len(z), 1000), z.split(1000))])
+    g.train()
+    return x
 
 
-def frechet_distance(feat_a, feat_b):
-    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2) in float64 (the FID formula,
-    Heusel et al., 2017). The symmetric product has the same trace root as (S_a S_b)^1/2 and is
-    PSD, so eigh replaces scipy's sqrtm."""
-    a, b = feat_a.double(), feat_b.double()
-    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
-    root_a = psd_sqrt(cov_a)
-    inner = root_a @ cov_b @ root_a
-    tr_covmean = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp(min=0).sqrt().sum()
-    return (((a.mean(0) - b.mean(0)) ** 2).sum().item()
-            + (cov_a.trace() + cov_b.trace() - 2 * tr_covmean).item())
+def save_grid(x, path, nrow=8):
+    write_atomic(path, lambda tmp: torchvision.utils.save_image(x * 0.5 + 0.5, tmp, nrow=nrow))
 
 
-def knn_radii(feats, k):
-    # distance to the k-th nearest other point; column 0 of topk is the point itself
-    return torch.cat([torch.cdist(c, feats).topk(k + 1, largest=False).values[:, k]
-                      for c in feats.split(1000)])
-
-
-def coverage(queries, refs, radii):
-    """Fraction of queries inside the union of balls B(ref, radius) (the k-NN manifold estimate)."""
-    return torch.cat([(torch.cdist(c, refs) <= radii[None]).any(1)
-                      for c in queries.split(1000)]).double().mean().item()
-
-
-def precision_recall(real, fake, k=3):
-    """Kynkäänniemi et al., 2019 (k = 3): precision = share of fakes inside the real manifold,
-    recall = share of reals inside the fake manifold."""
-    return coverage(fake, real, knn_radii(real, k)), coverage(real, fake, knn_radii(fake, k))
-
-
-def evaluate(args, g, device):
-    """FID / precision / recall of generated vs real test images, and train vs test as the floor.
-    The class shares show mode collapse: a GAN that drops a digit has a share near 0 for it."""
-    t0 = time.time()
-    x_test, y_test, _ = load_data(args, "test", CLASSIFIER_SIZE, device)
-    x_train, _, _ = load_data(args, "train", CLASSIFIER_SIZE, device)
-    net, path = get_classifier(args, device)
-    n = min(args.eval_samples, len(x_test), len(x_train))
-    gen = torch.Generator().manual_seed(args.seed + 3)
-    f_test = features(net, x_test[torch.randperm(len(x_test), generator=gen)[:n].to(device)])
-    real_train = x_train[torch.randperm(len(x_train), generator=gen)[:n].to(device)]
-    z = torch.randn(n, args.nz, generator=gen).to(device)
-    y = torch.arange(n, device=device) % len(args.classes) if args.lab == "cdcgan" else None
-    fake = sample(args, g, z, y)
-    rows = []
-    for name, x in (("generated vs test", fake), ("train vs test (floor)", real_train)):
-        f, pred = features(net, x), features(net, x, logits=True).argmax(1)
-        p, r = precision_recall(f_test, f)
-        share = torch.bincount(pred, minlength=len(args.classes)).double() / n
-        rows.append({"comparison": name, "n": n, "fid": round(frechet_distance(f, f_test), 4),
-                     "precision": round(p, 4), "recall": round(r, 4),
-                     "class_share_min": round(share.min().item(), 4),
-                     "class_share_max": round(share.max().item(), 4)})
-        if y is not None and name.startswith("generated"):  # does the classifier read y back?
-            rows[-1]["cond_acc"] = round((pred == y.cpu()).double().mean().item(), 4)
-    rows[1]["classifier_test_acc"] = round(accuracy(net, x_test, y_test), 4)
-    for r in rows:
-        print("[evaluate] " + ", ".join(f"{k} {v}" for k, v in r.items()))
-    print(f"[evaluate] feature net {path}; {fmt_time(time.time() - t0)}")
-    return rows
-
-
-# ----------------------------------------------------------------------------- outputs
-def write_atomic(path, write):
-    """Write a file under a temporary name, then rename it: a Ctrl-C or a kill never leaves half a
-    file. `write(tmp)` writes to the name it is given (torch.save, fig.savefig, ...)."""
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{ext}"  # keep the extension: savefig and save_image read the format from it
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def write_csv(path, rows):
-    fields = list(dict.fromkeys(k for r in rows for k in r))  # no value holds a comma
-    lines = [fields] + [[r.get(k, "") for k in fields] for r in rows]
-    text = "".join(",".join(map(str, line)) + "\n" for line in lines)
-    write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(text))
+def save_samples(g, args, epoch, k, device, steps=11):
+    """samples_epochNN.png: 64 samples of one fixed z (cDCGAN: the classes in turn);
+    interpolation_epochNN.png: G(a z1 + (1 - a) z2), a = 0 ... 1, the same z1, z2 every epoch."""
+    z = torch.randn(64, args.nz, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    y = torch.arange(64, device=device) % k if k else None
+    save_grid(sample(g, z, y), os.path.join(args.out, f"samples_epoch{epoch:02d}.png"))
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    z1, z2 = torch.randn(2, 1, args.nz, generator=gen).to(device)
+    alpha = torch.linspace(0, 1, steps, device=device)[:, None]
+    y = torch.randint(0, k, (1,), generator=gen).to(device).expand(steps) if k else None
+    save_grid(sample(g, alpha * z1 + (1 - alpha) * z2, y),
+              os.path.join(args.out, f"interpolation_epoch{epoch:02d}.png"), nrow=steps)
 
 
 def plot_curves(history, lab, path):
@@ -836,30 +1105,362 @@ def plot_curves(history, lab, path):
             ax.plot([r["iter"] for r in history], [r[key] for r in history], label=key)
         ax.set(title=title, xlabel="iteration", yscale="log" if "Lipschitz" in title else "linear")
         ax.legend(fontsize=8)
+    save_figure(fig, path, dpi=90)
+
+
+def save_figure(fig, path, dpi=100):
     fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=90))
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi))
     plt.close(fig)
 
 
-def fmt_time(s):
-    s = int(max(s, 0))
+# ----------------------------------------------------------------------------- progress
+def print_start(args, g, d, x_train, device, start):
+    if start:
+        print(f"resuming {args.lab} from {args.out}/checkpoint.pt after epoch {start}")
+    os.makedirs(args.out, exist_ok=True)
+    n_g, n_d = (sum(p.numel() for p in net.parameters()) for net in (g, d))
+    print(f"{args.lab}: {len(x_train)} images {tuple(x_train.shape[1:])}, G {n_g:,} / D {n_d:,} "
+          f"parameters, {device}, out {args.out}", flush=True)
+
+
+def accumulate(sums, out):
+    """Per key: (sum, count) of a step's detached values, summed on the device (no host sync)."""
+    for key, value in out.items():
+        total, count = sums.get(key, (0.0, 0))
+        sums[key] = (total + value, count + 1)
+
+
+def log_row(args, d, sums, step, epoch, s_per_iter, eta):
+    """The means since the last row, one progress line; a non-finite value ends the run here."""
+    keys = ["loss_d", "loss_g", "d_real", "d_fake"]
+    keys += ["wdist", "gp"] if args.lab == "wgan" else []
+    fix = " (or --constraint gp)" if args.lab == "wgan" and args.constraint == "none" else ""
+    row = {"iter": step, "epoch": epoch}
+    for key in keys:  # nan: no G step in this window (--g-every, --n-critic), or no penalty
+        row[key] = (sums[key][0] / sums[key][1]).item() if key in sums else float("nan")
+        if key in sums:
+            stop_if_diverged(row[key], f"epoch {math.ceil(epoch)}, iteration {step} ({key})",
+                             "--lr-d / --lr-g" + fix)
+    if args.lab == "wgan":
+        row["lip_product"], row["lip_bound"] = (t.item() for t in lipschitz_bound(d))
+    row["s_per_iter"] = s_per_iter
+    print(f"[{args.lab}] epoch {math.ceil(epoch)}/{args.epochs} iter {step} | " + " ".join(
+        f"{k} {v:.3g}" for k, v in row.items() if k not in ("iter", "epoch", "s_per_iter"))
+        + f" | {s_per_iter:.3f} s/it | ETA {fmt_time(eta)}", flush=True)
+    return row
+
+
+def stop_if_diverged(loss, where, flags):
+    """A run whose loss is not finite stops here, before it overwrites its last good checkpoint."""
+    if not math.isfinite(loss):
+        raise SystemExit(f"error: the training loss is {loss} at {where}; the run diverged. Its "
+                         f"last good checkpoint is kept. Lower {flags} and run again with "
+                         f"another --out")
+
+
+def fmt_time(seconds):
+    s = int(max(seconds, 0))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+# ----------------------------------------------------------------------------- DANN's data, outputs
+def load_dann_data(args, device):
+    """Source: --data's digits at 28 x 28, grey copied to 3 channels. Target: --target's images,
+    or the same splits' digits blended with crops of --target-patches' training images (one fixed
+    target set for every run: its own random generator). The target's training labels are
+    dropped here: only its test labels are kept, to evaluate."""
+    (xs, ys, classes), (xs_test, ys_test, _) = (load_split(args.data, args.data_root, split)
+                                                for split in ("train", "test"))
+    xs, xs_test = resize_uint8(xs, 28), resize_uint8(xs_test, 28)
+    if args.target:
+        (x_t, _, t_classes), (x_t_test, y_t_test, _) = (
+            load_split(args.target, args.data_root, split) for split in ("train", "test"))
+        if x_t.shape[-2:] != xs.shape[-2:] or x_t_test.shape[-2:] != xs.shape[-2:]:
+            raise SystemExit(f"error: --target {args.target} has {x_t.shape[-2]}x"
+                             f"{x_t.shape[-1]} images, the source 28x28 (DANN's input): give "
+                             f"both domains one size")
+        if t_classes != classes:
+            raise SystemExit(f"error: --target {args.target} has the classes {t_classes}, the "
+                             f"source {classes}: the label classifier needs the same ones")
+    else:
+        patches = load_split(args.target_patches, args.data_root, "train")[0]
+        if min(patches.shape[-2:]) < 28:
+            raise SystemExit(f"error: --target-patches {args.target_patches} has "
+                             f"{patches.shape[-2]}x{patches.shape[-1]} images, smaller than the "
+                             f"28x28 digits: the patches are crops of them")
+        patches = patches.expand(-1, 3, -1, -1) if patches.shape[1] == 1 else patches[:, :3]
+        gen = torch.Generator().manual_seed(0)
+        x_t, x_t_test = mnist_m_style(xs, patches, gen), mnist_m_style(xs_test, patches, gen)
+        y_t_test = ys_test
+    target = args.target or f"the digits on crops of {args.target_patches}"
+    print(f"dann: source {args.data} {tuple(xs.shape)}, target {target} {tuple(x_t.shape)}")
+
+    def rgb(x):  # grey images: 3 equal channels (a 3-channel image stays as it is)
+        return x.expand(-1, 3, -1, -1)
+    data = {"source": (rgb(xs).to(device), ys.to(device)), "target": rgb(x_t).to(device),
+            "source_test": (rgb(xs_test).to(device), ys_test.to(device)),
+            "target_test": (rgb(x_t_test).to(device), y_t_test.to(device))}
+    return data, classes
+
+
+@torch.no_grad()
+def dann_accuracies(net, data):
+    """Label accuracy on the source and target test sets; domain classifier accuracy on both."""
+    acc = {}
+    for name in ("source", "target"):
+        x, y = data[f"{name}_test"]
+        correct = domain_correct = 0
+        for c, yc in zip(x.split(1000), y.split(1000)):
+            f = net.features(to_float(c))
+            correct += (net.label_classifier(f).argmax(1) == yc).sum().item()
+            domain_correct += ((net.domain_classifier(f) > 0) == (name == "target")).sum().item()
+        acc[f"{name}_acc"], acc[f"{name}_domain_acc"] = correct / len(x), domain_correct / len(x)
+    acc["domain_acc"] = (acc.pop("source_domain_acc") + acc.pop("target_domain_acc")) / 2
+    return acc
+
+
+def dann_row(args, net, data, sums, epoch, step, lam, lr, s_per_iter):
+    row = {"epoch": epoch, "iter": step, "lambda": lam, "lr": lr}
+    for key, (total, count) in sums.items():
+        row["train_" + key if key == "domain_acc" else key] = (total / count).item()
+    stop_if_diverged(row["loss_y"] + row["loss_d"], f"epoch {epoch}", "--lr")
+    row.update(dann_accuracies(net, data), s_per_iter=s_per_iter)
+    print(f"[dann{' no-adapt' if args.no_adapt else ''}] epoch {epoch}/{args.epochs} | " + " ".join(
+        f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "iter", "s_per_iter"))
+        + f" | {s_per_iter:.3f} s/it", flush=True)
+    return row
+
+
+@torch.no_grad()
+def save_dann_outputs(args, net, data, history, wall, device):
+    """features.png (the features of 1000 source and 1000 target test images, projected on their
+    first two principal components, coloured by domain) and summary.json."""
+    x_s, x_t = data["source_test"][0][:1000], data["target_test"][0][:1000]
+    f = torch.cat([net.features(to_float(x)) for x in (x_s, x_t)]).cpu()
+    _, _, v = torch.pca_lowrank(f, q=2)  # centres f itself
+    xy = (f - f.mean(0)) @ v
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for part, name in ((slice(0, len(x_s)), "source (MNIST)"), (slice(len(x_s), None),
+                                                                 "target (MNIST-M-style)")):
+        ax.scatter(xy[part, 0], xy[part, 1], s=3, alpha=0.5, label=name)
+    ax.set(title=f"G_f features, PCA ({'source only' if args.no_adapt else 'DANN'})",
+           xlabel="PC 1", ylabel="PC 2")
+    ax.legend(markerscale=4)
+    save_figure(fig, os.path.join(args.out, "features.png"))
+    last = history[-1] if history else dann_accuracies(net, data)
+    write_json(os.path.join(args.out, "summary.json"), {
+        "lab": "dann", "adapt": not args.no_adapt, "source_acc": last["source_acc"],
+        "target_acc": last["target_acc"], "domain_acc": last["domain_acc"],
+        "command": command_line(), "device": str(device), "threads": torch.get_num_threads(),
+        "train_wall_s": round(wall, 1), "epochs": args.epochs,
+        "iterations": history[-1]["iter"] if history else 0,
+        "s_per_iter": history[-1]["s_per_iter"] if history else None, "args": vars(args)})
+    print(f"[dann] source accuracy {last['source_acc']:.4f}, target accuracy "
+          f"{last['target_acc']:.4f}; wrote {args.out}/ (train wall time {fmt_time(wall)})")
+
+
+# ----------------------------------------------------------------------------- memorization check
+def check_memorization(args, device):
+    """The memorization check of the GAN run in --run: memorization.png, nn_distances.png and
+    memorization.json in that folder. Reads checkpoints of this version and the one before."""
+    path = os.path.join(args.run, "checkpoint.pt")
+    if not os.path.exists(path):
+        raise SystemExit(f"error: no {path}: --run must be the folder of a GAN lab's run")
     try:
-        if args.lab in LABS:
-            train(args, device)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: cannot read {path} ({type(e).__name__}): damaged or not a "
+                         f"checkpoint")
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in (CKPT_FORMAT, "gan_labs/2"):
+        dann = isinstance(ckpt, dict) and ckpt.get("format") == DANN_FORMAT
+        what = "a dann run" if dann else "not a GAN lab's checkpoint"
+        raise SystemExit(f"error: {path} holds no generator ({what}): nothing to check for "
+                         f"memorization")
+    flags = ckpt.get("flags") or ckpt["args"]  # gan_labs/2 kept every flag under "args"
+    run = argparse.Namespace(**{**flags, "cache_dir": args.cache_dir, "data_root": args.data_root})
+    x_train, _, classes = load_data(run.data, run.data_root, "train", CLASSIFIER_SIZE, device)
+    x_test = load_data(run.data, run.data_root, "test", CLASSIFIER_SIZE, device)[0]
+    k = len(classes) if run.lab == "cdcgan" else 0
+    g = build_models(run, x_train.shape[1], k)[0].to(device)
+    g.load_state_dict(ckpt["g"])
+    net = metric_net(run, x_train.shape[1], device)[0]
+    n = min(args.eval_samples, len(x_test))
+    shown, near_f, near_p, d_fake, d_test = memorization_check(g, net, x_train, x_test, run.nz, k,
+                                                               run.seed, n)
+    save_memorization(args.run, shown, near_f, near_p, x_train, d_fake, d_test)
+
+
+def save_memorization(out, shown, near_f, near_p, x_train, d_fake, d_test):
+    """memorization.png: two columns of 32 rows, each a sample, its 3 nearest training images in
+    feature space and its 3 nearest in pixel space; nn_distances.png; memorization.json."""
+    tiles = []
+    for i in [j for r in range(32) for j in (r, r + 32)]:  # rows: samples r and r + 32
+        tiles += [pixels(shown[i:i + 1]).view(1, *x_train.shape[1:])]
+        tiles += [to_float(x_train[near[1][i]]).cpu() for near in (near_f, near_p)]
+    grid = torchvision.utils.make_grid(torch.cat(tiles) * 0.5 + 0.5, nrow=14, padding=2)
+    fig, ax = plt.subplots(figsize=(7, 15))
+    ax.imshow(grid.permute(1, 2, 0).clamp(0, 1).numpy())
+    ax.set_title("each sample | its 3 nearest training images: in features | in pixels", fontsize=9)
+    ax.axis("off")
+    save_figure(fig, os.path.join(out, "memorization.png"))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for d, name in ((d_fake, "samples"), (d_test, "real test images")):
+        ax.hist(d.numpy(), bins=50, alpha=0.5, density=True,
+                label=f"{name} (median {d.median():.3g})")
+    ax.set(xlabel="distance to the nearest training image (metric network features)",
+           ylabel="density", title="memorization check")
+    ax.legend(fontsize=8)
+    save_figure(fig, os.path.join(out, "nn_distances.png"))
+    q = torch.tensor([0.05, 0.5, 0.95])
+    stats = {name: dict(zip(("p05", "median", "p95"), d.quantile(q).tolist()), mean=d.mean().item())
+             for name, d in (("samples", d_fake), ("test", d_test))}
+    summary = {"n": len(d_fake), "space": "metric network features (128-d)", **stats,
+               "median_ratio": stats["samples"]["median"] / stats["test"]["median"],
+               "share_of_samples_below_test_p05": (d_fake < stats["test"]["p05"]).double()
+               .mean().item(),
+               "nearest_of_shown": {"features": near_f[1].tolist(), "pixels": near_p[1].tolist()}}
+    write_json(os.path.join(out, "memorization.json"), summary)
+    print(f"[memorization] median distance to the training set: samples "
+          f"{stats['samples']['median']:.4g}, test images {stats['test']['median']:.4g}; "
+          f"wrote {out}/memorization.png, nn_distances.png, memorization.json")
+
+
+# ----------------------------------------------------------------------------- run outputs
+def save_outputs(args, g, history, wall, metrics, classes, channels, k, device):
+    """End-of-run outputs (again when a finished run's command runs again): class_grid.png
+    (cDCGAN), eval.csv, summary.json."""
+    if k:  # rows: the classes; columns: 8 fixed z (z carries the style)
+        z = torch.randn(8, args.nz, generator=torch.Generator().manual_seed(args.seed + 2))
+        y = torch.arange(k, device=device).repeat_interleave(8)
+        save_grid(sample(g, z.to(device).repeat(k, 1), y),
+                  os.path.join(args.out, "class_grid.png"))
+    if metrics:
+        write_csv(os.path.join(args.out, "eval.csv"), metrics)
+    last = history[-10:]
+    write_json(os.path.join(args.out, "summary.json"), {
+        "lab": args.lab, "command": command_line(), "device": str(device),
+        "threads": torch.get_num_threads(), "train_wall_s": round(wall, 1),
+        "iterations": history[-1]["iter"] if history else 0, "epochs": args.epochs,
+        "s_per_iter": round(sum(r["s_per_iter"] for r in last) / max(len(last), 1), 4),
+        "final": history[-1] if history else {}, "metrics": metrics,
+        "args": dict(vars(args), classes=classes, channels=channels)})
+    print(f"wrote {args.out}/ (train wall time {fmt_time(wall)})")
+
+
+def write_atomic(path, write):
+    """Write a file under a temporary name, then rename it: a Ctrl-C, a kill or a full disk never
+    leaves half a file, and the previous version stays until the new one is complete.
+    `write(tmp)` writes to the name it is given (torch.save, fig.savefig, ...)."""
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{ext}"  # keep the extension: savefig and save_image read the format from it
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        torch_write = any(s in str(e) for s in ("inline_container", "PytorchStreamWriter"))
+        if isinstance(e, RuntimeError) and not torch_write:
+            raise  # not a write error: a bug, shown as one
+        reason = getattr(e, "strerror", None) or "the write failed: is the disk full?"
+        raise SystemExit(f"error: could not write {path} ({reason}); its previous version, if "
+                         f"any, is kept")
+    except BaseException:  # Ctrl-C, SystemExit: no temporary file left behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_text(path, text):
+    write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(text))
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2))
+
+
+def write_csv(path, rows):
+    """A list of dicts as CSV; the columns are their keys, in the order they first appear."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, list(dict.fromkeys(k for r in rows for k in r)),
+                            lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buffer.getvalue())
+
+
+def state_of(obj):
+    """state_dict of a module or optimizer, or of each one in a dict of them."""
+    if isinstance(obj, dict):
+        return {name: o.state_dict() for name, o in obj.items()}
+    return obj.state_dict()
+
+
+def save_checkpoint(path, states, **fields):
+    """The state of every model and optimizer in `states` (name -> object, or name -> dict of
+    objects), the random generators' state (so batch order, augmentation and noise continue exactly
+    where they stopped) and the caller's fields, written atomically."""
+    ckpt = {name: state_of(obj) for name, obj in states.items()}
+    ckpt.update(fields, rng_cpu=torch.get_rng_state())
+    if torch.cuda.is_available():
+        ckpt["rng_cuda"] = torch.cuda.get_rng_state()
+    write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
+
+
+def resume(path, states, flags, **expected):
+    """Load the checkpoint at `path` into `states` (as save_checkpoint wrote them) and restore the
+    random generators; returns its dict, or None if there is none yet. One clear line instead, with
+    nothing loaded, for a damaged file, another program's (a field of `expected` differs: format,
+    architecture, classes) or a run made with other training flags (`flags`: name -> value, the
+    flags that change what a run computes; the checkpoint keeps its own under "flags")."""
+    if not os.path.exists(path):
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: cannot read {path} ({type(e).__name__}): it is damaged or not a "
+                         f"checkpoint; delete it or use another --out")
+    if not isinstance(ckpt, dict) or any(ckpt.get(k) != v for k, v in expected.items()):
+        raise SystemExit(f"error: {path} is not a checkpoint of this run (another format, model "
+                         f"or dataset); use another --out or delete it")
+    saved = ckpt.get("flags") or {k: ckpt.get("args", {}).get(k) for k in flags}  # older: args
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {v!r})"
+               for k, v in flags.items() if saved.get(k) != v]
+    if changed:
+        raise SystemExit(f"error: {path} is a run with other flags: {', '.join(changed)}; use "
+                         f"another --out, or the same flags to resume it")
+    for name, obj in states.items():
+        if isinstance(obj, dict):
+            for key, o in obj.items():
+                o.load_state_dict(ckpt[name][key])
         else:
-            args.channels = load_split(args.data, args.data_root, "train")[0].shape[1]
-            print(f"classifier {get_classifier(args, device)[1]}")
-    except KeyboardInterrupt:
-        raise SystemExit("interrupted: every file in the run folder is complete; the checkpoint "
-                         "holds the last finished epoch")
+            obj.load_state_dict(ckpt[name])
+    torch.set_rng_state(ckpt["rng_cpu"])
+    if torch.cuda.is_available() and "rng_cuda" in ckpt:
+        torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu())
+    return ckpt
+
+
+# ----------------------------------------------------------------------------- Frechet distance
+def psd_sqrt(m):
+    """Square root of a symmetric positive semi-definite matrix (negative eigenvalues: 0)."""
+    w, v = torch.linalg.eigh(m)
+    return (v * w.clamp(min=0).sqrt()) @ v.T
+
+
+def frechet_distance(a, b):
+    """Frechet distance between Gaussians fitted to the rows of a [N, d] and b [M, d], in float64:
+    ||mu_a - mu_b||^2 + tr(C_a + C_b - 2 (C_a^1/2 C_b C_a^1/2)^1/2) (the FID formula, Heusel et
+    al., 2017). The symmetric product has the trace root of (C_a C_b)^1/2 and is PSD, so eigh
+    replaces scipy's sqrtm."""
+    a, b = a.double(), b.double()
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    root_a = psd_sqrt(cov_a)
+    inner = root_a @ cov_b @ root_a
+    tr_covmean = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp(min=0).sqrt().sum()
+    return (((a.mean(0) - b.mean(0)) ** 2).sum().item()
+            + (cov_a.trace() + cov_b.trace() - 2 * tr_covmean).item())
 
 
 if __name__ == "__main__":

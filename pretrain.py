@@ -44,7 +44,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Stage 1: pretrain the paper's CNN on CIFAR-100 (or an ImageFolder), one run "
                     "per seed; or, with --evaluate, measure checkpoints on a test set.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--data", default="cifar100",
                    help="cifar100 | cifar10 (torchvision download) or PATH of an ImageFolder tree "
                         "PATH/train/<class>/* and PATH/test/<class>/* (paper text: cifar100)")
@@ -553,6 +553,16 @@ def autocast(precision, device):
     """--precision bf16: forward passes and losses in bfloat16 where torch's autocast deems it
     safe; weights, gradients and optimizer state stay float32. fp32: a no-op."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help names each default once: a flag that is off or unset by default, or whose help
+    already says its default, gets no "(default: ...)" appended."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, []) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 if __name__ == "__main__":  # at the very end, so that the plumbing above is defined

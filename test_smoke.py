@@ -86,7 +86,8 @@ def tiny_data(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def pretrained(tiny_data, tmp_path_factory):
-    """Two seeds of pretrain.py (2 epochs each) and the banks collected from them."""
+    """Two seeds of pretrain.py (2 epochs each) and the banks collected from them: the real
+    subprocess runs of both stage 1-2 scripts, as a user runs them."""
     out = tmp_path_factory.mktemp("pretrain")
     ckpts, banks = out / "checkpoints", out / "kernels"
     run("pretrain.py", "--data", tiny_data, "--seeds", 0, 1, "--epochs", 2, "--batch-size", 32,
@@ -95,18 +96,36 @@ def pretrained(tiny_data, tmp_path_factory):
     return ckpts, banks
 
 
+def authors_network(num_classes):
+    """The authors' published model as their notebook builds it (an nn.Sequential: features.0 =
+    conv1, ..., classifier.2 = fc), written here without the scripts' code."""
+    layers = []
+    for c_in, c_out, k in ((3, 64, 7), (64, 128, 5), (128, 128, 5), (128, 256, 3)):
+        layers += [torch.nn.Conv2d(c_in, c_out, k, stride=2, padding=k // 2, bias=False),
+                   torch.nn.BatchNorm2d(c_out), torch.nn.ReLU()]
+    classifier = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                     torch.nn.Linear(256, num_classes))
+    return torch.nn.Sequential(collections.OrderedDict(
+        features=torch.nn.Sequential(*layers), classifier=classifier))
+
+
 @pytest.fixture(scope="session")
 def authors_models(tmp_path_factory):
-    """Two fake checkpoints in the layout of the authors' published models: a plain state_dict of
-    an nn.Sequential (features.0 = conv1, ..., classifier.2 = fc), named model1_seed<N>.pt."""
+    """Two fake checkpoints in the layout of the authors' published models (a plain state_dict of
+    their nn.Sequential), named model1_seed<N>.pt; every BatchNorm has its own random affine
+    parameters and running statistics, so a reader that swaps two layers' keys computes
+    something else."""
     folder = tmp_path_factory.mktemp("authors")
-    names = {v: k for k, v in pretrain.AUTHORS_LAYERS.items()}
     for seed in (0, 1):
         torch.manual_seed(seed)
-        state = pretrain.PaperCNN(10).state_dict()
-        authors = collections.OrderedDict(
-            (f"{names[k.rpartition('.')[0]]}.{k.rpartition('.')[2]}", v) for k, v in state.items())
-        torch.save(authors, folder / f"model1_seed{seed}.pt")
+        net = authors_network(10)
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.data.uniform_(0.5, 1.5)
+                m.bias.data.normal_(0, 0.3)
+                m.running_mean.normal_(0, 0.3)
+                m.running_var.uniform_(0.3, 3.0)
+        torch.save(net.state_dict(), folder / f"model1_seed{seed}.pt")
     return folder
 
 
@@ -122,7 +141,10 @@ def test_pretrain_writes_checkpoints_summary_and_curves(pretrained):
         ckpt = load(ckpts / f"seed{seed}.pt")
         assert ckpt["arch"] == "PaperCNN" and ckpt["epoch"] == 2 and ckpt["seed"] == seed
         assert len(ckpt["history"]["train_loss"]) == 2 and len(ckpt["history"]["test_acc"]) == 2
+        assert summary["test_acc"][str(seed)] == ckpt["history"]["test_acc"][-1]
         assert ckpt["args"]["epochs"] == 2
+        # catches: the training flags not stored, or --epochs among them (it may grow on resume)
+        assert ckpt["flags"]["lr"] == 1e-3 and "epochs" not in ckpt["flags"]
         assert ckpt["model"]["conv1.weight"].shape == (64, 3, 7, 7)
         assert ckpt["model"]["fc.weight"].shape == (10, 256)
     assert (ckpts / "training_curves.png").stat().st_size > 1000
@@ -145,65 +167,61 @@ def test_collect_kernels_banks_and_figure(pretrained):
     assert (banks / "conv2_5x5_grid.png").stat().st_size > 1000
 
 
-def test_authors_models_give_a_bank_and_an_accuracy(authors_models, tiny_data, tmp_path):
-    run("collect_kernels.py", "--checkpoints", authors_models, "--layers", "conv1",
-        "--out", tmp_path / "bank")
+def test_authors_models_give_a_bank_and_an_accuracy(authors_models, tiny_data, tmp_path, capsys):
+    """In-process (the pretrained fixture runs both scripts as subprocesses). Catches: the authors'
+    layer names mapped to the wrong layers (e.g. bn2 <-> bn3, both 128 wide), a bank that is not
+    their conv1 weights, --evaluate's accuracy not the model's."""
+    collect_kernels.main(["--checkpoints", str(authors_models), "--layers", "conv1",
+                          "--out", str(tmp_path / "bank")])
     bank = load(tmp_path / "bank" / "conv1_7x7.pt")
     seed1 = load(authors_models / "model1_seed1.pt")["features.0.weight"]
     assert torch.equal(bank["kernels"][192:], seed1.reshape(-1, 7, 7))
     assert bank["format"] == "authors" and bank["seeds"] == [0, 1]
-    # --evaluate reads the same files; its accuracy is the model's, computed here independently
-    proc = run("pretrain.py", "--evaluate", *sorted(authors_models.glob("*.pt")), "--data",
-               tiny_data, "--out", tmp_path / "eval")
-    assert "mean ± std over 2 checkpoints" in proc.stdout
-    accs = json.loads((tmp_path / "eval" / "evaluation.json").read_text())["test_acc"]
-    test_x, test_y, _ = pretrain.load_split(str(tiny_data), "data", train=False)
-    model = pretrain.PaperCNN(10)
-    state = pretrain.read_checkpoint(str(authors_models / "model1_seed0.pt"))["model"]
-    model.load_state_dict(state)
-    expected = pretrain.evaluate(model, test_x, test_y)
-    assert accs[str(authors_models / "model1_seed0.pt")] == pytest.approx(expected)
+    paths = sorted(str(p) for p in authors_models.glob("*.pt"))
+    pretrain.main(["--evaluate", *paths, "--data", str(tiny_data), "--out", str(tmp_path / "ev")])
+    assert "mean ± std over 2 checkpoints" in capsys.readouterr().out
+    accs = json.loads((tmp_path / "ev" / "evaluation.json").read_text())["test_acc"]
+    # the expected numbers, from the authors' own nn.Sequential and images read here
+    test = torchvision.datasets.ImageFolder(tiny_data / "test")
+    images = torch.stack([pil_to_tensor(test.loader(p)) for p, _ in test.samples])
+    labels = torch.tensor(test.targets)
+    for path in paths:
+        net = authors_network(10).eval()
+        net.load_state_dict(load(path))
+        with torch.no_grad():
+            expected_logits = net(images.float() / 127.5 - 1)
+            model = pretrain.PaperCNN(10).eval()
+            model.load_state_dict(pretrain.read_checkpoint(path)["model"])
+            assert torch.allclose(model(images.float() / 127.5 - 1), expected_logits, atol=1e-5)
+        expected = (expected_logits.argmax(1) == labels).float().mean().item()
+        assert accs[path] == pytest.approx(expected)
 
 
 def test_paper_cnn_has_the_papers_parameter_count():
     assert sum(p.numel() for p in pretrain.PaperCNN(100).parameters()) == 945_572
 
 
-def shared_names():
-    """Every top-level function, class or constant defined in more than one stage script."""
-    defined = collections.defaultdict(list)
-    for module in STAGES:
-        tree = ast.parse(inspect.getsource(module))
-        for node in tree.body:
-            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-                defined[node.name].append(module)
-            elif isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
-                defined[node.targets[0].id].append(module)
-    return {name: modules for name, modules in defined.items() if len(modules) > 1}
-
-
 def test_copies_across_scripts_agree():
-    """The scripts share no module: every helper written in more than one script is the same
-    copy, except the few that are each script's own by design."""
-    own = {"parse_args", "main", "setup_run", "train_one_seed", "write_run_outputs"}
-    shared = shared_names()
-    for expected in ("PaperCNN", "load_split", "augment", "evaluate", "write_atomic", "pick_device",
-                     "save_checkpoint", "resume_checkpoint", "stop_if_diverged", "save_figure",
-                     "kernel_grid", "save_kernel_grid", "load_bank", "read_checkpoint",
-                     "AUTHORS_LAYERS", "LOG_COLUMNS", "frechet_distance", "kernels_of"):
-        assert expected in shared, expected
-    for name, modules in shared.items():
-        if name in own:
-            continue
-        objects = [getattr(m, name) for m in modules]
-        if callable(objects[0]):
-            sources = {inspect.getsource(obj) for obj in objects}
-            assert len(sources) == 1, f"the copies of {name} differ in {modules}"
-        else:
-            assert all(obj == objects[0] for obj in objects), f"the copies of {name} differ"
-    for name in ("pick_device", "write_atomic"):  # gan_labs.py shares these two
-        assert inspect.getsource(getattr(gan_labs, name)) == \
-            inspect.getsource(getattr(train_small, name)), name
+    """No shared module: a helper written in several scripts (gan_labs.py too) is one copy."""
+    sources = {m.__name__: inspect.getsource(m) for m in SCRIPTS}
+    assert differing_copies(sources) == {}
+    shared = collections.Counter(n for s in sources.values() for n in top_level_sources(s))
+    for name in ("PaperCNN", "load_split", "augment", "evaluate", "write_atomic", "pick_device",
+                 "save_checkpoint", "resume", "stop_if_diverged", "save_figure", "write_csv",
+                 "kernel_grid", "load_bank", "read_checkpoint", "frechet_distance", "kernels_of"):
+        assert shared[name] > 1, name  # the mechanisms the copies guard really are shared
+    # the check can fail: one changed character in one copy is found
+    changed = dict(sources, train_small=sources["train_small"].replace(
+        "a Ctrl-C, a kill or a full disk", "a Ctrl-C, a kill, a full disk"))
+    assert differing_copies(changed) == {"write_atomic": sorted(
+        m for m, s in sources.items() if "def write_atomic" in s)}
+    # the lesson first: one fence per script, and the plumbing below it
+    for module, source in sources.items():
+        assert source.count(FENCE) == 1, module
+        fence = source.index(FENCE)
+        for name in ("write_atomic", "save_checkpoint", "resume", "load_split", "pick_device"):
+            if f"\ndef {name}(" in source:
+                assert source.index(f"\ndef {name}(") > fence, (module, name)
     # the same CNN computes the same function in every copy
     models = [m.PaperCNN(10) for m in (pretrain, train_small, train_advreg)]
     x = torch.randn(4, 3, 32, 32)
@@ -233,59 +251,229 @@ def test_augment_keeps_shapes_and_labels():
 
 
 def test_pretrain_resume_continues_from_saved_epoch(tiny_data, tmp_path):
+    """Catches: optimizer or random state not saved / not restored (the resumed weights would
+    differ), epochs counted twice or skipped, free flags (--epochs, --threads) refused."""
     common = ["--data", tiny_data, "--seeds", 0, "--batch-size", 32]
     run("pretrain.py", *common, "--epochs", 2, "--out", tmp_path / "straight")
     run("pretrain.py", *common, "--epochs", 1, "--out", tmp_path / "resumed")
-    proc = run("pretrain.py", *common, "--epochs", 2, "--out", tmp_path / "resumed")
+    proc = run("pretrain.py", *common, "--epochs", 2, "--threads", 1, "--out", tmp_path / "resumed")
     assert "resuming" in proc.stdout and "after epoch 1" in proc.stdout
     straight = load(tmp_path / "straight" / "seed0.pt")
     resumed = load(tmp_path / "resumed" / "seed0.pt")
-    assert resumed["epoch"] == 2 and len(resumed["history"]["train_loss"]) == 2
+    assert resumed["epoch"] == 2 and resumed["history"]["train_loss"] == \
+        straight["history"]["train_loss"]
     # optimizer and random state travel with the checkpoint: the interrupted run ends where the
-    # straight one does
+    # straight one does, bit for bit (same thread count, same CPU)
     for key, value in straight["model"].items():
-        assert torch.allclose(value.float(), resumed["model"][key].float(), atol=1e-5), key
+        assert torch.equal(value, resumed["model"][key]), key
 
 
-def test_bad_input_gives_one_clear_error(tiny_data, pretrained, tmp_path):
+def pretrain_in_process(tiny_data, out, *flags):
+    """pretrain.main on the tiny data, seed 0, in this process; returns the SystemExit's message
+    (None if the run ends normally)."""
+    argv = ["--data", str(tiny_data), "--seeds", "0", "--batch-size", "32", "--out", str(out),
+            *map(str, flags)]
+    try:
+        pretrain.main(argv)
+    except SystemExit as e:
+        return str(e.code)
+    return None
+
+
+def test_pretrain_refuses_a_folder_holding_a_run_with_other_flags(pretrained, tiny_data):
+    """Catches: a second run with another --lr / --no-augment silently continuing the first one's
+    checkpoint (two runs mixed in one file); the refusal writing anything."""
+    ckpts, _ = pretrained
+    before = (ckpts / "seed0.pt").read_bytes()
+    message = pretrain_in_process(tiny_data, ckpts, "--epochs", 3, "--lr", 0.01, "--no-augment")
+    assert message.startswith("error:") and "\n" not in message, message
+    assert "other flags" in message and "--lr 0.001 (now 0.01)" in message
+    assert "--no-augment False (now True)" in message and "--epochs" not in message
+    assert (ckpts / "seed0.pt").read_bytes() == before
+
+
+def test_pretrain_diverging_run_stops_and_keeps_its_last_good_checkpoint(tiny_data, tmp_path):
+    """Catches: a NaN loss trained on, or written over the last good checkpoint."""
+    # a learning rate that blows up at once: one line, and no checkpoint of a diverged model
+    message = pretrain_in_process(tiny_data, tmp_path / "a", "--epochs", 1, "--lr", 1e37)
+    assert message.startswith("error:") and "diverged" in message, message
+    assert "epoch 1 of seed 0" in message and "--lr" in message
+    assert not (tmp_path / "a" / "seed0.pt").exists()
+    # one good epoch, then a learning rate that blows up (a resumed run takes the checkpoint's)
+    assert pretrain_in_process(tiny_data, tmp_path / "b", "--epochs", 1) is None
+    path = tmp_path / "b" / "seed0.pt"
+    ckpt = load(path)
+    ckpt["optimizer"]["param_groups"][0]["lr"] = 1e37
+    torch.save(ckpt, path)
+    before = path.read_bytes()
+    message = pretrain_in_process(tiny_data, tmp_path / "b", "--epochs", 2)
+    assert "diverged" in message and "epoch 2 of seed 0" in message, message
+    assert path.read_bytes() == before
+
+
+def test_pretrain_full_disk_gives_one_line_and_keeps_the_checkpoint(tiny_data, tmp_path,
+                                                                    monkeypatch):
+    """Catches: torch's traceback instead of one line, a temporary file left behind, the previous
+    checkpoint damaged. The disk fills while torch.save writes, as torch reports it."""
+    assert pretrain_in_process(tiny_data, tmp_path, "--epochs", 1) is None
+    before = (tmp_path / "seed0.pt").read_bytes()
+
+    def save_on_a_full_disk(obj, f, *args, **kwargs):
+        with open(f, "wb") as half:
+            half.write(b"half a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter "
+                           "failed writing file data/3: file write failed")
+
+    monkeypatch.setattr(torch, "save", save_on_a_full_disk)
+    message = pretrain_in_process(tiny_data, tmp_path, "--epochs", 2)
+    assert message.startswith("error: could not write") and "seed0.pt" in message, message
+    assert "disk full" in message and "\n" not in message
+    assert (tmp_path / "seed0.pt").read_bytes() == before
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def collect_compare_fake_runs(folder):
+    """Tiny fake checkpoints of stage 3-4 runs (conv1 weights, history, args as train_small.py and
+    train_advreg.py store them) and a two-source bank; returns (bank path, {run name: path})."""
+    small = {"data": "d", "per_class": 10, "epochs": 5, "lr": 2e-3, "weight_decay": 1e-3,
+             "no_augment": False, "amp_epsilon": None, "init_bank": None, "init_from": None,
+             "transfer": None, "freeze": None, "val_size": 0, "seeds": [0, 1], "out": "o"}
+    advreg = {"data": "d", "per_class": 10, "epochs": 5, "lr": 2e-3, "weight_decay": 1e-3,
+              "no_augment": False, "layers": ["conv1"], "lam": [0, 0.5, 1], "init_bank": None,
+              "bank": ["b.pt"], "seeds": [0], "out": "p"}
+    convs = ["conv1", "conv2", "conv3", "conv4"]
+    probe = {"init_from": "runs/probe/seed{seed}/model.pt"}
+    authors = {"init_from": "models/model1_seed{seed}.pt"}
+    runs = {  # name: (its own fields, args changed from train_small.py's, final accuracies)
+        "base0": ({}, {}, (0.2, 0.9, None)), "base1": ({}, {}, (0.3, 1.0, None)),
+        "adv_lam0": ({"lam": 0.0}, {}, (0.4, 0.8, None)),
+        "base_lr": ({}, {"lr": 0.01}, (0.1, 0.5, None)),
+        "adv_lam1": ({"lam": 1.0}, {}, (0.3, 0.9, None)),
+        "adv_lam05": ({"lam": 0.5}, {}, (0.3, 0.9, None)),
+        "adv_two": ({"lam": 1.0}, {"layers": ["conv1", "conv2"]}, (0.3, 0.9, None)),
+        "amp": ({}, {"amp_epsilon": 0.3, "val_size": 50}, (0.3, 0.7, 0.5)),
+        "bank_init": ({}, {"init_bank": "bank.pt"}, (0.3, 0.9, None)),
+        "lp_ft": ({}, {**probe, "transfer": convs + ["fc"]}, (0.6, 1.0, None)),
+        "probe": ({}, {**authors, "transfer": convs, "freeze": convs}, (0.5, 0.9, None)),
+        "tune": ({}, {**authors, "transfer": convs}, (0.55, 1.0, None)),
+        "t1": ({}, {**authors, "transfer": ["conv1"]}, (0.3, 0.9, None)),
+        "t1f1": ({}, {**authors, "transfer": ["conv1"], "freeze": ["conv1"]}, (0.3, 0.9, None)),
+        "t12": ({}, {**authors, "transfer": ["conv2", "conv1"]}, (0.3, 0.9, None)),
+        "unfinished": ({"epoch": 2}, {}, (0.3, 0.9, None)),
+    }
+    g = torch.Generator().manual_seed(0)
+    paths = {}
+    for name, (fields, changed, (test_acc, train_acc, val_acc)) in runs.items():
+        history = {"test_acc": [0.1, test_acc], "train_acc": [0.5, train_acc]}
+        if val_acc is not None:
+            history["val_acc"] = [0.2, val_acc]
+        ckpt = {"arch": "PaperCNN", "epoch": 5, "history": history,
+                "model": {"conv1.weight": torch.randn(64, 3, 7, 7, generator=g)}}
+        if "lam" in fields:  # train_advreg.py's: its λ and bank initialization, no "epoch"
+            del ckpt["epoch"]
+            history["epoch_done"] = 5
+            ckpt.update(bank_init=False, args={**advreg, **changed})
+        else:
+            ckpt["args"] = {**small, **changed}
+        ckpt.update(fields)
+        paths[name] = folder / f"{name}.pt"
+        torch.save(ckpt, paths[name])
+    bank = {"kernels": torch.randn(2 * 192, 7, 7, generator=g), "layer": "conv1",
+            "kernel_size": 7, "source_counts": [192, 192]}
+    torch.save(bank, folder / "bank.pt")
+    return folder / "bank.pt", paths
+
+
+def test_collect_compare_labels_rows_and_accuracy_columns(tmp_path, capsys):
+    """In-process, on fake checkpoints. Catches: two configurations mixed in one row (runs that
+    differ in --lr, in the layers transferred or frozen), the row order rule broken, the train /
+    val accuracy columns missing or averaged wrong, absent values not shown as "-", an
+    unfinished run counted."""
+    bank, paths = collect_compare_fake_runs(tmp_path)
+    out = tmp_path / "cmp"
+    collect_kernels.main(["--compare", *map(str, paths.values()), "--bank", str(bank),
+                          "--out", str(out)])
+    assert "left out:" in capsys.readouterr().out
+    lines = (out / "compare.md").read_text().splitlines()
+    header = [c.strip() for c in next(r for r in lines if r.startswith("| config")).split("|")]
+    rows = {cells[1]: dict(zip(header, cells)) for cells in
+            ([c.strip() for c in r.split("|")] for r in lines if r.startswith("| ")
+             and not r.startswith("| config"))}
+    expected = ["baseline (λ = 0), lr 0.002", "baseline (λ = 0), lr 0.01", "λ = 0.5", "λ = 1",
+                "λ = 1, conv1+conv2", "AMP ε = 0.3", "baseline (λ = 0), conv1 from bank",
+                "transfer conv1", "transfer conv1, frozen conv1", "transfer conv1+conv2",
+                "fine-tune (transfer conv1-4)", "linear probe (transfer conv1-4, frozen conv1-4)",
+                "LP-FT", "bank (2 sources)"]
+    assert list(rows) == expected  # every configuration its own row, in the documented order
+    # two train_small.py baselines and train_advreg.py's λ = 0 (same flags) form one row
+    base = rows["baseline (λ = 0), lr 0.002"]
+    assert base["runs"] == "3" and base["final acc"] == "0.300 ± 0.100"
+    assert base["train acc"] == "0.900 ± 0.100" and base["val acc"] == "-"
+    assert rows["AMP ε = 0.3"]["val acc"] == "0.500 ± 0.000"
+    assert rows["LP-FT"]["train acc"] == "1.000 ± 0.000"
+    assert rows["bank (2 sources)"]["train acc"] == "-"
+    with open(out / "compare.csv") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(paths) - 1  # one row per finished checkpoint
+    amp = next(r for r in csv_rows if r["model"] == str(paths["amp"]))
+    assert float(amp["final_train_acc"]) == 0.7 and float(amp["final_val_acc"]) == 0.5
+    for fig in ("compare.png", "compare_pca.png", "compare_metrics.png", "compare_ladder.png"):
+        assert (out / fig).stat().st_size > 1000
+    # without a validation split in any run, the table has no val acc column
+    collect_kernels.main(["--compare", str(paths["base0"]), str(paths["t1"]), "--bank",
+                          str(bank), "--out", str(tmp_path / "cmp2")])
+    table = (tmp_path / "cmp2" / "compare.md").read_text()
+    assert "| train acc |" in table and "val acc" not in table
+    assert "| baseline (λ = 0) | 1 |" in table  # no flag differs: no suffix
+
+
+def test_bad_input_gives_one_clear_error(tiny_data, pretrained, tmp_path, capsys):
     ckpts, banks = pretrained
-    assert_user_error(run("pretrain.py", "--data", "imagenet", ok=False), "neither a known dataset")
+    said = user_error(capsys, pretrain.main, "--data", "imagenet", "--out", tmp_path / "o")
+    assert "neither a known dataset" in said
     (tmp_path / "empty" / "train").mkdir(parents=True)
-    assert_user_error(run("pretrain.py", "--data", tmp_path / "empty", "--out", tmp_path / "o",
-                          ok=False), "no images")
+    assert "no images" in user_error(capsys, pretrain.main, "--data", tmp_path / "empty",
+                                     "--out", tmp_path / "o")
     assert not (tmp_path / "o").exists()
-    assert_user_error(run("pretrain.py", "--device", "tpu", ok=False), "invalid choice")
-    assert_user_error(run("collect_kernels.py", "--checkpoints", tmp_path / "none*.pt", ok=False),
-                      "no checkpoints match", "pretrain.py")
-    assert_user_error(run("collect_kernels.py", "--checkpoints", ckpts, "--layers", "conv9",
-                          ok=False), "unknown layer")
+    assert "invalid choice" in user_error(capsys, pretrain.main, "--device", "tpu")
+    said = user_error(capsys, collect_kernels.main, "--checkpoints", tmp_path / "none*.pt")
+    assert "no checkpoints match" in said and "pretrain.py" in said
+    assert "unknown layer" in user_error(capsys, collect_kernels.main, "--checkpoints", ckpts,
+                                         "--layers", "conv9")
     # a checkpoint of another architecture is refused, and the existing bank is not overwritten
     other = tmp_path / "other"
     other.mkdir()
     torch.save({"arch": "PaperCNN", "model": {"conv1.weight": torch.zeros(32, 3, 5, 5)}},
                other / "seed0.pt")
     before = (banks / "conv1_7x7.pt").read_bytes()
-    assert_user_error(run("collect_kernels.py", "--checkpoints", other, "--out", banks, ok=False),
-                      "another architecture")
+    assert "another architecture" in user_error(capsys, collect_kernels.main, "--checkpoints",
+                                                other, "--out", banks)
     assert (banks / "conv1_7x7.pt").read_bytes() == before
     # files that are not torch files at all, or torch files of another kind: one line each
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "seed0.pt").write_bytes(os.urandom(2000))
-    assert_user_error(run("collect_kernels.py", "--checkpoints", junk, ok=False),
-                      "not a checkpoint", "pretrain.py")
-    assert_user_error(run("pretrain.py", "--evaluate", junk / "seed0.pt", "--data", tiny_data,
-                          ok=False), "not a checkpoint")
+    said = user_error(capsys, collect_kernels.main, "--checkpoints", junk)
+    assert "not a checkpoint" in said and "pretrain.py" in said
+    assert "not a checkpoint" in user_error(capsys, pretrain.main, "--evaluate", junk / "seed0.pt",
+                                            "--data", tiny_data, "--out", tmp_path / "e")
     torch.save({"weights": torch.zeros(3)}, other / "foreign.pt")
-    assert_user_error(run("collect_kernels.py", "--checkpoints", other / "foreign.pt", ok=False),
-                      "not a checkpoint")
-    assert_user_error(run("train_small.py", "--data", tiny_data, "--init-bank", junk / "seed0.pt",
-                          "--out", tmp_path / "s", ok=False), "not a kernel bank",
-                      "collect_kernels.py")
+    assert "not a checkpoint" in user_error(capsys, collect_kernels.main, "--checkpoints",
+                                            other / "foreign.pt")
+    small = ["--data", tiny_data, "--per-class", 2, "--epochs", 1]
+    for bank in (junk / "seed0.pt", other / "foreign.pt"):  # random bytes, a foreign torch file
+        said = user_error(capsys, train_small.main, *small, "--init-bank", bank,
+                          "--out", tmp_path / "s")
+        assert "not a kernel bank" in said and "collect_kernels.py" in said
+    nan_bank = tmp_path / "nan_bank.pt"  # a bank whose kernels are not finite: refused on loading
+    torch.save({"kernels": torch.full((10, 7, 7), float("nan"))}, nan_bank)
+    assert "non-finite" in user_error(capsys, train_small.main, *small, "--init-bank", nan_bank,
+                                      "--out", tmp_path / "s")
+    assert not (tmp_path / "s").exists()
     (tmp_path / "s" / "seed0").mkdir(parents=True)  # a run folder whose checkpoint is corrupt
     (tmp_path / "s" / "seed0" / "model.pt").write_bytes(os.urandom(2000))
-    assert_user_error(run("train_small.py", "--data", tiny_data, "--per-class", 2, "--epochs", 1,
-                          "--out", tmp_path / "s", ok=False), "not a checkpoint of this run")
+    assert "damaged or not a checkpoint" in user_error(capsys, train_small.main, *small,
+                                                       "--out", tmp_path / "s")
 
 
 # ----------------------------------------------------------------------------- stage 3 and AMP
@@ -295,11 +483,12 @@ def test_train_small_end_to_end_and_bank_init(tiny_data, pretrained, tmp_path):
     run("train_small.py", "--data", tiny_data, "--per-class", 4, "--seeds", 0, 1, "--epochs", 3,
         "--eval-every", 2, "--out", out)
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["test_acc"]) == {"0", "1"}
+    assert set(summary["test_acc"]) == {"0", "1"} and set(summary["train_acc"]) == {"0", "1"}
     for seed in (0, 1):
-        rows = (out / f"seed{seed}" / "metrics.csv").read_text().strip().splitlines()
-        assert rows[0] == "epoch,train_loss,test_acc" and len(rows) == 1 + 3
-        assert rows[2].split(",")[2] != "" and rows[1].split(",")[2] == ""  # evaluated at 2 and 3
+        rows = list(csv.DictReader(open(out / f"seed{seed}" / "metrics.csv")))
+        assert list(rows[0]) == ["epoch", "train_loss", "train_acc", "test_acc"] and len(rows) == 3
+        assert rows[0]["test_acc"] == "" and rows[1]["test_acc"] != ""  # evaluated at 2 and 3
+        assert 0 <= float(rows[2]["train_acc"]) <= 1 and rows[2]["train_acc"] != ""
         for fig in ("test_acc.png", "kernels.png"):
             assert (out / f"seed{seed}" / fig).stat().st_size > 1000
         ckpt = load(out / f"seed{seed}" / "model.pt")
@@ -323,36 +512,46 @@ def amp_setup():
 
 
 def test_amp_perturbation_stays_in_the_ball_and_ascends():
+    """delta is not zero: it sits on the ball's surface (the projection is active for these
+    small radii) and one ascent step strictly raises the loss (catches a no-op perturbation)."""
     model, loss_fn, _, _ = amp_setup()
     params = list(model.parameters())
     loss_at_theta = loss_fn().item()
     for epsilon, inner_steps in ((0.05, 1), (0.05, 3), (1e-4, 2)):
         theta, delta = train_small.perturb_adversarially(params, loss_fn, epsilon, 1.0, inner_steps)
         norm = torch.sqrt(sum((d ** 2).sum() for d in delta)).item()
-        assert norm <= epsilon * (1 + 1e-5)
+        assert norm == pytest.approx(epsilon, rel=1e-4)
         moved = torch.sqrt(sum(((p - t) ** 2).sum() for p, t in zip(params, theta))).item()
         assert moved == pytest.approx(norm, rel=1e-3)  # the parameters sit at theta + delta
-        if inner_steps == 1:  # on a fixed batch, one ascent step does not lower the loss
-            assert loss_fn().item() >= loss_at_theta
+        if inner_steps == 1:  # on a fixed batch, one ascent step raises the loss
+            assert loss_fn().item() > loss_at_theta
         with torch.no_grad():
             for p, t in zip(params, theta):
                 p.copy_(t)
 
 
 def test_amp_with_epsilon_zero_is_the_plain_update():
-    args = train_small.parse_args(["--amp-epsilon", "0"])
-    plain_args = train_small.parse_args([])
-    updated = []
-    for a in (args, plain_args):
+    """The whole state: parameters, optimizer state, and BatchNorm's running statistics, which
+    AMP's inner forward pass updates once more (as the AMP authors' code does): equal to a plain
+    step whose batch went through the network once before (catches any change of the step)."""
+    states = []
+    for amp in (True, False):
         model, _, images, labels = amp_setup()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-        train_small.train_step(model, optimizer, images, labels, a)
-        updated.append([p.detach().clone() for p in model.parameters()])
-    for p, q in zip(*updated):
-        assert torch.equal(p, q)
+        args = train_small.parse_args(["--amp-epsilon", "0"] if amp else [])
+        if not amp:
+            with torch.no_grad():
+                model(train_small.normalize(images))  # the second pass BatchNorm sees under AMP
+        train_small.train_step(model, optimizer, images, labels, args)
+        states.append((model.state_dict(), optimizer.state_dict()["state"]))
+    (model_a, opt_a), (model_b, opt_b) = states
+    for key, value in model_a.items():
+        assert torch.equal(value, model_b[key]), key
+    for i, s in opt_a.items():
+        assert all(torch.equal(v, opt_b[i][k]) for k, v in s.items()), i
 
 
-def test_amp_run_with_bank_init_and_the_compare_table(tiny_data, pretrained, tmp_path):
+def test_amp_run_with_bank_init_and_the_compare_table(tiny_data, pretrained, tmp_path, capsys):
     _, banks = pretrained
     common = ["--data", tiny_data, "--per-class", 2, "--epochs", 2, "--eval-every", 1]
     run("train_small.py", *common, "--out", tmp_path / "plain")
@@ -369,27 +568,35 @@ def test_amp_run_with_bank_init_and_the_compare_table(tiny_data, pretrained, tmp
     assert len((tmp_path / "cmp" / "compare.csv").read_text().strip().splitlines()) == 1 + 3
     for fig in ("compare.png", "compare_pca.png"):
         assert (tmp_path / "cmp" / fig).stat().st_size > 1000
-    assert_user_error(run("train_small.py", *common, "--amp-epsilon", -1, ok=False),
-                      "--amp-epsilon must be >= 0")
+    assert "--amp-epsilon must be >= 0" in user_error(capsys, train_small.main, *common,
+                                                      "--amp-epsilon", -1)
 
 
-def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(tiny_data, tmp_path):
+def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(tiny_data, tmp_path, capsys):
     common = ["--data", tiny_data, "--per-class", 2, "--eval-every", 1, "--log-every", 1]
-    proc = run("train_small.py", *common, "--epochs", 2, "--lr", 1e38, "--out", tmp_path / "a",
-               ok=False)
-    assert_user_error(proc, "diverged", "epoch 1", "--lr")
+    said = user_error(capsys, train_small.main, *common, "--epochs", 2, "--lr", 1e38,
+                      "--out", tmp_path / "a")
+    assert "diverged" in said and "epoch 1" in said and "--lr" in said
     assert not (tmp_path / "a" / "seed0" / "model.pt").exists()
     # one good epoch, then a learning rate that blows up (a resumed run takes the checkpoint's)
-    run("train_small.py", *common, "--epochs", 1, "--out", tmp_path / "b")
+    train_small.main([str(a) for a in common] + ["--epochs", "1", "--amp-epsilon", "0.1",
+                                                 "--out", str(tmp_path / "b")])
     ckpt_path = tmp_path / "b" / "seed0" / "model.pt"
     ckpt = load(ckpt_path)
     ckpt["optimizer"]["param_groups"][0]["lr"] = 1e38
     torch.save(ckpt, ckpt_path)
     before = ckpt_path.read_bytes()
-    proc = run("train_small.py", *common, "--epochs", 2, "--amp-epsilon", 0.1,
-               "--out", tmp_path / "b", ok=False)
-    assert_user_error(proc, "diverged", "epoch 2", "--lr or --amp-epsilon")
+    said = user_error(capsys, train_small.main, *common, "--epochs", 2, "--amp-epsilon", 0.1,
+                      "--out", tmp_path / "b")
+    assert "diverged" in said and "epoch 2" in said and "--lr or --amp-epsilon" in said
     assert ckpt_path.read_bytes() == before
+    # train_advreg.py stops the same way (its loss is checked at every evaluation)
+    banks = tmp_path / "bank.pt"
+    torch.save({"kernels": torch.randn(300, 7, 7)}, banks)
+    said = user_error(capsys, train_advreg.main, *common, "--epochs", 2, "--lr", 1e38,
+                      "--bank", banks, "--d-batch", 16, "--out", tmp_path / "c")
+    assert "diverged" in said and "epoch 1" in said and "--lam" in said
+    assert not (tmp_path / "c" / "lam1_seed0" / "model.pt").exists()
 
 
 # ----------------------------------------------------------------------------- stage 4
@@ -405,15 +612,15 @@ def test_train_advreg_sweep_end_to_end_resume_and_gif(tiny_data, pretrained, tmp
     assert "lam0.5_seed0: resuming" in proc.stdout
     assert "collect_kernels.py --compare" in proc.stdout  # the table's command
     iters = 3 * 2  # 40 images / batch 16 = 3 steps per epoch, 2 epochs
-    rows = (out / "lam0.5_seed0" / "metrics.csv").read_text().strip().splitlines()
-    assert rows[0].split(",")[2:7] == list(train_advreg.LOG_COLUMNS) and len(rows) == 1 + iters
-    d_real, d_fake = float(rows[-1].split(",")[5]), float(rows[-1].split(",")[6])
-    assert 0 < d_real < 1 and 0 < d_fake < 1
-    assert rows[-1].split(",")[-1] != ""  # test accuracy at the last evaluation
+    rows = list(csv.DictReader(open(out / "lam0.5_seed0" / "metrics.csv")))
+    assert list(rows[0])[2:7] == list(train_advreg.LOG_COLUMNS) and len(rows) == iters
+    assert 0 < float(rows[-1]["d_real"]) < 1 and 0 < float(rows[-1]["d_fake"]) < 1
+    assert rows[-1]["test_acc"] != "" and rows[-1]["train_acc"] != ""  # the last evaluation
     for fig in ("losses.png", "d_outputs.png", "test_acc.png", "kernels_conv1.png"):
         assert (out / "lam0.5_seed0" / fig).stat().st_size > 1000
     summary = json.loads((out / "lam0.5_seed0" / "summary.json").read_text())
     assert summary["conv1_frechet"] >= 0 and 0 < summary["conv1_low_freq"] < 1
+    assert 0 <= summary["final_train_acc"] <= 1
     # lam = 0 has no discriminator: its D columns are empty (NaN in the CSV, null in the JSON)
     assert "nan" in (out / "lam0_seed0" / "metrics.csv").read_text().splitlines()[1]
     assert json.loads((out / "lam0_seed0" / "summary.json").read_text())["d_real_last10pct"] is None
@@ -439,11 +646,11 @@ def test_train_advreg_sweep_end_to_end_resume_and_gif(tiny_data, pretrained, tmp
 
 def test_train_advreg_interrupted_run_ends_like_a_straight_one(tiny_data, pretrained, tmp_path):
     _, banks = pretrained
-    common = ["--data", tiny_data, "--bank", banks / "conv1_7x7.pt", "--per-class", 3,
-              "--d-batch", 32, "--eval-every", 1, "--lam", 0.5]
-    run("train_advreg.py", *common, "--epochs", 2, "--out", tmp_path / "straight")
-    run("train_advreg.py", *common, "--epochs", 1, "--out", tmp_path / "resumed")
-    run("train_advreg.py", *common, "--epochs", 2, "--out", tmp_path / "resumed")
+    common = ["--data", str(tiny_data), "--bank", str(banks / "conv1_7x7.pt"), "--per-class",
+              "3", "--d-batch", "32", "--eval-every", "1", "--lam", "0.5"]
+    train_advreg.main(common + ["--epochs", "2", "--out", str(tmp_path / "straight")])
+    train_advreg.main(common + ["--epochs", "1", "--out", str(tmp_path / "resumed")])
+    train_advreg.main(common + ["--epochs", "2", "--out", str(tmp_path / "resumed")])
     straight = load(tmp_path / "straight" / "lam0.5_seed0" / "model.pt")
     resumed = load(tmp_path / "resumed" / "lam0.5_seed0" / "model.pt")
     for a, b in ((straight["model"], resumed["model"]),
@@ -460,34 +667,44 @@ def test_train_advreg_interrupted_run_ends_like_a_straight_one(tiny_data, pretra
 def test_train_advreg_two_layers_and_compare(tiny_data, pretrained, tmp_path):
     _, banks = pretrained
     out = tmp_path / "two"
-    run("train_advreg.py", "--data", tiny_data, "--bank", banks / "conv1_7x7.pt",
-        banks / "conv2_5x5.pt", "--layers", "conv1", "conv2", "--per-class", 2, "--epochs", 1,
-        "--d-batch", 16, "--out", out)
+    train_advreg.main(["--data", str(tiny_data), "--bank", str(banks / "conv1_7x7.pt"),
+                       str(banks / "conv2_5x5.pt"), "--layers", "conv1", "conv2", "--per-class",
+                       "2", "--epochs", "1", "--d-batch", "16", "--out", str(out)])
     ckpt = load(out / "lam1_seed0" / "model.pt")
     assert sorted(ckpt["discs"]) == ["conv1", "conv2"]
     assert (out / "lam1_seed0" / "kernels_conv2.png").exists()
     assert json.loads((out / "lam1_seed0" / "summary.json").read_text())["conv2_frechet"] >= 0
-    run("collect_kernels.py", "--compare", out / "lam1_seed0" / "model.pt", "--bank",
-        banks / "conv1_7x7.pt", "--out", tmp_path / "cmp")
+    collect_kernels.main(["--compare", str(out / "lam1_seed0" / "model.pt"), "--bank",
+                          str(banks / "conv1_7x7.pt"), "--out", str(tmp_path / "cmp")])
     table = (tmp_path / "cmp" / "compare.md").read_text()
-    assert "| λ = 1 | 1 |" in table and "| bank (2 sources) |" in table
+    assert "| bank (2 sources) |" in table
 
 
-def test_advreg_bad_input(pretrained, tiny_data, tmp_path):
+def test_advreg_bad_input(pretrained, tiny_data, tmp_path, capsys):
     _, banks = pretrained
     out = tmp_path / "bad"
     base = ["--data", tiny_data, "--out", out]
-    assert_user_error(run("train_advreg.py", *base, "--bank", tmp_path / "missing.pt", ok=False),
-                      "collect_kernels.py", "missing.pt")
-    assert_user_error(run("train_advreg.py", *base, "--bank", banks / "conv2_5x5.pt", ok=False),
-                      "5x5")
-    assert_user_error(run("train_advreg.py", *base, "--bank", banks / "conv1_7x7.pt", "--lam", -1,
-                          ok=False), "--lam must be >= 0")
-    assert_user_error(run("train_advreg.py", *base, "--layers", "fc", ok=False), "unknown layer")
+    said = user_error(capsys, train_advreg.main, *base, "--bank", tmp_path / "missing.pt")
+    assert "collect_kernels.py" in said and "missing.pt" in said
+    assert "5x5" in user_error(capsys, train_advreg.main, *base, "--bank", banks / "conv2_5x5.pt")
+    assert "--lam must be >= 0" in user_error(capsys, train_advreg.main, *base, "--bank",
+                                              banks / "conv1_7x7.pt", "--lam", -1)
+    assert "unknown layer" in user_error(capsys, train_advreg.main, *base, "--layers", "fc")
+    nan_bank = tmp_path / "nan_bank.pt"
+    torch.save({"kernels": torch.randn(300, 7, 7).index_fill_(0, torch.tensor([7]), math.inf)},
+               nan_bank)
+    said = user_error(capsys, train_advreg.main, *base, "--bank", nan_bank)
+    assert "non-finite" in said and "nan_bank.pt" in said
     (tmp_path / "empty" / "train").mkdir(parents=True)
-    assert_user_error(run("train_advreg.py", "--data", tmp_path / "empty", "--bank",
-                          banks / "conv1_7x7.pt", "--out", out, ok=False), "no images")
+    assert "no images" in user_error(capsys, train_advreg.main, "--data", tmp_path / "empty",
+                                     "--bank", banks / "conv1_7x7.pt", "--out", out)
     assert not out.exists()
+    # a run folder made with other flags (here another D learning rate) is not continued
+    common = ["--data", tiny_data, "--bank", banks / "conv1_7x7.pt", "--per-class", 2,
+              "--d-batch", 16, "--out", tmp_path / "run"]
+    train_advreg.main([str(a) for a in common] + ["--epochs", "1"])
+    said = user_error(capsys, train_advreg.main, *common, "--epochs", 2, "--d-lr", 1e-3)
+    assert "other flags" in said and "--d-lr" in said
 
 
 def algorithm1_batch():
@@ -500,8 +717,9 @@ def algorithm1_batch():
 def test_generator_loss_reaches_conv1_and_d_outputs_are_probabilities():
     model, disc, _, _, g = algorithm1_batch()
     fakes = train_advreg.sample_fakes(model, {"conv1": disc}, 64, g)
-    reg_loss = train_advreg.generator_loss({"conv1": disc}, fakes, "standardized")
-    reg_loss.backward()
+    d_fakes = train_advreg.judge({"conv1": disc}, fakes, "standardized")
+    reg_loss = train_advreg.generator_loss(d_fakes)
+    reg_loss.backward(inputs=list(model.parameters()), retain_graph=True)  # as train() does
     assert model.conv1.weight.grad is not None and model.conv1.weight.grad.abs().sum() > 0
     assert model.conv2.weight.grad is None  # only the regularized layer is touched
     assert all(p.grad is None for p in disc.parameters())  # the generator step does not train D
@@ -510,22 +728,8 @@ def test_generator_loss_reaches_conv1_and_d_outputs_are_probabilities():
     args = train_advreg.parse_args(["--d-batch", "64"])
     d_optimizers = {"conv1": torch.optim.Adam(disc.parameters())}
     d = train_advreg.discriminator_step({"conv1": disc}, d_optimizers,
-                                        {"conv1": torch.randn(100, 7, 7)}, fakes, 1.0, args, g)
+                                        {"conv1": torch.randn(100, 7, 7)}, d_fakes, 1.0, args, g)
     assert 0 < d["d_real"] < 1 and 0 < d["d_fake"] < 1 and d["disc_loss"] > 0
-
-
-def test_lambda_zero_gradients_equal_the_baselines():
-    model, disc, images, labels, g = algorithm1_batch()
-    baseline = train_small.PaperCNN(10)
-    baseline.load_state_dict(model.state_dict())
-    F.cross_entropy(baseline(train_small.normalize(images)), labels).backward()  # train_small.py
-    cls_loss = F.cross_entropy(model(train_advreg.normalize(images)), labels)  # Algorithm 1
-    reg_loss = train_advreg.generator_loss(
-        {"conv1": disc}, train_advreg.sample_fakes(model, {"conv1": disc}, 64, g), "standardized")
-    (cls_loss + 0.0 * reg_loss).backward()
-    assert reg_loss.item() > 0  # the discriminator term was computed, and lam = 0 switched it off
-    for (name, p), q in zip(baseline.named_parameters(), model.parameters()):
-        assert torch.allclose(p.grad, q.grad, atol=1e-7), name
 
 
 def test_standardized_d_input_ignores_scale():
@@ -557,7 +761,7 @@ def test_throughput_tensor_pipeline_vs_dataloader():
     """Images/s of pretrain.py's loop (uint8 data on the device, batched crop + flip) against a
     plain ImageFolder + transforms + DataLoader loop, same model and batch, in one run."""
     data, steps, batch = os.environ["THROUGHPUT_DATA"], 60, 128
-    train_x, train_y, _ = pretrain.load_split(data, "data", train=True)
+    train_x, train_y, _ = pretrain.load_split(data, "data", "train")
 
     def time_steps(batches):
         torch.manual_seed(0)
@@ -591,10 +795,358 @@ def test_throughput_tensor_pipeline_vs_dataloader():
     assert ours > 0 and reference > 0
 
 
+def user_error(capsys, main, *args):
+    """A user's mistake, called in-process (no 5 s of imports per case): SystemExit, and the last
+    line of what it says names the problem; returns that line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    code = exit_info.value.code
+    said = code if isinstance(code, str) else capsys.readouterr().err.strip().splitlines()[-1]
+    assert code != 0 and "error" in said, said
+    return said
+
+
+SCRIPTS = (pretrain, collect_kernels, train_small, train_advreg, gan_labs)
+
+
+FENCE = ("# ==== plumbing: the same in every script, checked by test_smoke.py; skip on a first "
+         "read ====")
+
+
+OWN = {"parse_args", "main", "train", "write_run_outputs", "finish_run", "FREE_FLAGS",
+       "RUN_FLAGS", "Progress", "plot_curves"}  # each script's own by design
+
+
+def top_level_sources(source):
+    """name -> source text of every top-level function, class and constant of a script."""
+    lines, out = source.splitlines(), {}
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            name = node.name
+        elif isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            name = node.targets[0].id
+        else:
+            continue
+        start = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+        out[name] = "\n".join(lines[start - 1:node.end_lineno])
+    return out
+
+
+def differing_copies(sources):
+    """Names defined in more than one script (outside OWN) whose copies are not identical."""
+    defined = collections.defaultdict(dict)
+    for script, source in sources.items():
+        for name, text in top_level_sources(source).items():
+            defined[name][script] = text
+    return {name: sorted(copies) for name, copies in defined.items()
+            if name not in OWN and len(copies) > 1 and len(set(copies.values())) > 1}
+
+
+def test_train_accuracy_is_the_accuracy_on_the_training_images(tiny_data, tmp_path):
+    """The train_acc column is the eval-mode accuracy on exactly the 100 (here 20) training
+    images: recomputed from the saved weights (catches a column computed on other images)."""
+    out = tmp_path / "acc"
+    train_small.main(["--data", str(tiny_data), "--per-class", "2", "--epochs", "2",
+                      "--eval-every", "2", "--out", str(out)])
+    args = train_small.parse_args(["--data", str(tiny_data), "--per-class", "2"])
+    data = train_small.load_small_data(args, torch.device("cpu"))
+    model = train_small.PaperCNN(10)
+    model.load_state_dict(load(out / "seed0" / "model.pt")["model"])
+    history = load(out / "seed0" / "model.pt")["history"]
+    assert history["train_acc"][-1] == train_small.evaluate(model, data["train_x"],
+                                                            data["train_y"])
+    assert history["test_acc"][-1] == train_small.evaluate(model, data["test_x"], data["test_y"])
+
+
+def test_validation_split_is_disjoint_from_the_subset_and_the_test_set(tiny_data, capsys):
+    args = train_small.parse_args(["--data", str(tiny_data), "--per-class", "3",
+                                   "--val-size", "50"])
+    data = train_small.load_small_data(args, torch.device("cpu"))
+    assert len(data["train_x"]) == 30 and len(data["val_x"]) == 50
+    flat = {k: {tuple(x.flatten().tolist()) for x in data[k]} for k in ("train_x", "val_x",
+                                                                        "test_x")}
+    assert len(flat["val_x"]) == 50  # 50 distinct images (the generated images are all distinct)
+    assert not flat["train_x"] & flat["val_x"] and not flat["val_x"] & flat["test_x"]
+    same = train_small.load_small_data(args, torch.device("cpu"))  # the same split every time
+    assert torch.equal(same["val_x"], data["val_x"]) and torch.equal(same["train_x"],
+                                                                     data["train_x"])
+    said = user_error(capsys, train_small.main, "--data", tiny_data, "--per-class", 3,
+                      "--val-size", 91)  # 120 train images - 30 = 90 outside the subset
+    assert "--val-size 91" in said and "90" in said
+
+
+def test_transfer_from_both_layouts_and_freezing(tiny_data, pretrained, authors_models, tmp_path,
+                                                 capsys):
+    ckpts, _ = pretrained
+    common = ["--data", tiny_data, "--per-class", 2, "--epochs", 2, "--eval-every", 1]
+    # ours: pretrain.py's checkpoint, all four convs frozen = the linear probe
+    run("train_small.py", *common, "--init-from", ckpts / "seed{seed}.pt", "--freeze", "conv1",
+        "conv2", "conv3", "conv4", "--seeds", 0, 1, "--out", tmp_path / "probe")
+    for seed in (0, 1):
+        source = load(ckpts / f"seed{seed}.pt")["model"]
+        after = load(tmp_path / "probe" / f"seed{seed}" / "model.pt")["model"]
+        for key, value in source.items():  # frozen weights and BatchNorm statistics do not move
+            if not key.startswith("fc."):
+                assert torch.equal(value, after[key]), key
+        assert not torch.equal(source["fc.weight"], after["fc.weight"])  # the head trained
+    # the authors' layout: conv1 transferred, then trained (not frozen): it moves
+    train_small.main([str(a) for a in common] + ["--init-from",
+                     str(authors_models / "model1_seed{seed}.pt"), "--transfer", "conv1",
+                     "--out", str(tmp_path / "conv1")])
+    names = {v: k for k, v in train_small.AUTHORS_LAYERS.items()}
+    theirs = torch.load(authors_models / "model1_seed0.pt", weights_only=True)
+    ours = load(tmp_path / "conv1" / "seed0" / "model.pt")["model"]
+    assert not torch.equal(theirs[f"{names['conv1']}.weight"], ours["conv1.weight"])
+    torch.manual_seed(123)  # not the fake authors' init: only the transferred layer may agree
+    start = train_small.PaperCNN(10)
+    train_small.transfer(start, train_small.read_checkpoint(
+        str(authors_models / "model1_seed0.pt"))["model"], ["conv1"])
+    assert torch.equal(start.conv1.weight, theirs[f"{names['conv1']}.weight"])
+    assert torch.equal(start.bn1.running_var, theirs[f"{names['bn1']}.running_var"])
+    assert not torch.equal(start.conv2.weight, theirs[f"{names['conv2']}.weight"])
+    # bad input: one line each, nothing written
+    other = tmp_path / "other.pt"
+    torch.save({"arch": "PaperCNN", "model": {"conv1.weight": torch.zeros(32, 3, 5, 5)}}, other)
+    said = user_error(capsys, train_small.main, *common, "--init-from", other,
+                      "--out", tmp_path / "x")
+    assert "not the paper's CNN" in said and "conv1.weight" in said
+    hundred = tmp_path / "hundred.pt"
+    torch.save({"arch": "PaperCNN", "model": pretrain.PaperCNN(100).state_dict()}, hundred)
+    said = user_error(capsys, train_small.main, *common, "--init-from", hundred, "--transfer",
+                      "conv1", "fc", "--out", tmp_path / "x")
+    assert "100 classes" in said and "fc" in said
+    assert "invalid choice" in user_error(capsys, train_small.main, *common, "--init-from", other,
+                                          "--transfer", "conv5")
+    assert "nothing would train" in user_error(capsys, train_small.main, *common, "--freeze",
+                                               "conv1", "conv2", "conv3", "conv4", "fc")
+    assert not (tmp_path / "x").exists()
+
+
+def test_train_small_resumes_to_the_straight_runs_weights_and_refuses_other_flags(
+        tiny_data, tmp_path, capsys):
+    common = ["--data", str(tiny_data), "--per-class", "2", "--eval-every", "1"]
+    train_small.main(common + ["--epochs", "3", "--out", str(tmp_path / "straight")])
+    train_small.main(common + ["--epochs", "1", "--out", str(tmp_path / "resumed")])
+    train_small.main(common + ["--epochs", "3", "--out", str(tmp_path / "resumed")])
+    straight, resumed = (load(tmp_path / d / "seed0" / "model.pt") for d in ("straight",
+                                                                             "resumed"))
+    for key, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    assert straight["history"] == resumed["history"]
+    # another learning rate into the same folder: refused, naming the flag; nothing changes
+    before = (tmp_path / "resumed" / "seed0" / "model.pt").read_bytes()
+    said = user_error(capsys, train_small.main, *common, "--epochs", 4, "--lr", 0.1,
+                      "--out", tmp_path / "resumed")
+    assert "other flags" in said and "--lr 0.002" in said
+    assert (tmp_path / "resumed" / "seed0" / "model.pt").read_bytes() == before
+    # flags that cannot change the result stay free: more epochs, other threads, log interval
+    train_small.main(common + ["--epochs", "4", "--log-every", "2", "--threads", "1",
+                               "--out", str(tmp_path / "resumed")])
+    assert load(tmp_path / "resumed" / "seed0" / "model.pt")["epoch"] == 4
+
+
+def test_a_full_disk_gives_one_line_and_keeps_the_last_checkpoint(tiny_data, tmp_path):
+    """A real failed write (the file-size limit, as a full disk): one line, the previous checkpoint
+    byte for byte, no temporary file."""
+    import resource
+    import signal
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    common = ["--data", tiny_data, "--per-class", 2, "--eval-every", 1, "--out", tmp_path / "r"]
+    run("train_small.py", *common, "--epochs", 1)
+    ckpt = tmp_path / "r" / "seed0" / "model.pt"
+    before = ckpt.read_bytes()
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_small.py"),
+                           *map(str, common), "--epochs", "2"], cwd=ROOT, capture_output=True,
+                          text=True, env=env, preexec_fn=small_disk, timeout=120)
+    assert_user_error(proc, "could not write", "model.pt", "previous version")
+    assert ckpt.read_bytes() == before
+    assert not list((tmp_path / "r").rglob("*.tmp*"))
+
+
+def test_lambda_zero_is_the_baseline_of_train_small(tiny_data, tmp_path):
+    """train_advreg.py --lam 0 and train_small.py with the same flags end with the same weights
+    (bit for bit) and accuracies: the real code paths, not a gradient computed in this test."""
+    common = ["--data", str(tiny_data), "--per-class", "2", "--epochs", "2", "--eval-every", "1",
+              "--seeds", "3"]
+    train_small.main(common + ["--out", str(tmp_path / "small")])
+    bank = tmp_path / "bank.pt"
+    torch.save({"kernels": torch.randn(300, 7, 7)}, bank)
+    train_advreg.main(common + ["--lam", "0", "--bank", str(bank), "--out", str(tmp_path / "adv")])
+    small = load(tmp_path / "small" / "seed3" / "model.pt")
+    adv = load(tmp_path / "adv" / "lam0_seed3" / "model.pt")
+    for key, value in small["model"].items():
+        assert torch.equal(value, adv["model"][key]), key
+    assert small["history"]["test_acc"] == adv["history"]["test_acc"]
+    assert small["history"]["train_acc"] == adv["history"]["train_acc"]
+
+
+def test_one_d_pass_on_the_fakes_gives_the_three_pass_losses_and_gradients():
+    """D(G(z)) is computed once and serves both the generator loss and D's fake term. On a fixed
+    batch, losses and the gradients of classifier and D equal those of the three-pass step (the
+    generator loss through a frozen D, then D on real and on detached fakes): catches a reuse that
+    lets D's gradient reach the classifier, or the generator loss train D."""
+    bank = torch.randn(300, 7, 7, generator=torch.Generator().manual_seed(1))
+    args = train_advreg.parse_args(["--d-batch", "64"])
+    results = []
+    for reuse in (False, True):
+        model, disc, images, labels, g = algorithm1_batch()
+        cls_loss = F.cross_entropy(model(train_advreg.normalize(images)), labels)
+        fakes = train_advreg.sample_fakes(model, {"conv1": disc}, 64, g)["conv1"]
+        if reuse:  # train_advreg.py's step
+            d_fakes = train_advreg.judge({"conv1": disc}, {"conv1": fakes}, "standardized")
+            reg_loss = train_advreg.generator_loss(d_fakes)
+            (cls_loss + reg_loss).backward(inputs=list(model.parameters()), retain_graph=True)
+            d_opt = {"conv1": torch.optim.SGD(disc.parameters(), lr=0.0)}  # keeps .grad to read
+            d = train_advreg.discriminator_step({"conv1": disc}, d_opt, {"conv1": bank}, d_fakes,
+                                                1.0, args, g)
+            disc_loss = d["disc_loss"]
+        else:  # the three passes, written out
+            disc.requires_grad_(False)
+            d_fake = disc(train_advreg.to_d_input(fakes, "standardized"))
+            disc.requires_grad_(True)
+            reg_loss = F.binary_cross_entropy(d_fake, torch.ones_like(d_fake))
+            (cls_loss + reg_loss).backward()
+            real = bank[torch.randint(len(bank), (64,), generator=g)]
+            d_real = disc(train_advreg.to_d_input(real, "standardized"))
+            d_fake = disc(train_advreg.to_d_input(fakes.detach(), "standardized"))
+            disc_loss = (F.binary_cross_entropy(d_real, torch.ones_like(d_real))
+                         + F.binary_cross_entropy(d_fake, torch.zeros_like(d_fake)))
+            disc_loss.backward()
+        results.append((reg_loss.item(), disc_loss.item(),
+                        [p.grad.clone() for p in model.parameters()],
+                        [p.grad.clone() for p in disc.parameters()]))
+    (reg_a, disc_a, grads_a, d_grads_a), (reg_b, disc_b, grads_b, d_grads_b) = results
+    assert reg_a == pytest.approx(reg_b, rel=1e-6) and disc_a == pytest.approx(disc_b, rel=1e-6)
+    for a, b in zip(grads_a + d_grads_a, grads_b + d_grads_b):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_bf16_runs_finish_and_write_their_outputs(tiny_data, pretrained, tmp_path):
+    """--precision bf16 on the CPU: a short run of each stage-3/4 trainer ends with finite
+    losses and its files (catches an autocast region that breaks a loss or the D step)."""
+    _, banks = pretrained
+    common = ["--data", str(tiny_data), "--per-class", "2", "--epochs", "2", "--eval-every", "1",
+              "--precision", "bf16"]
+    train_small.main(common + ["--amp-epsilon", "0.1", "--out", str(tmp_path / "small")])
+    train_advreg.main(common + ["--bank", str(banks / "conv1_7x7.pt"), "--d-batch", "16",
+                                "--out", str(tmp_path / "adv")])
+    losses = [float(r["train_loss"]) for r in csv.DictReader(
+        open(tmp_path / "small" / "seed0" / "metrics.csv"))]
+    assert all(math.isfinite(v) for v in losses)
+    rows = list(csv.DictReader(open(tmp_path / "adv" / "lam1_seed0" / "metrics.csv")))
+    assert all(math.isfinite(float(r["reg_loss"])) and 0 < float(r["d_fake"]) < 1 for r in rows)
+    assert (tmp_path / "adv" / "lam1_seed0" / "summary.json").exists()
+
+
+@pytest.mark.skipif(not os.environ.get("THROUGHPUT_DATA"),
+                    reason="a measurement: THROUGHPUT_DATA=PATH pytest -s -k throughput")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_throughput_of_the_100_image_trainers_against_a_plain_loop(precision, capsys):
+    """train_small.py and train_advreg.py (lambda = 1) as a user runs them, against a plain loop
+    of the same model, batches and steps on resident, pre-normalized tensors, in one process:
+    the ms/epoch of the trainers' last progress line (50 epochs, no evaluation inside) vs the
+    plain loop's."""
+    data, epochs = os.environ["THROUGHPUT_DATA"], 100
+    flags = ["--data", data, "--epochs", str(epochs), "--log-every", "50", "--eval-every", "1000",
+             "--test-limit", "100", "--curve-size", "0", "--precision", precision]
+    args = train_small.parse_args(flags)
+    small = train_small.load_small_data(args, torch.device("cpu"))
+    x, y = train_small.normalize(train_small.augment(small["train_x"])), small["train_y"]
+    bank = torch.randn(960, 7, 7)
+
+    def plain(lam):
+        torch.manual_seed(0)
+        model, disc = train_small.PaperCNN(10), train_advreg.KernelDiscriminator()
+        opt, d_opt = torch.optim.Adam(model.parameters()), torch.optim.Adam(disc.parameters())
+        t0 = time.time()
+        for _ in range(50):
+            for i in range(0, 100, 16):
+                with train_small.autocast(precision, x.device):
+                    loss = F.cross_entropy(model(x[i:i + 16]), y[i:i + 16])
+                    if lam:
+                        fake = model.conv1.weight.reshape(-1, 7, 7)[torch.randperm(192)[:128]]
+                        d_fake = disc(train_advreg.to_d_input(fake, "standardized"))
+                if lam:
+                    d_fake = d_fake.float()
+                    loss = loss + F.binary_cross_entropy(d_fake, torch.ones_like(d_fake))
+                opt.zero_grad()
+                loss.backward(inputs=list(model.parameters()), retain_graph=bool(lam))
+                opt.step()
+                if lam:
+                    with train_small.autocast(precision, x.device):
+                        d_real = disc(train_advreg.to_d_input(bank[:128], "standardized"))
+                    d_loss = (F.binary_cross_entropy(d_real.float(), torch.ones(128))
+                              + F.binary_cross_entropy(d_fake, torch.zeros(128)))
+                    d_opt.zero_grad()
+                    d_loss.backward(inputs=list(disc.parameters()))
+                    d_opt.step()
+        return (time.time() - t0) / 50
+
+    def trainer(main, extra, tmp):
+        main(flags + extra + ["--out", tmp])
+        lines = [line for line in capsys.readouterr().out.splitlines() if "ms/epoch" in line]
+        return float(lines[-1].split("ms/epoch")[0].split("|")[-1]) / 1000
+
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [("train_small.py", trainer(train_small.main, [], tmp + "/s"), plain(0)),
+                ("train_advreg.py, lambda = 1", trainer(train_advreg.main, [
+                    "--bank", str(tmp_bank(tmp, bank)), "--d-batch", "128"], tmp + "/a"),
+                 plain(1))]
+    with capsys.disabled():
+        for name, ours, reference in rows:
+            print(f"\n{precision} {name}: {100 / ours:.0f} img/s, plain loop {100 / reference:.0f}"
+                  f" img/s, ratio {reference / ours:.2f} ({torch.get_num_threads()} threads)")
+    assert all(ours > 0 and reference > 0 for _, ours, reference in rows)
+
+
+def tmp_bank(folder, kernels):
+    path = os.path.join(folder, "bank.pt")
+    torch.save({"kernels": kernels}, path)
+    return path
+
+
+def test_every_link_and_image_in_the_docs_resolves():
+    """README.md and docs/*.md: every relative link and image names a file that exists, and every
+    #anchor a heading of its page (catches a moved figure or a renamed section)."""
+    import re
+    pages = [os.path.join(ROOT, "README.md")] + sorted(
+        os.path.join(ROOT, "docs", f) for f in os.listdir(os.path.join(ROOT, "docs"))
+        if f.endswith(".md"))
+
+    def anchors(path):
+        heads = re.findall(r"^#+ (.+)$", open(path).read(), flags=re.M)
+        return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads}
+
+    checked = 0
+    for page in pages:
+        text = open(page).read()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text) + re.findall(r'src="([^"]+)"', text):
+            if re.match(r"[a-z]+://", target):
+                continue
+            file, _, anchor = target.partition("#")
+            path = os.path.normpath(os.path.join(os.path.dirname(page), file)) if file else page
+            assert os.path.exists(path), (page, target)
+            if anchor and path.endswith(".md"):
+                assert anchor in anchors(path), (page, target)
+            checked += 1
+    assert checked > 50
+    assert len(open(pages[0]).read().splitlines()) <= 260  # the README stays a front page
+
+
 # ============================================================================= gan_labs.py
 # Runs every gan_labs.py subcommand as the README tells a user to, on a tiny generated ImageFolder
 # (3 classes of 28x28 grayscale PNGs) and on the CIFAR-shaped RGB one above, and checks the
-# mathematics that can silently go wrong.
+# mathematics that can silently go wrong. Error paths run in-process (a subprocess costs ~5 s).
+import contextlib  # noqa: E402  (the GAN part's own imports)
+import io  # noqa: E402
+import re  # noqa: E402
+
 GAN_CLASSES = 3
 GAN_TINY = ["--batch-size", "16", "--ngf", "8", "--ndf", "8", "--epochs", "1",
             "--eval-samples", "24", "--log-every", "1", "--threads", "1", "--device", "cpu"]
@@ -602,6 +1154,12 @@ GAN_TINY = ["--batch-size", "16", "--ngf", "8", "--ndf", "8", "--epochs", "1",
 
 def gan_run(*args, ok=True):
     return run("gan_labs.py", *args, ok=ok, timeout=120)
+
+
+def gan_user_error(capsys, argv, *phrases):
+    """gan_labs.main(argv) through the file's user_error: one line, holding every phrase."""
+    said = user_error(capsys, gan_labs.main, *argv)
+    assert "\n" not in said.strip() and all(p in said for p in phrases), (phrases, said)
 
 
 def gan_read_csv(path):
@@ -635,11 +1193,15 @@ def gan_data(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def gan_common(gan_data, tmp_path_factory):
-    """Flags every run shares; the metric classifier is trained once here, by its subcommand."""
+    """Flags every run shares; the metric classifier is trained once here, by its subcommand
+    (in-process: the subprocess runs below reuse the cached file)."""
     cache = tmp_path_factory.mktemp("gan_cache")
     flags = ["--data", gan_data, "--cache-dir", cache]
-    proc = gan_run("classifier", *flags, "--epochs", "3", "--threads", "1", "--device", "cpu")
-    assert "test accuracy" in proc.stdout
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        gan_labs.main(["classifier", *map(str, flags), "--epochs", "3", "--threads", "1",
+                       "--device", "cpu"])
+    assert "test accuracy" in stdout.getvalue()
     assert [p for p in cache.iterdir() if p.name.startswith("classifier_")]
     return flags
 
@@ -668,10 +1230,12 @@ def gan_check_run(out, bce=True, size=32, channels=1, n_classes=GAN_CLASSES):
     for r in (gen, floor):
         assert math.isfinite(float(r["fid"])) and float(r["fid"]) >= -1e-6
         assert 0 <= float(r["precision"]) <= 1 and 0 <= float(r["recall"]) <= 1
-        assert 0 <= float(r["class_share_min"]) <= 1 / n_classes <= float(r["class_share_max"]) <= 1
+        # (min <= 1/n <= max holds for any shares that sum to 1; this catches swapped columns)
+        assert 0 <= float(r["class_share_min"]) <= float(r["class_share_max"]) <= 1
     summary = json.loads((out / "summary.json").read_text())
     assert summary["iterations"] == int(rows[-1]["iter"]) > 0
     assert summary["args"]["channels"] == channels and summary["args"]["image_size"] == size
+    assert summary["metrics"][0]["fid"] == float(gen["fid"])  # summary and eval.csv agree
     return rows, gen, floor
 
 
@@ -682,15 +1246,19 @@ def gan_dcgan_run(gan_common, tmp_path_factory):
     return out
 
 
-def test_gan_dcgan_trains_resumes_and_has_bn_after_the_first_conv(gan_dcgan_run, gan_common):
+def test_gan_dcgan_trains_resumes_and_has_bn_after_the_first_conv(gan_dcgan_run, gan_common,
+                                                                  capsys):
     rows, gen, floor = gan_check_run(gan_dcgan_run)
     assert int(rows[-1]["iter"]) == 48 // 16
     # the real-vs-real floor in a feature space that separates the classes beats one epoch of a GAN
     assert float(floor["fid"]) < float(gen["fid"])
     d = gan_ckpt(gan_dcgan_run)["d"]
     assert "1.running_mean" in d and d["1.weight"].shape == (8,)  # seed 003: BN after D's conv1
-    proc = gan_run("dcgan", *gan_common, *GAN_TINY, "--epochs", "2", "--out", gan_dcgan_run)
-    assert "resuming dcgan" in proc.stdout and "[evaluate]" in proc.stdout
+    # in-process (no 5 s of imports): the same command with --epochs 2 continues the run
+    gan_labs.main(["dcgan", *map(str, gan_common), *GAN_TINY, "--epochs", "2",
+                   "--out", str(gan_dcgan_run)])
+    stdout = capsys.readouterr().out
+    assert "resuming dcgan" in stdout and "[evaluate]" in stdout
     rows = gan_read_csv(gan_dcgan_run / "metrics.csv")
     assert int(rows[-1]["iter"]) == 2 * 48 // 16
     assert (gan_dcgan_run / "samples_epoch02.png").exists()
@@ -722,20 +1290,49 @@ def test_gan_folder_names_and_help(capsys):
     assert "counts D steps" in " ".join(capsys.readouterr().out.split())
 
 
+@pytest.mark.parametrize("lab", ["dcgan", "cdcgan", "vanilla", "wgan", "classifier", "dann",
+                                 "memorization"])
+def test_gan_help_says_each_default_once_with_its_source(lab, capsys):
+    """Catches argparse's ArgumentDefaultsHelpFormatter coming back (it appended "(default: True)"
+    to --no-first-bn and a second "(default: )" to --out) and a flag whose help hides its default.
+    """
+    with pytest.raises(SystemExit):
+        gan_labs.parse_args([lab, "--help"])
+    options = capsys.readouterr().out.split("show this help message and exit")[1]
+    entries = [" ".join(e.split()) for e in re.split(r"\n  (?=--)", options) if e.strip()]
+    assert len(entries) >= 6  # the common flags (4 to 6) and the subcommand's own
+    for entry in entries:  # one per flag: "--flag METAVAR its help ..."
+        assert entry.count("(default") == 1, entry
+        assert "(default: True)" not in entry and "(default: )" not in entry, entry
+
+
 def test_gan_source_conventions():
-    """Every file goes through write_atomic, every torch.load is weights_only, lines fit in 100."""
+    """Every file goes through write_atomic, every torch.load is weights_only, lines fit in 100;
+    one fence; nothing above it but the lesson; nothing writes into args after parse_args."""
     source = inspect.getsource(gan_labs)
     assert source.count("os.replace(") == 1 and "open(" not in source.replace("Image.open(", "")
     assert source.count("torch.load(") == source.count("weights_only=True") > 0
     assert max(map(len, source.splitlines())) <= 100
+    assert source.count(FENCE) == 1
+    lesson = source.split(FENCE)[0]
+    for name in ("def write_atomic", "def save_checkpoint", "def resume", "def load_split"):
+        assert name not in lesson, name
+    # the only writes into args: check_lab_args and check_dann_args, which parse_args calls
+    writers = {node.name for node in ast.walk(ast.parse(source))
+               if isinstance(node, ast.FunctionDef)
+               and any(isinstance(t, ast.Attribute) and getattr(t.value, "id", "") == "args"
+                       for a in ast.walk(node) if isinstance(a, ast.Assign) for t in a.targets)}
+    assert writers == {"check_lab_args", "check_dann_args"}, writers
 
 
 @pytest.mark.parametrize("lab", ["dcgan", "cdcgan", "vanilla", "wgan"])
 def test_gan_resume_gives_the_same_weights_as_an_uninterrupted_run(lab, gan_data, tmp_path):
-    """Stopped after epoch 1 and resumed to 2 = a straight 2-epoch run, bit for bit (in-process)."""
+    """Stopped after epoch 1 and resumed to 2 = a straight 2-epoch run, bit for bit (in-process);
+    and --g-every / --n-critic really skip G steps (G's optimizer counts its steps)."""
+    g_every = {"dcgan": 1, "cdcgan": 1, "vanilla": 2, "wgan": 3}[lab]
     flags = {"dcgan": ["--no-first-bn"], "cdcgan": [],
              "vanilla": ["--g-every", "2", "--diffaug", "translation,cutout"],
-             "wgan": ["--critic", "conv", "--generator", "mlp", "--n-critic", "2"]}[lab]
+             "wgan": ["--critic", "conv", "--generator", "mlp", "--n-critic", "3"]}[lab]
     common = [lab, *flags, "--data", str(gan_data), "--cache-dir", str(tmp_path / "cache"),
               *GAN_TINY[:6], "--eval-samples", "0", "--log-every", "2", "--threads", "1",
               "--device", "cpu"]
@@ -749,6 +1346,11 @@ def test_gan_resume_gives_the_same_weights_as_an_uninterrupted_run(lab, gan_data
     curves = [[{k: v for k, v in r.items() if k != "s_per_iter"} for r in c["history"]]
               for c in (resumed, straight)]
     assert json.dumps(curves[0]) == json.dumps(curves[1])  # json: nan == nan
+    # 2 epochs of 48 // 16 = 3 D steps: G steps at the D steps 1..6 divisible by N. Catches a
+    # --g-every / --n-critic that is parsed but ignored (G would count 6 steps)
+    for c in (resumed, straight):
+        assert c["opt_d"]["state"][0]["step"] == 6
+        assert c["opt_g"]["state"][0]["step"] == 6 // g_every
 
 
 def test_gan_cdcgan_class_grid_and_conditional_accuracy(gan_common, tmp_path):
@@ -779,9 +1381,16 @@ def test_gan_wgan_clip_keeps_weights_in_range(gan_common, tmp_path):
     gan_run("wgan", *gan_common, *GAN_TINY, "--constraint", "clip", "--clip", "0.01",
             "--n-critic", "2", "--out", out)
     rows, _, _ = gan_check_run(out, bce=False)
-    d = gan_ckpt(out)["d"]
-    assert max(v.abs().max().item() for v in d.values()) <= 0.01 + 1e-9
-    assert all(0 < float(r["lip_product"]) <= float(r["lip_bound"]) for r in rows)
+    ckpt = gan_ckpt(out)
+    assert max(v.abs().max().item() for v in ckpt["d"].values()) <= 0.01 + 1e-9
+    assert "step" in ckpt["opt_d"]["state"][0] and "exp_avg" not in ckpt["opt_d"]["state"][0]
+    # the last row is logged after the last step, so its bound is the saved critic's: catches a
+    # logged Lipschitz column computed from another net (or a stale one)
+    critic = gan_labs.conv_critic(1, 32)
+    critic.load_state_dict(ckpt["d"])
+    product, bound = gan_labs.lipschitz_bound(critic)
+    assert float(rows[-1]["lip_product"]) == pytest.approx(product.item(), rel=1e-6)
+    assert float(rows[-1]["lip_bound"]) == pytest.approx(bound.item(), rel=1e-6)
 
 
 def test_gan_wgan_gp_conv_critic_with_the_mlp_generator(gan_common, tmp_path):
@@ -791,7 +1400,10 @@ def test_gan_wgan_gp_conv_critic_with_the_mlp_generator(gan_common, tmp_path):
             "--n-critic", "2", "--out", out)
     rows, _, _ = gan_check_run(out, bce=False, size=28)
     assert all(float(r["gp"]) >= 0 for r in rows)
-    assert all(float(r["lip_product"]) < float(r["lip_bound"]) for r in rows)
+    # four 4x4 stride-2 convs, each sqrt(4) = 2 above its reshaped norm, the linear layer 1: the
+    # bound is exactly 16 x the product (catches a wrong overlap factor)
+    for r in rows:
+        assert float(r["lip_bound"]) == pytest.approx(16 * float(r["lip_product"]), rel=1e-5)
     ckpt = gan_ckpt(out)
     assert ckpt["d"]["0.weight"].shape == (16, 1, 4, 4)
     assert ckpt["g"]["0.weight"].shape == (256, 100)
@@ -813,55 +1425,45 @@ def test_gan_cifar_shaped_rgb_end_to_end(size, tiny_data, gan_rgb_cache, tmp_pat
     assert gan_ckpt(out)["g"]["1.weight"].shape[1] == 8 * (8 if size == 64 else 4)
 
 
-def test_gan_non_finite_loss_stops_with_one_line(gan_common, tmp_path):
-    proc = gan_run("vanilla", *gan_common, *GAN_TINY, "--lr-d", "1e30", "--lr-g", "1e30",
-                   "--epochs", "2", "--eval-samples", "0", "--out", tmp_path / "nan", ok=False)
-    assert_user_error(proc, "became nan in epoch 1", "--lr-d", "no checkpoint was written")
-    assert not (tmp_path / "nan" / "checkpoint.pt").exists()
+def test_gan_non_finite_loss_stops_with_one_line(gan_common, tmp_path, capsys):
+    out = tmp_path / "nan"
+    gan_user_error(capsys, ["vanilla", *gan_common, *GAN_TINY, "--lr-d", "1e30", "--lr-g", "1e30",
+                            "--epochs", "2", "--eval-samples", "0", "--out", out],
+                   "diverged", "at epoch 1,", "--lr-d")
+    assert not (out / "checkpoint.pt").exists()  # stopped before the first checkpoint
 
 
-@pytest.mark.parametrize("case", ["unknown_lab", "other_run", "corrupt_classifier"])
-def test_gan_bad_input_is_one_clear_line(case, gan_dcgan_run, gan_common, tmp_path):
+@pytest.mark.parametrize(
+    "case", ["unknown_lab", "other_run", "corrupt_classifier", "image_size", "empty_folder",
+             "corrupt_checkpoint", "foreign_checkpoint"])
+def test_gan_bad_input_is_one_clear_line(case, gan_dcgan_run, gan_common, tmp_path, capsys):
+    """In-process (a subprocess costs 5 s of imports); each case's phrase is its own cause."""
+    lab, flags = "dcgan", [*gan_common, *GAN_TINY, "--out", tmp_path / "run"]
+    (tmp_path / "run").mkdir()
     if case == "unknown_lab":
-        proc, want = gan_run("stylegan", ok=False), "invalid choice"
+        lab, flags, want = "stylegan", [], "invalid choice"
     elif case == "other_run":  # another lab's (or another setting's) folder is not resumed
-        proc = gan_run("wgan", *gan_common, *GAN_TINY, "--out", gan_dcgan_run, ok=False)
-        want = "is a run with lab = 'dcgan'"
-    else:
+        lab, flags = "wgan", [*gan_common, *GAN_TINY, "--out", gan_dcgan_run]
+        want = "--lab 'dcgan' (now 'wgan')"
+    elif case == "corrupt_classifier":
         cache = tmp_path / "cache"
         cache.mkdir()
         classifier = next(p for p in gan_common[3].iterdir() if p.name.startswith("classifier_"))
         (cache / classifier.name).write_bytes(b"truncated")
-        proc = gan_run("dcgan", "--data", gan_common[1], "--cache-dir", cache, *GAN_TINY,
-                       "--out", tmp_path / "run", ok=False)
-        want = "is not a metric classifier"
-    assert_user_error(proc, want)
-    assert want in proc.stderr.strip().splitlines()[-1]
-
-
-@pytest.mark.parametrize(
-    "case", ["image_size", "empty_folder", "corrupt_checkpoint", "foreign_checkpoint"])
-def test_gan_bad_files_end_in_one_line_in_process(case, gan_common, tmp_path, capsys):
-    """The same SystemExit as above, called in-process (a subprocess costs 5 s of imports here)."""
-    flags = [*map(str, gan_common), *GAN_TINY, "--out", str(tmp_path / "run")]
-    (tmp_path / "run").mkdir()
-    if case == "image_size":
+        flags, want = flags + ["--cache-dir", cache], "is not a metric classifier"
+    elif case == "image_size":
         flags, want = flags + ["--image-size", "48"], "--image-size must be 32 or 64"
     elif case == "empty_folder":
         (tmp_path / "empty" / "train" / "0").mkdir(parents=True)
         (tmp_path / "empty" / "test").mkdir()
-        flags, want = flags + ["--data", str(tmp_path / "empty")], "no images in"
+        flags, want = flags + ["--data", tmp_path / "empty"], "no images in"
     elif case == "corrupt_checkpoint":
         (tmp_path / "run" / "checkpoint.pt").write_bytes(b"not a checkpoint")
         want = "cannot read"
     else:
         torch.save({"state_dict": {}}, tmp_path / "run" / "checkpoint.pt")
-        want = "not a checkpoint of this version"
-    with pytest.raises(SystemExit) as exc:
-        gan_labs.main(["dcgan", *flags])
-    message = (str(exc.value) if exc.value.code != 2
-               else capsys.readouterr().err.strip().splitlines()[-1])
-    assert exc.value.code != 0 and want in message and "\n" not in message.strip()
+        want = "is not a checkpoint of this run"
+    gan_user_error(capsys, [lab, *flags], want)
 
 
 # ----------------------------------------------------------------------------- the mathematics
@@ -907,6 +1509,8 @@ def test_gan_clip_weights():
 
 @pytest.mark.parametrize("kind", ["conv", "mlp"])
 def test_gan_lipschitz_bound_dominates_measured_ratios(kind):
+    """The bound holds for the critics (catches a bound that is too small) and is exact where it
+    must be: a single linear layer (catches a factor applied to linear layers)."""
     torch.manual_seed(0)
     critic = (gan_labs.conv_critic(1, 32) if kind == "conv"
               else gan_labs.mlp_discriminator(1, 32, sigmoid=False))
@@ -919,7 +1523,26 @@ def test_gan_lipschitz_bound_dominates_measured_ratios(kind):
     grad, = torch.autograd.grad(critic(x).sum(), x)
     measured = max(ratio.max().item(), grad.flatten(1).norm(dim=1).max().item())
     assert 0 < measured <= bound.item()
-    assert product.item() <= bound.item() and (kind == "conv") == (bound.item() > product.item())
+    linear = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 1))
+    x = torch.randn(1, 1, 8, 8, requires_grad=True)
+    grad, = torch.autograd.grad(linear(x).sum(), x)  # a linear map's gradient norm is its L
+    assert gan_labs.lipschitz_bound(linear)[1].item() == pytest.approx(grad.norm().item(), rel=1e-5)
+
+
+def test_gan_reshaped_norm_is_not_a_conv_bound_but_the_overlap_factor_is():
+    """A 4x4 stride-2 convolution reuses each input pixel in up to 4 patches: its operator norm
+    (power iteration) exceeds the reshaped matrix's norm (lipschitz_bound's product), never the
+    bound. Catches a bound without the overlap factor, or with too small a one."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(1, 16, 4, 2, 1, bias=False)
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        for _ in range(100):
+            x = torch.nn.functional.conv_transpose2d(conv(x), conv.weight, stride=2, padding=1)
+            x = x / x.norm()
+        op_norm = conv(x).norm().item()
+    product, bound = gan_labs.lipschitz_bound(torch.nn.Sequential(conv))
+    assert product.item() < op_norm <= bound.item()
 
 
 def test_gan_frechet_distance():
@@ -945,13 +1568,17 @@ def test_gan_precision_recall():
 
 @pytest.mark.parametrize("size", [32, 64])
 def test_gan_models_shapes_and_d_range(size):
-    g = gan_labs.dcgan_generator(100 + 10, 8, 3, size)  # the cDCGAN's: z and a one-hot label
-    d = gan_labs.dcgan_discriminator(8, 3 + 10, size)
+    g = gan_labs.dcgan_generator(100, 8, 3, size, n_classes=10)  # the cDCGAN's: z and a label
+    d = gan_labs.dcgan_discriminator(8, 3, size, n_classes=10)
     y = torch.arange(4) % 10
-    x = g(gan_labs.with_label(torch.randn(4, 100), y, 10))
+    x = g(torch.randn(4, 100), y)
     assert x.shape == (4, 3, size, size) and x.abs().max() <= 1
-    out = d(gan_labs.with_label(x, y, 10))
+    out = d(x, y)
     assert out.shape == (4,) and ((out > 0) & (out < 1)).all()
+    # the label reaches both nets: another y, another image and another verdict
+    z = torch.randn(4, 100)
+    assert not torch.equal(g.eval()(z, y), g(z, (y + 1) % 10)) and not torch.equal(d(x, y),
+                                                                                 d(x, (y + 1) % 10))
     critics = (gan_labs.conv_critic(3, size), gan_labs.mlp_discriminator(3, size, sigmoid=False))
     for critic in critics:
         assert critic(x).shape == (4,)
@@ -971,16 +1598,196 @@ def test_gan_diffaug_keeps_shape_and_gradient():
     assert (cut == 0).flatten(1).any(1).all()
 
 
-def test_gan_reshaped_norm_is_not_a_conv_bound_but_the_overlap_factor_is():
-    """A 4x4 stride-2 convolution reuses each input pixel in up to 4 patches: its operator norm
-    (power iteration) can exceed the reshaped matrix's norm, never twice that norm."""
+# ----------------------------------------------------------------------------- seed 003 Q1
+@pytest.mark.parametrize("only", ["d", "g"])
+def test_gan_train_only_one_net_keeps_the_other_at_its_init(only, gan_data, tmp_path):
+    """--train-only d / g: the frozen net's weights equal a fresh init of the same seed, the other
+    net's do not. Catches a flag that is parsed but still steps the frozen net's optimizer."""
+    argv = ["dcgan", "--train-only", only, "--data", str(gan_data), *GAN_TINY[:6],
+            "--eval-samples", "0", "--threads", "1", "--device", "cpu", "--out", str(tmp_path)]
+    gan_labs.main(argv)
+    ckpt = gan_ckpt(tmp_path)
+    torch.manual_seed(0)  # --seed 0: train() builds the nets right after this call
+    init_g, init_d = gan_labs.build_models(gan_labs.parse_args(argv), 1, 0)
+    frozen, trained = ("g", "d") if only == "d" else ("d", "g")
+    for net, init in ((frozen, {"g": init_g, "d": init_d}[frozen]),
+                      (trained, {"g": init_g, "d": init_d}[trained])):
+        same = all(torch.equal(ckpt[net][name], p) for name, p in init.named_parameters())
+        assert same == (net == frozen), net
+    assert ckpt[f"opt_{frozen}"]["state"] == {} and ckpt[f"opt_{trained}"]["state"]
+    rows = gan_read_csv(tmp_path / "metrics.csv")
+    assert all((r["loss_g"] == "nan") == (only == "d") for r in rows)  # G's loss: G steps only
+
+
+# ----------------------------------------------------------------------------- memorization
+def test_gan_nearest_matches_brute_force_across_chunks():
+    """nearest() reads refs in chunks of 5000: catches a wrong chunk offset or a lost neighbour."""
     torch.manual_seed(0)
-    conv = torch.nn.Conv2d(1, 16, 4, 2, 1, bias=False)
-    x = torch.randn(1, 1, 32, 32)
-    with torch.no_grad():
-        for _ in range(100):
-            x = torch.nn.functional.conv_transpose2d(conv(x), conv.weight, stride=2, padding=1)
-            x = x / x.norm()
-        op_norm = conv(x).norm().item()
-    reshaped = torch.linalg.matrix_norm(conv.weight.flatten(1), ord=2).item()
-    assert reshaped < op_norm <= 2 * reshaped
+    queries, refs = torch.randn(30, 5), torch.randn(12000, 5)
+    d, i = gan_labs.nearest(queries, refs, 3)
+    want_d, want_i = torch.cdist(queries, refs).topk(3, largest=False)
+    assert torch.equal(i, want_i) and torch.allclose(d, want_d, atol=1e-5)
+
+
+def test_gan_memorization_check_flags_a_copying_generator(gan_data):
+    """A "generator" that returns training images: its samples' nearest training images are
+    themselves (distance ~0 in both spaces) while real test images keep their distance.
+    Catches neighbours taken from the wrong set or distances measured in the wrong space."""
+    x_train = gan_labs.load_data(str(gan_data), "data", "train", 32, torch.device("cpu"))[0]
+    x_test = gan_labs.load_data(str(gan_data), "data", "test", 32, torch.device("cpu"))[0]
+
+    class Copier(torch.nn.Module):
+        def forward(self, z, y=None):
+            return gan_labs.to_float(x_train[torch.arange(len(z)) % len(x_train)])
+    torch.manual_seed(0)
+    net = gan_labs.metric_classifier(1, GAN_CLASSES)
+    shown, near_f, near_p, d_fake, d_test = gan_labs.memorization_check(
+        Copier(), net, x_train, x_test, 100, 0, 0, 24)
+    assert torch.equal(near_p[1][:, 0], torch.arange(64) % 48)
+    assert near_p[0][:, 0].max() < 1e-3 and near_f[0][:, 0].max() < 1e-3
+    assert d_fake.max() < 0.01 * d_test.median() and len(d_fake) == len(d_test) == 24
+
+
+@pytest.mark.parametrize("case", ["trained", "no_checkpoint", "no_generator"])
+def test_gan_memorization_subcommand(case, gan_dcgan_run, gan_common, tmp_path, capsys):
+    """On a lab's run: the figure, the histogram and the numbers; a folder without a generator
+    (none at all, or a DANN run's) gives one line."""
+    if case == "trained":
+        gan_labs.main(["memorization", "--run", str(gan_dcgan_run), "--cache-dir",
+                       str(gan_common[3]), "--threads", "1", "--device", "cpu"])
+        summary = json.loads((gan_dcgan_run / "memorization.json").read_text())
+        assert summary["n"] == 24 and len(summary["nearest_of_shown"]["pixels"]) == 64
+        for name in ("samples", "test"):
+            assert 0 < summary[name]["p05"] <= summary[name]["median"] <= summary[name]["p95"]
+        # 2 columns of 32 rows of 7 tiles: taller than wide
+        width, height = PIL.Image.open(gan_dcgan_run / "memorization.png").size
+        assert height > 2 * width and (gan_dcgan_run / "nn_distances.png").exists()
+        return
+    if case == "no_generator":
+        torch.save({"format": gan_labs.DANN_FORMAT, "net": {}}, tmp_path / "checkpoint.pt")
+    gan_user_error(capsys, ["memorization", "--run", tmp_path],
+                   "holds no generator (a dann run)" if case == "no_generator" else "no ")
+
+
+# ----------------------------------------------------------------------------- DANN
+def test_gan_gradient_reversal_is_identity_forward_and_minus_lambda_backward():
+    x = torch.randn(5, 7, requires_grad=True)
+    out = gan_labs.GradientReversal.apply(x, 0.3)
+    assert torch.equal(out, x)
+    grad = torch.randn(5, 7)
+    out.backward(grad)
+    assert torch.allclose(x.grad, -0.3 * grad)
+
+
+def test_gan_dann_schedules():
+    assert gan_labs.dann_schedules(0.0, 0.01, 10, 0.75, 10) == (0.01, 0.0)
+    lr, lam = gan_labs.dann_schedules(1.0, 0.01, 10, 0.75, 10)
+    assert lr == pytest.approx(0.01 / 11 ** 0.75)
+    assert lam == pytest.approx(2 / (1 + math.exp(-10)) - 1)
+
+
+@pytest.mark.parametrize("lam", [0.0, 1.0])
+def test_gan_dann_step_lambda_zero_is_the_source_only_update(lam):
+    """With lambda = 0 the domain loss trains only the domain classifier: the features and the
+    label classifier take the same step as with the label loss alone (catches --no-adapt leaking
+    the domain gradient into the features); with lambda = 1 the features' step differs."""
+    torch.manual_seed(0)
+    a, b = gan_labs.DANN(3), gan_labs.DANN(3)
+    b.load_state_dict(a.state_dict())
+    x_s, x_t, y_s = torch.randn(8, 3, 28, 28), torch.randn(8, 3, 28, 28) + 1, torch.arange(8) % 3
+    opt_a = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9)
+    gan_labs.dann_step(a, opt_a, x_s, y_s, x_t, lam, 0.1)
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9)
+    torch.nn.functional.cross_entropy(b.label_classifier(b.features(x_s)), y_s).backward()
+    opt_b.step()
+    for part in ("features", "label_classifier"):
+        same = all(torch.allclose(p, q, atol=1e-7) for p, q in
+                   zip(getattr(a, part).parameters(), getattr(b, part).parameters()))
+        assert same == (lam == 0 or part == "label_classifier"), part
+    assert not torch.equal(a.domain_classifier[0].weight, b.domain_classifier[0].weight)
+
+
+@pytest.fixture(scope="session")
+def gan_dann_runs(gan_data, tiny_data, tmp_path_factory):
+    """DANN and its source-only baseline on tiny data: 3-class 28x28 grey digits -> the same
+    digits blended with crops of the 32x32 RGB images; and a DANN run interrupted (Ctrl-C) right
+    after its first checkpoint, then run again."""
+    root = tmp_path_factory.mktemp("dann")
+    common = ["dann", "--data", str(gan_data), "--target-patches", str(tiny_data), "--epochs", "2",
+              "--batch-size", "16", "--threads", "1", "--device", "cpu"]
+    for name, flags in (("adapt", []), ("no_adapt", ["--no-adapt"])):
+        gan_labs.main(common + flags + ["--out", str(root / name)])
+    save = gan_labs.save_checkpoint
+
+    def save_then_interrupt(*args, **kwargs):
+        save(*args, **kwargs)
+        raise KeyboardInterrupt
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gan_labs, "save_checkpoint", save_then_interrupt)
+        with pytest.raises(SystemExit, match="interrupted"):
+            gan_labs.main(common + ["--out", str(root / "resumed")])
+    assert gan_ckpt(root / "resumed")["epoch"] == 1
+    gan_labs.main(common + ["--out", str(root / "resumed")])
+    return root
+
+
+def test_gan_dann_end_to_end_with_and_without_adaptation(gan_dann_runs):
+    for name in ("adapt", "no_adapt"):
+        out = gan_dann_runs / name
+        for file in ("metrics.csv", "summary.json", "features.png", "checkpoint.pt"):
+            assert (out / file).exists(), file
+        assert not list(out.glob("*.tmp*"))
+        rows = gan_read_csv(out / "metrics.csv")
+        assert [int(r["iter"]) for r in rows] == [3, 6]  # 48 source images / 16 per step
+        lams = [float(r["lambda"]) for r in rows]
+        assert lams == [0.0, 0.0] if name == "no_adapt" else 0 < lams[0] < lams[1] < 1
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["adapt"] == (name == "adapt")
+        for key in ("source_acc", "target_acc", "domain_acc"):
+            assert 0 <= summary[key] <= 1 and summary[key] == float(rows[-1][key])
+    adapt, no_adapt = (gan_ckpt(gan_dann_runs / n)["net"] for n in ("adapt", "no_adapt"))
+    # the same seed, the same batches: only the reversed domain gradient separates the two runs
+    assert not torch.equal(adapt["features.0.weight"], no_adapt["features.0.weight"])
+
+
+def test_gan_dann_resume_gives_the_same_weights(gan_dann_runs, gan_data, tiny_data, tmp_path,
+                                               capsys):
+    """Interrupted after epoch 1 and run again = uninterrupted, bit for bit (catches a schedule
+    or batch order that restarts); another --epochs is another schedule: refused."""
+    resumed, straight = (gan_ckpt(gan_dann_runs / n) for n in ("resumed", "adapt"))
+    assert resumed["epoch"] == 2
+    assert all(torch.equal(resumed["net"][k], v) for k, v in straight["net"].items())
+    argv = ["dann", "--data", gan_data, "--target-patches", tiny_data, "--epochs", "3",
+            "--batch-size", "16", "--out", gan_dann_runs / "adapt"]
+    gan_user_error(capsys, argv, "--epochs 2 (now 3)")
+
+
+def test_gan_dann_reads_a_ready_target_set(gan_data, tmp_path):
+    """--target PATH (e.g. the real MNIST-M) replaces the built one; here the source itself."""
+    gan_labs.main(["dann", "--data", str(gan_data), "--target", str(gan_data), "--epochs", "1",
+                   "--batch-size", "16", "--threads", "1", "--out", str(tmp_path)])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["args"]["target"] == str(gan_data) and 0 <= summary["target_acc"] <= 1
+
+
+@pytest.mark.parametrize("case", ["missing_target", "small_patches", "other_lab_option",
+                                  "gan_folder", "target_size"])
+def test_gan_dann_bad_input_is_one_clear_line(case, gan_data, tiny_data, gan_dcgan_run, tmp_path,
+                                              capsys):
+    argv = ["dann", "--data", gan_data, "--target-patches", tiny_data, "--epochs", "1",
+            "--batch-size", "16", "--threads", "1", "--out", tmp_path / "run"]
+    if case == "missing_target":
+        argv[4], want = tmp_path / "nowhere", "neither a known dataset"
+    elif case == "small_patches":
+        for i in range(2):
+            (tmp_path / "small" / "train" / "0").mkdir(parents=True, exist_ok=True)
+            to_pil_image(torch.zeros(3, 16, 16, dtype=torch.uint8)).save(
+                tmp_path / "small" / "train" / "0" / f"{i}.png")
+        argv[4], want = tmp_path / "small", "smaller than the 28x28 digits"
+    elif case == "other_lab_option":
+        argv, want = argv + ["--ngf", "8"], "unrecognized arguments: --ngf"
+    elif case == "target_size":  # 32x32 images as the target of 28x28 digits
+        argv, want = argv + ["--target", tiny_data], "has 32x32 images, the source 28x28"
+    else:  # a GAN lab's folder is not resumed as a DANN run
+        argv[-1], want = gan_dcgan_run, "is not a checkpoint of this run"
+    gan_user_error(capsys, argv, want)

@@ -61,7 +61,7 @@ def parse_args(argv=None):
         description="Stage 4: train on 100 CIFAR-10 images with adversarial kernel "
                     "regularization (Algorithm 1); a grid over --lam and --seeds (its table: "
                     "collect_kernels.py --compare).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--bank", nargs="+", default=["kernels/conv1_7x7.pt"],
                    help="kernel bank(s) from collect_kernels.py, one per --layers entry, in order")
     p.add_argument("--layers", nargs="+", default=["conv1"],
@@ -937,6 +937,16 @@ def accuracies(model, data, final, curve_size, precision):
             if len(x):
                 out[f"{split}_acc"] = evaluate(model, x, y)
     return out
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help names each default once: a flag that is off or unset by default, or whose help
+    already says its default, gets no "(default: ...)" appended."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, []) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 if __name__ == "__main__":  # at the very end, so that the plumbing above is defined

@@ -53,7 +53,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Stage 3: train the paper's CNN on 100 CIFAR-10 images (10 per class), "
                     "the baseline; optionally with AMP, or from a pretrained model.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--data", default="cifar10",
                    help="cifar10 (torchvision download) or PATH of an ImageFolder tree "
                         "PATH/train/<class>/* and PATH/test/<class>/* (paper: cifar10)")
@@ -795,6 +795,16 @@ def accuracies(model, data, final, curve_size, precision):
             if len(x):
                 out[f"{split}_acc"] = evaluate(model, x, y)
     return out
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help names each default once: a flag that is off or unset by default, or whose help
+    already says its default, gets no "(default: ...)" appended."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, []) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 if __name__ == "__main__":  # at the very end, so that the plumbing above is defined
