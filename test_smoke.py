@@ -1794,3 +1794,16 @@ def test_gan_dann_bad_input_is_one_clear_line(case, gan_data, tiny_data, gan_dcg
     else:  # a GAN lab's folder is not resumed as a DANN run
         argv[-1], want = gan_dcgan_run, "is not a checkpoint of this run"
     gan_user_error(capsys, argv, want)
+
+
+@pytest.mark.parametrize("lab", ["dcgan", "wgan"])
+def test_gan_bf16_runs_finish_and_write_their_outputs(lab, gan_common, tmp_path):
+    """--precision bf16 on the CPU: the BCE game and the WGAN-GP game (its double backward too)
+    end with finite losses and every file of a run (catches an autocast region that breaks a
+    loss, or a log taken in bfloat16)."""
+    out = tmp_path / lab
+    extra = ["--n-critic", "1"] if lab == "wgan" else []  # 3 steps of tiny data: G steps too
+    gan_labs.main([str(a) for a in (lab, *gan_common, *GAN_TINY, *extra, "--precision", "bf16",
+                                    "--out", out)])
+    gan_check_run(out, bce=lab == "dcgan")
+    assert gan_ckpt(out)["flags"]["precision"] == "bf16"
