@@ -1142,6 +1142,39 @@ def test_every_link_and_image_in_the_docs_resolves():
     assert len(open(pages[0]).read().splitlines()) <= 260  # the README stays a front page
 
 
+@pytest.mark.skipif(not os.environ.get("THROUGHPUT_DATA"),
+                    reason="a measurement: THROUGHPUT_DATA=PATH pytest -s -k throughput")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_throughput_of_pretraining_against_a_plain_loop(precision, capsys, tmp_path):
+    """pretrain.py as a user runs it (its last epoch's img/s, on 5000 training images) against a
+    plain loop of the same model, batch 128, crop + flip and steps, in one process."""
+    data, limit = os.environ["THROUGHPUT_DATA"], 5000
+    pretrain.main(["--data", data, "--train-limit", str(limit), "--test-limit", "100",
+                   "--epochs", "2", "--eval-every", "100", "--seeds", "0", "--precision",
+                   precision, "--out", str(tmp_path)])
+    last = [line for line in capsys.readouterr().out.splitlines() if "img/s" in line][-1]
+    ours = float(last.split("img/s")[0].split("|")[-1])
+    train_x, train_y, _ = pretrain.load_split(data, "data", "train")
+    train_x, train_y = train_x[:limit], train_y[:limit]
+    torch.manual_seed(0)
+    model = pretrain.PaperCNN(10)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-3)
+    t0, perm = time.time(), torch.randperm(limit)
+    for i in range(0, limit, 128):
+        idx = perm[i:i + 128]
+        with pretrain.autocast(precision, train_x.device):
+            loss = F.cross_entropy(model(pretrain.normalize(pretrain.augment(train_x[idx]))),
+                                   train_y[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    reference = limit / (time.time() - t0)
+    with capsys.disabled():
+        print(f"\n{precision} pretrain.py: {ours:.0f} img/s, plain loop {reference:.0f} img/s, "
+              f"ratio {ours / reference:.2f} ({torch.get_num_threads()} threads)")
+    assert ours > 0 and reference > 0
+
+
 # ============================================================================= gan_labs.py
 # Runs every gan_labs.py subcommand as the README tells a user to, on a tiny generated ImageFolder
 # (3 classes of 28x28 grayscale PNGs) and on the CIFAR-shaped RGB one above, and checks the

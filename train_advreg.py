@@ -292,13 +292,15 @@ def train(lam, seed, bank_init, args, data, banks, device):
             idx = perm[i:i + bs]
             images = train_x[idx] if args.no_augment else augment(train_x[idx])
             # Algorithm 1, one iteration:
-            with autocast(args.precision, device):
-                cls_loss = F.cross_entropy(model(normalize(images)), train_y[idx])  # classifier
+            with autocast(args.precision, device):  # a no-op unless --precision bf16
+                cls_loss = F.cross_entropy(model(normalize(images)), train_y[idx])  # cls loss
                 fakes = sample_fakes(model, discs, args.d_batch, d_gen)             # G(z) = z
                 d_fakes = judge(discs, fakes, args.d_input)                         # D(G(z))
             reg_loss = generator_loss(d_fakes)                                      # -log D(G(z))
-            optimizer.zero_grad(set_to_none=True)                                   # classifier
-            (cls_loss + lam * reg_loss).backward(inputs=params, retain_graph=bool(discs))  # step
+            # the classifier step on cls_loss + lam * reg_loss: only the classifier's weights get
+            # its gradient, and the graph through D stays for D's own step below
+            optimizer.zero_grad(set_to_none=True)
+            (cls_loss + lam * reg_loss).backward(inputs=params, retain_graph=bool(discs))
             optimizer.step()
             it = epoch * iters_per_epoch + step
             run.log["cls_loss"][it] = cls_loss.detach()
