@@ -887,7 +887,7 @@ def default_out(p, args):
 
 def training_flags(args):
     """The flags that change what a run computes: a checkpoint made with others is not resumed."""
-    return {key: value for key, value in vars(args).items() if key not in free_flags(args.lab)}
+    return run_flags(args, free_flags(args.lab))
 
 
 def command_line():
@@ -1479,6 +1479,12 @@ def autocast(precision, device):
     """--precision bf16: forward passes and losses in bfloat16 where torch's autocast deems it
     safe; weights, gradients and optimizer state stay float32. fp32: a no-op."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def run_flags(args, free):
+    """The flags that define a run (stored in its checkpoint, compared on resume): every flag but
+    those in `free`, which cannot change what the run computes (--epochs, --threads, --device)."""
+    return {k: v for k, v in vars(args).items() if k not in free}
 
 
 if __name__ == "__main__":  # at the very end, so that the plumbing above is defined
