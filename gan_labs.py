@@ -70,9 +70,10 @@ def add_lab_args(p, lab):
                    help="passes over the training set (default: %(default)s, seed 003); a larger "
                    "value continues a finished run")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="bf16: autocast the game's passes, weights and optimizer state stay "
-                   "float32; faster on CPUs with AVX512-BF16 / AMX and on recent GPUs, much "
-                   "slower without native bf16 (default: %(default)s, this project)")
+                   help="bf16: autocast the game's passes, channels_last nets; weights and "
+                   "optimizer state stay float32. Faster on CPUs with AVX512-BF16 / AMX and on "
+                   "recent GPUs, much slower without native bf16 (default: %(default)s, this "
+                   "project)")
     p.add_argument("--image-size", type=int, default=None,
                    help="pixels: 32 or 64 with a DCGAN net, else any >= 8 (default: 32 with a "
                    "DCGAN net, seed 003; else 28, seed 004)")
@@ -671,7 +672,11 @@ def train(args, x_train, y_train, k, device):
     saved to --out/checkpoint.pt. k: the cDCGAN's labels (0: none). Returns G, the log rows
     (metrics.csv) and the training wall time."""
     torch.manual_seed(args.seed)
-    g, d = (net.to(device) for net in build_models(args, x_train.shape[1], k))
+    # bf16 runs also keep the nets channels_last, 1.3x faster here (docs/train_small.md);
+    # fp32 keeps torch's default layout, whose results are the docs' bit for bit
+    layout = torch.channels_last if args.precision == "bf16" else torch.contiguous_format
+    nets = build_models(args, x_train.shape[1], k)
+    g, d = (net.to(device, memory_format=layout) for net in nets)
     opt_g, opt_d = make_optimizers(args, g, d)
     states = {"g": g, "d": d, "opt_g": opt_g, "opt_d": opt_d}
     ckpt_path = os.path.join(args.out, "checkpoint.pt")

@@ -1192,7 +1192,8 @@ def test_throughput_of_the_dcgan_lab_against_a_plain_loop(precision, capsys, tmp
     ours = json.loads((tmp_path / "run" / "summary.json").read_text())["s_per_iter"]
     args = gan_labs.parse_args(["dcgan", "--data", str(folder)])
     torch.manual_seed(0)
-    g, d = gan_labs.build_models(args, 3, 0)
+    layout = torch.channels_last if precision == "bf16" else torch.contiguous_format  # as ours
+    g, d = (net.to(memory_format=layout) for net in gan_labs.build_models(args, 3, 0))
     opt_g = torch.optim.Adam(g.parameters(), lr=2e-4, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(d.parameters(), lr=2e-4, betas=(0.5, 0.999))
     x = gan_labs.to_float(gan_labs.resize_uint8(gan_labs.load_split(str(folder), "data",
