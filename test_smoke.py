@@ -1886,4 +1886,7 @@ def test_gan_bf16_runs_finish_and_write_their_outputs(lab, gan_common, tmp_path)
     gan_labs.main([str(a) for a in (lab, *gan_common, *GAN_TINY, *extra, "--precision", "bf16",
                                     "--out", out)])
     gan_check_run(out, bce=lab == "dcgan")
-    assert gan_ckpt(out)["flags"]["precision"] == "bf16"
+    ckpt = gan_ckpt(out)
+    assert ckpt["flags"]["precision"] == "bf16"
+    conv = [w for w in ckpt["g"].values() if w.dim() == 4][0]  # the faster layout was used
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
