@@ -82,10 +82,12 @@ def add_lab_args(p, lab):
                    + ("seed 003)" if bce else "WGAN-GP Alg. 1)"))
     p.add_argument("--nz", type=int, default=100,
                    help="size of z (default: %(default)s, DCGAN paper)")
-    p.add_argument("--ngf", type=int, default=32,
-                   help="DCGAN generator width (default: %(default)s, seed 003)")
-    p.add_argument("--ndf", type=int, default=32,
-                   help="DCGAN discriminator width (default: %(default)s, seed 003)")
+    p.add_argument("--ngf", type=int, default=None,
+                   help="DCGAN generator width (default: 32 at 32 px, seed 003; 64 at 64 px, "
+                   "pytorch/examples, where width 32 fails: docs/gan_labs.md)")
+    p.add_argument("--ndf", type=int, default=None,
+                   help="DCGAN discriminator width (default: 32 at 32 px, seed 003; 64 at 64 px, "
+                   "pytorch/examples, where width 32 fails: docs/gan_labs.md)")
     lr_source = ("2e-4, DCGAN paper" if bce else
                  "5e-5 with --constraint clip, WGAN Alg. 1; else 1e-4, WGAN-GP Alg. 1")
     p.add_argument("--lr-g", type=float, default=None,
@@ -122,9 +124,9 @@ def add_lab_args(p, lab):
                        "init; g = only G learns, against D at its init (default: both learn)")
     if lab in ("dcgan", "cdcgan"):
         p.set_defaults(generator="dcgan", discriminator="dcgan")
-        p.add_argument("--no-first-bn", dest="first_bn", action="store_false",
-                       help="no BatchNorm after D's first conv, as in pytorch/examples (default: "
-                       "BatchNorm there, seed 003)")
+        p.add_argument("--first-bn", action=argparse.BooleanOptionalAction, default=None,
+                       help="BatchNorm after D's first conv (default: on at 32 px, seed 003; off "
+                       "at 64 px, pytorch/examples, where with it D wins: docs/gan_labs.md)")
     if lab == "cdcgan":
         p.add_argument("--no-label-in-d", action="store_true",
                        help="D sees x only, G still gets y (default: D sees y too, Mirza & "
@@ -248,14 +250,18 @@ def check_dann_args(p, args):
 def check_lab_args(p, args):
     """One line for a flag out of range; then the defaults that depend on other flags are filled
     in, here and only here (nothing writes into args after parsing)."""
+    size = args.image_size or (32 if "dcgan" in (args.generator, args.discriminator) else 28)
+    # defaults that depend on the image size: at 64 px pytorch/examples' nets (docs/gan_labs.md)
+    by_size = {"ngf": 64 if size == 64 else 32, "ndf": 64 if size == 64 else 32}
+    if hasattr(args, "first_bn"):
+        by_size["first_bn"] = size != 64
     for name in ("epochs", "batch_size", "nz", "ngf", "ndf", "log_every", "g_every"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:  # None: by_size's
             flag = "--g-every / --n-critic" if name == "g_every" else "--" + name.replace("_", "-")
             p.error(f"{flag} must be >= 1, got {getattr(args, name)}")
     if args.eval_samples < 0 or not 0 <= getattr(args, "d_dropout", 0) < 1:
         p.error("--eval-samples must be >= 0 and --d-dropout in [0, 1)")
     dcgan_net = "dcgan" in (args.generator, args.discriminator)
-    size = args.image_size or (32 if dcgan_net else 28)
     if dcgan_net and size not in (32, 64):
         p.error(f"--image-size must be 32 or 64 for the DCGAN nets, got {size}")
     if size < (16 if args.discriminator == "conv" else 8):
@@ -263,7 +269,9 @@ def check_lab_args(p, args):
     bad = set(filter(None, args.diffaug.split(","))) - {"translation", "cutout", "color"}
     if bad:
         p.error(f"--diffaug: unknown policy {sorted(bad)}; choose from translation,cutout,color")
-    args.out = args.out or default_out(p, args)
+    args.out = args.out or default_out(p, args, by_size)
+    for name, value in by_size.items():
+        setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
     lab_lr = 2e-4 if args.lab != "wgan" else 5e-5 if args.constraint == "clip" else 1e-4
     args.lr_g = lab_lr if args.lr_g is None else args.lr_g
     args.lr_d = lab_lr if args.lr_d is None else args.lr_d
@@ -879,11 +887,14 @@ def free_flags(lab):
     return RUN_FLAGS - {"epochs"} if lab == "dann" else RUN_FLAGS
 
 
-def default_out(p, args):
-    """runs/gan/<data>/<lab>, then each flag that differs from the lab's default."""
-    name = args.lab
+def default_out(p, args, by_size=None):
+    """runs/gan/<data>/<lab>, then each flag that differs from the lab's default (by_size: the
+    defaults that depend on the image size)."""
+    name, by_size = args.lab, by_size or {}
     for key, value in vars(args).items():
-        if key not in free_flags(args.lab) | {"lab", "data"} and value != p.get_default(key):
+        default = by_size.get(key, p.get_default(key))
+        value = default if value is None and key in by_size else value
+        if key not in free_flags(args.lab) | {"lab", "data"} and value != default:
             if isinstance(value, str) and os.sep in value:  # a path: its last part
                 value = os.path.basename(os.path.normpath(value))
             name += "_" + key.replace("_", "-") + ("" if value is True else f"-{value}")

@@ -1358,14 +1358,30 @@ def test_gan_first_layer_bn_flag():
     assert gan_labs.parse_args(["dcgan"]).first_bn is True
 
 
+def test_gan_64px_defaults_are_pytorch_examples_nets():
+    """At 64 px the DCGAN nets default to pytorch/examples' (width 64, no BatchNorm after D's
+    first conv: the 64-px diagnosis); at 32 px they stay seed 003's; explicit flags win."""
+    def nets(*flags):
+        args = gan_labs.parse_args(["dcgan", *flags])
+        return args.ngf, args.ndf, args.first_bn
+    assert nets() == (32, 32, True)
+    assert nets("--image-size", "64") == (64, 64, False)
+    assert nets("--image-size", "64", "--first-bn", "--ngf", "32") == (32, 64, True)
+    assert nets("--no-first-bn", "--ndf", "16") == (32, 16, False)
+    assert gan_labs.parse_args(["cdcgan", "--image-size", "64"]).first_bn is False
+    assert gan_labs.parse_args(["wgan", "--image-size", "64"]).ngf == 64
+
+
 def test_gan_folder_names_and_help(capsys):
     def out(*flags):
         return gan_labs.parse_args(list(flags)).out
     assert out("dcgan") == os.path.join("runs", "gan", "mnist", "dcgan")
     wgan_mlp = out("wgan", "--critic", "mlp", "--generator", "mlp")
     assert wgan_mlp.endswith("wgan_discriminator-mlp_generator-mlp")
-    dcgan_64 = out("dcgan", "--no-first-bn", "--image-size", "64")
-    assert dcgan_64.endswith("dcgan_image-size-64_first-bn-False")
+    assert out("dcgan", "--no-first-bn").endswith("dcgan_first-bn-False")
+    # at 64 px, --no-first-bn is the default, so it does not name the folder; --first-bn does
+    assert out("dcgan", "--no-first-bn", "--image-size", "64").endswith("dcgan_image-size-64")
+    assert out("dcgan", "--first-bn", "--image-size", "64").endswith("image-size-64_first-bn")
     # seed 004's 784 inputs
     assert gan_labs.parse_args(["wgan", "--generator", "mlp"]).image_size == 28
     with pytest.raises(SystemExit):
