@@ -31,6 +31,7 @@ import io
 import math
 import os
 import pathlib
+import textwrap
 
 import matplotlib
 matplotlib.use("Agg")  # figures go to files; no display needed
@@ -165,8 +166,9 @@ def bank_reference(bank):
 # ----------------------------------------------------------------------------- the compare table
 def configuration_name(ckpt):
     """(readable name, order key) of the run a checkpoint comes from, read from its own fields.
-    Rows go: baseline, λ ascending, AMP, pretrained, then the bank-initialized runs, then the
-    transfer runs (train_small.py --init-from) by how much was transferred."""
+    Rows go from nothing transferred to the most: the baseline, AMP, the kernel prior (λ
+    ascending, then the bank-initialized runs), the transfer runs (train_small.py --init-from) by
+    the layers transferred, frozen before trained at each, then pretrained models."""
     run_args = ckpt.get("args") or {}
     transfer, freeze = layer_list(run_args.get("transfer")), layer_list(run_args.get("freeze"))
     if "lam" in ckpt:  # train_advreg.py: each run knows its λ and whether conv1 came from a bank
@@ -190,8 +192,15 @@ def configuration_name(ckpt):
         parts.append("conv1 from bank")
     if freeze and not transfer:
         parts.append(f"frozen {layers_label(freeze)}")
-    transferred = (1 + len(transfer), len(freeze)) if transfer else (0, 0)
-    return ", ".join(parts), (*transferred, bank_init, *kind)
+    if transfer:
+        rung = (3, len(transfer), -len(freeze), 0.0)
+    elif kind[0] == 2:  # a pretrained model
+        rung = (4, 0, 0, 0.0)
+    elif bank_init or ckpt.get("lam", 0) > 0:  # the kernel prior
+        rung = (2, bank_init, 0, ckpt.get("lam", 0))
+    else:  # nothing transferred: the baseline, AMP by ε
+        rung = (kind[0], 0, 0, kind[1])
+    return ", ".join(parts), rung
 
 
 def transfer_label(run_args, transfer, freeze):
@@ -530,13 +539,18 @@ def random_sample(kernels, count, seed):
 
 
 def plot_kernel_panels(panels, args, path):
-    """compare.png: a grid of --grid-kernels kernels of the bank and of each configuration."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)
-    for ax, (title, kernels) in zip(axes[0], panels):
+    """compare.png: a grid of --grid-kernels kernels of the bank and of each configuration, up
+    to 6 panels a row."""
+    cols = min(6, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (title, kernels) in zip(axes.flat, panels):
         grid = kernel_grid(random_sample(kernels, args.grid_kernels, args.seed))
         ax.imshow(grid.permute(1, 2, 0).numpy())
-        ax.set_title(title, fontsize=8)
-        ax.axis("off")
+        ax.set_title(textwrap.fill(title, 36), fontsize=8)
+    fig.tight_layout()
     save_figure(fig, path)
 
 
@@ -572,8 +586,8 @@ def plot_ladder(groups, path):
     for i, ((_, (mean, std)), is_prior) in enumerate(zip(shown, prior)):
         ax.errorbar(i, mean, yerr=std, fmt="o", capsize=3, color="tab:red" if is_prior else "k")
     ax.set_xticks(range(len(shown)), [c for c, _ in shown], rotation=30, ha="right", fontsize=8)
-    ax.set(ylabel="final test accuracy", title="how much of the pretrained models is used "
-           "(red: the kernel prior)")
+    ax.set(ylabel="final test accuracy (mean ± std)")
+    ax.set_title("from nothing transferred to all (red: the kernel prior)", fontsize=10)
     ax.grid(alpha=0.3)
     save_figure(fig, path)
 

@@ -399,10 +399,10 @@ def test_collect_compare_labels_rows_and_accuracy_columns(tmp_path, capsys):
     rows = {cells[1]: dict(zip(header, cells)) for cells in
             ([c.strip() for c in r.split("|")] for r in lines if r.startswith("| ")
              and not r.startswith("| config"))}
-    expected = ["baseline (λ = 0), lr 0.002", "baseline (λ = 0), lr 0.01", "λ = 0.5", "λ = 1",
-                "λ = 1, conv1+conv2", "AMP ε = 0.3", "baseline (λ = 0), conv1 from bank",
-                "transfer conv1", "transfer conv1, frozen conv1", "transfer conv1+conv2",
-                "fine-tune (transfer conv1-4)", "linear probe (transfer conv1-4, frozen conv1-4)",
+    expected = ["baseline (λ = 0), lr 0.002", "baseline (λ = 0), lr 0.01", "AMP ε = 0.3",
+                "λ = 0.5", "λ = 1", "λ = 1, conv1+conv2", "baseline (λ = 0), conv1 from bank",
+                "transfer conv1, frozen conv1", "transfer conv1", "transfer conv1+conv2",
+                "linear probe (transfer conv1-4, frozen conv1-4)", "fine-tune (transfer conv1-4)",
                 "LP-FT", "bank (2 sources)"]
     assert list(rows) == expected  # every configuration its own row, in the documented order
     # two train_small.py baselines and train_advreg.py's λ = 0 (same flags) form one row
