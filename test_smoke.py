@@ -624,6 +624,9 @@ def test_train_advreg_sweep_end_to_end_resume_and_gif(tiny_data, pretrained, tmp
     # lam = 0 has no discriminator: its D columns are empty (NaN in the CSV, null in the JSON)
     assert "nan" in (out / "lam0_seed0" / "metrics.csv").read_text().splitlines()[1]
     assert json.loads((out / "lam0_seed0" / "summary.json").read_text())["d_real_last10pct"] is None
+    lam0_lines = [l for l in proc.stdout.splitlines() if l.startswith("lam0_seed0 | epoch")]
+    assert lam0_lines and not any("nan" in l for l in lam0_lines)  # no D: no "D(real) nan"
+    assert any("D(real)" in l for l in proc.stdout.splitlines() if l.startswith("lam0.5_seed0"))
     # --gif-every 1: one frame per epoch, the same across the interruption, both lams side by side
     frames = load(out / "lam0.5_seed0" / "model.pt")["frames"]
     assert len(frames) == 2 and frames[0].shape == (192, 7, 7)

@@ -414,11 +414,12 @@ class Run:
             [self.log[c][last_epoch].mean() for c in LOG_COLUMNS]).tolist()))  # one host sync
         acc = " ".join(f"{s} {self.history[f'{s}_acc'][-1]:.4f}" for s in ("train", "val", "test")
                        if self.history.get(f"{s}_acc"))
+        game = "" if self.fields["lam"] == 0 else (  # at λ = 0 there is no D to report
+            f" reg {recent['reg_loss']:.3f} disc {recent['disc_loss']:.3f} | D(real) "
+            f"{recent['d_real']:.2f} D(fake) {recent['d_fake']:.2f}")
         print(f"{os.path.basename(self.dir)} | epoch {done:4d}/{self.args.epochs} | cls "
-              f"{recent['cls_loss']:.3f} reg {recent['reg_loss']:.3f} disc "
-              f"{recent['disc_loss']:.3f} | D(real) {recent['d_real']:.2f} D(fake) "
-              f"{recent['d_fake']:.2f} | acc {acc or '-'} | {secs * 1000:5.0f} ms/epoch | ETA "
-              f"{secs * (self.args.epochs - done) / 60:5.1f} min", flush=True)
+              f"{recent['cls_loss']:.3f}{game} | acc {acc or '-'} | {secs * 1000:5.0f} ms/epoch "
+              f"| ETA {secs * (self.args.epochs - done) / 60:5.1f} min", flush=True)
 
 
 def finish_run(run, model, banks):
