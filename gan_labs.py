@@ -250,9 +250,11 @@ def check_dann_args(p, args):
 def check_lab_args(p, args):
     """One line for a flag out of range; then the defaults that depend on other flags are filled
     in, here and only here (nothing writes into args after parsing)."""
-    size = args.image_size or (32 if "dcgan" in (args.generator, args.discriminator) else 28)
+    dcgan_net = "dcgan" in (args.generator, args.discriminator)
+    size = args.image_size or (32 if dcgan_net else 28)
     # defaults that depend on the image size: at 64 px pytorch/examples' nets (docs/gan_labs.md)
-    by_size = {"ngf": 64 if size == 64 else 32, "ndf": 64 if size == 64 else 32}
+    width = 64 if size == 64 else 32
+    by_size = {"ngf": width, "ndf": width}
     if hasattr(args, "first_bn"):
         by_size["first_bn"] = size != 64
     for name in ("epochs", "batch_size", "nz", "ngf", "ndf", "log_every", "g_every"):
@@ -261,7 +263,6 @@ def check_lab_args(p, args):
             p.error(f"{flag} must be >= 1, got {getattr(args, name)}")
     if args.eval_samples < 0 or not 0 <= getattr(args, "d_dropout", 0) < 1:
         p.error("--eval-samples must be >= 0 and --d-dropout in [0, 1)")
-    dcgan_net = "dcgan" in (args.generator, args.discriminator)
     if dcgan_net and size not in (32, 64):
         p.error(f"--image-size must be 32 or 64 for the DCGAN nets, got {size}")
     if size < (16 if args.discriminator == "conv" else 8):
@@ -271,7 +272,8 @@ def check_lab_args(p, args):
         p.error(f"--diffaug: unknown policy {sorted(bad)}; choose from translation,cutout,color")
     args.out = args.out or default_out(p, args, by_size)
     for name, value in by_size.items():
-        setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     lab_lr = 2e-4 if args.lab != "wgan" else 5e-5 if args.constraint == "clip" else 1e-4
     args.lr_g = lab_lr if args.lr_g is None else args.lr_g
     args.lr_d = lab_lr if args.lr_d is None else args.lr_d
