@@ -1195,7 +1195,7 @@ def test_throughput_of_the_dcgan_lab_against_a_plain_loop(precision, capsys, tmp
     ours = json.loads((tmp_path / "run" / "summary.json").read_text())["s_per_iter"]
     args = gan_labs.parse_args(["dcgan", "--data", str(folder)])
     torch.manual_seed(0)
-    layout = torch.channels_last if precision == "bf16" else torch.contiguous_format  # as ours
+    layout = gan_labs.net_layout(precision)  # the lab's layout
     g, d = (net.to(memory_format=layout) for net in gan_labs.build_models(args, 3, 0))
     opt_g = torch.optim.Adam(g.parameters(), lr=2e-4, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(d.parameters(), lr=2e-4, betas=(0.5, 0.999))
