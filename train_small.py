@@ -12,7 +12,7 @@ accuracy stays near 0.20 (Fig. 8). Stage 4 (`train_advreg.py`) regularizes this 
     fix (a learning rate, AMP's epsilon); never the 100 training images, never the test set.
 
     python train_small.py --data cifar10 --seeds 0 --out runs/small          # the paper's text
-    python train_small.py --amp-epsilon 0.3 --out runs/small_amp0.3          # AMP
+    python train_small.py --amp-epsilon 1 --val-size 1000 --out runs/small_amp1   # AMP
     python train_small.py --init-from "models/model1_seed{seed}.pt" --freeze conv1 conv2 conv3 \
         conv4 --out runs/linear_probe                                        # transfer
     python train_small.py --data PATH --epochs 50 --eval-every 10 --test-limit 1000   # quick CPU
