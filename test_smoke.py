@@ -681,6 +681,10 @@ def test_train_advreg_two_layers_and_compare(tiny_data, pretrained, tmp_path):
                           str(banks / "conv1_7x7.pt"), "--out", str(tmp_path / "cmp")])
     table = (tmp_path / "cmp" / "compare.md").read_text()
     assert "| bank (2 sources) |" in table
+    collect_kernels.main(["--compare", str(out / "lam1_seed0" / "model.pt"), "--bank",
+                          str(banks / "conv2_5x5.pt"), "--out", str(tmp_path / "cmp2")])
+    table = (tmp_path / "cmp2" / "compare.md").read_text()  # the same run, judged on conv2
+    assert table.startswith("Kernels of conv2 (5x5)") and "λ = 1, conv1+conv2 | 1 |" in table
 
 
 def test_advreg_bad_input(pretrained, tiny_data, tmp_path, capsys):
