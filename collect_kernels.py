@@ -4,8 +4,9 @@ Paper: "Adversarial Regularization for Convolution Filters" (Skoltech), the kern
 Figure 3: every (out, in) slice of a conv weight [out, in, k, k] is one k x k kernel, so five
 pretrained models give 5 * 64 * 3 = 960 kernels of 7x7 (conv1) and 5 * 128 * 64 = 40,960 of 5x5
 (conv2): the "real" data that stage 4's discriminator learns to tell from the classifier's own.
-With --compare, trained models' kernels are measured against a bank (Frechet distance and
-low-frequency share: numbers for what the paper shows as pictures), a table row per configuration.
+With --compare, trained models' kernels are measured against a bank (Frechet distance, low-frequency
+share and near-zero kernels: numbers for what the paper shows as pictures), a table row per
+configuration.
 
 The paper's setting (after pretrain.py), and the authors' five published CIFAR-100 models:
     python collect_kernels.py --checkpoints checkpoints/ --layers conv1 conv2 --out kernels/
@@ -150,6 +151,14 @@ def low_freq_share(kernels, cutoff=0.25):
     return (power[:, low].sum(1) / power.sum(dim=(1, 2)).clamp_min(1e-12)).mean().item()
 
 
+def near_zero_share(kernels, bank_kernels, fraction=0.1):
+    """Share of kernels whose L2 norm is under `fraction` of the bank's median kernel norm: kernels
+    weight decay has all but erased. The Frechet distance cannot see them (it standardizes)."""
+    norms = kernels.reshape(len(kernels), -1).norm(dim=1)
+    return (norms < fraction * bank_kernels.reshape(len(bank_kernels), -1).norm(dim=1).median()
+            ).double().mean().item()
+
+
 def bank_reference(bank):
     """The bank's own Frechet distance: each source model's kernels against the other sources'
     (mean over sources); None for a bank of one source."""
@@ -232,7 +241,7 @@ def configuration_labels(names, ckpts):
     return labels
 
 
-def checkpoint_row(path, ckpt, configuration, layer, bank_std):
+def checkpoint_row(path, ckpt, configuration, layer, bank_kernels, bank_std):
     """Metrics of one trained model's kernels (and its accuracies and D outputs, where logged)."""
     kernels = kernels_of(ckpt["model"][f"{layer}.weight"].float())
     history = ckpt.get("history", {})
@@ -242,7 +251,8 @@ def checkpoint_row(path, ckpt, configuration, layer, bank_std):
            "final_train_acc": last(history, "train_acc"),
            "final_val_acc": last(history, "val_acc"),
            "frechet_to_bank": frechet_distance(standardize_kernels(kernels), bank_std),
-           "low_freq_share": low_freq_share(kernels), "kernel_std": kernels.std().item()}
+           "low_freq_share": low_freq_share(kernels), "kernel_std": kernels.std().item(),
+           "near_zero_share": near_zero_share(kernels, bank_kernels)}
     log = ckpt.get("log")
     for name in ("d_real", "d_fake"):  # mean over the last 10% of iterations
         column = log[-max(1, len(log) // 10):, LOG_COLUMNS.index(name)] if log is not None else None
@@ -252,9 +262,10 @@ def checkpoint_row(path, ckpt, configuration, layer, bank_std):
 
 
 METRICS = ["final_test_acc", "best_test_acc", "final_train_acc", "final_val_acc",
-           "frechet_to_bank", "low_freq_share", "kernel_std", "d_real", "d_fake"]
+           "frechet_to_bank", "low_freq_share", "kernel_std", "near_zero_share", "d_real",
+           "d_fake"]
 HEADERS = ["final acc", "best acc", "train acc", "val acc", "Frechet to bank", "low-freq share",
-           "kernel std", "D(real)", "D(fake)"]
+           "kernel std", "near-zero kernels", "D(real)", "D(fake)"]
 
 
 def group_stats(rows):
@@ -302,14 +313,15 @@ def compare(args):
     bank_std = standardize_kernels(bank_kernels)
     rows, panels = [], [(f"bank ({len(bank_kernels)} kernels)", bank_kernels)]
     for i in order:
-        row, kernels = checkpoint_row(*runs[i], labels[i][0], layer, bank_std)
+        row, kernels = checkpoint_row(*runs[i], labels[i][0], layer, bank_kernels, bank_std)
         if row["configuration"] not in [title for title, _ in panels]:  # its first run is shown
             panels.append((row["configuration"], kernels))
         rows.append(row)
     bank_row = {"model": f"bank ({len(bank.get('source_counts', [1]))} sources)", "layer": layer,
                 "kernel_size": bank_kernels.shape[-1], "frechet_to_bank": bank_reference(bank),
                 "low_freq_share": low_freq_share(bank_kernels),
-                "kernel_std": bank_kernels.std().item()}
+                "kernel_std": bank_kernels.std().item(),
+                "near_zero_share": near_zero_share(bank_kernels, bank_kernels)}
     groups = group_stats(rows)
     table = grouped_table(groups, bank_row, args.bank)
     os.makedirs(args.out, exist_ok=True)

@@ -412,6 +412,7 @@ def test_collect_compare_labels_rows_and_accuracy_columns(tmp_path, capsys):
     assert rows["AMP ε = 0.3"]["val acc"] == "0.500 ± 0.000"
     assert rows["LP-FT"]["train acc"] == "1.000 ± 0.000"
     assert rows["bank (2 sources)"]["train acc"] == "-"
+    assert rows["bank (2 sources)"]["near-zero kernels"] == "0.000"
     with open(out / "compare.csv") as f:
         csv_rows = list(csv.DictReader(f))
     assert len(csv_rows) == len(paths) - 1  # one row per finished checkpoint
@@ -759,6 +760,12 @@ def test_frechet_distance_and_low_frequency_share():
     yy, xx = torch.meshgrid(torch.arange(7.0) - 3, torch.arange(7.0) - 3, indexing="ij")
     blob = torch.exp(-(xx ** 2 + yy ** 2) / 4)[None]
     assert collect_kernels.low_freq_share(blob) > 0.8
+    # near-zero kernels: 3 of 10 shrunk to 5 % of their size, against a bank of the unshrunk ones
+    bank = torch.randn(500, 7, 7)
+    shrunk = bank[:10].clone()
+    shrunk[:3] *= 0.05
+    assert collect_kernels.near_zero_share(shrunk, bank) == pytest.approx(0.3)
+    assert collect_kernels.near_zero_share(bank, bank) == 0
 
 
 # ----------------------------------------------------------------------------- throughput
