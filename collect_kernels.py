@@ -245,7 +245,8 @@ def checkpoint_row(path, ckpt, configuration, layer, bank_kernels, bank_std):
     """Metrics of one trained model's kernels (and its accuracies and D outputs, where logged)."""
     kernels = kernels_of(ckpt["model"][f"{layer}.weight"].float())
     history = ckpt.get("history", {})
-    row = {"model": path, "configuration": configuration, "kernels": len(kernels),
+    row = {"model": path, "configuration": configuration, "subset": subset_of(ckpt),
+           "seed": ckpt.get("seed"), "kernels": len(kernels),
            "final_test_acc": last(history, "test_acc"),
            "best_test_acc": max(history["test_acc"]) if history.get("test_acc") else None,
            "final_train_acc": last(history, "train_acc"),
@@ -283,32 +284,135 @@ def group_stats(rows):
     return groups
 
 
-def grouped_table(groups, bank_row, bank_path):
-    """compare.md: one row per configuration, mean ± std over its checkpoints, "-" where none has
+def subset_of(ckpt):
+    """The seed that drew a run's training images (--subset-seed; runs saved before the flag
+    existed drew with 0); None for a model that was not trained on a drawn subset."""
+    run_args = ckpt.get("args") or {}
+    if "per_class" not in run_args:  # a pretrained model
+        return None
+    return run_args.get("subset_seed", 0)
+
+
+def draw_counts(rows):
+    """{configuration: (subsets, seeds)}: how many draws of the training images and how many
+    seeds a row pools, so that a ± over several draws is never mistaken for one over seeds."""
+    counts = {}
+    for config in dict.fromkeys(r["configuration"] for r in rows):
+        group = [r for r in rows if r["configuration"] == config]
+        counts[config] = (len({r["subset"] for r in group}), len({r["seed"] for r in group}))
+    return counts
+
+
+def t_quantile(p, df):
+    """The p-quantile (p > 0.5) of Student's t with df degrees of freedom: bisection on its
+    CDF, whose density is integrated by Simpson's rule (no statistics package needed)."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def cdf(x, n=2000):  # 0.5 + the integral of the density from 0 to x, n (even) intervals
+        h = x / n
+        f = [c * (1 + (i * h) ** 2 / df) ** (-(df + 1) / 2) for i in range(n + 1)]
+        return 0.5 + h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+
+    hi = 1.0
+    while cdf(hi) < p:
+        hi *= 2
+    lo = 0.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def paired_difference(rows, config, reference, metric="final_test_acc"):
+    """The difference config - reference over the runs they share a (subset, seed) with: its
+    mean, a 95 % t interval and the pairs and subsets it rests on. The seeds of one draw of the
+    training images are not independent of each other, so the interval is over the draws: the
+    pairs of each subset are averaged, then t over the subsets' means (df = subsets - 1). A row
+    on one draw only gets the t interval over its pairs (df = pairs - 1), marked "one draw"."""
+    def by_run(name):
+        return {(r["subset"], r["seed"]): r[metric] for r in rows
+                if r["configuration"] == name and r[metric] is not None}
+    ours, theirs = by_run(config), by_run(reference)
+    pairs = {key: ours[key] - theirs[key] for key in ours if key in theirs}
+    subsets = sorted({subset for subset, _ in pairs})
+    per_subset = [sum(d for (s, _), d in pairs.items() if s == subset)
+                  / sum(1 for s, _ in pairs if s == subset) for subset in subsets]
+    values = per_subset if len(subsets) > 1 else list(pairs.values())
+    result = {"configuration": config, "against": reference, "pairs": len(pairs),
+              "subsets": len(subsets), "mean": None, "ci_low": None, "ci_high": None,
+              "interval": "t over subsets" if len(subsets) > 1 else "t over pairs, one draw"}
+    if len(values) > 1:
+        n = len(values)
+        mean = sum(values) / n
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+        half = t_quantile(0.975, n - 1) * std / math.sqrt(n)
+        result.update(mean=mean, ci_low=mean - half, ci_high=mean + half)
+    elif values:
+        result.update(mean=values[0], interval="one pair: no interval")
+    return result
+
+
+def paired_table(rows, groups, baseline, kernel_prior):
+    """compare_paired.csv/.md: every row against the baseline and every other row against the
+    kernel prior (λ = 1, the paper's), over matched (subset, seed) pairs; a reference that no
+    run has (None) is left out."""
+    results = []
+    if baseline:
+        results += [paired_difference(rows, c, baseline) for c in groups if c != baseline]
+    if kernel_prior:
+        results += [paired_difference(rows, c, kernel_prior) for c in groups
+                    if c not in (baseline, kernel_prior)]
+    lines = ["| configuration | against | pairs | subsets | difference | 95 % interval | |",
+             "|---|---|---:|---:|---:|---|---|"]
+    for r in results:
+        if r["mean"] is None:
+            cells = ["-", "-", ""]
+        elif r["ci_low"] is None:
+            cells = [f"{r['mean']:+.3f}", "-", ""]
+        else:
+            shown = "not shown" if r["ci_low"] <= 0 <= r["ci_high"] else "shown"
+            cells = [f"{r['mean']:+.3f}", f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]", shown]
+        lines.append(f"| {r['configuration']} | {r['against']} | {r['pairs']} | {r['subsets']} | "
+                     + " | ".join(cells) + " |")
+    text = ("Final test accuracy, row minus reference, over the (subset, seed) pairs both have; "
+            "95 % interval: the pairs of each draw of the training images averaged, then a t "
+            "interval over the draws (one draw only: t over its pairs); \"not shown\": the "
+            "interval holds 0.\n\n" + "\n".join(lines) + "\n")
+    return results, text
+
+
+def grouped_table(groups, counts, bank_row, bank_path):
+    """compare.md: one row per configuration, mean ± std over its checkpoints (pooled over the
+    draws of the training images and the seeds it holds, counted beside it), "-" where none has
     the value; the val acc column only when some run has a validation split."""
     metrics = [m for m in METRICS if m != "final_val_acc"
                or any(stats[m] for _, stats in groups.values())]
     headers = [h for m, h in zip(METRICS, HEADERS) if m in metrics]
-    lines = ["| configuration | runs | " + " | ".join(headers) + " |",
-             "|---" * (2 + len(headers)) + "|"]
+    lines = ["| configuration | runs | subsets | seeds | " + " | ".join(headers) + " |",
+             "|---" * (4 + len(headers)) + "|"]
     for config, (runs, stats) in groups.items():
         cells = [f"{stats[m][0]:.3f} ± {stats[m][1]:.3f}" if stats[m] else "-" for m in metrics]
-        lines.append(f"| {config} | {runs} | " + " | ".join(cells) + " |")
+        subsets, seeds = counts[config]
+        lines.append(f"| {config} | {runs} | {subsets} | {seeds} | " + " | ".join(cells) + " |")
     bank_cells = [f"{bank_row[m]:.3f}" if bank_row.get(m) is not None else "-" for m in metrics]
-    lines.append(f"| {bank_row['model']} | | " + " | ".join(bank_cells) + " |")
+    lines.append(f"| {bank_row['model']} | | | | " + " | ".join(bank_cells) + " |")
     k = bank_row["kernel_size"]
     return (f"Kernels of {bank_row['layer']} ({k}x{k}) against bank {bank_path}; mean ± std over "
-            f"the runs of each configuration; train acc on the training images at the last "
-            f"evaluation; D outputs over the last 10% of iterations.\n\n" + "\n".join(lines) + "\n")
+            f"the runs of each configuration (subsets: draws of the training images, "
+            f"--subset-seed; seeds: initialization seeds); train acc on the training images at "
+            f"the last evaluation; D outputs over the last 10% of iterations.\n\n"
+            + "\n".join(lines) + "\n")
 
 
 def compare(args):
-    """--compare: every finished run's kernels against the bank; a table row per configuration."""
+    """--compare: every finished run's kernels against the bank; a table row per configuration,
+    and each row's difference to the baseline and to λ = 1 over matched runs."""
     bank = load_bank(args.bank)
     layer, bank_kernels = bank["layer"], bank["kernels"]
     runs = finished_runs(args.compare, layer)
     ckpts = [ckpt for _, ckpt in runs]
-    labels = configuration_labels([configuration_name(c) for c in ckpts], ckpts)
+    names = [configuration_name(c) for c in ckpts]
+    labels = configuration_labels(names, ckpts)
     order = sorted(range(len(runs)), key=lambda i: labels[i][1])
     bank_std = standardize_kernels(bank_kernels)
     rows, panels = [], [(f"bank ({len(bank_kernels)} kernels)", bank_kernels)]
@@ -323,17 +427,26 @@ def compare(args):
                 "kernel_std": bank_kernels.std().item(),
                 "near_zero_share": near_zero_share(bank_kernels, bank_kernels)}
     groups = group_stats(rows)
-    table = grouped_table(groups, bank_row, args.bank)
+    table = grouped_table(groups, draw_counts(rows), bank_row, args.bank)
+    # the references of the paired table: the first row (in the table's order) of each name
+    baseline, kernel_prior = (next((labels[i][0] for i in order if names[i][0] == name), None)
+                              for name in ("baseline (λ = 0)", "λ = 1"))
+    paired, paired_text = paired_table(rows, groups, baseline, kernel_prior)
     os.makedirs(args.out, exist_ok=True)
     write_csv(os.path.join(args.out, "compare.csv"), rows)
     write_text(os.path.join(args.out, "compare.md"), table)
+    write_csv(os.path.join(args.out, "compare_paired.csv"), paired)
+    write_text(os.path.join(args.out, "compare_paired.md"), paired_text)
     print(table)
+    print(paired_text)
     plot_kernel_panels(panels, args, os.path.join(args.out, "compare.png"))
     plot_pca(panels, os.path.join(args.out, "compare_pca.png"))
     plot_metrics(groups, bank_row, os.path.join(args.out, "compare_metrics.png"))
     plot_ladder(groups, os.path.join(args.out, "compare_ladder.png"))
-    print(f"wrote {args.out}/compare.csv, compare.md, compare.png, compare_pca.png, "
-          f"compare_metrics.png, compare_ladder.png")
+    plot_subsets(rows, groups, os.path.join(args.out, "compare_subsets.png"))
+    print(f"wrote {args.out}/compare.csv, compare.md, compare_paired.csv, compare_paired.md, "
+          f"compare.png, compare_pca.png, compare_metrics.png, compare_ladder.png, "
+          f"compare_subsets.png")
 
 
 def main(argv=None):
@@ -450,16 +563,26 @@ def last(history, key):
 
 
 # Flags that do not define a run: where it ran, how often it printed or evaluated, which seeds
-# its command line had. train_advreg.py's --lam and --init-bank list a sweep: each of its runs
-# stores its own λ ("lam") and bank initialization ("bank_init").
+# its command line had, which draw of the training images it had (--subset-seed: a table row
+# pools the draws and counts them). train_advreg.py's --lam and --init-bank list a sweep: each of
+# its runs stores its own λ ("lam") and bank initialization ("bank_init").
 NOT_DEFINING = {"seeds", "seed", "threads", "device", "out", "log_every", "eval_every",
-                "data_root", "gif_every", "val_size", "quick", "evaluate"}
+                "data_root", "gif_every", "val_size", "quick", "evaluate", "subset_seed"}
 
 
 def defining_flags(ckpt):
-    """The flags of the command that trained a checkpoint, but those that do not define a run."""
+    """The flags of the command that trained a checkpoint, but those that do not define a run.
+    An --init-from that names a run of this project (LP-FT starts from a probe's model.pt) counts
+    as what that run was, not as its folder, so that runs on several draws share a row."""
     skip = NOT_DEFINING | ({"lam", "init_bank"} if "lam" in ckpt else set())
-    return {k: v for k, v in (ckpt.get("args") or {}).items() if k not in skip}
+    flags = {k: v for k, v in (ckpt.get("args") or {}).items() if k not in skip}
+    source = os.path.expanduser(str(flags.get("init_from")))
+    source = source.replace("{seed}", str(ckpt.get("seed")))
+    if os.path.basename(source) == "model.pt" and os.path.exists(source):
+        run = read_checkpoint(source)
+        flags["init_from"] = " ".join([configuration_name(run)[0]] + [
+            flag_text(k, v) for k, v in sorted(defining_flags(run).items())])
+    return flags
 
 
 def flag_text(name, value):
@@ -600,6 +723,31 @@ def plot_ladder(groups, path):
     ax.set_xticks(range(len(shown)), [c for c, _ in shown], rotation=30, ha="right", fontsize=8)
     ax.set(ylabel="final test accuracy (mean ± std)")
     ax.set_title("from nothing transferred to all (red: the kernel prior)", fontsize=10)
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
+def plot_subsets(rows, groups, path):
+    """compare_subsets.png: each row's final test accuracy on each draw of the training images
+    (mean over that draw's seeds), one line per draw across the rows in the table's order, so a
+    reader sees whether the order of the rows holds from draw to draw."""
+    configs = [c for c in groups if any(r["final_test_acc"] is not None for r in rows
+                                        if r["configuration"] == c)]
+    subsets = sorted({r["subset"] for r in rows if r["subset"] is not None})
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(configs)), 4.2))
+    for subset in subsets:
+        xs, ys = [], []
+        for x, config in enumerate(configs):
+            accs = [r["final_test_acc"] for r in rows if r["configuration"] == config
+                    and r["subset"] == subset and r["final_test_acc"] is not None]
+            if accs:
+                xs.append(x)
+                ys.append(sum(accs) / len(accs))
+        ax.plot(xs, ys, marker="o", lw=1, label=f"subset {subset}")
+    ax.set_xticks(range(len(configs)), configs, rotation=30, ha="right", fontsize=8)
+    ax.set(ylabel="final test accuracy (mean over seeds)")
+    ax.set_title("each draw of the training images (--subset-seed) across the rows", fontsize=10)
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     save_figure(fig, path)
 

@@ -332,6 +332,100 @@ def test_pretrain_full_disk_gives_one_line_and_keeps_the_checkpoint(tiny_data, t
     assert not list(tmp_path.glob("*.tmp*"))
 
 
+def test_t_quantile_against_its_closed_forms():
+    """Catches a wrong density constant, too few Simpson steps or a bisection that stops early:
+    Student's t has closed-form quantiles for df = 1 (Cauchy) and df = 2, and tends to the
+    normal's 1.95996 at 97.5 %."""
+    for p in (0.9, 0.975, 0.995):
+        assert collect_kernels.t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)),
+                                                                 rel=1e-6)
+        assert collect_kernels.t_quantile(p, 2) == pytest.approx(
+            (2 * p - 1) / math.sqrt(2 * p * (1 - p)), rel=1e-6)
+    assert collect_kernels.t_quantile(0.975, 100000) == pytest.approx(1.959964, abs=1e-4)
+
+
+def test_compare_pools_the_draws_and_pairs_runs_by_subset_and_seed(tmp_path):
+    """Fake runs on 3 draws of the training images x 2 seeds. Catches: a configuration split
+    into one row per draw (or merged without saying how many draws it holds), LP-FT runs split
+    by the folder of the probe they start from, runs paired by seed alone (across draws), and
+    an interval over the 6 pairs as if they were independent (the draws are the units)."""
+    g = torch.Generator().manual_seed(0)
+    small = {"data": "d", "per_class": 10, "epochs": 5, "lr": 2e-3, "weight_decay": 1e-3,
+             "no_augment": False, "amp_epsilon": None, "init_bank": None, "init_from": None,
+             "transfer": None, "freeze": None, "val_size": 0, "out": "o"}
+    advreg = {"data": "d", "per_class": 10, "epochs": 5, "lr": 2e-3, "weight_decay": 1e-3,
+              "no_augment": False, "layers": ["conv1"], "init_bank": None, "bank": ["b.pt"],
+              "out": "p"}
+    convs = ["conv1", "conv2", "conv3", "conv4"]
+
+    def fake(path, args, subset, seed, acc, **fields):
+        ckpt = {"arch": "PaperCNN", "epoch": 5, "seed": seed,
+                "history": {"test_acc": [0.1, acc], "train_acc": [0.5, 1.0]},
+                "model": {"conv1.weight": torch.randn(64, 3, 7, 7, generator=g)},
+                "args": {**args, "subset_seed": subset, "seeds": [seed]}, **fields}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(ckpt, path)
+        return str(path)
+
+    base = {(0, 0): 0.20, (0, 1): 0.22, (1, 0): 0.30, (1, 1): 0.26, (2, 0): 0.25, (2, 1): 0.27}
+    amp_gain = {(0, 0): 0.03, (0, 1): 0.01, (1, 0): 0.02, (1, 1): 0.00, (2, 0): 0.05}
+    paths = []
+    for (k, s), acc in base.items():
+        paths.append(fake(tmp_path / f"sub{k}/base/seed{s}/model.pt", small, k, s, acc))
+        probe = fake(tmp_path / f"sub{k}/probe/seed{s}/model.pt",
+                     {**small, "init_from": "models/model1_seed{seed}.pt", "transfer": convs,
+                      "freeze": convs, "lr": 2e-5}, k, s, 0.45)
+        paths.append(probe)
+        paths.append(fake(tmp_path / f"sub{k}/lpft/seed{s}/model.pt",
+                          {**small, "init_from": str(tmp_path / f"sub{k}/probe/seed{{seed}}/"
+                                                                "model.pt"),
+                           "transfer": convs + ["fc"], "lr": 2e-5}, k, s, 0.46))
+        if (k, s) in amp_gain:  # the pair (2, 1) is missing: AMP pairs with 5 baseline runs
+            paths.append(fake(tmp_path / f"sub{k}/amp/seed{s}/model.pt",
+                              {**small, "amp_epsilon": 1.0}, k, s, acc + amp_gain[k, s]))
+    lam1 = {0: 0.24, 1: 0.21, 2: 0.23}  # λ = 1 on draw 0 only, seeds 0-2
+    for s, acc in lam1.items():
+        advreg_ckpt = dict(lam=1.0, bank_init=False)
+        paths.append(fake(tmp_path / f"sub0/advreg/lam1_seed{s}/model.pt", advreg, 0, s, acc,
+                          **advreg_ckpt))
+    bank = str(tmp_path / "bank.pt")
+    torch.save({"kernels": torch.randn(384, 7, 7, generator=g), "layer": "conv1",
+                "kernel_size": 7, "source_counts": [192, 192]}, bank)
+    out = tmp_path / "cmp"
+    collect_kernels.main(["--compare", *paths, "--bank", bank, "--out", str(out)])
+
+    table = (out / "compare.md").read_text()
+    assert "| baseline (λ = 0) | 6 | 3 | 2 | 0.250 ± 0.036 |" in table  # std of the six: 0.0358
+    assert "| AMP ε = 1 | 5 | 3 | 2 |" in table
+    assert "| LP-FT | 6 | 3 | 2 | 0.460 ± 0.000 |" in table  # one row over the three probes
+    assert "| λ = 1 | 3 | 1 | 3 |" in table
+    with open(out / "compare_paired.csv") as f:
+        paired = {(r["configuration"], r["against"]): r for r in csv.DictReader(f)}
+    amp = paired["AMP ε = 1", "baseline (λ = 0)"]
+    means = [0.02, 0.01, 0.05]  # AMP - baseline, per draw: (0.03 + 0.01) / 2, (0.02 + 0) / 2, 0.05
+    m = sum(means) / 3
+    half = ((2 * 0.975 - 1) / math.sqrt(2 * 0.975 * 0.025)  # t(0.975, df = 2), closed form
+            * math.sqrt(sum((v - m) ** 2 for v in means) / 2) / math.sqrt(3))
+    assert (int(amp["pairs"]), int(amp["subsets"])) == (5, 3)
+    assert float(amp["mean"]) == pytest.approx(m, abs=1e-9)
+    assert float(amp["ci_low"]) == pytest.approx(m - half, abs=1e-6)
+    assert float(amp["ci_high"]) == pytest.approx(m + half, abs=1e-6)
+    # λ = 1 on one draw: its two seeds that the baseline has, t over the pairs (df = 1)
+    lam = paired["λ = 1", "baseline (λ = 0)"]
+    diffs = [0.24 - 0.20, 0.21 - 0.22]
+    half = math.tan(math.pi * 0.475) * abs(diffs[0] - diffs[1]) / math.sqrt(2) / math.sqrt(2)
+    assert (int(lam["pairs"]), int(lam["subsets"])) == (2, 1)
+    assert lam["interval"] == "t over pairs, one draw"
+    assert float(lam["ci_high"]) - float(lam["ci_low"]) == pytest.approx(2 * half, abs=1e-6)
+    # against the kernel prior: every row but the two references, over the pairs they share
+    lpft = paired["LP-FT", "λ = 1"]
+    assert (int(lpft["pairs"]), float(lpft["mean"])) == (2, pytest.approx(0.46 - 0.225))
+    assert ("baseline (λ = 0)", "λ = 1") not in paired and ("λ = 1", "λ = 1") not in paired
+    md = (out / "compare_paired.md").read_text()
+    assert "| λ = 1 | baseline (λ = 0) | 2 | 1 | +0.015 |" in md and "not shown" in md
+    assert (out / "compare_subsets.png").stat().st_size > 1000
+
+
 def collect_compare_fake_runs(folder):
     """Tiny fake checkpoints of stage 3-4 runs (conv1 weights, history, args as train_small.py and
     train_advreg.py store them) and a two-source bank; returns (bank path, {run name: path})."""
