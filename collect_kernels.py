@@ -362,7 +362,7 @@ def paired_table(rows, groups, baseline, kernel_prior):
     if kernel_prior:
         results += [paired_difference(rows, c, kernel_prior) for c in groups
                     if c not in (baseline, kernel_prior)]
-    lines = ["| configuration | against | pairs | subsets | difference | 95 % interval | |",
+    lines = ["| configuration | against | pairs | subsets | difference | 95 % interval | reading |",
              "|---|---|---:|---:|---:|---|---|"]
     for r in results:
         if r["mean"] is None:
