@@ -600,6 +600,61 @@ def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(tiny_data, tmp
     assert not (tmp_path / "c" / "lam1_seed0" / "model.pt").exists()
 
 
+def test_probe_after_conv2_trains_only_a_head_on_conv2s_pooled_features(tiny_data, pretrained,
+                                                                         tmp_path, capsys):
+    """Seed 003's transfer lab, Q8: --probe-after conv2 trains a 128-wide head on the pooled
+    output of the pretrained conv1-conv2 blocks, which do not move (weights and BatchNorm
+    statistics); its logits equal a plain-torch forward to conv2's block. --probe-after conv4 is
+    the linear probe, bit for bit. Catches a probe that trains or runs past its block, a head of
+    the wrong width, or BatchNorm statistics that move."""
+    ckpts, _ = pretrained
+    common = ["--data", tiny_data, "--per-class", 2, "--epochs", 2, "--eval-every", 1,
+              "--init-from", ckpts / "seed{seed}.pt", "--threads", 1]
+    train_small.main([str(a) for a in common + ["--probe-after", "conv2", "--out",
+                                                tmp_path / "conv2"]])
+    source = load(ckpts / "seed0.pt")["model"]
+    ckpt = load(tmp_path / "conv2" / "seed0" / "model.pt")
+    after = ckpt["model"]
+    assert ckpt["args"]["probe_after"] == "conv2" and ckpt["args"]["freeze"] == list(
+        train_small.LAYERS[:4])
+    for key, value in source.items():  # every block frozen, BatchNorm statistics included
+        if not key.startswith("fc."):
+            assert torch.equal(value, after[key]), key
+    assert after["fc.weight"].shape == (10, 128)
+    torch.manual_seed(0)
+    start = train_small.Probe(10, "conv2").fc.weight  # the head's init for seed 0 ...
+    assert not torch.equal(start, after["fc.weight"])  # ... has trained
+    model = train_small.Probe(10, "conv2")
+    model.load_state_dict(after)
+    x = torch.randn(4, 3, 32, 32)
+
+    def block(x, i, stride, pad):
+        w = after[f"conv{i}.weight"]
+        x = F.conv2d(x, w, stride=stride, padding=pad)
+        x = F.batch_norm(x, after[f"bn{i}.running_mean"], after[f"bn{i}.running_var"],
+                         after[f"bn{i}.weight"], after[f"bn{i}.bias"], eps=1e-5)
+        return F.relu(x)
+    pooled = block(block(x, 1, 2, 3), 2, 2, 2).mean(dim=(2, 3))
+    want = pooled @ after["fc.weight"].T + after["fc.bias"]
+    assert torch.allclose(model.eval()(x), want, atol=1e-5)
+    # conv4: the existing linear probe (--freeze conv1 conv2 conv3 conv4), bit for bit
+    train_small.main([str(a) for a in common + ["--probe-after", "conv4", "--out",
+                                                tmp_path / "conv4"]])
+    train_small.main([str(a) for a in common + ["--freeze", "conv1", "conv2", "conv3", "conv4",
+                                                "--out", tmp_path / "probe"]])
+    a, b = (load(tmp_path / n / "seed0" / "model.pt")["model"] for n in ("conv4", "probe"))
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
+    # bad input: one line, nothing written
+    for flags in (["--freeze", "conv1"], ["--transfer", "conv1"]):
+        said = user_error(capsys, train_small.main, *common, "--probe-after", "conv1", *flags,
+                          "--out", tmp_path / "x")
+        assert "--probe-after needs --init-from" in said and "leave them out" in said
+    said = user_error(capsys, train_small.main, "--data", tiny_data, "--probe-after", "conv1",
+                      "--out", tmp_path / "x")
+    assert "--probe-after needs --init-from" in said
+    assert not (tmp_path / "x").exists()
+
+
 # ----------------------------------------------------------------------------- stage 4
 def test_train_advreg_sweep_end_to_end_resume_and_gif(tiny_data, pretrained, tmp_path):
     _, banks = pretrained
