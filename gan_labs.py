@@ -15,6 +15,7 @@ by `train`; `dann_step` and `GradientReversal`, called by `train_dann`.
     python gan_labs.py dcgan --data ~/data/mnist                 # seed 003's setting: 5 epochs
     python gan_labs.py wgan --generator mlp --data ~/data/mnist  # seed 004's WGAN-GP
     python gan_labs.py dann --data ~/data/mnist --target-patches ~/data/cifar10  # + --no-adapt
+        # or --no-reversal, --lam L, --pseudo-labels RUN (seed 003 Q1, Q3, Q4)
     python gan_labs.py dcgan --data ~/data/mnist --epochs 1 --threads 1 --out runs/gan/quick
 
 Reads:  --data mnist | cifar10 (torchvision downloads them) or PATH/{train,test}/<class>/*.png.
