@@ -15,6 +15,7 @@ by `train`; `dann_step` and `GradientReversal`, called by `train_dann`.
     python gan_labs.py dcgan --data ~/data/mnist                 # seed 003's setting: 5 epochs
     python gan_labs.py wgan --generator mlp --data ~/data/mnist  # seed 004's WGAN-GP
     python gan_labs.py dann --data ~/data/mnist --target-patches ~/data/cifar10  # + --no-adapt
+        # or --no-reversal, --lam L, --pseudo-labels RUN (seed 003 Q1, Q3, Q4)
     python gan_labs.py dcgan --data ~/data/mnist --epochs 1 --threads 1 --out runs/gan/quick
 
 Reads:  --data mnist | cifar10 (torchvision downloads them) or PATH/{train,test}/<class>/*.png.
@@ -97,10 +98,12 @@ def add_lab_args(p, lab):
     p.add_argument("--beta1", type=float, default=0.5 if bce else 0.0,
                    help="Adam's beta1 in both optimizers (default: %(default)s, "
                    + ("DCGAN paper)" if bce else "WGAN-GP Alg. 1)"))
-    p.add_argument("--init", choices=["dcgan", "default"],
+    p.add_argument("--init", choices=["dcgan", "default", "weight-norm"],
                    default="default" if lab in ("vanilla", "wgan") else "dcgan",
                    help="dcgan: conv weights N(0, 0.02), BatchNorm scales N(1, 0.02), as in the "
-                   "DCGAN paper; default: PyTorch's init (default: %(default)r, "
+                   "DCGAN paper; default: PyTorch's init; weight-norm: PyTorch's init, then every "
+                   "conv and linear weight of G and D learned as g v / ||v|| (Salimans & "
+                   "Kingma, 2016), seed 004 (default: %(default)r, "
                    + ("this project: docs/gan_labs.md)" if lab in ("vanilla", "wgan")
                       else "DCGAN paper)"))
     p.add_argument("--diffaug", default="",
@@ -136,6 +139,10 @@ def add_lab_args(p, lab):
         p.add_argument("--d-dropout", type=float, default=0.3,
                        help="dropout after D's hidden layers (default: %(default)s, seed 004; "
                        "its base run: 0)")
+    if lab in ("vanilla", "wgan"):
+        p.add_argument("--g-bn", action="store_true",
+                       help="seed 004: BatchNorm after each hidden layer of the MLP generator "
+                       "(default: none, seed 004's base generator)")
     if lab == "wgan":
         p.set_defaults(train_only=None)  # both nets learn in every WGAN run
         p.add_argument("--constraint", choices=["clip", "gp", "none"], default="gp",
@@ -146,6 +153,9 @@ def add_lab_args(p, lab):
         p.add_argument("--generator", choices=["dcgan", "mlp"], default="dcgan",
                        help="the DCGAN generator or vanilla's MLP, seed 004's (default: "
                        "%(default)s; this project: docs/gan_labs.md)")
+        p.add_argument("--d-dropout", type=float, default=0.0,
+                       help="seed 004: dropout after the MLP critic's hidden layers (--critic "
+                       "mlp) (default: %(default)s, WGAN-GP Alg. 1)")
         p.add_argument("--clip", type=float, default=0.01,
                        help="c of the weight clipping (default: %(default)s, WGAN Alg. 1)")
         p.add_argument("--gp-lambda", type=float, default=10.0,
@@ -170,6 +180,21 @@ def add_dann_args(p):
     p.add_argument("--no-adapt", action="store_true",
                    help="the source-only baseline: the same code with lambda = 0, the domain "
                    "classifier learns but sends no gradient to the features (default: DANN)")
+    p.add_argument("--no-reversal", action="store_true",
+                   help="seed 003 Q1: the three parts without the reversal layer; the domain "
+                   "classifier learns and the features get its loss's plain gradient, so they "
+                   "help it (lambda = -1 in the layer) (default: the reversal layer)")
+    p.add_argument("--lam", type=float, default=None,
+                   help="seed 003 Q3: a fixed lambda, the reversal layer's -lambda at every step "
+                   "(default: the DANN paper's schedule lambda_p, see --gamma)")
+    p.add_argument("--pseudo-labels", default="", metavar="RUN",
+                   help="seed 003 Q4: the folder of a finished dann run (a --no-adapt one) whose "
+                   "confident predictions on the target training images become their labels; "
+                   "a new net then trains on source + pseudo-labelled target, lambda = 0 "
+                   "(default: none)")
+    p.add_argument("--threshold", type=float, default=0.95,
+                   help="--pseudo-labels keeps a target image whose top softmax probability is "
+                   "above this (default: %(default)s, FixMatch's tau, Sohn et al. 2020)")
     p.add_argument("--epochs", type=int, default=10,
                    help="passes over the source images (default: %(default)s; this project: "
                    "docs/gan_labs.md)")
@@ -244,6 +269,15 @@ def parse_args(argv=None):
 def check_dann_args(p, args):
     if min(args.epochs, args.batch_size) < 1 or args.lr <= 0:
         p.error("--epochs and --batch-size must be >= 1, --lr > 0")
+    if not 0 < args.threshold < 1:
+        p.error(f"--threshold must be in (0, 1), got {args.threshold}")
+    if args.lam is not None and not args.lam >= 0:
+        p.error(f"--lam must be >= 0, got {args.lam} (features that help G_d: --no-reversal)")
+    chosen = [flag for flag, on in (("--no-adapt", args.no_adapt), ("--no-reversal",
+              args.no_reversal), ("--lam", args.lam is not None), ("--pseudo-labels",
+              bool(args.pseudo_labels))) if on]
+    if len(chosen) > 1:
+        p.error(f"{' and '.join(chosen)} each set lambda: choose one")
     args.out = args.out or default_out(p, args)  # filled in here only, as in check_lab_args
 
 
@@ -263,6 +297,11 @@ def check_lab_args(p, args):
             p.error(f"{flag} must be >= 1, got {getattr(args, name)}")
     if args.eval_samples < 0 or not 0 <= getattr(args, "d_dropout", 0) < 1:
         p.error("--eval-samples must be >= 0 and --d-dropout in [0, 1)")
+    if getattr(args, "d_dropout", 0) and args.discriminator != "mlp":
+        p.error("--d-dropout needs the MLP critic: add --critic mlp")
+    if getattr(args, "g_bn", False) and args.generator != "mlp":
+        p.error("--g-bn is for the MLP generator (the DCGAN one has BatchNorm): add --generator "
+                "mlp")
     if dcgan_net and size not in (32, 64):
         p.error(f"--image-size must be 32 or 64 for the DCGAN nets, got {size}")
     if size < (16 if args.discriminator == "conv" else 8):
@@ -348,13 +387,14 @@ def dcgan_discriminator(ndf, channels, size, first_bn=True, n_classes=0):
         n_classes=n_classes)
 
 
-def mlp_generator(nz, channels, size):
-    """Seed 004's generator."""
+def mlp_generator(nz, channels, size, bn=False):
+    """Seed 004's generator; bn: BatchNorm after each hidden layer, as DCGAN's G has it."""
+    def hidden(n_in, n_out):
+        return [nn.Linear(n_in, n_out), *([nn.BatchNorm1d(n_out)] if bn else []),
+                nn.LeakyReLU(0.2, inplace=True)]
     return Net(
         # input: nz
-        nn.Linear(nz, 256), nn.LeakyReLU(0.2, inplace=True),
-        nn.Linear(256, 512), nn.LeakyReLU(0.2, inplace=True),
-        nn.Linear(512, 1024), nn.LeakyReLU(0.2, inplace=True),
+        *hidden(nz, 256), *hidden(256, 512), *hidden(512, 1024),
         nn.Linear(1024, channels * size * size), nn.Tanh(),
         nn.Unflatten(1, (channels, size, size)),
         # state size: (channels) x S x S
@@ -401,6 +441,14 @@ def dcgan_init(m):
         nn.init.zeros_(m.bias)
 
 
+def weight_normalize(m):
+    # Salimans & Kingma (2016): w = g v / ||v||, one g per output unit, both learned; at the start
+    # g = ||w||, so the net computes what PyTorch's init gave it
+    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+        dim = 1 if isinstance(m, nn.ConvTranspose2d) else 0  # its output units are dim 1
+        nn.utils.parametrizations.weight_norm(m, dim=dim)
+
+
 def build_models(args, channels, k):
     """G and D from the lab's flags; k: the cDCGAN's number of labels (0: unconditional)."""
     k_d = 0 if k == 0 or args.no_label_in_d else k  # the labels D sees
@@ -408,17 +456,19 @@ def build_models(args, channels, k):
     if args.generator == "dcgan":
         g = dcgan_generator(args.nz, args.ngf, channels, size, k)
     else:
-        g = mlp_generator(args.nz, channels, size)
+        g = mlp_generator(args.nz, channels, size, args.g_bn)
     if args.discriminator == "dcgan":
         d = dcgan_discriminator(args.ndf, channels, size, args.first_bn, k_d)
     elif args.discriminator == "conv":
         d = conv_critic(channels, size)
     else:
-        dropout = args.d_dropout if args.lab == "vanilla" else 0.0
-        d = mlp_discriminator(channels, size, dropout, sigmoid=args.lab != "wgan")
+        d = mlp_discriminator(channels, size, args.d_dropout, sigmoid=args.lab != "wgan")
     if args.init == "dcgan":
         g.apply(dcgan_init)
         d.apply(dcgan_init)
+    if args.init == "weight-norm":
+        g.apply(weight_normalize)
+        d.apply(weight_normalize)
     return g, d
 
 
@@ -778,6 +828,29 @@ def dann_schedules(p, lr0, alpha, beta, gamma):
     return lr0 / (1 + alpha * p) ** beta, 2 / (1 + math.exp(-gamma * p)) - 1
 
 
+def adaptation_weight(args, lam_p):
+    """The lambda of this step: the paper's schedule lambda_p, a fixed --lam (Q3), 0 for the
+    source-only baseline and for pseudo-labels (Q4), or -1 without the reversal layer (Q1): the
+    layer's -lambda is then +1, the features get the domain loss's own gradient and help G_d."""
+    if args.no_adapt or args.pseudo_labels:
+        return 0.0
+    if args.no_reversal:
+        return -1.0
+    return lam_p if args.lam is None else args.lam
+
+
+@torch.no_grad()
+def pseudo_labels(net, x, threshold):
+    """Pseudo-labelling (Lee, 2013): the class a trained net predicts for each image, kept where
+    its softmax probability is above `threshold`; -1 (no label) elsewhere."""
+    labels = []
+    for chunk in x.split(1000):
+        prob = F.softmax(net.label_classifier(net.features(to_float(chunk))), 1)
+        confidence, predicted = prob.max(1)
+        labels.append(torch.where(confidence > threshold, predicted, -1))
+    return torch.cat(labels)
+
+
 def mnist_m_style(digits, patches, gen):
     """MNIST-M as the DANN paper built it: each digit blended with a random colour patch,
     |patch - digit| per channel. The patches are random crops of `patches` (CIFAR-10 training
@@ -795,16 +868,20 @@ def mnist_m_style(digits, patches, gen):
     return torch.cat(out)
 
 
-def dann_step(net, opt, x_source, y_source, x_target, lam, lr):
+def dann_step(net, opt, x_source, y_source, x_target, lam, lr, y_target=None):
     """One SGD step of DANN (the paper's Alg. 1 with the gradient reversal layer): G_y and G_f
     minimize the label loss on source images; G_d minimizes the domain loss on source and target
     images; through the reversal layer G_f gets -lambda times the domain loss's gradient, so it
-    learns features from which G_d cannot tell the domains apart."""
+    learns features from which G_d cannot tell the domains apart. y_target: pseudo-labels (-1:
+    none); the label loss is then the mean over the source and the labelled target images."""
     for group in opt.param_groups:
         group["lr"] = lr
     f = net.features(torch.cat([x_source, x_target]))
-    f_source = f[:len(x_source)]
-    loss_y = F.cross_entropy(net.label_classifier(f_source), y_source)  # L_y, source only
+    if y_target is None:
+        loss_y = F.cross_entropy(net.label_classifier(f[:len(x_source)]), y_source)  # L_y
+    else:
+        loss_y = F.cross_entropy(net.label_classifier(f), torch.cat([y_source, y_target]),
+                                 ignore_index=-1)
     domain = torch.cat([torch.zeros(len(x_source)), torch.ones(len(x_target))]).to(f.device)
     d_logit = net.domain_classifier(GradientReversal.apply(f, lam))
     loss_d = F.binary_cross_entropy_with_logits(d_logit, domain)  # L_d, both domains
@@ -817,7 +894,8 @@ def dann_step(net, opt, x_source, y_source, x_target, lam, lr):
 
 def train_dann(args, data, n_classes, device):
     """DANN for --epochs passes over the source images or, with --no-adapt, the source-only
-    baseline (lambda = 0). data: source (x, y), target x (no labels), and the two test sets."""
+    baseline (lambda = 0); lambda otherwise as adaptation_weight says. data: source (x, y),
+    target x (no labels; with --pseudo-labels, "target_pseudo"), and the two test sets."""
     torch.manual_seed(args.seed)
     net = DANN(n_classes).to(device)
     opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum)
@@ -833,11 +911,12 @@ def train_dann(args, data, n_classes, device):
         for i in range(iters):
             p = (epoch * iters + i) / (args.epochs * iters)  # training progress, 0 -> 1
             lr, lam = dann_schedules(p, args.lr, args.lr_alpha, args.lr_beta, args.gamma)
-            lam = 0.0 if args.no_adapt else lam
+            lam = adaptation_weight(args, lam)
             idx_s = perm_s[i * n:(i + 1) * n]
             idx_t = perm_t[(i * n + torch.arange(n, device=device)) % len(x_t)]
+            y_t = data["target_pseudo"][idx_t] if "target_pseudo" in data else None
             out = dann_step(net, opt, to_float(x_s[idx_s]), y_s[idx_s], to_float(x_t[idx_t]),
-                            lam, lr)
+                            lam, lr, y_t)
             accumulate(sums, out)
         wall += time.time() - t0
         history.append(dann_row(args, net, data, sums, epoch + 1, (epoch + 1) * iters, lam, lr,
@@ -857,6 +936,8 @@ def main(argv=None):
     try:
         if args.lab == "dann":
             data, classes = load_dann_data(args, device)
+            if args.pseudo_labels:
+                data = dict(data, **label_target(args, data, len(classes), device))
             net, history, wall = train_dann(args, data, len(classes), device)
             save_dann_outputs(args, net, data, history, wall, device)
             return
@@ -1237,6 +1318,61 @@ def load_dann_data(args, device):
     return data, classes
 
 
+def dann_method(args):
+    """The run's name in the progress lines, the figure and summary.json."""
+    if args.no_adapt:
+        return "source only"
+    if args.pseudo_labels:
+        return f"pseudo-labels > {args.threshold:g}"
+    if args.no_reversal:
+        return "no reversal"
+    return "DANN" if args.lam is None else f"DANN, lambda = {args.lam:g}"
+
+
+def label_target(args, data, n_classes, device):
+    """--pseudo-labels: the target training images' pseudo-labels from the finished dann run in
+    that folder (same source and target), and what they are worth: the share kept, and on the
+    target test set the share the same threshold keeps and their accuracy."""
+    path = os.path.join(args.pseudo_labels, "checkpoint.pt")
+    if not os.path.exists(path):
+        raise SystemExit(f"error: --pseudo-labels {args.pseudo_labels}: no checkpoint.pt there; "
+                         f"give the folder of a finished dann run (e.g. a --no-adapt one)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        ckpt = None
+    flags = ckpt.get("flags", {}) if isinstance(ckpt, dict) else {}
+    if not isinstance(ckpt, dict) or ckpt.get("format") != DANN_FORMAT:
+        raise SystemExit(f"error: {path} is not a dann run's checkpoint")
+    if ckpt.get("epoch") != flags.get("epochs"):
+        raise SystemExit(f"error: {path} is unfinished (epoch {ckpt.get('epoch')} of "
+                         f"{flags.get('epochs')}); finish that run first")
+    for key in ("data", "target", "target_patches"):
+        if flags.get(key) != getattr(args, key):
+            raise SystemExit(f"error: {path} was trained with --{key.replace('_', '-')} "
+                             f"{flags.get(key)!r}, this run has {getattr(args, key)!r}: the "
+                             f"labeller must see the same domains")
+    net = DANN(n_classes)
+    try:
+        net.load_state_dict(ckpt["net"])
+    except RuntimeError:
+        raise SystemExit(f"error: {path} holds a net for other classes than --data's "
+                         f"{n_classes}") from None
+    net = net.to(device).eval()
+    labels = pseudo_labels(net, data["target"], args.threshold)
+    x_test, y_test = data["target_test"]
+    test_labels = pseudo_labels(net, x_test, args.threshold)
+    kept = test_labels >= 0
+    stats = {"labeller": args.pseudo_labels, "train_kept": (labels >= 0).float().mean().item(),
+             "test_kept": kept.float().mean().item(),
+             "test_kept_acc": (test_labels[kept] == y_test[kept]).float().mean().item()
+             if kept.any() else None}
+    print(f"pseudo-labels from {path}: {stats['train_kept']:.1%} of the target training images "
+          f"above {args.threshold:g}; on the target test set {stats['test_kept']:.1%} kept, "
+          f"{stats['test_kept_acc'] or 0:.1%} of them right")
+    return {"target_pseudo": labels, "pseudo_stats": stats}
+
+
 @torch.no_grad()
 def dann_accuracies(net, data):
     """Label accuracy on the source and target test sets; domain classifier accuracy on both."""
@@ -1259,7 +1395,7 @@ def dann_row(args, net, data, sums, epoch, step, lam, lr, s_per_iter):
         row["train_" + key if key == "domain_acc" else key] = (total / count).item()
     stop_if_diverged(row["loss_y"] + row["loss_d"], f"epoch {epoch}", "--lr")
     row.update(dann_accuracies(net, data), s_per_iter=s_per_iter)
-    print(f"[dann{' no-adapt' if args.no_adapt else ''}] epoch {epoch}/{args.epochs} | " + " ".join(
+    print(f"[dann, {dann_method(args)}] epoch {epoch}/{args.epochs} | " + " ".join(
         f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "iter", "s_per_iter"))
         + f" | {s_per_iter:.3f} s/it", flush=True)
     return row
@@ -1277,13 +1413,14 @@ def save_dann_outputs(args, net, data, history, wall, device):
     for part, name in ((slice(0, len(x_s)), "source (MNIST)"), (slice(len(x_s), None),
                                                                  "target (MNIST-M-style)")):
         ax.scatter(xy[part, 0], xy[part, 1], s=3, alpha=0.5, label=name)
-    ax.set(title=f"G_f features, PCA ({'source only' if args.no_adapt else 'DANN'})",
+    ax.set(title=f"G_f features, PCA ({dann_method(args)})",
            xlabel="PC 1", ylabel="PC 2")
     ax.legend(markerscale=4)
     save_figure(fig, os.path.join(args.out, "features.png"))
     last = history[-1] if history else dann_accuracies(net, data)
     write_json(os.path.join(args.out, "summary.json"), {
-        "lab": "dann", "adapt": not args.no_adapt, "source_acc": last["source_acc"],
+        "lab": "dann", "adapt": not args.no_adapt, "method": dann_method(args),
+        "pseudo_labels": data.get("pseudo_stats"), "source_acc": last["source_acc"],
         "target_acc": last["target_acc"], "domain_acc": last["domain_acc"],
         "command": command_line(), "device": str(device), "threads": torch.get_num_threads(),
         "train_wall_s": round(wall, 1), "epochs": args.epochs,
@@ -1311,7 +1448,8 @@ def check_memorization(args, device):
         raise SystemExit(f"error: {path} holds no generator ({what}): nothing to check for "
                          f"memorization")
     flags = ckpt.get("flags") or ckpt["args"]  # gan_labs/2 kept every flag under "args"
-    run = argparse.Namespace(**{**flags, "cache_dir": args.cache_dir, "data_root": args.data_root})
+    run = argparse.Namespace(**{"g_bn": False, "d_dropout": 0.0,  # older runs had neither flag
+                                **flags, "cache_dir": args.cache_dir, "data_root": args.data_root})
     x_train, _, classes = load_data(run.data, run.data_root, "train", CLASSIFIER_SIZE, device)
     x_test = load_data(run.data, run.data_root, "test", CLASSIFIER_SIZE, device)[0]
     k = len(classes) if run.lab == "cdcgan" else 0

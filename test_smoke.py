@@ -694,6 +694,61 @@ def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(tiny_data, tmp
     assert not (tmp_path / "c" / "lam1_seed0" / "model.pt").exists()
 
 
+def test_probe_after_conv2_trains_only_a_head_on_conv2s_pooled_features(tiny_data, pretrained,
+                                                                         tmp_path, capsys):
+    """Seed 003's transfer lab, Q8: --probe-after conv2 trains a 128-wide head on the pooled
+    output of the pretrained conv1-conv2 blocks, which do not move (weights and BatchNorm
+    statistics); its logits equal a plain-torch forward to conv2's block. --probe-after conv4 is
+    the linear probe, bit for bit. Catches a probe that trains or runs past its block, a head of
+    the wrong width, or BatchNorm statistics that move."""
+    ckpts, _ = pretrained
+    common = ["--data", tiny_data, "--per-class", 2, "--epochs", 2, "--eval-every", 1,
+              "--init-from", ckpts / "seed{seed}.pt", "--threads", 1]
+    train_small.main([str(a) for a in common + ["--probe-after", "conv2", "--out",
+                                                tmp_path / "conv2"]])
+    source = load(ckpts / "seed0.pt")["model"]
+    ckpt = load(tmp_path / "conv2" / "seed0" / "model.pt")
+    after = ckpt["model"]
+    assert ckpt["args"]["probe_after"] == "conv2" and ckpt["args"]["freeze"] == list(
+        train_small.LAYERS[:4])
+    for key, value in source.items():  # every block frozen, BatchNorm statistics included
+        if not key.startswith("fc."):
+            assert torch.equal(value, after[key]), key
+    assert after["fc.weight"].shape == (10, 128)
+    torch.manual_seed(0)
+    start = train_small.Probe(10, "conv2").fc.weight  # the head's init for seed 0 ...
+    assert not torch.equal(start, after["fc.weight"])  # ... has trained
+    model = train_small.Probe(10, "conv2")
+    model.load_state_dict(after)
+    x = torch.randn(4, 3, 32, 32)
+
+    def block(x, i, stride, pad):
+        w = after[f"conv{i}.weight"]
+        x = F.conv2d(x, w, stride=stride, padding=pad)
+        x = F.batch_norm(x, after[f"bn{i}.running_mean"], after[f"bn{i}.running_var"],
+                         after[f"bn{i}.weight"], after[f"bn{i}.bias"], eps=1e-5)
+        return F.relu(x)
+    pooled = block(block(x, 1, 2, 3), 2, 2, 2).mean(dim=(2, 3))
+    want = pooled @ after["fc.weight"].T + after["fc.bias"]
+    assert torch.allclose(model.eval()(x), want, atol=1e-5)
+    # conv4: the existing linear probe (--freeze conv1 conv2 conv3 conv4), bit for bit
+    train_small.main([str(a) for a in common + ["--probe-after", "conv4", "--out",
+                                                tmp_path / "conv4"]])
+    train_small.main([str(a) for a in common + ["--freeze", "conv1", "conv2", "conv3", "conv4",
+                                                "--out", tmp_path / "probe"]])
+    a, b = (load(tmp_path / n / "seed0" / "model.pt")["model"] for n in ("conv4", "probe"))
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
+    # bad input: one line, nothing written
+    for flags in (["--freeze", "conv1"], ["--transfer", "conv1"]):
+        said = user_error(capsys, train_small.main, *common, "--probe-after", "conv1", *flags,
+                          "--out", tmp_path / "x")
+        assert "--probe-after needs --init-from" in said and "leave them out" in said
+    said = user_error(capsys, train_small.main, "--data", tiny_data, "--probe-after", "conv1",
+                      "--out", tmp_path / "x")
+    assert "--probe-after needs --init-from" in said
+    assert not (tmp_path / "x").exists()
+
+
 # ----------------------------------------------------------------------------- stage 4
 def test_train_advreg_sweep_end_to_end_resume_and_gif(tiny_data, pretrained, tmp_path):
     _, banks = pretrained
@@ -1435,6 +1490,208 @@ def gan_dcgan_run(gan_common, tmp_path_factory):
     out = tmp_path_factory.mktemp("gan_runs") / "dcgan"
     gan_run("dcgan", *gan_common, *GAN_TINY, "--out", out)
     return out
+
+
+# ----------------------------------------------------------------------------- labs' last questions
+def dann_batch():
+    torch.manual_seed(0)
+    x_s, x_t = torch.randn(8, 3, 28, 28), torch.randn(8, 3, 28, 28) + 1
+    return x_s, torch.arange(8) % 3, x_t
+
+
+def test_gan_dann_without_reversal_features_get_the_label_plus_the_domain_gradient():
+    """Seed 003 Q1 and Q3: --no-reversal is lambda = -1 in the layer, so G_f's step is the label
+    gradient PLUS the domain gradient; with the layer (lambda = 0.4) it is the label gradient
+    minus 0.4 times it. Both computed here in plain torch, without the reversal layer (catches a
+    layer left in under --no-reversal, or a sign or factor lost on the way to G_f)."""
+    assert gan_labs.adaptation_weight(gan_labs.parse_args(["dann", "--no-reversal"]), 0.7) == -1
+    assert gan_labs.adaptation_weight(gan_labs.parse_args(["dann", "--lam", "0.3"]), 0.7) == 0.3
+    assert gan_labs.adaptation_weight(gan_labs.parse_args(["dann", "--no-adapt"]), 0.7) == 0
+    assert gan_labs.adaptation_weight(gan_labs.parse_args(["dann"]), 0.7) == 0.7
+    x_s, y_s, x_t = dann_batch()
+    domain = torch.cat([torch.zeros(8), torch.ones(8)])
+    for lam in (-1.0, 0.4):
+        torch.manual_seed(1)
+        net, plain = gan_labs.DANN(3), gan_labs.DANN(3)
+        plain.load_state_dict(net.state_dict())
+        params = list(plain.features.parameters())
+        loss_y = F.cross_entropy(plain.label_classifier(plain.features(x_s)), y_s)
+        grad_y = torch.autograd.grad(loss_y, params)
+        d_logit = plain.domain_classifier(plain.features(torch.cat([x_s, x_t])))
+        grad_d = torch.autograd.grad(F.binary_cross_entropy_with_logits(d_logit, domain), params)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)  # 1st step: p -= lr * grad
+        gan_labs.dann_step(net, opt, x_s, y_s, x_t, lam, 0.1)
+        for p, q, gy, gd in zip(net.features.parameters(), params, grad_y, grad_d):
+            assert torch.allclose(p, q - 0.1 * (gy - lam * gd), atol=1e-6), lam
+        assert (grad_d[0].abs() > 0).any()  # the domain gradient is not zero: the test can fail
+
+
+@pytest.mark.parametrize("flags, want", [(["--lam", "0.3"], "fixed"), (["--no-reversal"], -1.0),
+                                         ([], "schedule")])
+def test_gan_dann_lambda_flags_reach_the_step(flags, want, gan_data, tiny_data, tmp_path):
+    """The lambda each dann_step receives in a real run: the fixed --lam, -1 without the layer,
+    the paper's rising schedule by default (catches a flag parsed but not used)."""
+    seen = []
+    step = gan_labs.dann_step
+
+    def recording_step(net, opt, x_s, y_s, x_t, lam, lr, y_t=None):
+        seen.append(lam)
+        return step(net, opt, x_s, y_s, x_t, lam, lr, y_t)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gan_labs, "dann_step", recording_step)
+        gan_labs.main(["dann", "--data", str(gan_data), "--target-patches", str(tiny_data),
+                       "--epochs", "1", "--batch-size", "16", "--threads", "1", *flags,
+                       "--out", str(tmp_path)])
+    assert len(seen) == 3  # 48 source images / 16
+    if want == "fixed":
+        assert seen == [0.3] * 3
+    elif want == "schedule":
+        assert seen[0] == 0 and 0 < seen[1] < seen[2] < 1
+    else:
+        assert seen == [want] * 3
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["method"] == {"fixed": "DANN, lambda = 0.3", "schedule": "DANN"}.get(
+        want, "no reversal")
+
+
+def test_gan_pseudo_labels_keep_only_confident_predictions():
+    """A hand-made net whose softmax is known: only rows above the threshold keep a label, their
+    argmax; the others get -1 (catches a reversed comparison, or the wrong class kept)."""
+    logits = torch.tensor([[4.0, 0, 0], [0, 0, 1], [0, 5, 0], [2, 2, 0], [0, 0, 9]])
+    # top softmax probabilities: 0.965, 0.576, 0.987, 0.468, 1.000
+    net = torch.nn.Module()
+    net.features, net.label_classifier = torch.nn.Flatten(), lambda f: logits
+    x = torch.zeros(5, 1, 2, 2, dtype=torch.uint8)
+    assert gan_labs.pseudo_labels(net, x, 0.9).tolist() == [0, -1, 1, -1, 2]
+    assert gan_labs.pseudo_labels(net, x, 0.97).tolist() == [-1, -1, 1, -1, 2]
+    # the step's label loss is then the mean over the source and the labelled target images
+    x_s, y_s, x_t = dann_batch()
+    y_t = torch.tensor([0, -1, 1, -1, 2, -1, -1, 0])
+    torch.manual_seed(1)
+    net, plain = gan_labs.DANN(3), gan_labs.DANN(3)
+    plain.load_state_dict(net.state_dict())
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    out = gan_labs.dann_step(net, opt, x_s, y_s, x_t, 0.0, 0.1, y_t)
+    logits = plain.label_classifier(plain.features(torch.cat([x_s, x_t[y_t >= 0]])))
+    want = F.cross_entropy(logits, torch.cat([y_s, y_t[y_t >= 0]]))
+    assert out["loss_y"].item() == pytest.approx(want.item(), rel=1e-5)
+    without = F.cross_entropy(plain.label_classifier(plain.features(x_s)), y_s)
+    assert abs(without.item() - want.item()) > 1e-3  # the target's labels count
+
+
+def test_gan_dann_pseudo_labels_run_beside_dann_and_source_only(gan_dann_runs, gan_data,
+                                                                tiny_data, tmp_path, capsys):
+    """--pseudo-labels RUN: the source-only run labels the target; a new net trains on source +
+    pseudo-labelled target at lambda = 0, with the same outputs as DANN's. Every target batch
+    reaches the step with the labeller's confident labels; bad input is one line."""
+    labeller = gan_labs.DANN(3)
+    labeller.load_state_dict(gan_ckpt(gan_dann_runs / "no_adapt")["net"])
+    argv = ["dann", "--data", str(gan_data), "--target-patches", str(tiny_data), "--epochs", "2",
+            "--batch-size", "16", "--threads", "1", "--device", "cpu"]
+    data, _ = gan_labs.load_dann_data(gan_labs.parse_args(argv), torch.device("cpu"))
+    with torch.no_grad():  # a threshold that keeps about half: the tiny labeller is unsure
+        f = labeller.features(gan_labs.to_float(data["target"]))
+        threshold = F.softmax(labeller.label_classifier(f), 1).max(1).values.median().item()
+    seen = []
+    step = gan_labs.dann_step
+
+    def recording_step(net, opt, x_s, y_s, x_t, lam, lr, y_t=None):
+        seen.append((lam, x_t, y_t))
+        return step(net, opt, x_s, y_s, x_t, lam, lr, y_t)
+    argv += ["--threshold", str(threshold), "--pseudo-labels", str(gan_dann_runs / "no_adapt"),
+             "--out", str(tmp_path / "pl")]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gan_labs, "dann_step", recording_step)
+        gan_labs.main(argv)
+    assert len(seen) == 6 and all(lam == 0 for lam, _, _ in seen)
+    with torch.no_grad():
+        for _, x_t, y_t in seen:
+            prob = F.softmax(labeller.label_classifier(labeller.features(x_t)), 1)
+            want = torch.where(prob.max(1).values > threshold, prob.argmax(1), -1)
+            assert torch.equal(y_t, want)
+    kept = torch.cat([y_t for _, _, y_t in seen]) >= 0
+    assert 0 < kept.float().mean() < 1  # some target images labelled, some not
+    pl, dann = (gan_read_csv(p / "metrics.csv") for p in (tmp_path / "pl", gan_dann_runs / "adapt"))
+    assert list(pl[0]) == list(dann[0])  # the same columns as DANN and source only
+    summary = json.loads((tmp_path / "pl" / "summary.json").read_text())
+    assert summary["method"] == f"pseudo-labels > {threshold:g}"
+    stats = summary["pseudo_labels"]
+    assert 0 < stats["train_kept"] <= 1 and 0 <= stats["test_kept"] <= 1
+    common = argv[:-4] + ["--out", str(tmp_path / "bad")]
+    for flags, want in (
+            (["--threshold", "1"], "--threshold must be in (0, 1)"),
+            (["--threshold", "0"], "--threshold must be in (0, 1)"),
+            (["--pseudo-labels", tmp_path / "nowhere"], "no checkpoint.pt there"),
+            (["--pseudo-labels", tmp_path / "pl", "--data", tiny_data], "--data"),
+            (["--lam", "-0.5"], "--lam must be >= 0"),
+            (["--no-adapt", "--lam", "1"], "choose one"),
+            (["--no-reversal", "--pseudo-labels", tmp_path / "pl"], "choose one")):
+        gan_user_error(capsys, common + flags, *([want] if isinstance(want, str) else want))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_gan_seed_004_flags_change_the_nets():
+    """--g-bn: BatchNorm1d after each hidden layer of the MLP G; wgan --d-dropout: the MLP
+    critic's dropout, active in train mode only; --init weight-norm: every weight is g v / ||v||
+    per output unit, and the nets start as PyTorch's init left them (catches a flag that builds
+    the default nets, or weight norm over the wrong dimension)."""
+    def nets(*flags):
+        torch.manual_seed(0)
+        return gan_labs.build_models(gan_labs.parse_args(list(flags)), 1, 0)
+    g_default, _ = nets("vanilla")
+    g_bn, _ = nets("vanilla", "--g-bn")
+    assert [m.num_features for m in g_bn if isinstance(m, torch.nn.BatchNorm1d)] == [256, 512,
+                                                                                   1024]
+    assert not [m for m in g_default if isinstance(m, torch.nn.BatchNorm1d)]
+    z = torch.randn(16, 100)
+    hidden = g_bn[:2](z)  # the first Linear + BatchNorm, in train mode: per-batch normalised
+    assert torch.allclose(hidden.mean(0), torch.zeros(256), atol=1e-5)
+    x = torch.randn(16, 1, 28, 28)
+    for p, active in (("0.5", True), ("0.0", False)):
+        _, critic = nets("wgan", "--critic", "mlp", "--generator", "mlp", "--d-dropout", p)
+        critic.train()
+        assert (not torch.equal(critic(x), critic(x))) == active, p
+        critic.eval()
+        assert torch.equal(critic(x), critic(x))
+    g_plain, d_plain = nets("wgan")
+    g_wn, d_wn = nets("wgan", "--init", "weight-norm")
+    normed = 0
+    for m in [*g_wn.modules(), *d_wn.modules()]:
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)):
+            g, v = m.parametrizations.weight.original0, m.parametrizations.weight.original1
+            unit = 1 if isinstance(m, torch.nn.ConvTranspose2d) else 0  # the output units
+            dims = [i for i in range(v.dim()) if i != unit]
+            norm = v.pow(2).sum(dims, keepdim=True).sqrt()
+            assert torch.allclose(m.weight, g * v / norm)
+            normed += 1
+    assert normed == 4 + 5  # G: 4 transposed convs; the conv critic: 4 convs + its linear layer
+    z = torch.randn(4, 100)
+    g_plain.eval(), g_wn.eval()
+    assert torch.allclose(g_plain(z), g_wn(z), atol=1e-5)
+    assert torch.allclose(d_plain(g_plain(z)), d_wn(g_wn(z)), atol=1e-4)
+
+
+def test_gan_seed_004_runs_conv_critic_diffaug_weight_norm_and_g_bn(gan_common, tmp_path,
+                                                                    capsys):
+    """Seed 004's remaining configurations end to end: the conv critic with DiffAugment, the MLP
+    G with BatchNorm, weight norm under the gradient penalty (its double backward), and the
+    MLP critic with dropout; bad combinations are one line."""
+    runs = {"conv": ["--critic", "conv", "--diffaug", "translation,cutout", "--init",
+                     "weight-norm", "--g-bn"],
+            "mlp": ["--critic", "mlp", "--d-dropout", "0.3"]}
+    for name, flags in runs.items():
+        out = tmp_path / name
+        gan_labs.main([str(a) for a in ("wgan", *gan_common, *GAN_TINY, "--generator", "mlp",
+                                        "--n-critic", "1", *flags, "--out", out)])
+        rows, _, _ = gan_check_run(out, bce=False, size=28)
+        assert all(float(r["gp"]) >= 0 for r in rows)
+    ckpt = gan_ckpt(tmp_path / "conv")
+    assert "1.running_mean" in ckpt["g"]  # G's BatchNorm after its first layer
+    assert "0.parametrizations.weight.original0" in ckpt["d"]
+    base = ["wgan", "--out", tmp_path / "bad"]
+    gan_user_error(capsys, base + ["--d-dropout", "0.3"], "--d-dropout needs the MLP critic")
+    gan_user_error(capsys, base + ["--g-bn"], "--g-bn is for the MLP generator")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_gan_dcgan_trains_resumes_and_has_bn_after_the_first_conv(gan_dcgan_run, gan_common,

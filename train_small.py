@@ -7,7 +7,8 @@ accuracy stays near 0.20 (Fig. 8). Stage 4 (`train_advreg.py`) regularizes this 
   * AMP (Adversarial Model Perturbation; Zheng et al., CVPR 2021): the loss at the worst weights
     in a ball, max over ||delta|| <= eps of L(theta + delta) (`perturb_adversarially`).
   * Transfer: layers of a pretrained CNN (pretrain.py's or the authors' CIFAR-100 models) copied
-    in (`transfer`), some of them frozen (`freeze`); all four convs frozen is the linear probe.
+    in (`transfer`), some of them frozen (`freeze`); all four convs frozen is the linear probe;
+    --probe-after convN probes the pooled features after block N (`Probe`).
   * --val-size: images from the rest of the training split for choosing what the paper does not
     fix (a learning rate, AMP's epsilon); never the 100 training images, never the test set.
 
@@ -91,6 +92,10 @@ def parse_args(argv=None):
     p.add_argument("--freeze", nargs="+", choices=LAYERS, default=[], metavar="LAYER",
                    help="layers that do not train (their BatchNorm keeps its statistics: eval "
                         "mode); conv1 conv2 conv3 conv4 = the linear probe")
+    p.add_argument("--probe-after", choices=LAYERS[:4], default=None, metavar="LAYER",
+                   help="the linear probe at a depth (seed 003's transfer lab, Q8): --init-from's "
+                        "network up to and including this block, frozen, average-pooled, a new "
+                        "linear head of its width; conv4 = the linear probe (default: none)")
     p.add_argument("--amp-epsilon", type=float, default=None, metavar="EPS",
                    help="turn on AMP with this radius of the perturbation ball (norm over all "
                         "trained parameters); off by default (chosen values: docs/train_small.md)")
@@ -133,6 +138,11 @@ def parse_args(argv=None):
         p.error("--transfer needs --init-from, the checkpoint to transfer from")
     if args.init_from is not None and args.init_bank is not None:
         p.error("--init-bank and --init-from both initialize the network: choose one")
+    if args.probe_after and (args.init_from is None or args.freeze or args.transfer):
+        p.error("--probe-after needs --init-from, and sets --transfer and --freeze itself "
+                "(conv1 conv2 conv3 conv4): leave them out")
+    if args.probe_after:
+        args = argparse.Namespace(**dict(vars(args), freeze=list(LAYERS[:4])))
     if args.init_from is not None and args.transfer is None:
         args = argparse.Namespace(**dict(vars(args), transfer=list(LAYERS[:4])))
     return args
@@ -159,6 +169,24 @@ class PaperCNN(nn.Module):
         x = F.relu(self.bn2(self.conv2(x)))
         x = F.relu(self.bn3(self.conv3(x)))
         x = F.relu(self.bn4(self.conv4(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class Probe(PaperCNN):
+    """The linear probe at a depth: the paper's CNN up to and including block `after` (conv,
+    BatchNorm, ReLU), global average pooling, a linear head of that block's width. The later
+    blocks stay in the model, unused, so its checkpoint keeps the paper's CNN's layout."""
+
+    def __init__(self, num_classes, after):
+        super().__init__(num_classes)
+        self.depth = LAYERS.index(after) + 1
+        width = getattr(self, after).out_channels
+        if width != self.fc.in_features:  # after conv4 the head is PaperCNN's own, untouched
+            self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        for i in range(1, self.depth + 1):
+            x = F.relu(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x)))
         return self.fc(x.mean(dim=(2, 3)))
 
 
@@ -249,7 +277,8 @@ def train_step(model, optimizer, images, labels, args):
 def train(seed, args, data, device):
     """One run (resumable): the 100 images, --epochs times, in batches of --batch-size."""
     torch.manual_seed(seed)
-    model = PaperCNN(len(data["classes"])).to(device)
+    k = len(data["classes"])
+    model = (Probe(k, args.probe_after) if args.probe_after else PaperCNN(k)).to(device)
     initialize(model, seed, args)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                  weight_decay=args.weight_decay, betas=tuple(args.betas))
@@ -414,7 +443,8 @@ def write_summary(args, histories):
     std = accs.std().item() if len(accs) > 1 else 0.0
     summary = {"dataset": args.data, "epochs": args.epochs, "init_bank": args.init_bank,
                "init_from": args.init_from, "transfer": args.transfer, "freeze": args.freeze,
-               "amp_epsilon": args.amp_epsilon, "test_acc": finals,
+               "probe_after": args.probe_after, "amp_epsilon": args.amp_epsilon,
+               "test_acc": finals,
                "best_test_acc": {str(s): max(h["test_acc"]) for s, h in histories.items()},
                "train_acc": {str(s): h["train_acc"][-1] for s, h in histories.items()},
                "val_acc": {str(s): h["val_acc"][-1] for s, h in histories.items()
