@@ -215,6 +215,8 @@ def configuration_name(ckpt):
 def transfer_label(run_args, transfer, freeze):
     """The known transfer recipes by name; any other by the layers transferred and frozen."""
     convs = list(CONV_SHAPES)
+    if run_args.get("probe_after") not in (None, "conv4"):  # train_small.py --probe-after
+        return f"linear probe after {run_args['probe_after']}"
     from_small_run = os.path.basename(str(run_args.get("init_from"))) == "model.pt"
     if "fc" in transfer and from_small_run:  # a train_small.py run's head too: probe, then tune
         return "LP-FT"

@@ -426,6 +426,18 @@ def test_compare_pools_the_draws_and_pairs_runs_by_subset_and_seed(tmp_path):
     assert (out / "compare_subsets.png").stat().st_size > 1000
 
 
+def test_a_probe_after_a_shallower_block_has_a_row_of_its_own():
+    """Catches probes at different depths (train_small.py --probe-after) mixed in one row, which
+    happens when old probe checkpoints (no probe_after key) are compared beside new ones."""
+    convs = ["conv1", "conv2", "conv3", "conv4"]
+    probe = {"per_class": 10, "amp_epsilon": None, "init_from": "models/model1_seed{seed}.pt",
+             "transfer": convs, "freeze": convs}
+    name = collect_kernels.configuration_name
+    assert name({"args": {**probe, "probe_after": "conv2"}})[0] == "linear probe after conv2"
+    full = "linear probe (transfer conv1-4, frozen conv1-4)"
+    assert name({"args": probe})[0] == name({"args": {**probe, "probe_after": "conv4"}})[0] == full
+
+
 def collect_compare_fake_runs(folder):
     """Tiny fake checkpoints of stage 3-4 runs (conv1 weights, history, args as train_small.py and
     train_advreg.py store them) and a two-source bank; returns (bank path, {run name: path})."""
