@@ -1920,3 +1920,106 @@ def test_gan_bf16_runs_finish_and_write_their_outputs(lab, gan_common, tmp_path)
     assert ckpt["flags"]["precision"] == "bf16"
     conv = [w for w in ckpt["g"].values() if w.dim() == 4][0]  # the faster layout was used
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+
+
+# ----------------------------------------------------------------------------- front page and flags
+import pathlib  # noqa: E402  (this part's own imports)
+
+BF16_SCRIPTS = (pretrain, train_small, train_advreg, gan_labs)  # the scripts with --precision
+SLOW_BF16 = "warning: this CPU has no native bf16"
+
+
+def bf16_warnings(capsys):
+    """The slow-bf16 warning lines a run wrote to stderr, and whether stderr starts with one."""
+    err = capsys.readouterr().err.splitlines()
+    return sum(SLOW_BF16 in line for line in err), bool(err) and SLOW_BF16 in err[0]
+
+
+@pytest.mark.parametrize("module", BF16_SCRIPTS, ids=lambda m: m.__name__)
+def test_bf16_on_a_cpu_without_native_bf16_warns_once_at_the_start(module, tiny_data, gan_data,
+                                                                    tmp_path, capsys,
+                                                                    monkeypatch):
+    """Told that the CPU has no native bf16, every script with --precision says so in one line,
+    stderr's first, once for a run of two seeds or epochs (catches a warning never printed, or
+    printed per seed); with fp32 it says nothing."""
+    monkeypatch.setattr(module, "cpu_has_native_bf16", lambda: False)
+    out = tmp_path / "run"
+    if module is gan_labs:
+        argv = ["dann", "--data", gan_data, "--target-patches", tiny_data, "--epochs", "2",
+                "--batch-size", "16", "--threads", "1", "--device", "cpu"]
+    else:
+        argv = ["--data", tiny_data, "--seeds", "0", "1", "--epochs", "1", "--device", "cpu"]
+        argv += {pretrain: ["--batch-size", "32"],
+                 train_small: ["--per-class", "2", "--eval-every", "1"],
+                 train_advreg: ["--per-class", "2", "--eval-every", "1", "--d-batch", "16",
+                                "--bank", tmp_bank(tmp_path, torch.randn(64, 7, 7))]}[module]
+    for precision, warnings in (("fp32", 0), ("bf16", 1)):
+        module.main([str(a) for a in argv + ["--precision", precision,
+                                             "--out", out / precision]])
+        said, first = bf16_warnings(capsys)
+        assert (said, first) == (warnings, warnings == 1), precision
+
+
+def test_the_bf16_warning_only_where_bf16_is_emulated(monkeypatch, capsys):
+    """The warning asks for --precision bf16, a CPU and no native bf16, all three (catches a
+    warning on a GPU or with native bf16); it names the flag to use instead."""
+    for precision, device, native in [(p, d, n) for p in ("fp32", "bf16")
+                                      for d in ("cpu", "cuda", "mps") for n in (False, True)]:
+        monkeypatch.setattr(train_small, "cpu_has_native_bf16", lambda: native)
+        train_small.warn_if_bf16_is_slow(precision, torch.device(device))
+        err = capsys.readouterr().err
+        assert (SLOW_BF16 in err) == (precision == "bf16" and device == "cpu" and not native)
+        assert err.count("\n") == (SLOW_BF16 in err) and ("--precision fp32" in err or not err)
+
+
+def test_native_bf16_is_read_from_torch_or_from_proc_cpuinfo(monkeypatch):
+    """torch's capabilities decide; without them, /proc/cpuinfo's flags; without either, no
+    warning. An AVX2-only CPU (the issue's: 13x slower in bf16) has none of the flags."""
+    detect = train_small.cpu_has_native_bf16
+    avx2, amx = {"avx2": True, "avx512_bf16": False}, {"avx2": True, "amx_bf16": True}
+    for capabilities, native in ((avx2, False), ({"avx512_bf16": True}, True), (amx, True),
+                                 ({"architecture": "arm64", "bf16": True}, True)):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+        assert detect() == native, capabilities
+    real_cpuinfo = os.path.exists("/proc/cpuinfo")
+    monkeypatch.delattr(torch.cpu, "get_capabilities")
+    if real_cpuinfo:  # this machine: both ways give one answer
+        monkeypatch.undo()
+        torch_says = detect()
+        monkeypatch.delattr(torch.cpu, "get_capabilities")
+        assert detect() == torch_says
+    for cpuinfo, native in (("flags\t: fpu sse2 avx2 fma\n", False),
+                            ("flags\t: avx2 avx512f avx512_bf16\n", True),
+                            ("Features\t: fp asimd bf16 i8mm\n", True), (None, True)):
+        def read_text(path, *args, text=cpuinfo, **kwargs):
+            if text is None:
+                raise FileNotFoundError(path)
+            return text
+        monkeypatch.setattr(pathlib.Path, "read_text", read_text)
+        assert detect() == native, cpuinfo
+
+
+def test_dann_under_bf16_computes_its_activations_in_bfloat16(gan_data, tiny_data, tmp_path,
+                                                             monkeypatch):
+    """dann --precision bf16: the features of the training step are bfloat16, with fp32 they are
+    float32 (catches the flag parsed but the step not autocast); the run ends with finite
+    losses, its flag recorded."""
+    dtypes = []
+
+    class Spied(gan_labs.DANN):
+        def __init__(self, n_classes):
+            super().__init__(n_classes)
+            self.features.register_forward_hook(
+                lambda module, inputs, output: dtypes.append(output.dtype)
+                if torch.is_grad_enabled() and output.requires_grad else None)
+    monkeypatch.setattr(gan_labs, "DANN", Spied)
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        dtypes.clear()
+        out = tmp_path / precision
+        gan_labs.main(["dann", "--data", str(gan_data), "--target-patches", str(tiny_data),
+                       "--epochs", "1", "--batch-size", "16", "--threads", "1", "--device", "cpu",
+                       "--precision", precision, "--out", str(out)])
+        assert dtypes and set(dtypes) == {dtype}, (precision, set(dtypes))
+        assert gan_ckpt(out)["flags"]["precision"] == precision
+        rows = gan_read_csv(out / "metrics.csv")
+        assert all(math.isfinite(float(r["loss_y"]) + float(r["loss_d"])) for r in rows)
