@@ -1923,7 +1923,10 @@ def test_gan_bf16_runs_finish_and_write_their_outputs(lab, gan_common, tmp_path)
 
 
 # ----------------------------------------------------------------------------- front page and flags
-import pathlib  # noqa: E402  (this part's own imports)
+import argparse  # noqa: E402  (this part's own imports)
+import glob  # noqa: E402
+import pathlib  # noqa: E402
+import shlex  # noqa: E402
 
 BF16_SCRIPTS = (pretrain, train_small, train_advreg, gan_labs)  # the scripts with --precision
 SLOW_BF16 = "warning: this CPU has no native bf16"
@@ -2023,3 +2026,165 @@ def test_dann_under_bf16_computes_its_activations_in_bfloat16(gan_data, tiny_dat
         assert gan_ckpt(out)["flags"]["precision"] == precision
         rows = gan_read_csv(out / "metrics.csv")
         assert all(math.isfinite(float(r["loss_y"]) + float(r["loss_d"])) for r in rows)
+
+
+class ParserBuilt(Exception):
+    """Raised in place of parsing: carries the parser a script's parse_args built."""
+
+
+def parser_of(module):
+    """The argparse parser of a script's parse_args, built in this process and not run."""
+    def capture(parser, *args, **kwargs):
+        raise ParserBuilt(parser)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(argparse.ArgumentParser, "parse_args", capture)
+        with pytest.raises(ParserBuilt) as built:
+            module.parse_args([])
+    return built.value.args[0]
+
+
+def accepted_flags():
+    """{"train_small.py": {"--lr", ...}, "gan_labs.py dcgan": {...}, ...}: what --help lists."""
+    flags = {}
+    for module in SCRIPTS:
+        parser, name = parser_of(module), module.__name__ + ".py"
+        flags[name] = set(parser._option_string_actions)
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, subparser in action.choices.items():
+                    flags[f"{name} {sub}"] = set(subparser._option_string_actions)
+    return flags
+
+
+def split_page(text):
+    """A Markdown page as (the lines of its fenced code blocks, a line ending in a backslash
+    joined to the next; its prose)."""
+    code, prose, inside = [], [], False
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            inside = not inside
+        else:
+            (code if inside else prose).append(line)
+    return "\n".join(code).replace("\\\n", " ").splitlines(), "\n".join(prose)
+
+
+def commands_of(code_lines, scripts):
+    """(script, its words) of every `python SCRIPT.py ...` in shell lines; $NAME is expanded
+    from an earlier NAME=VALUE line (the README's T="--data ... --seeds ...")."""
+    variables, found = {}, []
+    for line in code_lines:
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError:  # not shell
+            continue
+        expanded = []
+        for word in words:
+            assignment = re.fullmatch(r"([A-Za-z_]\w*)=(.*)", word, re.S)
+            variable = re.fullmatch(r"\$\{?(\w+)\}?", word)
+            if assignment and not expanded:
+                variables[assignment[1]] = assignment[2]
+            elif variable and variable[1] in variables:
+                expanded += variables[variable[1]].split()
+            else:
+                expanded.append(word)
+        for i, word in enumerate(expanded[1:], 1):
+            if os.path.basename(word) in scripts and expanded[i - 1].startswith("python"):
+                found.append((os.path.basename(word), expanded[i + 1:]))
+    return found
+
+
+def undefined_flags_in_commands(text, accepted):
+    """Every flag of a command in the page's code blocks that its parser lacks, and every
+    gan_labs.py subcommand that does not exist."""
+    wrong = []
+    for script, words in commands_of(split_page(text)[0], {k for k in accepted if " " not in k}):
+        name = script
+        if any(key.startswith(script + " ") for key in accepted):  # gan_labs.py SUBCOMMAND
+            subcommand = words[0] if words else ""
+            name = f"{script} {subcommand}"
+            if name not in accepted:
+                wrong.append(name)
+                continue
+        for word in words:
+            flag = word.split("=")[0]
+            if flag.startswith("--") and flag not in accepted[name]:
+                wrong.append(f"{name} {flag}")
+    return wrong
+
+
+def prose_units(prose):
+    """Sentences, list items and table rows of Markdown prose, each on one line."""
+    units = []
+    for block in re.split(r"\n\s*\n|\n(?=\s*[-*|] )|\n(?=\|)", prose):
+        block = " ".join(block.split())
+        units += re.split(r"(?<=\.)\s+(?=[A-Z`*(\[])", block)
+    return units
+
+
+def takes(script, flag, named, accepted):
+    """Whether a flag said of `script` in a sentence naming the words `named` is the script's.
+    For gan_labs.py: its every subcommand the sentence does not name has it, or one it names
+    (\"every subcommand but `memorization`\"); a flag said of gan_labs.py alone is its every
+    subcommand's."""
+    subcommands = {k.split()[1] for k in accepted if k.startswith(script + " ")}
+    if not subcommands:
+        return flag in accepted[script]
+    said_of = subcommands & named
+    return (any(flag in accepted[f"{script} {s}"] for s in said_of)
+            or all(flag in accepted[f"{script} {s}"] for s in subcommands - said_of))
+
+
+def undefined_flags_in_prose(text, accepted):
+    """The page's prose against --help: every backticked --flag exists in some script; in a
+    sentence, list item or table row that names scripts, it is taken by one of them."""
+    scripts = {k for k in accepted if " " not in k}
+    everywhere = set().union(*accepted.values())
+    wrong = []
+    for unit in prose_units(split_page(text)[1]):
+        spans = re.findall(r"`([^`]*)`", unit)
+        flags = {f for span in spans for f in re.findall(r"(?<![\w-])--[a-z][\w-]*", span)}
+        named = {word for span in spans for word in re.findall(r"[\w.]+", span)}
+        said_of = sorted(named & scripts)
+        for flag in sorted(flags):
+            if flag not in everywhere:
+                wrong.append(f"{flag}: no script has it: {unit[:80]}")
+            elif said_of and not any(takes(s, flag, named, accepted) for s in said_of):
+                wrong.append(f"{flag}: said of {', '.join(said_of)}, which lacks it (name the "
+                             f"subcommands that take it): {unit[:80]}")
+    return wrong
+
+
+def front_pages():
+    return [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
+
+
+def test_readme_and_docs_commands_use_only_flags_that_help_lists():
+    """Every `python SCRIPT.py [SUBCOMMAND] --flag ...` in the code blocks of README.md and
+    docs/*.md, and in the scripts' docstrings (the top of --help), uses flags its parser has;
+    every flag the README's prose names is taken by the scripts it is said of. Read from the
+    pages as they are, whatever commands they hold; a misspelt flag is found (checked below)."""
+    accepted = accepted_flags()
+    assert {"train_small.py", "gan_labs.py dann", "gan_labs.py memorization"} <= set(accepted)
+    assert "--precision" in accepted["gan_labs.py dann"] and "--seed" not in accepted[
+        "gan_labs.py memorization"]
+    pages = {path: open(path).read() for path in front_pages()}
+    pages.update({module.__name__ + ".py": f"```\n{module.__doc__}\n```" for module in SCRIPTS})
+    counted = sum(len(commands_of(split_page(t)[0], set(accepted))) for t in pages.values())
+    readme = pages[front_pages()[0]]
+    assert len(commands_of(split_page(readme)[0], set(accepted))) >= 5 and counted >= 50
+    wrong = {os.path.basename(p): undefined_flags_in_commands(t, accepted)
+             for p, t in pages.items()}
+    wrong["README.md prose"] = undefined_flags_in_prose(readme, accepted)
+    assert {page: w for page, w in wrong.items() if w} == {}
+    # the check can fail: a misspelt flag, a flag of another lab, a lab that does not exist,
+    # a flag said of gan_labs.py that one of its subcommands lacks
+    planted = {"python train_small.py --data x --eval-evry 10": ["train_small.py --eval-evry"],
+               "T=\"--seeds 0 --thread 1\"\npython pretrain.py $T": ["pretrain.py --thread"],
+               "python gan_labs.py dann --ngf 8": ["gan_labs.py dann --ngf"],
+               "python gan_labs.py dcagn --data mnist": ["gan_labs.py dcagn"]}
+    for command, found in planted.items():
+        assert undefined_flags_in_commands(f"```\n{command}\n```", accepted) == found, command
+    said = "`gan_labs.py` takes `--data`, `--device` and `--seed` (one run per call)."
+    assert [w.split(":")[0] for w in undefined_flags_in_prose(said, accepted)] == ["--data",
+                                                                                   "--seed"]
+    assert undefined_flags_in_prose("The trainers take `--precison bf16`.", accepted)
