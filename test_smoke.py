@@ -2188,3 +2188,79 @@ def test_readme_and_docs_commands_use_only_flags_that_help_lists():
     assert [w.split(":")[0] for w in undefined_flags_in_prose(said, accepted)] == ["--data",
                                                                                    "--seed"]
     assert undefined_flags_in_prose("The trainers take `--precison bf16`.", accepted)
+
+
+# How to make the offline ImageFolder from a torchvision download (README_NOTES for the front
+# page): the test runs the README's own copy if the README has one, else this one.
+EXPORT_IMAGEFOLDER = '''python -c "
+import pathlib, sys, torchvision
+name, out = sys.argv[1], pathlib.Path(sys.argv[2]).expanduser()
+dataset = {'cifar10': torchvision.datasets.CIFAR10, 'mnist': torchvision.datasets.MNIST}[name]
+for split in ('train', 'test'):
+    ds = dataset('data', train=split == 'train', download=True)
+    for i, (image, label) in enumerate(ds):
+        folder = out / split / ds.classes[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / f'{i:05d}.png')
+" cifar10 ~/data/cifar10'''
+
+
+class FakeTorchvisionSet:
+    """A few images in the shape of torchvision's CIFAR10 / MNIST: .data, .targets, .classes,
+    and (PIL image, label) items. No download."""
+    shape, classes, mode = (32, 32, 3), ["airplane", "automobile", "bird"], "RGB"
+
+    def __init__(self, root, train=True, download=False):
+        n = 24 if train else 12  # over 10: file names must sort as the indices do
+        g = torch.Generator().manual_seed(int(train))
+        self.data = torch.randint(0, 256, (n, *self.shape), generator=g, dtype=torch.uint8)
+        self.targets = [(i * 2) % len(self.classes) for i in range(n)]
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return PIL.Image.fromarray(self.data[i].numpy(), mode=self.mode), self.targets[i]
+
+
+class FakeMNIST(FakeTorchvisionSet):
+    shape, classes, mode = (28, 28), ["0 - zero", "1 - one", "2 - two"], "L"
+
+
+def export_snippets():
+    """The export command(s): the README's, if it has one, and this file's."""
+    found = [EXPORT_IMAGEFOLDER]
+    for block in re.findall(r"```[^\n]*\n(.*?)```", open(os.path.join(ROOT, "README.md")).read(),
+                            re.S):
+        start = block.find('python -c "')
+        if start >= 0 and "torchvision.datasets" in block and ".save(" in block:
+            found.append(block[start:block.index("\n", block.index('"', start + 11))])
+    return found
+
+
+@pytest.mark.parametrize("name", ["cifar10", "mnist"])
+def test_the_imagefolder_export_gives_what_the_torchvision_name_gives(name, tmp_path,
+                                                                     monkeypatch):
+    """The documented export of a torchvision download to PNGs, run on a fake dataset: the
+    scripts' loader reads the tree (train/<class>/x.png, test/<class>/x.png) as the torchvision
+    name's images, labels and classes, in class order, and the 100-image subset is the same
+    images (catches a lossy format, classes out of order, a split written into the other)."""
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeTorchvisionSet)
+    monkeypatch.setattr(torchvision.datasets, "MNIST", FakeMNIST)
+    for k, snippet in enumerate(export_snippets()):
+        words = shlex.split(snippet)
+        assert words[:2] == ["python", "-c"] and len(words) == 5, words
+        out = tmp_path / f"{name}_{k}"
+        monkeypatch.setattr(sys, "argv", ["-c", name, str(out)])
+        exec(words[2], {})
+        for split in ("train", "test"):
+            train_small.load_split.cache_clear()
+            x, y, classes = train_small.load_split(str(out), "data", split)
+            want_x, want_y, want_classes = train_small.load_split(name, "data", split)
+            assert classes == want_classes and len(list((out / split).glob("*/*.png"))) == len(y)
+            by_class = torch.sort(want_y, stable=True).indices  # ImageFolder: class by class
+            assert torch.equal(x, want_x[by_class]) and torch.equal(y, want_y[by_class])
+            # so the 100-image task draws the same images from both (per class, in file order)
+            keep, want_keep = (train_small.small_subset(labels, 2, 0) for labels in (y, want_y))
+            assert torch.equal(x[keep], want_x[want_keep])
+    train_small.load_split.cache_clear()
