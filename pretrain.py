@@ -185,6 +185,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
+    warn_if_bf16_is_slow(args.precision, device)
     if args.evaluate:
         return evaluate_checkpoints(args, device)
     data = load_pretraining_data(args, device)
@@ -553,6 +554,29 @@ def autocast(precision, device):
     """--precision bf16: forward passes and losses in bfloat16 where torch's autocast deems it
     safe; weights, gradients and optimizer state stay float32. fp32: a no-op."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def cpu_has_native_bf16():
+    """Whether this CPU computes bfloat16 in hardware: AVX512-BF16 or AMX on x86, BF16 on Arm.
+    Without it torch emulates bf16, many times slower than fp32. Asks torch.cpu.get_capabilities
+    (torch 2.14 has it), else Linux's /proc/cpuinfo; True when neither can tell (no warning)."""
+    flags = {"avx512_bf16", "amx_bf16", "bf16", "sve_bf16"}
+    get_capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if get_capabilities is not None:
+        capabilities = get_capabilities()
+        return any(capabilities.get(flag, False) for flag in flags)
+    try:
+        return bool(flags & set(pathlib.Path("/proc/cpuinfo").read_text().split()))
+    except OSError:
+        return True
+
+
+def warn_if_bf16_is_slow(precision, device):
+    """One line to stderr at the start of a run: --precision bf16 on a CPU without native bf16."""
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        print("warning: this CPU has no native bf16 (AVX512-BF16 or AMX), so --precision bf16 "
+              "runs many times slower than fp32 (13x measured: docs/train_small.md); drop it "
+              "and use --precision fp32, the default", file=sys.stderr, flush=True)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -2283,3 +2283,347 @@ def test_gan_bf16_runs_finish_and_write_their_outputs(lab, gan_common, tmp_path)
     assert ckpt["flags"]["precision"] == "bf16"
     conv = [w for w in ckpt["g"].values() if w.dim() == 4][0]  # the faster layout was used
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+
+
+# ----------------------------------------------------------------------------- front page and flags
+import argparse  # noqa: E402  (this part's own imports)
+import glob  # noqa: E402
+import pathlib  # noqa: E402
+import shlex  # noqa: E402
+
+BF16_SCRIPTS = (pretrain, train_small, train_advreg, gan_labs)  # the scripts with --precision
+SLOW_BF16 = "warning: this CPU has no native bf16"
+
+
+def bf16_warnings(capsys):
+    """The slow-bf16 warning lines a run wrote to stderr, and whether stderr starts with one."""
+    err = capsys.readouterr().err.splitlines()
+    return sum(SLOW_BF16 in line for line in err), bool(err) and SLOW_BF16 in err[0]
+
+
+@pytest.mark.parametrize("module", BF16_SCRIPTS, ids=lambda m: m.__name__)
+def test_bf16_on_a_cpu_without_native_bf16_warns_once_at_the_start(module, tiny_data, gan_data,
+                                                                    tmp_path, capsys,
+                                                                    monkeypatch):
+    """Told that the CPU has no native bf16, every script with --precision says so in one line,
+    stderr's first, once for a run of two seeds or epochs (catches a warning never printed, or
+    printed per seed); with fp32 it says nothing."""
+    monkeypatch.setattr(module, "cpu_has_native_bf16", lambda: False)
+    out = tmp_path / "run"
+    if module is gan_labs:
+        argv = ["dann", "--data", gan_data, "--target-patches", tiny_data, "--epochs", "2",
+                "--batch-size", "16", "--threads", "1", "--device", "cpu"]
+    else:
+        argv = ["--data", tiny_data, "--seeds", "0", "1", "--epochs", "1", "--device", "cpu"]
+        argv += {pretrain: ["--batch-size", "32"],
+                 train_small: ["--per-class", "2", "--eval-every", "1"],
+                 train_advreg: ["--per-class", "2", "--eval-every", "1", "--d-batch", "16",
+                                "--bank", tmp_bank(tmp_path, torch.randn(64, 7, 7))]}[module]
+    for precision, warnings in (("fp32", 0), ("bf16", 1)):
+        module.main([str(a) for a in argv + ["--precision", precision,
+                                             "--out", out / precision]])
+        said, first = bf16_warnings(capsys)
+        assert (said, first) == (warnings, warnings == 1), precision
+
+
+def test_the_bf16_warning_only_where_bf16_is_emulated(monkeypatch, capsys):
+    """The warning asks for --precision bf16, a CPU and no native bf16, all three (catches a
+    warning on a GPU or with native bf16); it names the flag to use instead."""
+    for precision, device, native in [(p, d, n) for p in ("fp32", "bf16")
+                                      for d in ("cpu", "cuda", "mps") for n in (False, True)]:
+        monkeypatch.setattr(train_small, "cpu_has_native_bf16", lambda: native)
+        train_small.warn_if_bf16_is_slow(precision, torch.device(device))
+        err = capsys.readouterr().err
+        assert (SLOW_BF16 in err) == (precision == "bf16" and device == "cpu" and not native)
+        assert err.count("\n") == (SLOW_BF16 in err) and ("--precision fp32" in err or not err)
+
+
+def test_native_bf16_is_read_from_torch_or_from_proc_cpuinfo(monkeypatch):
+    """torch's capabilities decide; without them, /proc/cpuinfo's flags; without either, no
+    warning. An AVX2-only CPU (the issue's: 13x slower in bf16) has none of the flags."""
+    detect = train_small.cpu_has_native_bf16
+    avx2, amx = {"avx2": True, "avx512_bf16": False}, {"avx2": True, "amx_bf16": True}
+    for capabilities, native in ((avx2, False), ({"avx512_bf16": True}, True), (amx, True),
+                                 ({"architecture": "arm64", "bf16": True}, True)):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+        assert detect() == native, capabilities
+    real_cpuinfo = os.path.exists("/proc/cpuinfo")
+    monkeypatch.delattr(torch.cpu, "get_capabilities")
+    if real_cpuinfo:  # this machine: both ways give one answer
+        monkeypatch.undo()
+        torch_says = detect()
+        monkeypatch.delattr(torch.cpu, "get_capabilities")
+        assert detect() == torch_says
+    for cpuinfo, native in (("flags\t: fpu sse2 avx2 fma\n", False),
+                            ("flags\t: avx2 avx512f avx512_bf16\n", True),
+                            ("Features\t: fp asimd bf16 i8mm\n", True), (None, True)):
+        def read_text(path, *args, text=cpuinfo, **kwargs):
+            if text is None:
+                raise FileNotFoundError(path)
+            return text
+        monkeypatch.setattr(pathlib.Path, "read_text", read_text)
+        assert detect() == native, cpuinfo
+
+
+def test_dann_under_bf16_computes_its_activations_in_bfloat16(gan_data, tiny_data, tmp_path,
+                                                             monkeypatch):
+    """dann --precision bf16: the features of the training step are bfloat16, with fp32 they are
+    float32 (catches the flag parsed but the step not autocast); the run ends with finite
+    losses, its flag recorded."""
+    dtypes = []
+
+    class Spied(gan_labs.DANN):
+        def __init__(self, n_classes):
+            super().__init__(n_classes)
+            self.features.register_forward_hook(
+                lambda module, inputs, output: dtypes.append(output.dtype)
+                if torch.is_grad_enabled() and output.requires_grad else None)
+    monkeypatch.setattr(gan_labs, "DANN", Spied)
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        dtypes.clear()
+        out = tmp_path / precision
+        gan_labs.main(["dann", "--data", str(gan_data), "--target-patches", str(tiny_data),
+                       "--epochs", "1", "--batch-size", "16", "--threads", "1", "--device", "cpu",
+                       "--precision", precision, "--out", str(out)])
+        assert dtypes and set(dtypes) == {dtype}, (precision, set(dtypes))
+        assert gan_ckpt(out)["flags"]["precision"] == precision
+        rows = gan_read_csv(out / "metrics.csv")
+        assert all(math.isfinite(float(r["loss_y"]) + float(r["loss_d"])) for r in rows)
+
+
+class ParserBuilt(Exception):
+    """Raised in place of parsing: carries the parser a script's parse_args built."""
+
+
+def parser_of(module):
+    """The argparse parser of a script's parse_args, built in this process and not run."""
+    def capture(parser, *args, **kwargs):
+        raise ParserBuilt(parser)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(argparse.ArgumentParser, "parse_args", capture)
+        with pytest.raises(ParserBuilt) as built:
+            module.parse_args([])
+    return built.value.args[0]
+
+
+def accepted_flags():
+    """{"train_small.py": {"--lr", ...}, "gan_labs.py dcgan": {...}, ...}: what --help lists."""
+    flags = {}
+    for module in SCRIPTS:
+        parser, name = parser_of(module), module.__name__ + ".py"
+        flags[name] = set(parser._option_string_actions)
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, subparser in action.choices.items():
+                    flags[f"{name} {sub}"] = set(subparser._option_string_actions)
+    return flags
+
+
+def split_page(text):
+    """A Markdown page as (the lines of its fenced code blocks, a line ending in a backslash
+    joined to the next; its prose)."""
+    code, prose, inside = [], [], False
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            inside = not inside
+        else:
+            (code if inside else prose).append(line)
+    return "\n".join(code).replace("\\\n", " ").splitlines(), "\n".join(prose)
+
+
+def commands_of(code_lines, scripts):
+    """(script, its words) of every `python SCRIPT.py ...` in shell lines; $NAME is expanded
+    from an earlier NAME=VALUE line (the README's T="--data ... --seeds ...")."""
+    variables, found = {}, []
+    for line in code_lines:
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError:  # not shell
+            continue
+        expanded = []
+        for word in words:
+            assignment = re.fullmatch(r"([A-Za-z_]\w*)=(.*)", word, re.S)
+            variable = re.fullmatch(r"\$\{?(\w+)\}?", word)
+            if assignment and not expanded:
+                variables[assignment[1]] = assignment[2]
+            elif variable and variable[1] in variables:
+                expanded += variables[variable[1]].split()
+            else:
+                expanded.append(word)
+        for i, word in enumerate(expanded[1:], 1):
+            if os.path.basename(word) in scripts and expanded[i - 1].startswith("python"):
+                found.append((os.path.basename(word), expanded[i + 1:]))
+    return found
+
+
+def undefined_flags_in_commands(text, accepted):
+    """Every flag of a command in the page's code blocks that its parser lacks, and every
+    gan_labs.py subcommand that does not exist."""
+    wrong = []
+    for script, words in commands_of(split_page(text)[0], {k for k in accepted if " " not in k}):
+        name = script
+        if any(key.startswith(script + " ") for key in accepted):  # gan_labs.py SUBCOMMAND
+            subcommand = words[0] if words else ""
+            name = f"{script} {subcommand}"
+            if name not in accepted:
+                wrong.append(name)
+                continue
+        for word in words:
+            flag = word.split("=")[0]
+            if flag.startswith("--") and flag not in accepted[name]:
+                wrong.append(f"{name} {flag}")
+    return wrong
+
+
+def prose_units(prose):
+    """Sentences, list items and table rows of Markdown prose, each on one line."""
+    units = []
+    for block in re.split(r"\n\s*\n|\n(?=\s*[-*|] )|\n(?=\|)", prose):
+        block = " ".join(block.split())
+        units += re.split(r"(?<=\.)\s+(?=[A-Z`*(\[])", block)
+    return units
+
+
+def takes(script, flag, named, accepted):
+    """Whether a flag said of `script` in a sentence naming the words `named` is the script's.
+    For gan_labs.py: its every subcommand the sentence does not name has it, or one it names
+    (\"every subcommand but `memorization`\"); a flag said of gan_labs.py alone is its every
+    subcommand's."""
+    subcommands = {k.split()[1] for k in accepted if k.startswith(script + " ")}
+    if not subcommands:
+        return flag in accepted[script]
+    said_of = subcommands & named
+    return (any(flag in accepted[f"{script} {s}"] for s in said_of)
+            or all(flag in accepted[f"{script} {s}"] for s in subcommands - said_of))
+
+
+def undefined_flags_in_prose(text, accepted):
+    """The page's prose against --help: every backticked --flag exists in some script; in a
+    sentence, list item or table row that names scripts, it is taken by one of them."""
+    scripts = {k for k in accepted if " " not in k}
+    everywhere = set().union(*accepted.values())
+    wrong = []
+    for unit in prose_units(split_page(text)[1]):
+        spans = re.findall(r"`([^`]*)`", unit)
+        flags = {f for span in spans for f in re.findall(r"(?<![\w-])--[a-z][\w-]*", span)}
+        named = {word for span in spans for word in re.findall(r"[\w.]+", span)}
+        said_of = sorted(named & scripts)
+        for flag in sorted(flags):
+            if flag not in everywhere:
+                wrong.append(f"{flag}: no script has it: {unit[:80]}")
+            elif said_of and not any(takes(s, flag, named, accepted) for s in said_of):
+                wrong.append(f"{flag}: said of {', '.join(said_of)}, which lacks it (name the "
+                             f"subcommands that take it): {unit[:80]}")
+    return wrong
+
+
+def front_pages():
+    return [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
+
+
+def test_readme_and_docs_commands_use_only_flags_that_help_lists():
+    """Every `python SCRIPT.py [SUBCOMMAND] --flag ...` in the code blocks of README.md and
+    docs/*.md, and in the scripts' docstrings (the top of --help), uses flags its parser has;
+    every flag the README's prose names is taken by the scripts it is said of. Read from the
+    pages as they are, whatever commands they hold; a misspelt flag is found (checked below)."""
+    accepted = accepted_flags()
+    assert {"train_small.py", "gan_labs.py dann", "gan_labs.py memorization"} <= set(accepted)
+    assert "--precision" in accepted["gan_labs.py dann"] and "--seed" not in accepted[
+        "gan_labs.py memorization"]
+    pages = {path: open(path).read() for path in front_pages()}
+    pages.update({module.__name__ + ".py": f"```\n{module.__doc__}\n```" for module in SCRIPTS})
+    counted = sum(len(commands_of(split_page(t)[0], set(accepted))) for t in pages.values())
+    readme = pages[front_pages()[0]]
+    assert len(commands_of(split_page(readme)[0], set(accepted))) >= 5 and counted >= 50
+    wrong = {os.path.basename(p): undefined_flags_in_commands(t, accepted)
+             for p, t in pages.items()}
+    wrong["README.md prose"] = undefined_flags_in_prose(readme, accepted)
+    assert {page: w for page, w in wrong.items() if w} == {}
+    # the check can fail: a misspelt flag, a flag of another lab, a lab that does not exist,
+    # a flag said of gan_labs.py that one of its subcommands lacks
+    planted = {"python train_small.py --data x --eval-evry 10": ["train_small.py --eval-evry"],
+               "T=\"--seeds 0 --thread 1\"\npython pretrain.py $T": ["pretrain.py --thread"],
+               "python gan_labs.py dann --ngf 8": ["gan_labs.py dann --ngf"],
+               "python gan_labs.py dcagn --data mnist": ["gan_labs.py dcagn"]}
+    for command, found in planted.items():
+        assert undefined_flags_in_commands(f"```\n{command}\n```", accepted) == found, command
+    said = "`gan_labs.py` takes `--data`, `--device` and `--seed` (one run per call)."
+    assert [w.split(":")[0] for w in undefined_flags_in_prose(said, accepted)] == ["--data",
+                                                                                   "--seed"]
+    assert undefined_flags_in_prose("The trainers take `--precison bf16`.", accepted)
+
+
+# How to make the offline ImageFolder from a torchvision download (README_NOTES for the front
+# page): the test runs the README's own copy if the README has one, else this one.
+EXPORT_IMAGEFOLDER = '''python -c "
+import pathlib, sys, torchvision
+name, out = sys.argv[1], pathlib.Path(sys.argv[2]).expanduser()
+dataset = {'cifar10': torchvision.datasets.CIFAR10, 'mnist': torchvision.datasets.MNIST}[name]
+for split in ('train', 'test'):
+    ds = dataset('data', train=split == 'train', download=True)
+    for i, (image, label) in enumerate(ds):
+        folder = out / split / ds.classes[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / f'{i:05d}.png')
+" cifar10 ~/data/cifar10'''
+
+
+class FakeTorchvisionSet:
+    """A few images in the shape of torchvision's CIFAR10 / MNIST: .data, .targets, .classes,
+    and (PIL image, label) items. No download."""
+    shape, classes, mode = (32, 32, 3), ["airplane", "automobile", "bird"], "RGB"
+
+    def __init__(self, root, train=True, download=False):
+        n = 24 if train else 12  # over 10: file names must sort as the indices do
+        g = torch.Generator().manual_seed(int(train))
+        self.data = torch.randint(0, 256, (n, *self.shape), generator=g, dtype=torch.uint8)
+        self.targets = [(i * 2) % len(self.classes) for i in range(n)]
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return PIL.Image.fromarray(self.data[i].numpy(), mode=self.mode), self.targets[i]
+
+
+class FakeMNIST(FakeTorchvisionSet):
+    shape, classes, mode = (28, 28), ["0 - zero", "1 - one", "2 - two"], "L"
+
+
+def export_snippets():
+    """The export command(s): the README's, if it has one, and this file's."""
+    found = [EXPORT_IMAGEFOLDER]
+    for block in re.findall(r"```[^\n]*\n(.*?)```", open(os.path.join(ROOT, "README.md")).read(),
+                            re.S):
+        start = block.find('python -c "')
+        if start >= 0 and "torchvision.datasets" in block and ".save(" in block:
+            found.append(block[start:block.index("\n", block.index('"', start + 11))])
+    return found
+
+
+@pytest.mark.parametrize("name", ["cifar10", "mnist"])
+def test_the_imagefolder_export_gives_what_the_torchvision_name_gives(name, tmp_path,
+                                                                     monkeypatch):
+    """The documented export of a torchvision download to PNGs, run on a fake dataset: the
+    scripts' loader reads the tree (train/<class>/x.png, test/<class>/x.png) as the torchvision
+    name's images, labels and classes, in class order, and the 100-image subset is the same
+    images (catches a lossy format, classes out of order, a split written into the other)."""
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeTorchvisionSet)
+    monkeypatch.setattr(torchvision.datasets, "MNIST", FakeMNIST)
+    for k, snippet in enumerate(export_snippets()):
+        words = shlex.split(snippet)
+        assert words[:2] == ["python", "-c"] and len(words) == 5, words
+        out = tmp_path / f"{name}_{k}"
+        monkeypatch.setattr(sys, "argv", ["-c", name, str(out)])
+        exec(words[2], {})
+        for split in ("train", "test"):
+            train_small.load_split.cache_clear()
+            x, y, classes = train_small.load_split(str(out), "data", split)
+            want_x, want_y, want_classes = train_small.load_split(name, "data", split)
+            assert classes == want_classes and len(list((out / split).glob("*/*.png"))) == len(y)
+            by_class = torch.sort(want_y, stable=True).indices  # ImageFolder: class by class
+            assert torch.equal(x, want_x[by_class]) and torch.equal(y, want_y[by_class])
+            # so the 100-image task draws the same images from both (per class, in file order)
+            keep, want_keep = (train_small.small_subset(labels, 2, 0) for labels in (y, want_y))
+            assert torch.equal(x[keep], want_x[want_keep])
+    train_small.load_split.cache_clear()
