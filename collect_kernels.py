@@ -16,13 +16,17 @@ A quick CPU run (after pretrain.py --data PATH --quick --seeds 0 1 --out checkpo
 After stages 3-4, the table (mean ± std over the seeds of each configuration):
     python collect_kernels.py --compare runs/advreg/*/model.pt runs/small/seed*/model.pt \
         --bank kernels/conv1_7x7.pt --out kernels/compare
+The microscope (seed 003's lab 2-b: attacks, saliency maps, class visualization): add to it
+        --test-data cifar10 --attack-images 500
 
 Reads:  checkpoints of the paper's CNN (pretrain.py's or the authors' model1_seed*.pt; with
         --compare, train_small.py's and train_advreg.py's) and, with --compare, a bank.
 Writes: <out>/<layer>_<k>x<k>.pt ("kernels" [N, k, k] and provenance: layer, kernel_size, sources,
         source_counts, seeds, test_acc, dataset, arch, format), <out>/<layer>_<k>x<k>_grid.png
         (Figure 3); with --compare, compare.csv (a row per checkpoint), compare.md (a row per
-        configuration), compare.png, compare_pca.png, compare_metrics.png, compare_ladder.png.
+        configuration), compare.png, compare_pca.png, compare_metrics.png, compare_ladder.png;
+        with --test-data, microscope.csv (accuracy under FGSM / PGD, a row per run),
+        microscope.md (a row per configuration), microscope_saliency.png, microscope_classes.png.
 Results: docs/collect_kernels.md
 """
 import argparse
@@ -442,11 +446,12 @@ def saliency(model, x, y):
 
 def class_visualization(model, classes, steps=200, lr=0.3, l2_reg=1e-3, blur_every=10,
                         max_jitter=2, seed=0):
-    """Class visualization (Simonyan et al., 2014), regularized as in the lab (after Yosinski et
-    al., 2015): from noise, gradient ascent on the image to raise S_c(x) - l2_reg ||x'||^2 (x'
-    the normalized image the CNN sees), each step of L2 norm `lr` in pixel space on a copy
-    shifted by up to `max_jitter` pixels, a Gaussian blur (sigma 0.5) every `blur_every` steps.
-    The defaults are this project's: the lab's recipe (l2 1e-3, 200 steps, blur every 10, jitter
+    """Class visualization (Simonyan et al., 2014), regularized after Yosinski et al. (2015) as
+    in the lab's public exercise code: from noise, gradient ascent on the image to raise
+    S_c(x) - l2_reg ||x'||^2 (x' the normalized image the CNN sees), each step of L2 norm `lr` in
+    pixel space on a copy shifted by up to `max_jitter` pixels, a Gaussian blur (sigma 0.5)
+    every `blur_every` steps.
+    The defaults are this project's: that code's (l2 1e-3, 200 steps, blur every 10, jitter
     16 of 224 pixels) with the jitter scaled to 32 pixels, lr chosen by eye on the authors' seed-0
     model (0.1, 0.3, 0.5, 1 tried)."""
     g = torch.Generator().manual_seed(seed)
