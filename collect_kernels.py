@@ -17,7 +17,7 @@ After stages 3-4, the table (mean ± std over the seeds of each configuration):
     python collect_kernels.py --compare runs/advreg/*/model.pt runs/small/seed*/model.pt \
         --bank kernels/conv1_7x7.pt --out kernels/compare
 The microscope (seed 003's lab 2-b: attacks, saliency maps, class visualization): add to it
-        --test-data cifar10 --attack-images 500
+        --test-data cifar10 --attack-images 200
 
 Reads:  checkpoints of the paper's CNN (pretrain.py's or the authors' model1_seed*.pt; with
         --compare, train_small.py's and train_advreg.py's) and, with --compare, a bank.
@@ -77,7 +77,7 @@ def parse_args(argv=None):
                         "split of cifar10 (torchvision download) or of an ImageFolder tree "
                         "PATH/test/<class>/* (this project: the data the runs trained on)")
     p.add_argument("--data-root", default="data", help="where torchvision datasets are downloaded")
-    p.add_argument("--attack-images", type=int, default=500, metavar="N",
+    p.add_argument("--attack-images", type=int, default=200, metavar="N",
                    help="test images attacked per model: a fixed random subset (seed 0, the "
                         "order of train_small.py's test images) (this project: "
                         "docs/collect_kernels.md#the-microscope has the cost)")
