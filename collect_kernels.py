@@ -16,17 +16,22 @@ A quick CPU run (after pretrain.py --data PATH --quick --seeds 0 1 --out checkpo
 After stages 3-4, the table (mean ± std over the seeds of each configuration):
     python collect_kernels.py --compare runs/advreg/*/model.pt runs/small/seed*/model.pt \
         --bank kernels/conv1_7x7.pt --out kernels/compare
+The microscope (seed 003's lab 2-b: attacks, saliency maps, class visualization): add to it
+        --test-data cifar10 --attack-images 200
 
 Reads:  checkpoints of the paper's CNN (pretrain.py's or the authors' model1_seed*.pt; with
         --compare, train_small.py's and train_advreg.py's) and, with --compare, a bank.
 Writes: <out>/<layer>_<k>x<k>.pt ("kernels" [N, k, k] and provenance: layer, kernel_size, sources,
         source_counts, seeds, test_acc, dataset, arch, format), <out>/<layer>_<k>x<k>_grid.png
         (Figure 3); with --compare, compare.csv (a row per checkpoint), compare.md (a row per
-        configuration), compare.png, compare_pca.png, compare_metrics.png, compare_ladder.png.
+        configuration), compare.png, compare_pca.png, compare_metrics.png, compare_ladder.png;
+        with --test-data, microscope.csv (accuracy under FGSM / PGD, a row per run),
+        microscope.md (a row per configuration), microscope_saliency.png, microscope_classes.png.
 Results: docs/collect_kernels.md
 """
 import argparse
 import csv
+import functools
 import glob
 import io
 import math
@@ -37,7 +42,9 @@ import textwrap
 import matplotlib
 matplotlib.use("Agg")  # figures go to files; no display needed
 import matplotlib.pyplot as plt
+import PIL.Image
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
@@ -65,12 +72,33 @@ def parse_args(argv=None):
                         "--bank")
     p.add_argument("--bank", default="kernels/conv1_7x7.pt",
                    help="bank used by --compare (this project: the conv1 bank of --out)")
+    p.add_argument("--test-data", default=None, metavar="PATH_OR_NAME",
+                   help="with --compare, the microscope: attack and explain every run on the test "
+                        "split of cifar10 (torchvision download) or of an ImageFolder tree "
+                        "PATH/test/<class>/* (this project: the data the runs trained on)")
+    p.add_argument("--data-root", default="data", help="where torchvision datasets are downloaded")
+    p.add_argument("--attack-images", type=int, default=200, metavar="N",
+                   help="test images attacked per model: a fixed random subset (seed 0, the "
+                        "order of train_small.py's test images) (this project: "
+                        "docs/collect_kernels.md#the-microscope has the cost)")
+    p.add_argument("--epsilons", type=float, nargs="+", default=[1, 2, 4], metavar="EPS",
+                   help="attack radii in units of 1/255, L-inf in pixel space [0, 1] (this "
+                        "project)")
+    p.add_argument("--pgd-steps", type=int, default=10,
+                   help="PGD steps, each of size 2.5 eps / steps, from the clean image, no random "
+                        "start (this project; the step size rule is Madry et al., 2018)")
     args = p.parse_args(argv)
     unknown = [layer for layer in args.layers if layer not in CONV_SHAPES]
     if unknown:
         p.error(f"unknown layer(s) {unknown}; the paper's CNN has {', '.join(CONV_SHAPES)}")
     if args.grid_kernels < 1:
         p.error("--grid-kernels must be >= 1")
+    if args.test_data is not None and not args.compare:
+        p.error("--test-data is for --compare: the microscope looks at trained runs")
+    if args.attack_images < 1 or args.pgd_steps < 1:
+        p.error("--attack-images and --pgd-steps must be >= 1")
+    if not all(eps >= 0 for eps in args.epsilons):
+        p.error(f"--epsilons must be >= 0 (units of 1/255), got {args.epsilons}")
     return args
 
 
@@ -416,6 +444,7 @@ def compare(args):
     names = [configuration_name(c) for c in ckpts]
     labels = configuration_labels(names, ckpts)
     order = sorted(range(len(runs)), key=lambda i: labels[i][1])
+    seen = microscope_inputs(args, runs, labels, order) if args.test_data else None  # checks
     bank_std = standardize_kernels(bank_kernels)
     rows, panels = [], [(f"bank ({len(bank_kernels)} kernels)", bank_kernels)]
     for i in order:
@@ -449,6 +478,256 @@ def compare(args):
     print(f"wrote {args.out}/compare.csv, compare.md, compare_paired.csv, compare_paired.md, "
           f"compare.png, compare_pca.png, compare_metrics.png, compare_ladder.png, "
           f"compare_subsets.png")
+    if seen:
+        microscope(seen, args)
+
+
+# ----------------------------------------------------------------------------- the microscope
+# Seed 003's visualization lab (2-b: saliency maps, adversarial examples, class visualization) on
+# the course's own CNNs, with the paper's claim as the question: when the kernel prior leaves the
+# accuracy where it was, does it change what a model looks at, or how easily it is fooled?
+# Everything works on pixels x in [0, 1]; the CNN sees (x - 0.5) / 0.5, as in training.
+#
+# The paper's CNN (the authors' notebooks; "five hidden layers, kernels 7x7, 5x5 and 3x3"),
+# 945,572 parameters for 100 classes; every convolution has stride 2, padding k//2, no bias:
+#     input           [B,   3, 32, 32]
+#     conv1 7x7 /2    [B,  64, 16, 16]   BatchNorm + ReLU     <- the 7x7 kernels of the bank
+#     conv2 5x5 /2    [B, 128,  8,  8]   BatchNorm + ReLU     <- the 5x5 kernels
+#     conv3 5x5 /2    [B, 128,  4,  4]   BatchNorm + ReLU
+#     conv4 3x3 /2    [B, 256,  2,  2]   BatchNorm + ReLU
+#     global avg pool [B, 256]  ->  fc  [B, classes]
+class PaperCNN(nn.Module):
+    """The paper's CNN (the authors' notebooks): four conv blocks and a linear classifier."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)  # 64 x 16 x 16
+        self.bn1 = nn.BatchNorm2d(64)
+        self.conv2 = nn.Conv2d(64, 128, 5, stride=2, padding=2, bias=False)  # 128 x 8 x 8
+        self.bn2 = nn.BatchNorm2d(128)
+        self.conv3 = nn.Conv2d(128, 128, 5, stride=2, padding=2, bias=False)  # 128 x 4 x 4
+        self.bn3 = nn.BatchNorm2d(128)
+        self.conv4 = nn.Conv2d(128, 256, 3, stride=2, padding=1, bias=False)  # 256 x 2 x 2
+        self.bn4 = nn.BatchNorm2d(256)
+        self.fc = nn.Linear(256, num_classes)  # after global average pooling: 256
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = F.relu(self.bn3(self.conv3(x)))
+        x = F.relu(self.bn4(self.conv4(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def on_pixels(cnn):
+    """A trained CNN as the microscope sees it: a function of pixels x in [0, 1], in eval mode
+    (BatchNorm's running statistics, as at test time), fed (x - 0.5) / 0.5, the normalization it
+    was trained with (mean 0.5, std 0.5: train_small.py's normalize)."""
+    cnn.eval()
+    return lambda x: cnn((x - 0.5) / 0.5)
+
+
+def loss_gradient(model, x, y):
+    """d loss / d x: the direction in pixel space in which the cross-entropy rises fastest."""
+    x = x.detach().requires_grad_()
+    return torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), x)[0]
+
+
+def fgsm(model, x, y, eps):
+    """Adversarial examples, the fast gradient sign method (Goodfellow et al., 2015): one step of
+    size eps along the sign of the loss gradient, x' = clip(x + eps sign(d loss / d x), 0, 1)."""
+    return (x + eps * loss_gradient(model, x, y).sign()).clamp(0, 1)
+
+
+def pgd(model, x, y, eps, steps):
+    """Projected gradient descent (Madry et al., 2018): `steps` sign steps of size 2.5 eps / steps
+    from x, each projected back into the L-inf ball of radius eps around x and into [0, 1]."""
+    step = 2.5 * eps / steps
+    x_adv = x.clone()
+    for _ in range(steps):
+        x_adv = x_adv + step * loss_gradient(model, x_adv, y).sign()
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+    return x_adv
+
+
+def saliency(model, x, y):
+    """Saliency map (Simonyan et al., 2014): |d S_y / d x|, the gradient of the true class's
+    score (its logit, before the softmax) with respect to the input, max over the colour
+    channels: [N, H, W]. Bright pixels are those whose change moves the score most."""
+    x = x.detach().requires_grad_()
+    score = model(x).gather(1, y[:, None]).sum()
+    return torch.autograd.grad(score, x)[0].abs().amax(dim=1)
+
+
+def class_visualization(model, classes, steps=200, lr=0.3, l2_reg=1e-3, blur_every=10,
+                        max_jitter=2, seed=0):
+    """Class visualization (Simonyan et al., 2014), regularized after Yosinski et al. (2015) as
+    in the lab's public exercise code: from noise, gradient ascent on the image to raise
+    S_c(x) - l2_reg ||x'||^2 (x' the normalized image the CNN sees), each step of L2 norm `lr` in
+    pixel space on a copy shifted by up to `max_jitter` pixels, a Gaussian blur (sigma 0.5)
+    every `blur_every` steps.
+    The defaults are this project's: that code's (l2 1e-3, 200 steps, blur every 10, jitter
+    16 of 224 pixels) with the jitter scaled to 32 pixels, lr chosen by eye on the authors' seed-0
+    model (0.1, 0.3, 0.5, 1 tried)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(len(classes), 3, 32, 32, generator=g)  # the noise it starts from
+    for t in range(steps):
+        dy, dx = torch.randint(-max_jitter, max_jitter + 1, (2,), generator=g).tolist()
+        x = x.roll((dy, dx), dims=(2, 3)).requires_grad_()
+        objective = model(x).gather(1, classes[:, None]).sum() \
+            - l2_reg * ((x - 0.5) / 0.5).square().sum()
+        grad = torch.autograd.grad(objective, x)[0]
+        norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
+        x = x.detach() + lr * grad / norm[:, None, None, None]
+        x = x.roll((-dy, -dx), dims=(2, 3)).clamp(0, 1)
+        if (t + 1) % blur_every == 0:
+            x = torchvision.transforms.functional.gaussian_blur(x, kernel_size=3, sigma=0.5)
+    return x
+
+
+def robustness_row(model, x, y, epsilons, steps, batch_size=500):
+    """{column: accuracy} of one model on the test images x, y: clean, then under FGSM and PGD at
+    each eps (in units of 1/255)."""
+    attacks = {"clean_acc": lambda xb, yb: xb}
+    for e in epsilons:
+        attacks[f"fgsm_{e:g}/255"] = functools.partial(fgsm, model, eps=e / 255)
+    for e in epsilons:
+        attacks[f"pgd_{e:g}/255"] = functools.partial(pgd, model, eps=e / 255, steps=steps)
+    correct = dict.fromkeys(attacks, 0)
+    for i in range(0, len(x), batch_size):
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        for name, attack in attacks.items():
+            x_adv = attack(xb, yb)
+            with torch.no_grad():
+                correct[name] += (model(x_adv).argmax(1) == yb).sum().item()
+    return {name: count / len(x) for name, count in correct.items()}
+
+
+def microscope_inputs(args, runs, labels, order):
+    """The test images (a fixed subset of --attack-images) and the runs the microscope looks at,
+    in the table's order, every check made before anything is written: the runs to attack (their
+    classes are the test data's) and the pretrained models to visualize (no training history)."""
+    images, targets, classes = load_split(args.test_data, args.data_root, "test")
+    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    pick = pick[:args.attack_images]  # train_small.py's test order: any first N a fair sample
+    x, y = as_cifar_images(images[pick]).float() / 255, targets[pick]
+    attacked, visualized = [], []
+    for i in order:
+        (path, ckpt), label = runs[i], labels[i][0]
+        cnn = trained_cnn(path, ckpt)
+        if "history" not in ckpt:  # the authors' models: the lab's class visualization
+            visualized.append((path, cnn))
+        if cnn.fc.out_features == len(classes):
+            attacked.append((path, label, cnn))
+        elif "history" in ckpt:
+            raise SystemExit(f"error: {path} classifies {cnn.fc.out_features} classes, but "
+                             f"--test-data {args.test_data} has {len(classes)} class folders")
+        else:
+            print(f"not attacked: {path} classifies {cnn.fc.out_features} classes, --test-data "
+                  f"{len(classes)} (class visualization only)")
+    return {"x": x, "y": y, "classes": classes, "attacked": attacked, "visualized": visualized}
+
+
+def trained_cnn(path, ckpt):
+    """The paper's CNN with a checkpoint's weights; another architecture is one clear line."""
+    try:
+        cnn = PaperCNN(ckpt["model"]["fc.weight"].shape[0])
+        cnn.load_state_dict(ckpt["model"])
+    except (KeyError, RuntimeError):
+        raise SystemExit(f"error: {path} holds another architecture than the paper's CNN (the "
+                         f"microscope needs all its layers: conv1-4, bn1-4, fc)")
+    return cnn
+
+
+def microscope(inputs, args):
+    """Accuracy under attack of every run (microscope.csv, a row per run; microscope.md, a row
+    per configuration), the saliency maps of the first run of each configuration and the class
+    visualizations of the pretrained models."""
+    x, y = inputs["x"], inputs["y"]
+    rows = []
+    for path, label, cnn in inputs["attacked"]:
+        accs = robustness_row(on_pixels(cnn), x, y, args.epsilons, args.pgd_steps)
+        rows.append({"model": path, "configuration": label, "images": len(x), **accs})
+        print(f"attacked {path}: clean {accs['clean_acc']:.3f}, " + ", ".join(
+            f"{k} {v:.3f}" for k, v in accs.items() if k != "clean_acc"), flush=True)
+    written = []
+    if rows:
+        table = microscope_table(rows, len(x), args)
+        write_csv(os.path.join(args.out, "microscope.csv"), rows)
+        write_text(os.path.join(args.out, "microscope.md"), table)
+        print(table)
+        plot_saliency(inputs, os.path.join(args.out, "microscope_saliency.png"))
+        written += ["microscope.csv", "microscope.md", "microscope_saliency.png"]
+    if inputs["visualized"]:
+        plot_class_visualizations(inputs, os.path.join(args.out, "microscope_classes.png"))
+        written.append("microscope_classes.png")
+    print(f"wrote {', '.join(f'{args.out}/{name}' for name in written)}")
+
+
+def microscope_table(rows, images, args):
+    """microscope.md: one row per configuration (in the rows' order), mean ± std over its runs."""
+    columns = [k for k in rows[0] if k not in ("model", "configuration", "images")]
+    headers = ["clean acc" if c == "clean_acc" else c.replace("_", " ").upper().replace(
+        "PGD", f"PGD-{args.pgd_steps}") for c in columns]
+    lines = ["| configuration | runs | " + " | ".join(headers) + " |",
+             "|---" * (2 + len(headers)) + "|"]
+    for config in dict.fromkeys(r["configuration"] for r in rows):
+        group = [r for r in rows if r["configuration"] == config]
+        cells = []
+        for c in columns:
+            values = torch.tensor([r[c] for r in group], dtype=torch.float64)
+            std = values.std().item() if len(values) > 1 else 0.0
+            cells.append(f"{values.mean().item():.3f} ± {std:.3f}")
+        lines.append(f"| {config} | {len(group)} | " + " | ".join(cells) + " |")
+    return (f"Accuracy under attack on {images} test images of {args.test_data} (L-inf in pixel "
+            f"space [0, 1], eps in units of 1/255; FGSM, and PGD with {args.pgd_steps} steps of "
+            f"2.5 eps / {args.pgd_steps}); mean ± std over the runs of each configuration.\n\n"
+            + "\n".join(lines) + "\n")
+
+
+def plot_saliency(inputs, path, count=6):
+    """microscope_saliency.png: the first `count` test images (top row) and their saliency maps
+    under the first run of each configuration, a row each; each map scaled to its own maximum."""
+    x, y, classes = inputs["x"][:count], inputs["y"][:count], inputs["classes"]
+    firsts = {}
+    for _, label, cnn in inputs["attacked"]:
+        firsts.setdefault(label, cnn)
+    fig, axes = plt.subplots(1 + len(firsts), len(x), figsize=(1.6 * len(x) + 2.4,
+                             1.6 * (1 + len(firsts))), squeeze=False)
+    for j in range(len(x)):
+        axes[0][j].imshow(x[j].permute(1, 2, 0).numpy())
+        axes[0][j].set_title(classes[y[j]], fontsize=8)
+    for i, (label, cnn) in enumerate(firsts.items(), start=1):
+        maps = saliency(on_pixels(cnn), x, y)
+        for j in range(len(x)):
+            axes[i][j].imshow(maps[j].numpy(), cmap="hot")
+        axes[i][0].set_ylabel(textwrap.fill(label, 24), fontsize=7, rotation=0, ha="right",
+                              va="center")
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    save_figure(fig, path)
+
+
+def plot_class_visualizations(inputs, path, count=10):
+    """microscope_classes.png: class visualization of the first `count` classes (columns) under
+    each pretrained model (rows)."""
+    visualized = inputs["visualized"]
+    classes = torch.arange(min(count, min(c.fc.out_features for _, c in visualized)))
+    names = inputs["classes"] if len(inputs["classes"]) == visualized[0][1].fc.out_features \
+        else [f"class {c}" for c in classes.tolist()]
+    fig, axes = plt.subplots(len(visualized), len(classes), squeeze=False,
+                             figsize=(1.4 * len(classes) + 1.6, 1.5 * len(visualized)))
+    for i, (model_path, cnn) in enumerate(visualized):
+        images = class_visualization(on_pixels(cnn), classes)
+        for j, image in enumerate(images):
+            axes[i][j].imshow(image.permute(1, 2, 0).numpy())
+            axes[i][j].set_xticks([])
+            axes[i][j].set_yticks([])
+            if i == 0:
+                axes[i][j].set_title(names[j], fontsize=8)
+        axes[i][0].set_ylabel(os.path.basename(model_path), fontsize=7)
+    save_figure(fig, path)
 
 
 def main(argv=None):
@@ -612,6 +891,68 @@ def layers_label(layers):
             and numbers == list(range(numbers[0], numbers[0] + len(numbers))):
         return f"conv{numbers[0]}-{numbers[-1]}"
     return "+".join(layers)
+
+
+# ----------------------------------------------------------------------------- test data
+TORCHVISION_DATASETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "mnist": "MNIST"}
+
+@functools.lru_cache(maxsize=4)  # a run may read a split more than once: decode it once
+def load_split(data, root, split):
+    """One split ("train" or "test") as (uint8 images [N, C, H, W] at the data's own size, int64
+    labels [N], class names). `data` is a torchvision name (downloaded into `root`) or the path of
+    an ImageFolder tree data/{train,test}/<class>/<image>; grayscale trees (MNIST) stay 1-channel,
+    and an image of another size than the first is resized to it. Every image is decoded once here;
+    training then only indexes these tensors."""
+    if data in TORCHVISION_DATASETS:
+        try:
+            dataset_class = getattr(torchvision.datasets, TORCHVISION_DATASETS[data])
+            ds = dataset_class(root, train=split == "train", download=True)
+        except Exception as e:  # offline: URLError, RuntimeError, ... all mean "could not download"
+            raise SystemExit(f"error: could not download {data} into {root!r} ({type(e).__name__})."
+                             f" Offline? Pass an ImageFolder tree instead: --data PATH with "
+                             f"PATH/train/<class>/*.png and PATH/test/<class>/*.png")
+        x = torch.as_tensor(ds.data)
+        x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
+        return x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long), list(ds.classes)
+    if not os.path.isdir(data):
+        raise SystemExit(f"error: --data {data!r} is neither a known dataset "
+                         f"({', '.join(TORCHVISION_DATASETS)}) nor an existing folder")
+    folder = os.path.join(data, split)
+    try:  # ImageFolder finds the class folders (sorted) and the image files in them
+        ds = torchvision.datasets.ImageFolder(folder)
+    except (FileNotFoundError, OSError):
+        raise SystemExit(f"error: no images in {folder!r}; expected an ImageFolder tree "
+                         f"{data}/{split}/<class>/<image>.png")
+    print(f"decoding the {len(ds.samples)} images of {folder}", flush=True)
+    with PIL.Image.open(ds.samples[0][0]) as first:
+        mode = "L" if first.mode in ("L", "1", "I;16", "I") else "RGB"
+    images = []
+    for path, _ in ds.samples:
+        try:
+            with PIL.Image.open(path) as img:
+                img = torchvision.transforms.functional.pil_to_tensor(img.convert(mode))
+        except OSError as e:  # PIL's UnidentifiedImageError is one
+            raise SystemExit(f"error: cannot read image {path!r} ({type(e).__name__}): not an "
+                             f"image, or corrupt")
+        if images and img.shape != images[0].shape:
+            img = resize_uint8(img[None], images[0].shape[-1])[0]
+        images.append(img)
+    return torch.stack(images), torch.tensor(ds.targets), ds.classes
+
+def resize_uint8(x, size):
+    """uint8 images [N, C, H, W] -> [N, C, size, size] (bilinear, antialiased), in chunks."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    out = [F.interpolate(c.float(), size=(size, size), mode="bilinear", antialias=True,
+                         align_corners=False) for c in x.split(8192)]
+    return torch.cat(out).round().clamp(0, 255).to(torch.uint8)
+
+def as_cifar_images(images):
+    """uint8 [N, C, H, W] -> [N, 3, 32, 32], what the paper's CNN takes (gray -> RGB, resized)."""
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1).contiguous()
+    return resize_uint8(images, 32)
+
 
 
 # ----------------------------------------------------------------------------- outputs

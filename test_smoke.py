@@ -12,6 +12,7 @@ The throughput comparison behind the README's ratio is a test too, skipped unles
 """
 import ast
 import collections
+import copy
 import csv
 import inspect
 import json
@@ -532,6 +533,162 @@ def test_collect_compare_labels_rows_and_accuracy_columns(tmp_path, capsys):
     table = (tmp_path / "cmp2" / "compare.md").read_text()
     assert "| train acc |" in table and "val acc" not in table
     assert "| baseline (λ = 0) | 1 |" in table  # no flag differs: no suffix
+
+# ----------------------------------------------------------------------------- the microscope
+def microscope_cnn(classes=10):
+    """A random PaperCNN in train mode with BatchNorm running statistics far from any batch's, so
+    that a forward pass in train mode computes something else than in eval mode; and its copy in
+    eval mode for the plain-torch reference."""
+    torch.manual_seed(0)
+    cnn = collect_kernels.PaperCNN(classes)
+    for m in cnn.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.3)
+            m.running_var.uniform_(0.3, 3.0)
+    return cnn.train(), copy.deepcopy(cnn).eval()
+
+
+def microscope_batch(n=16):
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def plain_loss_gradient(reference, x, y):
+    """Plain torch: the loss of the eval-mode CNN at pixels x, normalized with mean 0.5 and std
+    0.5 as in training, and its gradient with respect to x."""
+    x = x.clone().requires_grad_()
+    loss = F.cross_entropy(reference((x - 0.5) / 0.5), y, reduction="sum")
+    loss.backward()
+    return loss.item(), x.grad
+
+
+def test_fgsm_step_is_the_sign_step_and_raises_the_loss():
+    """Catches: a sign flip (the step lowers the loss), no clamp to [0, 1], the CNN not in eval
+    mode or not fed the training normalization (another gradient than the reference's)."""
+    cnn, reference = microscope_cnn()
+    x, y = microscope_batch()
+    eps = 8 / 255
+    x_adv = collect_kernels.fgsm(collect_kernels.on_pixels(cnn), x, y, eps)
+    loss, grad = plain_loss_gradient(reference, x, y)
+    assert ((x + eps * grad.sign() > 1) | (x + eps * grad.sign() < 0)).any()  # clamping matters
+    assert torch.equal(x_adv, (x + eps * grad.sign()).clamp(0, 1))
+    assert plain_loss_gradient(reference, x_adv, y)[0] > loss
+
+
+def test_epsilon_zero_changes_nothing():
+    """eps = 0: the attacked images are the images, and every accuracy is the clean eval-mode
+    accuracy (here 0.5 exactly: half the labels are the eval-mode predictions). Catches: the CNN
+    in train mode (batch statistics: other predictions), a wrong count."""
+    cnn, reference = microscope_cnn()
+    x, _ = microscope_batch(32)
+    with torch.no_grad():
+        predicted = reference((x - 0.5) / 0.5).argmax(1)
+    y = torch.cat([predicted[:16], (predicted[16:] + 1) % 10])
+    model = collect_kernels.on_pixels(cnn)
+    assert torch.equal(collect_kernels.fgsm(model, x, y, 0.0), x)
+    assert torch.equal(collect_kernels.pgd(model, x, y, 0.0, steps=3), x)
+    accs = collect_kernels.robustness_row(model, x, y, epsilons=[0], steps=3, batch_size=10)
+    assert accs == {"clean_acc": 0.5, "fgsm_0/255": 0.5, "pgd_0/255": 0.5}
+
+
+def test_pgd_stays_in_the_eps_ball_and_in_the_image_range():
+    """Catches: no projection onto the eps ball (10 steps of 2.5 eps / 10 go 2.5 eps far), no
+    clamp to [0, 1], a step that lowers the loss."""
+    cnn, reference = microscope_cnn()
+    x, y = microscope_batch()
+    eps = 8 / 255
+    x_adv = collect_kernels.pgd(collect_kernels.on_pixels(cnn), x, y, eps, steps=10)
+    assert (x_adv - x).abs().max() <= eps + 1e-6 and (x_adv - x).abs().max() > eps / 2
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert plain_loss_gradient(reference, x_adv, y)[0] > plain_loss_gradient(reference, x, y)[0]
+
+
+def test_saliency_map_is_the_class_score_gradient_with_the_inputs_shape():
+    """|d S_y / d x|, max over the colour channels, against plain torch. Catches: the loss's
+    gradient instead of the class score's, a sum or mean over channels, another class, train
+    mode."""
+    cnn, reference = microscope_cnn()
+    x, y = microscope_batch(4)
+    maps = collect_kernels.saliency(collect_kernels.on_pixels(cnn), x, y)
+    assert maps.shape == (4, 32, 32)
+    x_ref = x.clone().requires_grad_()
+    reference((x_ref - 0.5) / 0.5)[torch.arange(4), y].sum().backward()
+    assert torch.allclose(maps, x_ref.grad.abs().max(dim=1).values, rtol=1e-5, atol=1e-8)
+
+
+def test_class_visualization_raises_the_class_score_from_noise():
+    """Catches: descent instead of ascent, images outside [0, 1], another class optimized. (A
+    random CNN's class scores are flat and not shift-invariant: its head is scaled up, the L2
+    term and the jitter are off.)"""
+    cnn, reference = microscope_cnn()
+    for net in (cnn, reference):
+        net.fc.weight.data.mul_(100)
+    classes = torch.tensor([2, 7])
+    images = collect_kernels.class_visualization(collect_kernels.on_pixels(cnn), classes,
+                                                 steps=30, l2_reg=0.0, max_jitter=0,
+                                                 seed=0)
+    noise = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert images.shape == (2, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
+    with torch.no_grad():
+        before = reference((noise - 0.5) / 0.5)[torch.arange(2), classes]
+        after = reference((images - 0.5) / 0.5)[torch.arange(2), classes]
+        others = reference((images - 0.5) / 0.5) - reference((noise - 0.5) / 0.5)
+    gain = after - before
+    assert (gain > 1).all(), gain  # and more than any other class's score
+    assert torch.equal(others.argmax(1), classes), others
+
+
+def test_microscope_end_to_end_rows_figures_and_bad_input(tiny_data, pretrained, authors_models,
+                                                         gan_data, tmp_path, capsys):
+    """--compare ... --test-data: a csv row per run, a table row per configuration, both figures;
+    the authors' (10-class) fakes are attacked and visualized. Catches: a run left out, rows mixed,
+    the attack subset not the seeded one or the CNN in train mode (clean accuracy recomputed)."""
+    _, banks = pretrained
+    common = ["--data", str(tiny_data), "--per-class", "2", "--epochs", "2", "--eval-every", "1"]
+    train_small.main([*common, "--seeds", "0", "1", "--out", str(tmp_path / "base")])
+    train_small.main([*common, "--amp-epsilon", "0.1", "--out", str(tmp_path / "amp")])
+    runs = sorted(str(p) for p in (tmp_path / "base").glob("seed*/model.pt"))
+    runs += [str(tmp_path / "amp" / "seed0" / "model.pt")]
+    runs += sorted(str(p) for p in authors_models.glob("*.pt"))
+    out = tmp_path / "cmp"
+    look = ["--bank", str(banks / "conv1_7x7.pt"), "--test-data", str(tiny_data)]
+    collect_kernels.main(["--compare", *runs, *look, "--attack-images", "8", "--out", str(out)])
+    with open(out / "microscope.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["model"] for r in rows) == sorted(runs)
+    assert list(rows[0])[2:] == ["images", "clean_acc", "fgsm_1/255", "fgsm_2/255", "fgsm_4/255",
+                                 "pgd_1/255", "pgd_2/255", "pgd_4/255"]
+    assert all(r["images"] == "8" for r in rows)
+    table = (out / "microscope.md").read_text()
+    for config, count in (("baseline (λ = 0)", 2), ("AMP ε = 0.1", 1),
+                          ("pretrained (cifar100 (the authors' models))", 2)):
+        assert f"| {config} | {count} |" in table, table
+    assert "| PGD-10 4/255 |" in table
+    # the clean accuracy, recomputed: the first 8 test images in train_small.py's order, eval mode
+    test = torchvision.datasets.ImageFolder(tiny_data / "test")
+    pick = torch.randperm(len(test.samples), generator=torch.Generator().manual_seed(0))[:8]
+    images = torch.stack([pil_to_tensor(test.loader(test.samples[i][0])) for i in pick.tolist()])
+    model = train_small.PaperCNN(10).eval()
+    model.load_state_dict(load(runs[0])["model"])
+    with torch.no_grad():
+        expected = (model(images.float() / 127.5 - 1).argmax(1) == torch.tensor(
+            test.targets)[pick]).float().mean().item()
+    assert float(next(r for r in rows if r["model"] == runs[0])["clean_acc"]) == expected
+    for fig in ("microscope_saliency.png", "microscope_classes.png", "compare.md"):
+        assert (out / fig).stat().st_size > 500
+    # bad input: one line each, nothing written
+    said = user_error(capsys, collect_kernels.main, "--compare", runs[0], "--bank",
+                      banks / "conv1_7x7.pt", "--test-data", gan_data, "--out", tmp_path / "c3")
+    assert "classifies 10 classes" in said and "3 class folders" in said
+    assert not (tmp_path / "c3").exists()
+    assert "--epsilons must be >= 0" in user_error(capsys, collect_kernels.main, "--compare",
+                                                   *runs, *look, "--epsilons", "1", "-2")
+    assert "--test-data is for --compare" in user_error(capsys, collect_kernels.main,
+                                                        "--test-data", tiny_data)
+    _, fakes = collect_compare_fake_runs(tmp_path)  # conv1 weights only
+    said = user_error(capsys, collect_kernels.main, "--compare", fakes["base0"], *look,
+                      "--out", tmp_path / "c4")
+    assert "another architecture" in said and not (tmp_path / "c4").exists()
 
 
 def test_bad_input_gives_one_clear_error(tiny_data, pretrained, tmp_path, capsys):
