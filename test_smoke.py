@@ -13,6 +13,7 @@ The throughput comparison behind the README's ratio is a test too, skipped unles
 import ast
 import collections
 import csv
+import functools
 import inspect
 import json
 import math
@@ -766,6 +767,249 @@ def test_frechet_distance_and_low_frequency_share():
     shrunk[:3] *= 0.05
     assert collect_kernels.near_zero_share(shrunk, bank) == pytest.approx(0.3)
     assert collect_kernels.near_zero_share(bank, bank) == 0
+
+
+# ----------------------------------------------------------------------------- stages 1-4 values
+# Each training step and metric against a few lines of plain torch or a closed form written here.
+# Adam's first step is lr * sign(gradient): blind to a loss's scale. The steps are therefore
+# compared through what Adam keeps of the gradient (exp_avg = (1 - beta1) * gradient), or taken
+# with SGD, whose update is the gradient itself.
+def assert_same_update(before, after, expected, rel=1e-4):
+    """after - before equals expected - before, to `rel` of the largest expected move: a sign
+    flip (2x the move) or a missing factor (>= 2x here) cannot meet it."""
+    for key, b in before.items():
+        if not b.is_floating_point():
+            assert torch.equal(after[key], expected[key]), key
+            continue
+        move, want = after[key] - b, expected[key] - b
+        scale = want.abs().max().item()
+        assert torch.allclose(move, want, rtol=0, atol=rel * scale + 1e-12), (key, scale)
+
+
+def test_algorithm1_iteration_at_lambda_half_is_the_papers_step(tiny_data, tmp_path):
+    """One iteration of train_advreg.py (10 images, batch 10, lambda = 0.5) against the paper's
+    Algorithm 1 written here: the classifier's Adam gets the gradient of
+    cls_loss + lam * (-log D(fake)), D's Adam the gradient of
+    lam * (-log D(real) - log(1 - D(fake))), on standardized kernels. Catches a flipped sign or a
+    missing lam in either step, D's step taken on the updated classifier's kernels, raw kernels
+    shown to D, the generator loss reaching D."""
+    lam, d_batch = 0.5, 32
+    bank = torch.randn(300, 7, 7, generator=torch.Generator().manual_seed(5))
+    torch.save({"kernels": bank}, tmp_path / "bank.pt")
+    flags = ["--data", str(tiny_data), "--per-class", "1", "--batch-size", "10", "--no-augment",
+             "--d-batch", str(d_batch), "--bank", str(tmp_path / "bank.pt")]
+    train_advreg.main(flags + ["--epochs", "1", "--lam", str(lam), "--out", str(tmp_path / "r")])
+    ckpt = load(tmp_path / "r" / "lam0.5_seed0" / "model.pt")
+    # the reference, seed 0: the same init, batch and kernel draws as train() makes them
+    args = train_advreg.parse_args(flags)
+    data = train_advreg.load_small_data(args, torch.device("cpu"))
+    torch.manual_seed(0)
+    model = train_advreg.PaperCNN(10)
+    perm = torch.randperm(10)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1_000_003)
+        disc = train_advreg.KernelDiscriminator()
+    d_gen = torch.Generator().manual_seed(2_000_003)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    d_before = {k: v.clone() for k, v in disc.state_dict().items()}
+    x = data["train_x"][perm].float() / 127.5 - 1
+    cls_loss = F.cross_entropy(model(x), data["train_y"][perm])
+    fake = model.conv1.weight.reshape(192, 7, 7)[torch.randperm(192, generator=d_gen)[:d_batch]]
+
+    def standardized(k):
+        k = k - k.mean(dim=(1, 2), keepdim=True)
+        return (k / (k.std(dim=(1, 2), keepdim=True) + 1e-8))[:, None]
+    d_fake = disc(standardized(fake))
+    reg_loss = -torch.log(d_fake).mean()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3, weight_decay=1e-3, betas=(0.5, 0.999))
+    opt.zero_grad()
+    (cls_loss + lam * reg_loss).backward(inputs=list(model.parameters()), retain_graph=True)
+    opt.step()
+    real = bank[torch.randint(300, (d_batch,), generator=d_gen)]
+    d_real = disc(standardized(real))
+    disc_loss = lam * (-torch.log(d_real).mean() - torch.log(1 - d_fake).mean())
+    d_opt = torch.optim.Adam(disc.parameters(), lr=2e-4, weight_decay=1e-4, betas=(0.5, 0.999))
+    d_opt.zero_grad()
+    disc_loss.backward(inputs=list(disc.parameters()))
+    d_opt.step()
+    for ours, theirs, start, opt_ours, opt_theirs in (
+            (ckpt["model"], model, before, ckpt["optimizer"], opt),
+            (ckpt["discs"]["conv1"], disc, d_before, ckpt["d_optimizers"]["conv1"], d_opt)):
+        states = opt_theirs.state_dict()["state"]
+        scale = max(s["exp_avg"].abs().max().item() for s in states.values())
+        for (name, p), (i, state) in zip(theirs.named_parameters(), states.items()):
+            m = state["exp_avg"]  # (1 - beta1) * (gradient + weight decay * weight)
+            assert torch.allclose(opt_ours["state"][i]["exp_avg"], m, rtol=1e-4,
+                                  atol=1e-6 * scale), name
+            # the weights moved by lr * sign(gradient) (lr >= 2e-4) where it is not rounding noise
+            # (D's conv biases sit before BatchNorm: their true gradient is 0)
+            clear = m.abs() > 1e-3 * scale
+            assert torch.allclose(ours[name][clear], p.detach()[clear], rtol=0, atol=1e-7), name
+            assert not torch.equal(ours[name], start[name]), name
+        for name, buffer in theirs.named_buffers():  # BatchNorm saw the same batches
+            assert torch.allclose(ours[name].double(), buffer.double(), rtol=1e-5), name
+    assert ckpt["log"][0, 1].item() == pytest.approx(reg_loss.item(), rel=1e-5)  # reg_loss column
+    assert ckpt["log"][0, 2].item() == pytest.approx(disc_loss.item(), rel=1e-5)  # disc_loss
+
+
+def test_amp_step_takes_the_gradient_at_theta_plus_delta_and_steps_from_theta():
+    """train_small.train_step with epsilon > 0 (one inner step) against AMP written here: delta =
+    inner_lr * grad L(theta), projected onto ||delta|| <= epsilon; the outer gradient is taken at
+    theta + delta and applied (here by SGD) to theta. Catches the outer gradient taken at theta,
+    the weights left at theta + delta, a descending inner step, a missing projection."""
+    epsilon, inner_lr, lr = 0.5, 1.0, 0.5
+    model, loss_fn, images, labels = amp_setup()
+    reference = train_small.PaperCNN(10)
+    reference.load_state_dict(model.state_dict())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = train_small.parse_args(["--amp-epsilon", str(epsilon), "--amp-inner-lr", str(inner_lr),
+                                   "--amp-inner-steps", "1"])
+    train_small.train_step(model, torch.optim.SGD(model.parameters(), lr=lr), images, labels, args)
+    # the reference, in plain torch
+    params = list(reference.parameters())
+    x = images.float() / 127.5 - 1
+    theta = [p.detach().clone() for p in params]
+    grads = torch.autograd.grad(F.cross_entropy(reference(x), labels), params)  # at theta
+    delta = [inner_lr * g for g in grads]
+    norm = torch.sqrt(sum((d ** 2).sum() for d in delta))
+    assert norm > epsilon  # the projection is active
+    with torch.no_grad():
+        for p, t, d in zip(params, theta, delta):
+            p.copy_(t + d * epsilon / norm)
+    outer = torch.autograd.grad(F.cross_entropy(reference(x), labels), params)  # at theta + delta
+    with torch.no_grad():
+        for p, t, g in zip(params, theta, outer):
+            p.copy_(t - lr * g)
+    assert_same_update(before, model.state_dict(), reference.state_dict())
+    # the test can tell the two gradients apart: the plain step is far from AMP's
+    plain = {k: v.clone() for k, v in before.items()}
+    for (name, _), g in zip(reference.named_parameters(), grads):
+        plain[name] = before[name] - lr * g
+    move = model.state_dict()["conv1.weight"] - before["conv1.weight"]
+    assert not torch.allclose(move, plain["conv1.weight"] - before["conv1.weight"], rtol=0,
+                              atol=1e-2 * move.abs().max().item())
+
+
+def test_kernel_discriminator_is_the_notebooks_network():
+    """D's forward against the notebook's layers written in plain torch (two 3x3 convs with
+    BatchNorm and LeakyReLU 0.2, global average pooling, a linear layer, a sigmoid): catches a
+    lost sigmoid, another slope or pooling."""
+    torch.manual_seed(0)
+    disc = train_advreg.KernelDiscriminator()
+    kernels = torch.randn(16, 1, 7, 7) * 3
+    h = kernels
+    for conv, bn in ((disc.conv1, disc.bn1), (disc.conv2, disc.bn2)):
+        h = F.conv2d(h, conv.weight, conv.bias, padding=1)
+        mean, var = h.mean(dim=(0, 2, 3), keepdim=True), h.var(dim=(0, 2, 3), unbiased=False,
+                                                                 keepdim=True)
+        h = (h - mean) / torch.sqrt(var + 1e-5) * bn.weight[:, None, None] + bn.bias[:, None, None]
+        h = torch.where(h > 0, h, 0.2 * h)
+    expected = 1 / (1 + torch.exp(-(h.mean(dim=(2, 3)) @ disc.fc.weight.T + disc.fc.bias)))
+    assert torch.allclose(disc(kernels), expected[:, 0], rtol=1e-4, atol=1e-6)
+
+
+def test_standardization_is_per_kernel():
+    """collect_kernels.standardize_kernels and D's standardized input: each kernel minus its own
+    mean, over its own (unbiased) std, with another scale and shift per kernel. Catches the mean
+    or std taken over the whole bank (a global rescaling would pass a test of one scale)."""
+    torch.manual_seed(0)
+    base = torch.randn(6, 5, 5, dtype=torch.float64)  # float64: no rounding from the shifts
+    scale = torch.tensor([0.01, 0.5, 1, 3, 20, 100.0], dtype=torch.float64)
+    shift = torch.linspace(-4, 9, 6, dtype=torch.float64)
+    kernels = base * scale[:, None, None] + shift[:, None, None]
+    flat = base.reshape(6, -1)
+    want = (flat - flat.mean(1, keepdim=True)) / flat.std(1, keepdim=True)
+    assert torch.allclose(collect_kernels.standardize_kernels(kernels), want, atol=1e-9)
+    d_input = train_advreg.to_d_input(kernels, "standardized")
+    assert d_input.shape == (6, 1, 5, 5)
+    assert torch.allclose(d_input.reshape(6, -1), want, atol=1e-6)  # its 1e-8 guard: ~1e-6
+    assert torch.equal(train_advreg.to_d_input(kernels, "raw")[:, 0], kernels)
+
+
+def gaussian_samples(mean, cov, n, seed):
+    """n rows whose sample mean and sample covariance are exactly `mean` and `cov`."""
+    z = torch.randn(n, len(mean), generator=torch.Generator().manual_seed(seed),
+                    dtype=torch.float64)
+    z = z - z.mean(0)
+    z = z @ torch.linalg.inv(torch.linalg.cholesky(torch.cov(z.T))).T  # sample cov = I
+    return z @ torch.linalg.cholesky(cov).T + mean
+
+
+def test_frechet_distance_of_gaussians_with_full_covariances_is_the_closed_form():
+    """Two 4-d Gaussians, non-commuting full covariances (two 2x2 blocks, then one common
+    rotation, which leaves the distance unchanged), means that differ in every coordinate. For a
+    2x2 block, tr (C_a C_b)^1/2 = sqrt(tr(C_a C_b) + 2 sqrt(det C_a det C_b)). Both copies (stage 4
+    and the GAN labs). Catches a lost mean term or factor 2, tr(C_a^1/2 C_b^1/2) for the root
+    (equal only for commuting covariances), a covariance over the wrong axis."""
+    f64 = functools.partial(torch.tensor, dtype=torch.float64)
+    blocks_a = [f64([[2.0, 0.8], [0.8, 1.0]]), f64([[1.0, -0.3], [-0.3, 0.5]])]
+    blocks_b = [f64([[1.0, 0.0], [0.0, 3.0]]), f64([[2.0, 0.9], [0.9, 1.5]])]
+    mu_a, mu_b = f64([0.0, 1.0, -1.0, 2.0]), f64([0.5, -1.0, 0.0, 2.5])
+    closed = ((mu_a - mu_b) ** 2).sum().item()
+    for a, b in zip(blocks_a, blocks_b):
+        root = math.sqrt((a @ b).trace() + 2 * math.sqrt(a.det() * b.det()))
+        closed += (a.trace() + b.trace()).item() - 2 * root
+    rotation = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(0),
+                                           dtype=torch.float64))[0]
+    cov_a, cov_b = (rotation @ torch.block_diag(*blocks) @ rotation.T
+                    for blocks in (blocks_a, blocks_b))
+    a = gaussian_samples(rotation @ mu_a, cov_a, 500, 1)
+    b = gaussian_samples(rotation @ mu_b, cov_b, 300, 2)
+    assert closed > 4  # the mean term (5.75) and the covariance term both count
+    for module in (collect_kernels, gan_labs):
+        assert module.frechet_distance(a, b) == pytest.approx(closed, rel=1e-9)
+        assert module.frechet_distance(b, a) == pytest.approx(closed, rel=1e-9)
+
+
+def test_low_frequency_share_of_cosines_and_a_constant():
+    """7x7 cosines of known DFT, frequencies (fy, fx) in cycles per 7 pixels: (0, 1) has radius
+    1/7 <= 0.25 cycles/pixel (low), (2, 0) and (2, 1) have 2/7 and sqrt(5)/7 > 0.25 (high).
+    Kernel 1 = 3 cos(0, 1) + cos(2, 0) + 5: share 9/10 (the constant adds nothing); kernel 2 =
+    10 cos(2, 1): share 0; their mean 0.45. Catches energy as |X| instead of |X|^2 (0.75), the
+    mean not removed, the energy pooled over kernels (not a mean of shares), the radius in index
+    units."""
+    yy, xx = torch.meshgrid(*[torch.arange(7, dtype=torch.float64)] * 2, indexing="ij")
+
+    def wave(fy, fx):
+        return torch.cos(2 * math.pi * (fy * yy + fx * xx) / 7)
+    kernels = torch.stack([3 * wave(0, 1) + wave(2, 0) + 5, 10 * wave(2, 1)])
+    assert collect_kernels.low_freq_share(kernels[:1]) == pytest.approx(0.9, abs=1e-9)
+    assert collect_kernels.low_freq_share(kernels[1:]) == pytest.approx(0.0, abs=1e-9)
+    assert collect_kernels.low_freq_share(kernels) == pytest.approx(0.45, abs=1e-9)
+    assert collect_kernels.low_freq_share(kernels - 5) == pytest.approx(0.45, abs=1e-9)
+
+
+def test_near_zero_share_uses_the_banks_median_norm():
+    """Bank norms 1, 10, 10, 10, 100 (median 10, mean 26.2): the threshold is 0.1 x 10 = 1, so of
+    the model's norms 0.5, 0.9, 1.5, 2, 3 two are near zero (0.4). The model's own median (1.5)
+    would say 0, the bank's mean 0.8. Catches the threshold from the wrong set or statistic."""
+    g = torch.Generator().manual_seed(0)
+
+    def with_norms(norms):
+        k = torch.randn(len(norms), 5, 5, generator=g)
+        return k / k.flatten(1).norm(dim=1)[:, None, None] * torch.tensor(norms)[:, None, None]
+    bank, model = with_norms([1.0, 10, 10, 10, 100]), with_norms([0.5, 0.9, 1.5, 2, 3])
+    assert collect_kernels.near_zero_share(model, bank) == pytest.approx(0.4)
+    assert collect_kernels.near_zero_share(model, bank, fraction=0.25) == pytest.approx(0.8)
+
+
+def test_group_stats_mean_and_sample_std():
+    """The table's mean ± std by hand: 0.1, 0.2, 0.6 -> 0.3 ± 0.2646 (the sample std, n - 1; the
+    population std would be 0.2160); a run without a value is left out of that metric; one run
+    has std 0; a metric no run has is None."""
+    def row(config, acc, val):
+        r = dict.fromkeys(collect_kernels.METRICS)
+        r.update(configuration=config, final_test_acc=acc, final_val_acc=val)
+        return r
+    rows = [row("a", 0.1, 0.5), row("b", 0.7, None), row("a", 0.2, None), row("a", 0.6, 0.9)]
+    groups = collect_kernels.group_stats(rows)
+    assert list(groups) == ["a", "b"]
+    runs, stats = groups["a"]
+    assert runs == 3
+    assert stats["final_test_acc"] == pytest.approx((0.3, math.sqrt(0.07)))
+    assert stats["final_val_acc"] == pytest.approx((0.7, math.sqrt(0.08)))
+    assert groups["b"][1]["final_test_acc"] == pytest.approx((0.7, 0.0))
+    assert groups["b"][1]["final_val_acc"] is None and stats["d_real"] is None
 
 
 # ----------------------------------------------------------------------------- throughput
