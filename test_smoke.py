@@ -12,6 +12,7 @@ The throughput comparison behind the README's ratio is a test too, skipped unles
 """
 import ast
 import collections
+import copy
 import csv
 import functools
 import inspect
@@ -2164,3 +2165,154 @@ def test_gan_bf16_runs_finish_and_write_their_outputs(lab, gan_common, tmp_path)
     assert ckpt["flags"]["precision"] == "bf16"
     conv = [w for w in ckpt["g"].values() if w.dim() == 4][0]  # the faster layout was used
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+
+
+# ----------------------------------------------------------------------------- gan_labs values
+# Each game's step against the game written here in plain torch, with SGD (its update is the
+# gradient itself: a flipped sign or a missing factor moves the weights elsewhere).
+def gan_sgd_step(net, loss, lr):
+    """Plain SGD on `net` for `loss`, in place."""
+    grads = torch.autograd.grad(loss, list(net.parameters()))
+    with torch.no_grad():
+        for p, grad in zip(net.parameters(), grads):
+            p.sub_(lr * grad)
+
+
+def gan_assert_same_nets(ours, reference, start):
+    """Every parameter and buffer of `ours` equals the reference's, to 1e-4 of the largest move
+    from `start` (the nets before the step), which must be a real move."""
+    expected = reference.state_dict()
+    for key, value in ours.state_dict().items():
+        if not value.is_floating_point():
+            assert torch.equal(value, expected[key]), key
+            continue
+        move = (expected[key] - start[key]).abs().max().item()
+        assert torch.allclose(value, expected[key], rtol=0, atol=1e-4 * move + 1e-9), key
+    assert any(not torch.equal(v, start[k]) for k, v in ours.state_dict().items())
+
+
+def gan_aug(x):
+    """A deterministic, differentiable stand-in for DiffAugment: it must reach every D input."""
+    return 0.5 * x.flip(3) + 0.1
+
+
+@pytest.mark.parametrize("case", ["dcgan", "cdcgan", "diffaug_saturating"])
+def test_gan_bce_step_is_the_gan_game(case):
+    """gan_labs.bce_step against Goodfellow et al.'s Alg. 1 (k = 1) written here: D descends
+    -log D(x) - log(1 - D(G(z))) on real and detached fakes, then G descends -log D(G(z))
+    (saturating: log(1 - D(G(z)))) through the UPDATED D, on the same fakes; the cDCGAN's labels
+    go into G and D; DiffAugment on every D input. Catches a flipped or saturating loss where it
+    should not be, G judged by the old D, a label not passed to G or D, the augmentation on one
+    side only."""
+    k = 3 if case == "cdcgan" else 0
+    aug = gan_aug if case == "diffaug_saturating" else gan_labs.identity
+    saturating, lr = case == "diffaug_saturating", 0.5
+    torch.manual_seed(0)
+    g = gan_labs.dcgan_generator(8, 4, 1, 32, n_classes=k)
+    d = gan_labs.dcgan_discriminator(4, 1, 32, n_classes=k)
+    g.apply(gan_labs.dcgan_init)
+    d.apply(gan_labs.dcgan_init)
+    g_ref, d_ref = (copy.deepcopy(net) for net in (g, d))
+    start_g, start_d = ({k_: v.clone() for k_, v in net.state_dict().items()} for net in (g, d))
+    real, z = torch.rand(8, 1, 32, 32) * 2 - 1, torch.randn(8, 8)
+    y_real, y_fake = (torch.arange(8) % 3, torch.arange(8) // 3 % 3) if k else (None, None)
+    out = gan_labs.bce_step(g, d, torch.optim.SGD(g.parameters(), lr=lr),
+                            torch.optim.SGD(d.parameters(), lr=lr), real, z, y_real, y_fake,
+                            aug, saturating=saturating)
+    # the reference: (1) D on real and on detached fakes, (2) G through the updated D
+    fake = g_ref(z, y_fake)
+    d_real, d_fake = d_ref(aug(real), y_real), d_ref(aug(fake.detach()), y_fake)
+    loss_d = -(torch.log(d_real).mean() + torch.log(1 - d_fake).mean())
+    gan_sgd_step(d_ref, loss_d, lr)
+    d_gen = d_ref(aug(fake), y_fake)
+    loss_g = torch.log(1 - d_gen).mean() if saturating else -torch.log(d_gen).mean()
+    gan_sgd_step(g_ref, loss_g, lr)
+    gan_assert_same_nets(d, d_ref, start_d)
+    gan_assert_same_nets(g, g_ref, start_g)
+    for key, want in (("loss_d", loss_d), ("loss_g", loss_g), ("d_real", d_real.mean()),
+                      ("d_fake", d_fake.mean())):
+        assert out[key].item() == pytest.approx(want.item(), rel=1e-5), key
+
+
+def gan_smooth_critic():
+    """A critic whose gradient depends on its input (tanh), unlike a linear one: the gradient
+    penalty then depends on where the interpolates lie."""
+    torch.manual_seed(1)
+    return gan_labs.Net(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.Tanh(),
+                        torch.nn.Linear(16, 1), torch.nn.Flatten(0))
+
+
+@pytest.mark.parametrize("constraint", ["gp", "clip"])
+def test_gan_wgan_steps_are_the_papers(constraint):
+    """wgan_critic_step against WGAN-GP's Alg. 1 lines 4-9 (the critic descends D(G(z)) - D(x) +
+    10 (||grad D(x_hat)|| - 1)^2 at x_hat = e x + (1 - e) G(z), e ~ U[0, 1] per sample) or WGAN's
+    lines 3-7 (the same without the penalty, then every weight clipped to [-c, c]), and
+    wgan_generator_step against lines 11-12 (G descends -D(G(z))). Catches a flipped critic or
+    generator loss, a penalty at the wrong points (a linear critic could not tell), clipping
+    before the step or not at all, DiffAugment on one side only."""
+    lr = 0.1
+    d = gan_smooth_critic()
+    torch.manual_seed(2)
+    g = gan_labs.Net(torch.nn.Linear(4, 64), torch.nn.Tanh(), torch.nn.Unflatten(1, (1, 8, 8)))
+    d_ref, g_ref = copy.deepcopy(d), copy.deepcopy(g)
+    start_d, start_g = ({k: v.clone() for k, v in net.state_dict().items()} for net in (d, g))
+    real, z, z_g = torch.randn(16, 1, 8, 8), torch.randn(16, 4), torch.randn(16, 4)
+    # the reference first, to choose a clip bound that clips some weights and not others
+    fake = gan_aug(g_ref(z).detach())
+    loss_d = d_ref(fake).mean() - d_ref(gan_aug(real)).mean()
+    torch.manual_seed(3)  # the interpolation weights e, as gradient_penalty draws them
+    e = torch.rand(16, 1, 1, 1)
+    x_hat = (e * gan_aug(real) + (1 - e) * fake).requires_grad_(True)
+    grad, = torch.autograd.grad(d_ref(x_hat).sum(), x_hat, create_graph=True)
+    gp = 10 * ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
+    gan_sgd_step(d_ref, loss_d + gp if constraint == "gp" else loss_d, lr)
+    c = 0.5 * max(p.abs().max().item() for p in d_ref.parameters())
+    if constraint == "clip":
+        with torch.no_grad():
+            for p in d_ref.parameters():
+                p.clamp_(-c, c)
+    torch.manual_seed(3)
+    out = gan_labs.wgan_critic_step(g, d, torch.optim.SGD(d.parameters(), lr=lr), real, z,
+                                    gan_aug, constraint, c)
+    gan_assert_same_nets(d, d_ref, start_d)
+    assert torch.equal(g.state_dict()["0.weight"], start_g["0.weight"])  # the critic step only
+    if constraint == "gp":
+        assert gp.item() > 0.1 and out["gp"].item() == pytest.approx(gp.item(), rel=1e-5)
+    assert out["loss_d"].item() == pytest.approx(
+        (loss_d + (gp if constraint == "gp" else 0)).item(), rel=1e-5)
+    gan_labs.wgan_generator_step(g, d, torch.optim.SGD(g.parameters(), lr=lr), z_g, gan_aug)
+    gan_sgd_step(g_ref, -d_ref(gan_aug(g_ref(z_g))).mean(), lr)
+    gan_assert_same_nets(g, g_ref, start_g)
+
+
+def test_gan_dann_step_features_get_the_label_gradient_minus_lambda_domain_gradient():
+    """dann_step (SGD, lambda = 0.7, the step's lr 0.05 over the optimizer's 1.0) against the
+    DANN paper's update written here: G_f moves by -lr (dL_y/dtheta_f - lambda dL_d/dtheta_f),
+    G_y by -lr dL_y/dtheta_y, G_d by -lr dL_d/dtheta_d, with L_d the logistic loss of source = 0,
+    target = 1. Catches a reversal of the wrong sign or size, the domain loss on one domain, the
+    step's learning rate not applied."""
+    lam, lr = 0.7, 0.05
+    torch.manual_seed(0)
+    net = gan_labs.DANN(3)
+    ref = copy.deepcopy(net)
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    x_s, x_t, y_s = torch.randn(8, 3, 28, 28), torch.randn(6, 3, 28, 28) + 1, torch.arange(8) % 3
+    gan_labs.dann_step(net, torch.optim.SGD(net.parameters(), lr=1.0), x_s, y_s, x_t, lam, lr)
+    f_s, f_t = ref.features(x_s), ref.features(x_t)
+    loss_y = F.cross_entropy(ref.label_classifier(f_s), y_s)
+    logits = ref.domain_classifier(torch.cat([f_s, f_t]))
+    loss_d = F.binary_cross_entropy_with_logits(logits, torch.cat([torch.zeros(8), torch.ones(6)]))
+    parts = {name: list(getattr(ref, name).parameters())
+             for name in ("features", "label_classifier", "domain_classifier")}
+    g_y = torch.autograd.grad(loss_y, parts["features"] + parts["label_classifier"],
+                              retain_graph=True)
+    g_d = torch.autograd.grad(loss_d, parts["features"] + parts["domain_classifier"])
+    n_f = len(parts["features"])
+    with torch.no_grad():
+        for i, p in enumerate(parts["features"]):
+            p.sub_(lr * (g_y[i] - lam * g_d[i]))
+        for p, grad in zip(parts["label_classifier"], g_y[n_f:]):
+            p.sub_(lr * grad)
+        for p, grad in zip(parts["domain_classifier"], g_d[n_f:]):
+            p.sub_(lr * grad)
+    gan_assert_same_nets(net, ref, start)
