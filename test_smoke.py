@@ -617,13 +617,21 @@ def test_train_advreg_sweep_end_to_end_resume_and_gif(tiny_data, pretrained, tmp
     iters = 3 * 2  # 40 images / batch 16 = 3 steps per epoch, 2 epochs
     rows = list(csv.DictReader(open(out / "lam0.5_seed0" / "metrics.csv")))
     assert list(rows[0])[2:7] == list(train_advreg.LOG_COLUMNS) and len(rows) == iters
-    assert 0 < float(rows[-1]["d_real"]) < 1 and 0 < float(rows[-1]["d_fake"]) < 1
+    ckpt = load(out / "lam0.5_seed0" / "model.pt")  # the CSV's columns are the logged ones
+    assert [float(rows[-1][c]) for c in train_advreg.LOG_COLUMNS] == pytest.approx(
+        ckpt["log"][-1].tolist(), abs=1e-5)
     assert rows[-1]["test_acc"] != "" and rows[-1]["train_acc"] != ""  # the last evaluation
     for fig in ("losses.png", "d_outputs.png", "test_acc.png", "kernels_conv1.png"):
         assert (out / "lam0.5_seed0" / fig).stat().st_size > 1000
     summary = json.loads((out / "lam0.5_seed0" / "summary.json").read_text())
-    assert summary["conv1_frechet"] >= 0 and 0 < summary["conv1_low_freq"] < 1
-    assert 0 <= summary["final_train_acc"] <= 1
+    # the kernel metrics of the final conv1 against the bank, standardized (the metrics' own
+    # values: the closed-form tests below); catches another layer, the init, raw kernels
+    kernels, bank = ckpt["model"]["conv1.weight"].reshape(-1, 7, 7), load(
+        banks / "conv1_7x7.pt")["kernels"]
+    assert summary["conv1_frechet"] == pytest.approx(collect_kernels.frechet_distance(
+        collect_kernels.standardize_kernels(kernels), collect_kernels.standardize_kernels(bank)))
+    assert summary["conv1_low_freq"] == pytest.approx(collect_kernels.low_freq_share(kernels))
+    assert summary["final_train_acc"] == ckpt["history"]["train_acc"][-1]
     # lam = 0 has no discriminator: its D columns are empty (NaN in the CSV, null in the JSON)
     assert "nan" in (out / "lam0_seed0" / "metrics.csv").read_text().splitlines()[1]
     assert json.loads((out / "lam0_seed0" / "summary.json").read_text())["d_real_last10pct"] is None
@@ -679,7 +687,11 @@ def test_train_advreg_two_layers_and_compare(tiny_data, pretrained, tmp_path):
     ckpt = load(out / "lam1_seed0" / "model.pt")
     assert sorted(ckpt["discs"]) == ["conv1", "conv2"]
     assert (out / "lam1_seed0" / "kernels_conv2.png").exists()
-    assert json.loads((out / "lam1_seed0" / "summary.json").read_text())["conv2_frechet"] >= 0
+    summary = json.loads((out / "lam1_seed0" / "summary.json").read_text())
+    kernels = ckpt["model"]["conv2.weight"].reshape(-1, 5, 5)  # conv2's against conv2's bank
+    assert summary["conv2_frechet"] == pytest.approx(collect_kernels.frechet_distance(
+        collect_kernels.standardize_kernels(kernels),
+        collect_kernels.standardize_kernels(load(banks / "conv2_5x5.pt")["kernels"])))
     collect_kernels.main(["--compare", str(out / "lam1_seed0" / "model.pt"), "--bank",
                           str(banks / "conv1_7x7.pt"), "--out", str(tmp_path / "cmp")])
     table = (tmp_path / "cmp" / "compare.md").read_text()
@@ -724,7 +736,10 @@ def algorithm1_batch():
     return model, disc, images, torch.randint(0, 10, (8,)), torch.Generator().manual_seed(0)
 
 
-def test_generator_loss_reaches_conv1_and_d_outputs_are_probabilities():
+def test_generator_loss_reaches_conv1_only():
+    """The generator loss's gradient reaches the regularized layer, not another one, nor D (D's
+    forward and both steps' values: test_kernel_discriminator_is_the_notebooks_network and
+    test_algorithm1_iteration_at_lambda_half_is_the_papers_step)."""
     model, disc, _, _, g = algorithm1_batch()
     fakes = train_advreg.sample_fakes(model, {"conv1": disc}, 64, g)
     d_fakes = train_advreg.judge({"conv1": disc}, fakes, "standardized")
@@ -733,20 +748,6 @@ def test_generator_loss_reaches_conv1_and_d_outputs_are_probabilities():
     assert model.conv1.weight.grad is not None and model.conv1.weight.grad.abs().sum() > 0
     assert model.conv2.weight.grad is None  # only the regularized layer is touched
     assert all(p.grad is None for p in disc.parameters())  # the generator step does not train D
-    d_out = disc(train_advreg.to_d_input(torch.randn(64, 7, 7) * 10, "raw"))
-    assert d_out.shape == (64,) and ((d_out > 0) & (d_out < 1)).all()
-    args = train_advreg.parse_args(["--d-batch", "64"])
-    d_optimizers = {"conv1": torch.optim.Adam(disc.parameters())}
-    d = train_advreg.discriminator_step({"conv1": disc}, d_optimizers,
-                                        {"conv1": torch.randn(100, 7, 7)}, d_fakes, 1.0, args, g)
-    assert 0 < d["d_real"] < 1 and 0 < d["d_fake"] < 1 and d["disc_loss"] > 0
-
-
-def test_standardized_d_input_ignores_scale():
-    kernels = torch.randn(10, 7, 7)
-    a = train_advreg.to_d_input(kernels, "standardized")
-    b = train_advreg.to_d_input(kernels * 5 + 2, "standardized")
-    assert torch.allclose(a, b, atol=1e-5) and a.shape == (10, 1, 7, 7)
 
 
 def test_frechet_distance_and_low_frequency_share():
@@ -1285,15 +1286,35 @@ def test_one_d_pass_on_the_fakes_gives_the_three_pass_losses_and_gradients():
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-8)
 
 
-def test_bf16_runs_finish_and_write_their_outputs(tiny_data, pretrained, tmp_path):
-    """--precision bf16 on the CPU: a short run of each stage-3/4 trainer ends with finite
-    losses and its files (catches an autocast region that breaks a loss or the D step)."""
+def recording_conv1_dtypes(cls, dtypes):
+    """A subclass of a model class whose conv1 adds the dtype of each of its outputs to `dtypes`.
+    """
+    class Recorded(cls):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.conv1.register_forward_hook(lambda module, x, out: dtypes.add(out.dtype))
+    return Recorded
+
+
+def test_bf16_runs_finish_and_write_their_outputs(tiny_data, pretrained, tmp_path, monkeypatch):
+    """--precision bf16 on the CPU: a short run of each stage-3/4 trainer computes its
+    classifier's and D's convolutions in bfloat16 in every forward pass (catches autocast off, or
+    off in one of the passes: training, AMP's inner step, D's real batch, evaluation), and ends
+    with finite losses and its files (catches an autocast region that breaks a loss)."""
     _, banks = pretrained
     common = ["--data", str(tiny_data), "--per-class", "2", "--epochs", "2", "--eval-every", "1",
               "--precision", "bf16"]
+    dtypes = {"small": set(), "adv": set(), "d": set()}
+    monkeypatch.setattr(train_small, "PaperCNN",
+                        recording_conv1_dtypes(train_small.PaperCNN, dtypes["small"]))
+    monkeypatch.setattr(train_advreg, "PaperCNN",
+                        recording_conv1_dtypes(train_advreg.PaperCNN, dtypes["adv"]))
+    monkeypatch.setattr(train_advreg, "KernelDiscriminator",
+                        recording_conv1_dtypes(train_advreg.KernelDiscriminator, dtypes["d"]))
     train_small.main(common + ["--amp-epsilon", "0.1", "--out", str(tmp_path / "small")])
     train_advreg.main(common + ["--bank", str(banks / "conv1_7x7.pt"), "--d-batch", "16",
                                 "--out", str(tmp_path / "adv")])
+    assert dtypes == {"small": {torch.bfloat16}, "adv": {torch.bfloat16}, "d": {torch.bfloat16}}
     losses = [float(r["train_loss"]) for r in csv.DictReader(
         open(tmp_path / "small" / "seed0" / "metrics.csv"))]
     assert all(math.isfinite(v) for v in losses)
@@ -1564,13 +1585,15 @@ def gan_check_run(out, bce=True, size=32, channels=1):
             assert math.isfinite(float(r[k])), (k, r)
         # loss_g is nan in a log window without a G step (--g-every, --n-critic); never inf
         assert not math.isinf(float(r["loss_g"])), r
-        if bce:
-            assert 0 < float(r["d_real"]) < 1 and 0 < float(r["d_fake"]) < 1
+        if bce:  # Jensen: the mean of -log D is at least -log of D's mean (catches a loss_d
+            # logged with another sign or scale, or columns that are not D's outputs)
+            bound = -math.log(float(r["d_real"])) - math.log(1 - float(r["d_fake"]))
+            assert float(r["loss_d"]) >= bound - 1e-4, r
     assert any(math.isfinite(float(r["loss_g"])) for r in rows), "G never trained"
     gen, floor = gan_read_csv(out / "eval.csv")
     assert gen["comparison"].startswith("generated") and floor["comparison"].startswith("train")
     for r in (gen, floor):
-        assert math.isfinite(float(r["fid"])) and float(r["fid"]) >= -1e-6
+        assert math.isfinite(float(r["fid"]))  # its value: test_gan_frechet_distance
         assert 0 <= float(r["precision"]) <= 1 and 0 <= float(r["recall"]) <= 1
         # (min <= 1/n <= max holds for any shares that sum to 1; this catches swapped columns)
         assert 0 <= float(r["class_share_min"]) <= float(r["class_share_max"]) <= 1
@@ -1757,7 +1780,7 @@ def test_gan_wgan_gp_conv_critic_with_the_mlp_generator(gan_common, tmp_path):
     gan_run("wgan", *gan_common, *GAN_TINY, "--critic", "conv", "--generator", "mlp",
             "--n-critic", "2", "--out", out)
     rows, _, _ = gan_check_run(out, bce=False, size=28)
-    assert all(float(r["gp"]) >= 0 for r in rows)
+    assert all(math.isfinite(float(r["gp"])) for r in rows)  # its value: test_gan_wgan_steps_...
     # four 4x4 stride-2 convs, each sqrt(4) = 2 above its reshaped norm, the linear layer 1: the
     # bound is exactly 16 x the product (catches a wrong overlap factor)
     for r in rows:
@@ -1837,6 +1860,9 @@ def test_gan_saturated_d_gives_a_finite_loss_and_gradient():
 
 
 def test_gan_gradient_penalty_zero_for_unit_norm_linear_critic():
+    """The penalty's lambda and its "- 1" (a linear critic's gradient is the same at every
+    point, so this cannot see where the interpolates lie: test_gan_wgan_steps_are_the_papers
+    checks that with a tanh critic)."""
     torch.manual_seed(0)
     real, fake = torch.randn(64, 1, 8, 8), torch.randn(64, 1, 8, 8)
     critic = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 1))
@@ -1926,13 +1952,17 @@ def test_gan_precision_recall():
 
 @pytest.mark.parametrize("size", [32, 64])
 def test_gan_models_shapes_and_d_range(size):
+    """Shapes; G ends in tanh and D in a sigmoid of its last layer's output (the same nets
+    without that activation: catches a lost or swapped activation); the label reaches both."""
     g = gan_labs.dcgan_generator(100, 8, 3, size, n_classes=10)  # the cDCGAN's: z and a label
     d = gan_labs.dcgan_discriminator(8, 3, size, n_classes=10)
-    y = torch.arange(4) % 10
-    x = g(torch.randn(4, 100), y)
-    assert x.shape == (4, 3, size, size) and x.abs().max() <= 1
+    y, z0 = torch.arange(4) % 10, torch.randn(4, 100)
+    x = g(z0, y)
+    assert x.shape == (4, 3, size, size)
+    assert torch.allclose(x, torch.tanh(gan_labs.Net(*list(g)[:-1], n_classes=10)(z0, y)))
     out = d(x, y)
-    assert out.shape == (4,) and ((out > 0) & (out < 1)).all()
+    logits = gan_labs.Net(*list(d)[:-2], n_classes=10)(x, y).flatten()
+    assert out.shape == (4,) and torch.allclose(out, torch.sigmoid(logits))
     # the label reaches both nets: another y, another image and another verdict
     z = torch.randn(4, 100)
     assert not torch.equal(g.eval()(z, y), g(z, (y + 1) % 10)) and not torch.equal(d(x, y),
@@ -1942,8 +1972,9 @@ def test_gan_models_shapes_and_d_range(size):
         assert critic(x).shape == (4,)
     x = gan_labs.mlp_generator(100, 1, 28)(torch.randn(4, 100))
     assert x.shape == (4, 1, 28, 28) and gan_labs.conv_critic(1, 28)(x).shape == (4,)
-    out = gan_labs.mlp_discriminator(1, 28, dropout=0.3)(x)
-    assert out.shape == (4,) and ((out > 0) & (out < 1)).all()
+    mlp = gan_labs.mlp_discriminator(1, 28, dropout=0.3).eval()
+    out = mlp(x)
+    assert out.shape == (4,) and torch.allclose(out, torch.sigmoid(mlp[:-2](x).flatten()))
 
 
 def test_gan_diffaug_keeps_shape_and_gradient():
@@ -2097,8 +2128,12 @@ def test_gan_dann_end_to_end_with_and_without_adaptation(gan_dann_runs):
         assert not list(out.glob("*.tmp*"))
         rows = gan_read_csv(out / "metrics.csv")
         assert [int(r["iter"]) for r in rows] == [3, 6]  # 48 source images / 16 per step
-        lams = [float(r["lambda"]) for r in rows]
-        assert lams == [0.0, 0.0] if name == "no_adapt" else 0 < lams[0] < lams[1] < 1
+        # each epoch logs its last step's schedules, at progress p = step / all steps (3 per
+        # epoch, 2 epochs): catches a progress that restarts each epoch or counts epochs only
+        for r, p in zip(rows, (2 / 6, 5 / 6)):
+            lam = 0.0 if name == "no_adapt" else 2 / (1 + math.exp(-10 * p)) - 1
+            assert float(r["lambda"]) == pytest.approx(lam, rel=1e-6)
+            assert float(r["lr"]) == pytest.approx(0.01 / (1 + 10 * p) ** 0.75, rel=1e-6)
         summary = json.loads((out / "summary.json").read_text())
         assert summary["adapt"] == (name == "adapt")
         for key in ("source_acc", "target_acc", "domain_acc"):
@@ -2152,14 +2187,27 @@ def test_gan_dann_bad_input_is_one_clear_line(case, gan_data, tiny_data, gan_dcg
 
 
 @pytest.mark.parametrize("lab", ["dcgan", "wgan"])
-def test_gan_bf16_runs_finish_and_write_their_outputs(lab, gan_common, tmp_path):
+def test_gan_bf16_runs_finish_and_write_their_outputs(lab, gan_common, tmp_path, monkeypatch):
     """--precision bf16 on the CPU: the BCE game and the WGAN-GP game (its double backward too)
-    end with finite losses and every file of a run (catches an autocast region that breaks a
-    loss, or a log taken in bfloat16)."""
+    train G's and D's first convolutions in bfloat16 (catches autocast off), end with finite
+    losses and every file of a run (catches an autocast region that breaks a loss, or a log
+    taken in bfloat16)."""
     out = tmp_path / lab
     extra = ["--n-critic", "1"] if lab == "wgan" else []  # 3 steps of tiny data: G steps too
+    dtypes, build = {"g": set(), "d": set()}, gan_labs.build_models
+
+    def recording_build(*args, **kwargs):
+        nets = build(*args, **kwargs)
+        for name, net in zip("gd", nets):
+            first = next(m for m in net if isinstance(m, (torch.nn.Conv2d,
+                                                          torch.nn.ConvTranspose2d)))
+            first.register_forward_hook(  # training passes (samples for figures: fp32)
+                lambda m, x, y, name=name: dtypes[name].add(y.dtype) if m.training else None)
+        return nets
+    monkeypatch.setattr(gan_labs, "build_models", recording_build)
     gan_labs.main([str(a) for a in (lab, *gan_common, *GAN_TINY, *extra, "--precision", "bf16",
                                     "--out", out)])
+    assert dtypes == {"g": {torch.bfloat16}, "d": {torch.bfloat16}}
     gan_check_run(out, bce=lab == "dcgan")
     ckpt = gan_ckpt(out)
     assert ckpt["flags"]["precision"] == "bf16"
