@@ -1014,6 +1014,75 @@ def test_group_stats_mean_and_sample_std():
     assert groups["b"][1]["final_val_acc"] is None and stats["d_real"] is None
 
 
+def test_init_bank_reaches_conv1_in_both_trainers_and_each_seed_draws_its_own(tiny_data,
+                                                                               tmp_path):
+    """--init-bank, through each trainer's main (with --lr 0, so the saved conv1 is the start):
+    conv1's 192 kernels are the bank's, drawn without replacement by the run's seed, as written
+    here; seeds 0 and 1 draw different ones; train_advreg.py's _bankinit rows get them and its
+    default rows do not. Catches the flag parsed but not applied, one draw for every seed, the
+    draw reaching another layer."""
+    bank = torch.randn(300, 7, 7, generator=torch.Generator().manual_seed(4))
+    torch.save({"kernels": bank}, tmp_path / "bank.pt")
+    common = ["--data", str(tiny_data), "--per-class", "1", "--epochs", "1", "--lr", "0",
+              "--seeds", "0", "1", "--init-bank", str(tmp_path / "bank.pt")]
+    train_small.main(common + ["--out", str(tmp_path / "small")])
+    train_advreg.main(common + ["--lam", "0", "--bank", str(tmp_path / "bank.pt"),
+                                "--out", str(tmp_path / "adv")])
+    for seed in (0, 1):
+        pick = torch.randperm(300, generator=torch.Generator().manual_seed(seed))[:192]
+        want = bank[pick].reshape(64, 3, 7, 7)
+        torch.manual_seed(seed)
+        default = train_small.PaperCNN(10).state_dict()
+        for path in (tmp_path / "small" / f"seed{seed}", tmp_path / "adv" /
+                     f"lam0_seed{seed}_bankinit"):
+            model = load(path / "model.pt")["model"]
+            assert torch.equal(model["conv1.weight"], want), path
+            assert torch.equal(model["conv2.weight"], default["conv2.weight"]), path
+        plain = load(tmp_path / "adv" / f"lam0_seed{seed}" / "model.pt")["model"]
+        assert torch.equal(plain["conv1.weight"], default["conv1.weight"])
+    seed0, seed1 = (load(tmp_path / "small" / f"seed{s}" / "model.pt")["model"]["conv1.weight"]
+                    for s in (0, 1))
+    assert not torch.equal(seed0, seed1)
+
+
+@pytest.mark.parametrize("layers,frozen", [(["conv2"], []), (["conv1", "conv3"], ["conv1"]),
+                                           (["conv1", "conv2", "conv3", "conv4", "fc"], [])])
+def test_transfer_copies_exactly_the_named_layers(layers, frozen, tmp_path):
+    """train_small.initialize from the flags, as train() calls it, from a checkpoint whose every
+    tensor differs from a fresh init: each named layer (convN with its BatchNorm's weights and
+    statistics; fc, the head, for LP-FT from a probe) equals the checkpoint's, every other tensor
+    the seed's fresh init; exactly the --freeze layers get no gradient. Catches a layer list off
+    by one, bnN left behind, the head copied when not named (or not when named)."""
+    torch.manual_seed(99)
+    source = train_small.PaperCNN(10)
+    for m in source.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.3)
+            m.running_mean.normal_(0, 0.3)
+            m.running_var.uniform_(0.3, 3.0)
+    source = source.state_dict()
+    torch.save({"arch": "PaperCNN", "model": source}, tmp_path / "probe_seed3.pt")
+    args = train_small.parse_args(["--init-from", str(tmp_path / "probe_seed{seed}.pt"),
+                                   "--transfer", *layers] + (["--freeze", *frozen] if frozen
+                                                              else []))
+    torch.manual_seed(3)
+    model = train_small.PaperCNN(10)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    train_small.initialize(model, 3, args)
+    named = [n for layer in layers for n in ([layer, layer.replace("conv", "bn")]
+                                             if layer.startswith("conv") else [layer])]
+    for key, value in model.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        copied = key.split(".")[0] in named
+        assert torch.equal(value, source[key] if copied else fresh[key]), key
+        assert copied or not torch.equal(value, source[key]), key
+    frozen_names = {n for layer in frozen for n in (layer, layer.replace("conv", "bn"))}
+    for key, p in model.named_parameters():
+        assert p.requires_grad == (key.split(".")[0] not in frozen_names), key
+
+
 # ----------------------------------------------------------------------------- throughput
 @pytest.mark.skipif(not os.environ.get("THROUGHPUT_DATA"),
                     reason="a measurement: THROUGHPUT_DATA=PATH pytest -s -k throughput")
@@ -1104,10 +1173,12 @@ def differing_copies(sources):
 
 def test_train_accuracy_is_the_accuracy_on_the_training_images(tiny_data, tmp_path):
     """The train_acc column is the eval-mode accuracy on exactly the 100 (here 20) training
-    images: recomputed from the saved weights (catches a column computed on other images)."""
+    images: recomputed from the saved weights (catches a column computed on other images). With
+    --curve-size 7 of the 50 test images, the last evaluation still takes all 50 (catches the
+    final accuracy measured on the curve's sample)."""
     out = tmp_path / "acc"
     train_small.main(["--data", str(tiny_data), "--per-class", "2", "--epochs", "2",
-                      "--eval-every", "2", "--out", str(out)])
+                      "--eval-every", "2", "--curve-size", "7", "--out", str(out)])
     args = train_small.parse_args(["--data", str(tiny_data), "--per-class", "2"])
     data = train_small.load_small_data(args, torch.device("cpu"))
     model = train_small.PaperCNN(10)
@@ -1116,6 +1187,8 @@ def test_train_accuracy_is_the_accuracy_on_the_training_images(tiny_data, tmp_pa
     assert history["train_acc"][-1] == train_small.evaluate(model, data["train_x"],
                                                             data["train_y"])
     assert history["test_acc"][-1] == train_small.evaluate(model, data["test_x"], data["test_y"])
+    assert len(data["test_x"]) == 50 and history["test_acc"][-1] != train_small.evaluate(
+        model, data["test_x"][:7], data["test_y"][:7])  # the two can be told apart
 
 
 def test_validation_split_is_disjoint_from_the_subset_and_the_test_set(tiny_data, capsys):
