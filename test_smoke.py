@@ -793,8 +793,7 @@ def test_algorithm1_iteration_at_lambda_half_is_the_papers_step(tiny_data, tmp_p
     Algorithm 1 written here: the classifier's Adam gets the gradient of
     cls_loss + lam * (-log D(fake)), D's Adam the gradient of
     lam * (-log D(real) - log(1 - D(fake))), on standardized kernels. Catches a flipped sign or a
-    missing lam in either step, D's step taken on the updated classifier's kernels, raw kernels
-    shown to D, the generator loss reaching D."""
+    missing lam in either step, the saturating generator loss."""
     lam, d_batch = 0.5, 32
     bank = torch.randn(300, 7, 7, generator=torch.Generator().manual_seed(5))
     torch.save({"kernels": bank}, tmp_path / "bank.pt")
@@ -941,8 +940,8 @@ def test_frechet_distance_of_gaussians_with_full_covariances_is_the_closed_form(
     """Two 4-d Gaussians, non-commuting full covariances (two 2x2 blocks, then one common
     rotation, which leaves the distance unchanged), means that differ in every coordinate. For a
     2x2 block, tr (C_a C_b)^1/2 = sqrt(tr(C_a C_b) + 2 sqrt(det C_a det C_b)). Both copies (stage 4
-    and the GAN labs). Catches a lost mean term or factor 2, tr(C_a^1/2 C_b^1/2) for the root
-    (equal only for commuting covariances), a covariance over the wrong axis."""
+    and the GAN labs). Catches a lost mean term, tr(C_a^1/2 C_b^1/2) for the root (equal only
+    for commuting covariances)."""
     f64 = functools.partial(torch.tensor, dtype=torch.float64)
     blocks_a = [f64([[2.0, 0.8], [0.8, 1.0]]), f64([[1.0, -0.3], [-0.3, 0.5]])]
     blocks_b = [f64([[1.0, 0.0], [0.0, 3.0]]), f64([[2.0, 0.9], [0.9, 1.5]])]
@@ -968,8 +967,7 @@ def test_low_frequency_share_of_cosines_and_a_constant():
     1/7 <= 0.25 cycles/pixel (low), (2, 0) and (2, 1) have 2/7 and sqrt(5)/7 > 0.25 (high).
     Kernel 1 = 3 cos(0, 1) + cos(2, 0) + 5: share 9/10 (the constant adds nothing); kernel 2 =
     10 cos(2, 1): share 0; their mean 0.45. Catches energy as |X| instead of |X|^2 (0.75), the
-    mean not removed, the energy pooled over kernels (not a mean of shares), the radius in index
-    units."""
+    mean not removed, the energy pooled over kernels (not a mean of shares)."""
     yy, xx = torch.meshgrid(*[torch.arange(7, dtype=torch.float64)] * 2, indexing="ij")
 
     def wave(fy, fx):
@@ -1019,8 +1017,7 @@ def test_init_bank_reaches_conv1_in_both_trainers_and_each_seed_draws_its_own(ti
     """--init-bank, through each trainer's main (with --lr 0, so the saved conv1 is the start):
     conv1's 192 kernels are the bank's, drawn without replacement by the run's seed, as written
     here; seeds 0 and 1 draw different ones; train_advreg.py's _bankinit rows get them and its
-    default rows do not. Catches the flag parsed but not applied, one draw for every seed, the
-    draw reaching another layer."""
+    default rows do not. Catches one draw for every seed."""
     bank = torch.randn(300, 7, 7, generator=torch.Generator().manual_seed(4))
     torch.save({"kernels": bank}, tmp_path / "bank.pt")
     common = ["--data", str(tiny_data), "--per-class", "1", "--epochs", "1", "--lr", "0",
@@ -1051,8 +1048,8 @@ def test_transfer_copies_exactly_the_named_layers(layers, frozen, tmp_path):
     """train_small.initialize from the flags, as train() calls it, from a checkpoint whose every
     tensor differs from a fresh init: each named layer (convN with its BatchNorm's weights and
     statistics; fc, the head, for LP-FT from a probe) equals the checkpoint's, every other tensor
-    the seed's fresh init; exactly the --freeze layers get no gradient. Catches a layer list off
-    by one, bnN left behind, the head copied when not named (or not when named)."""
+    the seed's fresh init; exactly the --freeze layers get no gradient. Catches bnN left behind
+    when convN is copied."""
     torch.manual_seed(99)
     source = train_small.PaperCNN(10)
     for m in source.modules():
@@ -2323,8 +2320,8 @@ def test_gan_bce_step_is_the_gan_game(case):
     -log D(x) - log(1 - D(G(z))) on real and detached fakes, then G descends -log D(G(z))
     (saturating: log(1 - D(G(z)))) through the UPDATED D, on the same fakes; the cDCGAN's labels
     go into G and D; DiffAugment on every D input. Catches a flipped or saturating loss where it
-    should not be, G judged by the old D, a label not passed to G or D, the augmentation on one
-    side only."""
+    should not be, the fakes judged with the real images' labels, the augmentation on one side
+    only."""
     k = 3 if case == "cdcgan" else 0
     aug = gan_aug if case == "diffaug_saturating" else gan_labs.identity
     saturating, lr = case == "diffaug_saturating", 0.5
@@ -2369,8 +2366,8 @@ def test_gan_wgan_steps_are_the_papers(constraint):
     10 (||grad D(x_hat)|| - 1)^2 at x_hat = e x + (1 - e) G(z), e ~ U[0, 1] per sample) or WGAN's
     lines 3-7 (the same without the penalty, then every weight clipped to [-c, c]), and
     wgan_generator_step against lines 11-12 (G descends -D(G(z))). Catches a flipped critic or
-    generator loss, a penalty at the wrong points (a linear critic could not tell), clipping
-    before the step or not at all, DiffAugment on one side only."""
+    generator loss, a penalty at the wrong points or with one e for the batch (a linear critic
+    could not tell), clipping before the step."""
     lr = 0.1
     d = gan_smooth_critic()
     torch.manual_seed(2)
@@ -2410,8 +2407,8 @@ def test_gan_dann_step_features_get_the_label_gradient_minus_lambda_domain_gradi
     """dann_step (SGD, lambda = 0.7, the step's lr 0.05 over the optimizer's 1.0) against the
     DANN paper's update written here: G_f moves by -lr (dL_y/dtheta_f - lambda dL_d/dtheta_f),
     G_y by -lr dL_y/dtheta_y, G_d by -lr dL_d/dtheta_d, with L_d the logistic loss of source = 0,
-    target = 1. Catches a reversal of the wrong sign or size, the domain loss on one domain, the
-    step's learning rate not applied."""
+    target = 1. Catches a reversal of the wrong sign, the domain loss on one domain, the step's
+    learning rate not applied."""
     lam, lr = 0.7, 0.05
     torch.manual_seed(0)
     net = gan_labs.DANN(3)
