@@ -14,6 +14,7 @@ import ast
 import collections
 import copy
 import csv
+import functools
 import inspect
 import json
 import math
@@ -933,13 +934,21 @@ def test_train_advreg_sweep_end_to_end_resume_and_gif(tiny_data, pretrained, tmp
     iters = 3 * 2  # 40 images / batch 16 = 3 steps per epoch, 2 epochs
     rows = list(csv.DictReader(open(out / "lam0.5_seed0" / "metrics.csv")))
     assert list(rows[0])[2:7] == list(train_advreg.LOG_COLUMNS) and len(rows) == iters
-    assert 0 < float(rows[-1]["d_real"]) < 1 and 0 < float(rows[-1]["d_fake"]) < 1
+    ckpt = load(out / "lam0.5_seed0" / "model.pt")  # the CSV's columns are the logged ones
+    assert [float(rows[-1][c]) for c in train_advreg.LOG_COLUMNS] == pytest.approx(
+        ckpt["log"][-1].tolist(), abs=1e-5)
     assert rows[-1]["test_acc"] != "" and rows[-1]["train_acc"] != ""  # the last evaluation
     for fig in ("losses.png", "d_outputs.png", "test_acc.png", "kernels_conv1.png"):
         assert (out / "lam0.5_seed0" / fig).stat().st_size > 1000
     summary = json.loads((out / "lam0.5_seed0" / "summary.json").read_text())
-    assert summary["conv1_frechet"] >= 0 and 0 < summary["conv1_low_freq"] < 1
-    assert 0 <= summary["final_train_acc"] <= 1
+    # the kernel metrics of the final conv1 against the bank, standardized (the metrics' own
+    # values: the closed-form tests below); catches another layer, the init, raw kernels
+    kernels, bank = ckpt["model"]["conv1.weight"].reshape(-1, 7, 7), load(
+        banks / "conv1_7x7.pt")["kernels"]
+    assert summary["conv1_frechet"] == pytest.approx(collect_kernels.frechet_distance(
+        collect_kernels.standardize_kernels(kernels), collect_kernels.standardize_kernels(bank)))
+    assert summary["conv1_low_freq"] == pytest.approx(collect_kernels.low_freq_share(kernels))
+    assert summary["final_train_acc"] == ckpt["history"]["train_acc"][-1]
     # lam = 0 has no discriminator: its D columns are empty (NaN in the CSV, null in the JSON)
     assert "nan" in (out / "lam0_seed0" / "metrics.csv").read_text().splitlines()[1]
     assert json.loads((out / "lam0_seed0" / "summary.json").read_text())["d_real_last10pct"] is None
@@ -995,7 +1004,11 @@ def test_train_advreg_two_layers_and_compare(tiny_data, pretrained, tmp_path):
     ckpt = load(out / "lam1_seed0" / "model.pt")
     assert sorted(ckpt["discs"]) == ["conv1", "conv2"]
     assert (out / "lam1_seed0" / "kernels_conv2.png").exists()
-    assert json.loads((out / "lam1_seed0" / "summary.json").read_text())["conv2_frechet"] >= 0
+    summary = json.loads((out / "lam1_seed0" / "summary.json").read_text())
+    kernels = ckpt["model"]["conv2.weight"].reshape(-1, 5, 5)  # conv2's against conv2's bank
+    assert summary["conv2_frechet"] == pytest.approx(collect_kernels.frechet_distance(
+        collect_kernels.standardize_kernels(kernels),
+        collect_kernels.standardize_kernels(load(banks / "conv2_5x5.pt")["kernels"])))
     collect_kernels.main(["--compare", str(out / "lam1_seed0" / "model.pt"), "--bank",
                           str(banks / "conv1_7x7.pt"), "--out", str(tmp_path / "cmp")])
     table = (tmp_path / "cmp" / "compare.md").read_text()
@@ -1040,7 +1053,10 @@ def algorithm1_batch():
     return model, disc, images, torch.randint(0, 10, (8,)), torch.Generator().manual_seed(0)
 
 
-def test_generator_loss_reaches_conv1_and_d_outputs_are_probabilities():
+def test_generator_loss_reaches_conv1_only():
+    """The generator loss's gradient reaches the regularized layer, not another one, nor D (D's
+    forward and both steps' values: test_kernel_discriminator_is_the_notebooks_network and
+    test_algorithm1_iteration_at_lambda_half_is_the_papers_step)."""
     model, disc, _, _, g = algorithm1_batch()
     fakes = train_advreg.sample_fakes(model, {"conv1": disc}, 64, g)
     d_fakes = train_advreg.judge({"conv1": disc}, fakes, "standardized")
@@ -1049,20 +1065,6 @@ def test_generator_loss_reaches_conv1_and_d_outputs_are_probabilities():
     assert model.conv1.weight.grad is not None and model.conv1.weight.grad.abs().sum() > 0
     assert model.conv2.weight.grad is None  # only the regularized layer is touched
     assert all(p.grad is None for p in disc.parameters())  # the generator step does not train D
-    d_out = disc(train_advreg.to_d_input(torch.randn(64, 7, 7) * 10, "raw"))
-    assert d_out.shape == (64,) and ((d_out > 0) & (d_out < 1)).all()
-    args = train_advreg.parse_args(["--d-batch", "64"])
-    d_optimizers = {"conv1": torch.optim.Adam(disc.parameters())}
-    d = train_advreg.discriminator_step({"conv1": disc}, d_optimizers,
-                                        {"conv1": torch.randn(100, 7, 7)}, d_fakes, 1.0, args, g)
-    assert 0 < d["d_real"] < 1 and 0 < d["d_fake"] < 1 and d["disc_loss"] > 0
-
-
-def test_standardized_d_input_ignores_scale():
-    kernels = torch.randn(10, 7, 7)
-    a = train_advreg.to_d_input(kernels, "standardized")
-    b = train_advreg.to_d_input(kernels * 5 + 2, "standardized")
-    assert torch.allclose(a, b, atol=1e-5) and a.shape == (10, 1, 7, 7)
 
 
 def test_frechet_distance_and_low_frequency_share():
@@ -1084,6 +1086,315 @@ def test_frechet_distance_and_low_frequency_share():
     shrunk[:3] *= 0.05
     assert collect_kernels.near_zero_share(shrunk, bank) == pytest.approx(0.3)
     assert collect_kernels.near_zero_share(bank, bank) == 0
+
+
+# ----------------------------------------------------------------------------- stages 1-4 values
+# Each training step and metric against a few lines of plain torch or a closed form written here.
+# Adam's first step is lr * sign(gradient): blind to a loss's scale. The steps are therefore
+# compared through what Adam keeps of the gradient (exp_avg = (1 - beta1) * gradient), or taken
+# with SGD, whose update is the gradient itself.
+def assert_same_update(before, after, expected, rel=1e-4):
+    """after - before equals expected - before, to `rel` of the largest expected move: a sign
+    flip (2x the move) or a missing factor (>= 2x here) cannot meet it."""
+    for key, b in before.items():
+        if not b.is_floating_point():
+            assert torch.equal(after[key], expected[key]), key
+            continue
+        move, want = after[key] - b, expected[key] - b
+        scale = want.abs().max().item()
+        assert torch.allclose(move, want, rtol=0, atol=rel * scale + 1e-12), (key, scale)
+
+
+def test_algorithm1_iteration_at_lambda_half_is_the_papers_step(tiny_data, tmp_path):
+    """One iteration of train_advreg.py (10 images, batch 10, lambda = 0.5) against the paper's
+    Algorithm 1 written here: the classifier's Adam gets the gradient of
+    cls_loss + lam * (-log D(fake)), D's Adam the gradient of
+    lam * (-log D(real) - log(1 - D(fake))), on standardized kernels. Catches a flipped sign or a
+    missing lam in either step, the saturating generator loss."""
+    lam, d_batch = 0.5, 32
+    bank = torch.randn(300, 7, 7, generator=torch.Generator().manual_seed(5))
+    torch.save({"kernels": bank}, tmp_path / "bank.pt")
+    flags = ["--data", str(tiny_data), "--per-class", "1", "--batch-size", "10", "--no-augment",
+             "--d-batch", str(d_batch), "--bank", str(tmp_path / "bank.pt")]
+    train_advreg.main(flags + ["--epochs", "1", "--lam", str(lam), "--out", str(tmp_path / "r")])
+    ckpt = load(tmp_path / "r" / "lam0.5_seed0" / "model.pt")
+    # the reference, seed 0: the same init, batch and kernel draws as train() makes them
+    args = train_advreg.parse_args(flags)
+    data = train_advreg.load_small_data(args, torch.device("cpu"))
+    torch.manual_seed(0)
+    model = train_advreg.PaperCNN(10)
+    perm = torch.randperm(10)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1_000_003)
+        disc = train_advreg.KernelDiscriminator()
+    d_gen = torch.Generator().manual_seed(2_000_003)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    d_before = {k: v.clone() for k, v in disc.state_dict().items()}
+    x = data["train_x"][perm].float() / 127.5 - 1
+    cls_loss = F.cross_entropy(model(x), data["train_y"][perm])
+    fake = model.conv1.weight.reshape(192, 7, 7)[torch.randperm(192, generator=d_gen)[:d_batch]]
+
+    def standardized(k):
+        k = k - k.mean(dim=(1, 2), keepdim=True)
+        return (k / (k.std(dim=(1, 2), keepdim=True) + 1e-8))[:, None]
+    d_fake = disc(standardized(fake))
+    reg_loss = -torch.log(d_fake).mean()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3, weight_decay=1e-3, betas=(0.5, 0.999))
+    opt.zero_grad()
+    (cls_loss + lam * reg_loss).backward(inputs=list(model.parameters()), retain_graph=True)
+    opt.step()
+    real = bank[torch.randint(300, (d_batch,), generator=d_gen)]
+    d_real = disc(standardized(real))
+    disc_loss = lam * (-torch.log(d_real).mean() - torch.log(1 - d_fake).mean())
+    d_opt = torch.optim.Adam(disc.parameters(), lr=2e-4, weight_decay=1e-4, betas=(0.5, 0.999))
+    d_opt.zero_grad()
+    disc_loss.backward(inputs=list(disc.parameters()))
+    d_opt.step()
+    for ours, theirs, start, opt_ours, opt_theirs in (
+            (ckpt["model"], model, before, ckpt["optimizer"], opt),
+            (ckpt["discs"]["conv1"], disc, d_before, ckpt["d_optimizers"]["conv1"], d_opt)):
+        states = opt_theirs.state_dict()["state"]
+        scale = max(s["exp_avg"].abs().max().item() for s in states.values())
+        for (name, p), (i, state) in zip(theirs.named_parameters(), states.items()):
+            m = state["exp_avg"]  # (1 - beta1) * (gradient + weight decay * weight)
+            assert torch.allclose(opt_ours["state"][i]["exp_avg"], m, rtol=1e-4,
+                                  atol=1e-6 * scale), name
+            # the weights moved by lr * sign(gradient) (lr >= 2e-4) where it is not rounding noise
+            # (D's conv biases sit before BatchNorm: their true gradient is 0)
+            clear = m.abs() > 1e-3 * scale
+            assert torch.allclose(ours[name][clear], p.detach()[clear], rtol=0, atol=1e-7), name
+            assert not torch.equal(ours[name], start[name]), name
+        for name, buffer in theirs.named_buffers():  # BatchNorm saw the same batches
+            assert torch.allclose(ours[name].double(), buffer.double(), rtol=1e-5), name
+    assert ckpt["log"][0, 1].item() == pytest.approx(reg_loss.item(), rel=1e-5)  # reg_loss column
+    assert ckpt["log"][0, 2].item() == pytest.approx(disc_loss.item(), rel=1e-5)  # disc_loss
+
+
+def test_amp_step_takes_the_gradient_at_theta_plus_delta_and_steps_from_theta():
+    """train_small.train_step with epsilon > 0 (one inner step) against AMP written here: delta =
+    inner_lr * grad L(theta), projected onto ||delta|| <= epsilon; the outer gradient is taken at
+    theta + delta and applied (here by SGD) to theta. Catches the outer gradient taken at theta,
+    the weights left at theta + delta, a descending inner step, a missing projection."""
+    epsilon, inner_lr, lr = 0.5, 1.0, 0.5
+    model, loss_fn, images, labels = amp_setup()
+    reference = train_small.PaperCNN(10)
+    reference.load_state_dict(model.state_dict())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = train_small.parse_args(["--amp-epsilon", str(epsilon), "--amp-inner-lr", str(inner_lr),
+                                   "--amp-inner-steps", "1"])
+    train_small.train_step(model, torch.optim.SGD(model.parameters(), lr=lr), images, labels, args)
+    # the reference, in plain torch
+    params = list(reference.parameters())
+    x = images.float() / 127.5 - 1
+    theta = [p.detach().clone() for p in params]
+    grads = torch.autograd.grad(F.cross_entropy(reference(x), labels), params)  # at theta
+    delta = [inner_lr * g for g in grads]
+    norm = torch.sqrt(sum((d ** 2).sum() for d in delta))
+    assert norm > epsilon  # the projection is active
+    with torch.no_grad():
+        for p, t, d in zip(params, theta, delta):
+            p.copy_(t + d * epsilon / norm)
+    outer = torch.autograd.grad(F.cross_entropy(reference(x), labels), params)  # at theta + delta
+    with torch.no_grad():
+        for p, t, g in zip(params, theta, outer):
+            p.copy_(t - lr * g)
+    assert_same_update(before, model.state_dict(), reference.state_dict())
+    # the test can tell the two gradients apart: the plain step is far from AMP's
+    plain = {k: v.clone() for k, v in before.items()}
+    for (name, _), g in zip(reference.named_parameters(), grads):
+        plain[name] = before[name] - lr * g
+    move = model.state_dict()["conv1.weight"] - before["conv1.weight"]
+    assert not torch.allclose(move, plain["conv1.weight"] - before["conv1.weight"], rtol=0,
+                              atol=1e-2 * move.abs().max().item())
+
+
+def test_kernel_discriminator_is_the_notebooks_network():
+    """D's forward against the notebook's layers written in plain torch (two 3x3 convs with
+    BatchNorm and LeakyReLU 0.2, global average pooling, a linear layer, a sigmoid): catches a
+    lost sigmoid, another slope or pooling."""
+    torch.manual_seed(0)
+    disc = train_advreg.KernelDiscriminator()
+    kernels = torch.randn(16, 1, 7, 7) * 3
+    h = kernels
+    for conv, bn in ((disc.conv1, disc.bn1), (disc.conv2, disc.bn2)):
+        h = F.conv2d(h, conv.weight, conv.bias, padding=1)
+        mean, var = h.mean(dim=(0, 2, 3), keepdim=True), h.var(dim=(0, 2, 3), unbiased=False,
+                                                                 keepdim=True)
+        h = (h - mean) / torch.sqrt(var + 1e-5) * bn.weight[:, None, None] + bn.bias[:, None, None]
+        h = torch.where(h > 0, h, 0.2 * h)
+    expected = 1 / (1 + torch.exp(-(h.mean(dim=(2, 3)) @ disc.fc.weight.T + disc.fc.bias)))
+    assert torch.allclose(disc(kernels), expected[:, 0], rtol=1e-4, atol=1e-6)
+
+
+def test_standardization_is_per_kernel():
+    """collect_kernels.standardize_kernels and D's standardized input: each kernel minus its own
+    mean, over its own (unbiased) std, with another scale and shift per kernel. Catches the mean
+    or std taken over the whole bank (a global rescaling would pass a test of one scale)."""
+    torch.manual_seed(0)
+    base = torch.randn(6, 5, 5, dtype=torch.float64)  # float64: no rounding from the shifts
+    scale = torch.tensor([0.01, 0.5, 1, 3, 20, 100.0], dtype=torch.float64)
+    shift = torch.linspace(-4, 9, 6, dtype=torch.float64)
+    kernels = base * scale[:, None, None] + shift[:, None, None]
+    flat = base.reshape(6, -1)
+    want = (flat - flat.mean(1, keepdim=True)) / flat.std(1, keepdim=True)
+    assert torch.allclose(collect_kernels.standardize_kernels(kernels), want, atol=1e-9)
+    d_input = train_advreg.to_d_input(kernels, "standardized")
+    assert d_input.shape == (6, 1, 5, 5)
+    assert torch.allclose(d_input.reshape(6, -1), want, atol=1e-6)  # its 1e-8 guard: ~1e-6
+    assert torch.equal(train_advreg.to_d_input(kernels, "raw")[:, 0], kernels)
+
+
+def gaussian_samples(mean, cov, n, seed):
+    """n rows whose sample mean and sample covariance are exactly `mean` and `cov`."""
+    z = torch.randn(n, len(mean), generator=torch.Generator().manual_seed(seed),
+                    dtype=torch.float64)
+    z = z - z.mean(0)
+    z = z @ torch.linalg.inv(torch.linalg.cholesky(torch.cov(z.T))).T  # sample cov = I
+    return z @ torch.linalg.cholesky(cov).T + mean
+
+
+def test_frechet_distance_of_gaussians_with_full_covariances_is_the_closed_form():
+    """Two 4-d Gaussians, non-commuting full covariances (two 2x2 blocks, then one common
+    rotation, which leaves the distance unchanged), means that differ in every coordinate. For a
+    2x2 block, tr (C_a C_b)^1/2 = sqrt(tr(C_a C_b) + 2 sqrt(det C_a det C_b)). Both copies (stage 4
+    and the GAN labs). Catches a lost mean term, tr(C_a^1/2 C_b^1/2) for the root (equal only
+    for commuting covariances)."""
+    f64 = functools.partial(torch.tensor, dtype=torch.float64)
+    blocks_a = [f64([[2.0, 0.8], [0.8, 1.0]]), f64([[1.0, -0.3], [-0.3, 0.5]])]
+    blocks_b = [f64([[1.0, 0.0], [0.0, 3.0]]), f64([[2.0, 0.9], [0.9, 1.5]])]
+    mu_a, mu_b = f64([0.0, 1.0, -1.0, 2.0]), f64([0.5, -1.0, 0.0, 2.5])
+    closed = ((mu_a - mu_b) ** 2).sum().item()
+    for a, b in zip(blocks_a, blocks_b):
+        root = math.sqrt((a @ b).trace() + 2 * math.sqrt(a.det() * b.det()))
+        closed += (a.trace() + b.trace()).item() - 2 * root
+    rotation = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(0),
+                                           dtype=torch.float64))[0]
+    cov_a, cov_b = (rotation @ torch.block_diag(*blocks) @ rotation.T
+                    for blocks in (blocks_a, blocks_b))
+    a = gaussian_samples(rotation @ mu_a, cov_a, 500, 1)
+    b = gaussian_samples(rotation @ mu_b, cov_b, 300, 2)
+    assert closed > 4  # the mean term (5.75) and the covariance term both count
+    for module in (collect_kernels, gan_labs):
+        assert module.frechet_distance(a, b) == pytest.approx(closed, rel=1e-9)
+        assert module.frechet_distance(b, a) == pytest.approx(closed, rel=1e-9)
+
+
+def test_low_frequency_share_of_cosines_and_a_constant():
+    """7x7 cosines of known DFT, frequencies (fy, fx) in cycles per 7 pixels: (0, 1) has radius
+    1/7 <= 0.25 cycles/pixel (low), (2, 0) and (2, 1) have 2/7 and sqrt(5)/7 > 0.25 (high).
+    Kernel 1 = 3 cos(0, 1) + cos(2, 0) + 5: share 9/10 (the constant adds nothing); kernel 2 =
+    10 cos(2, 1): share 0; their mean 0.45. Catches energy as |X| instead of |X|^2 (0.75), the
+    mean not removed, the energy pooled over kernels (not a mean of shares)."""
+    yy, xx = torch.meshgrid(*[torch.arange(7, dtype=torch.float64)] * 2, indexing="ij")
+
+    def wave(fy, fx):
+        return torch.cos(2 * math.pi * (fy * yy + fx * xx) / 7)
+    kernels = torch.stack([3 * wave(0, 1) + wave(2, 0) + 5, 10 * wave(2, 1)])
+    assert collect_kernels.low_freq_share(kernels[:1]) == pytest.approx(0.9, abs=1e-9)
+    assert collect_kernels.low_freq_share(kernels[1:]) == pytest.approx(0.0, abs=1e-9)
+    assert collect_kernels.low_freq_share(kernels) == pytest.approx(0.45, abs=1e-9)
+    assert collect_kernels.low_freq_share(kernels - 5) == pytest.approx(0.45, abs=1e-9)
+
+
+def test_near_zero_share_uses_the_banks_median_norm():
+    """Bank norms 1, 10, 10, 10, 100 (median 10, mean 26.2): the threshold is 0.1 x 10 = 1, so of
+    the model's norms 0.5, 0.9, 1.5, 2, 3 two are near zero (0.4). The model's own median (1.5)
+    would say 0, the bank's mean 0.8. Catches the threshold from the wrong set or statistic."""
+    g = torch.Generator().manual_seed(0)
+
+    def with_norms(norms):
+        k = torch.randn(len(norms), 5, 5, generator=g)
+        return k / k.flatten(1).norm(dim=1)[:, None, None] * torch.tensor(norms)[:, None, None]
+    bank, model = with_norms([1.0, 10, 10, 10, 100]), with_norms([0.5, 0.9, 1.5, 2, 3])
+    assert collect_kernels.near_zero_share(model, bank) == pytest.approx(0.4)
+    assert collect_kernels.near_zero_share(model, bank, fraction=0.25) == pytest.approx(0.8)
+
+
+def test_group_stats_mean_and_sample_std():
+    """The table's mean ± std by hand: 0.1, 0.2, 0.6 -> 0.3 ± 0.2646 (the sample std, n - 1; the
+    population std would be 0.2160); a run without a value is left out of that metric; one run
+    has std 0; a metric no run has is None."""
+    def row(config, acc, val):
+        r = dict.fromkeys(collect_kernels.METRICS)
+        r.update(configuration=config, final_test_acc=acc, final_val_acc=val)
+        return r
+    rows = [row("a", 0.1, 0.5), row("b", 0.7, None), row("a", 0.2, None), row("a", 0.6, 0.9)]
+    groups = collect_kernels.group_stats(rows)
+    assert list(groups) == ["a", "b"]
+    runs, stats = groups["a"]
+    assert runs == 3
+    assert stats["final_test_acc"] == pytest.approx((0.3, math.sqrt(0.07)))
+    assert stats["final_val_acc"] == pytest.approx((0.7, math.sqrt(0.08)))
+    assert groups["b"][1]["final_test_acc"] == pytest.approx((0.7, 0.0))
+    assert groups["b"][1]["final_val_acc"] is None and stats["d_real"] is None
+
+
+def test_init_bank_reaches_conv1_in_both_trainers_and_each_seed_draws_its_own(tiny_data,
+                                                                               tmp_path):
+    """--init-bank, through each trainer's main (with --lr 0, so the saved conv1 is the start):
+    conv1's 192 kernels are the bank's, drawn without replacement by the run's seed, as written
+    here; seeds 0 and 1 draw different ones; train_advreg.py's _bankinit rows get them and its
+    default rows do not. Catches one draw for every seed."""
+    bank = torch.randn(300, 7, 7, generator=torch.Generator().manual_seed(4))
+    torch.save({"kernels": bank}, tmp_path / "bank.pt")
+    common = ["--data", str(tiny_data), "--per-class", "1", "--epochs", "1", "--lr", "0",
+              "--seeds", "0", "1", "--init-bank", str(tmp_path / "bank.pt")]
+    train_small.main(common + ["--out", str(tmp_path / "small")])
+    train_advreg.main(common + ["--lam", "0", "--bank", str(tmp_path / "bank.pt"),
+                                "--out", str(tmp_path / "adv")])
+    for seed in (0, 1):
+        pick = torch.randperm(300, generator=torch.Generator().manual_seed(seed))[:192]
+        want = bank[pick].reshape(64, 3, 7, 7)
+        torch.manual_seed(seed)
+        default = train_small.PaperCNN(10).state_dict()
+        for path in (tmp_path / "small" / f"seed{seed}", tmp_path / "adv" /
+                     f"lam0_seed{seed}_bankinit"):
+            model = load(path / "model.pt")["model"]
+            assert torch.equal(model["conv1.weight"], want), path
+            assert torch.equal(model["conv2.weight"], default["conv2.weight"]), path
+        plain = load(tmp_path / "adv" / f"lam0_seed{seed}" / "model.pt")["model"]
+        assert torch.equal(plain["conv1.weight"], default["conv1.weight"])
+    seed0, seed1 = (load(tmp_path / "small" / f"seed{s}" / "model.pt")["model"]["conv1.weight"]
+                    for s in (0, 1))
+    assert not torch.equal(seed0, seed1)
+
+
+@pytest.mark.parametrize("layers,frozen", [(["conv2"], []), (["conv1", "conv3"], ["conv1"]),
+                                           (["conv1", "conv2", "conv3", "conv4", "fc"], [])])
+def test_transfer_copies_exactly_the_named_layers(layers, frozen, tmp_path):
+    """train_small.initialize from the flags, as train() calls it, from a checkpoint whose every
+    tensor differs from a fresh init: each named layer (convN with its BatchNorm's weights and
+    statistics; fc, the head, for LP-FT from a probe) equals the checkpoint's, every other tensor
+    the seed's fresh init; exactly the --freeze layers get no gradient. Catches bnN left behind
+    when convN is copied."""
+    torch.manual_seed(99)
+    source = train_small.PaperCNN(10)
+    for m in source.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.3)
+            m.running_mean.normal_(0, 0.3)
+            m.running_var.uniform_(0.3, 3.0)
+    source = source.state_dict()
+    torch.save({"arch": "PaperCNN", "model": source}, tmp_path / "probe_seed3.pt")
+    args = train_small.parse_args(["--init-from", str(tmp_path / "probe_seed{seed}.pt"),
+                                   "--transfer", *layers] + (["--freeze", *frozen] if frozen
+                                                              else []))
+    torch.manual_seed(3)
+    model = train_small.PaperCNN(10)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    train_small.initialize(model, 3, args)
+    named = [n for layer in layers for n in ([layer, layer.replace("conv", "bn")]
+                                             if layer.startswith("conv") else [layer])]
+    for key, value in model.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        copied = key.split(".")[0] in named
+        assert torch.equal(value, source[key] if copied else fresh[key]), key
+        assert copied or not torch.equal(value, source[key]), key
+    frozen_names = {n for layer in frozen for n in (layer, layer.replace("conv", "bn"))}
+    for key, p in model.named_parameters():
+        assert p.requires_grad == (key.split(".")[0] not in frozen_names), key
 
 
 # ----------------------------------------------------------------------------- throughput
@@ -1176,10 +1487,12 @@ def differing_copies(sources):
 
 def test_train_accuracy_is_the_accuracy_on_the_training_images(tiny_data, tmp_path):
     """The train_acc column is the eval-mode accuracy on exactly the 100 (here 20) training
-    images: recomputed from the saved weights (catches a column computed on other images)."""
+    images: recomputed from the saved weights (catches a column computed on other images). With
+    --curve-size 7 of the 50 test images, the last evaluation still takes all 50 (catches the
+    final accuracy measured on the curve's sample)."""
     out = tmp_path / "acc"
     train_small.main(["--data", str(tiny_data), "--per-class", "2", "--epochs", "2",
-                      "--eval-every", "2", "--out", str(out)])
+                      "--eval-every", "2", "--curve-size", "7", "--out", str(out)])
     args = train_small.parse_args(["--data", str(tiny_data), "--per-class", "2"])
     data = train_small.load_small_data(args, torch.device("cpu"))
     model = train_small.PaperCNN(10)
@@ -1188,6 +1501,8 @@ def test_train_accuracy_is_the_accuracy_on_the_training_images(tiny_data, tmp_pa
     assert history["train_acc"][-1] == train_small.evaluate(model, data["train_x"],
                                                             data["train_y"])
     assert history["test_acc"][-1] == train_small.evaluate(model, data["test_x"], data["test_y"])
+    assert len(data["test_x"]) == 50 and history["test_acc"][-1] != train_small.evaluate(
+        model, data["test_x"][:7], data["test_y"][:7])  # the two can be told apart
 
 
 def test_validation_split_is_disjoint_from_the_subset_and_the_test_set(tiny_data, capsys):
@@ -1358,15 +1673,35 @@ def test_one_d_pass_on_the_fakes_gives_the_three_pass_losses_and_gradients():
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-8)
 
 
-def test_bf16_runs_finish_and_write_their_outputs(tiny_data, pretrained, tmp_path):
-    """--precision bf16 on the CPU: a short run of each stage-3/4 trainer ends with finite
-    losses and its files (catches an autocast region that breaks a loss or the D step)."""
+def recording_conv1_dtypes(cls, dtypes):
+    """A subclass of a model class whose conv1 adds the dtype of each of its outputs to `dtypes`.
+    """
+    class Recorded(cls):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.conv1.register_forward_hook(lambda module, x, out: dtypes.add(out.dtype))
+    return Recorded
+
+
+def test_bf16_runs_finish_and_write_their_outputs(tiny_data, pretrained, tmp_path, monkeypatch):
+    """--precision bf16 on the CPU: a short run of each stage-3/4 trainer computes its
+    classifier's and D's convolutions in bfloat16 in every forward pass (catches autocast off, or
+    off in one of the passes: training, AMP's inner step, D's real batch, evaluation), and ends
+    with finite losses and its files (catches an autocast region that breaks a loss)."""
     _, banks = pretrained
     common = ["--data", str(tiny_data), "--per-class", "2", "--epochs", "2", "--eval-every", "1",
               "--precision", "bf16"]
+    dtypes = {"small": set(), "adv": set(), "d": set()}
+    monkeypatch.setattr(train_small, "PaperCNN",
+                        recording_conv1_dtypes(train_small.PaperCNN, dtypes["small"]))
+    monkeypatch.setattr(train_advreg, "PaperCNN",
+                        recording_conv1_dtypes(train_advreg.PaperCNN, dtypes["adv"]))
+    monkeypatch.setattr(train_advreg, "KernelDiscriminator",
+                        recording_conv1_dtypes(train_advreg.KernelDiscriminator, dtypes["d"]))
     train_small.main(common + ["--amp-epsilon", "0.1", "--out", str(tmp_path / "small")])
     train_advreg.main(common + ["--bank", str(banks / "conv1_7x7.pt"), "--d-batch", "16",
                                 "--out", str(tmp_path / "adv")])
+    assert dtypes == {"small": {torch.bfloat16}, "adv": {torch.bfloat16}, "d": {torch.bfloat16}}
     losses = [float(r["train_loss"]) for r in csv.DictReader(
         open(tmp_path / "small" / "seed0" / "metrics.csv"))]
     assert all(math.isfinite(v) for v in losses)
@@ -1637,13 +1972,15 @@ def gan_check_run(out, bce=True, size=32, channels=1):
             assert math.isfinite(float(r[k])), (k, r)
         # loss_g is nan in a log window without a G step (--g-every, --n-critic); never inf
         assert not math.isinf(float(r["loss_g"])), r
-        if bce:
-            assert 0 < float(r["d_real"]) < 1 and 0 < float(r["d_fake"]) < 1
+        if bce:  # Jensen: the mean of -log D is at least -log of D's mean (catches a loss_d
+            # logged with another sign or scale, or columns that are not D's outputs)
+            bound = -math.log(float(r["d_real"])) - math.log(1 - float(r["d_fake"]))
+            assert float(r["loss_d"]) >= bound - 1e-4, r
     assert any(math.isfinite(float(r["loss_g"])) for r in rows), "G never trained"
     gen, floor = gan_read_csv(out / "eval.csv")
     assert gen["comparison"].startswith("generated") and floor["comparison"].startswith("train")
     for r in (gen, floor):
-        assert math.isfinite(float(r["fid"])) and float(r["fid"]) >= -1e-6
+        assert math.isfinite(float(r["fid"]))  # its value: test_gan_frechet_distance
         assert 0 <= float(r["precision"]) <= 1 and 0 <= float(r["recall"]) <= 1
         # (min <= 1/n <= max holds for any shares that sum to 1; this catches swapped columns)
         assert 0 <= float(r["class_share_min"]) <= float(r["class_share_max"]) <= 1
@@ -2032,7 +2369,7 @@ def test_gan_wgan_gp_conv_critic_with_the_mlp_generator(gan_common, tmp_path):
     gan_run("wgan", *gan_common, *GAN_TINY, "--critic", "conv", "--generator", "mlp",
             "--n-critic", "2", "--out", out)
     rows, _, _ = gan_check_run(out, bce=False, size=28)
-    assert all(float(r["gp"]) >= 0 for r in rows)
+    assert all(math.isfinite(float(r["gp"])) for r in rows)  # its value: test_gan_wgan_steps_...
     # four 4x4 stride-2 convs, each sqrt(4) = 2 above its reshaped norm, the linear layer 1: the
     # bound is exactly 16 x the product (catches a wrong overlap factor)
     for r in rows:
@@ -2112,6 +2449,9 @@ def test_gan_saturated_d_gives_a_finite_loss_and_gradient():
 
 
 def test_gan_gradient_penalty_zero_for_unit_norm_linear_critic():
+    """The penalty's lambda and its "- 1" (a linear critic's gradient is the same at every
+    point, so this cannot see where the interpolates lie: test_gan_wgan_steps_are_the_papers
+    checks that with a tanh critic)."""
     torch.manual_seed(0)
     real, fake = torch.randn(64, 1, 8, 8), torch.randn(64, 1, 8, 8)
     critic = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 1))
@@ -2201,13 +2541,17 @@ def test_gan_precision_recall():
 
 @pytest.mark.parametrize("size", [32, 64])
 def test_gan_models_shapes_and_d_range(size):
+    """Shapes; G ends in tanh and D in a sigmoid of its last layer's output (the same nets
+    without that activation: catches a lost or swapped activation); the label reaches both."""
     g = gan_labs.dcgan_generator(100, 8, 3, size, n_classes=10)  # the cDCGAN's: z and a label
     d = gan_labs.dcgan_discriminator(8, 3, size, n_classes=10)
-    y = torch.arange(4) % 10
-    x = g(torch.randn(4, 100), y)
-    assert x.shape == (4, 3, size, size) and x.abs().max() <= 1
+    y, z0 = torch.arange(4) % 10, torch.randn(4, 100)
+    x = g(z0, y)
+    assert x.shape == (4, 3, size, size)
+    assert torch.allclose(x, torch.tanh(gan_labs.Net(*list(g)[:-1], n_classes=10)(z0, y)))
     out = d(x, y)
-    assert out.shape == (4,) and ((out > 0) & (out < 1)).all()
+    logits = gan_labs.Net(*list(d)[:-2], n_classes=10)(x, y).flatten()
+    assert out.shape == (4,) and torch.allclose(out, torch.sigmoid(logits))
     # the label reaches both nets: another y, another image and another verdict
     z = torch.randn(4, 100)
     assert not torch.equal(g.eval()(z, y), g(z, (y + 1) % 10)) and not torch.equal(d(x, y),
@@ -2217,8 +2561,9 @@ def test_gan_models_shapes_and_d_range(size):
         assert critic(x).shape == (4,)
     x = gan_labs.mlp_generator(100, 1, 28)(torch.randn(4, 100))
     assert x.shape == (4, 1, 28, 28) and gan_labs.conv_critic(1, 28)(x).shape == (4,)
-    out = gan_labs.mlp_discriminator(1, 28, dropout=0.3)(x)
-    assert out.shape == (4,) and ((out > 0) & (out < 1)).all()
+    mlp = gan_labs.mlp_discriminator(1, 28, dropout=0.3).eval()
+    out = mlp(x)
+    assert out.shape == (4,) and torch.allclose(out, torch.sigmoid(mlp[:-2](x).flatten()))
 
 
 def test_gan_diffaug_keeps_shape_and_gradient():
@@ -2372,8 +2717,12 @@ def test_gan_dann_end_to_end_with_and_without_adaptation(gan_dann_runs):
         assert not list(out.glob("*.tmp*"))
         rows = gan_read_csv(out / "metrics.csv")
         assert [int(r["iter"]) for r in rows] == [3, 6]  # 48 source images / 16 per step
-        lams = [float(r["lambda"]) for r in rows]
-        assert lams == [0.0, 0.0] if name == "no_adapt" else 0 < lams[0] < lams[1] < 1
+        # each epoch logs its last step's schedules, at progress p = step / all steps (3 per
+        # epoch, 2 epochs): catches a progress that restarts each epoch or counts epochs only
+        for r, p in zip(rows, (2 / 6, 5 / 6)):
+            lam = 0.0 if name == "no_adapt" else 2 / (1 + math.exp(-10 * p)) - 1
+            assert float(r["lambda"]) == pytest.approx(lam, rel=1e-6)
+            assert float(r["lr"]) == pytest.approx(0.01 / (1 + 10 * p) ** 0.75, rel=1e-6)
         summary = json.loads((out / "summary.json").read_text())
         assert summary["adapt"] == (name == "adapt")
         for key in ("source_acc", "target_acc", "domain_acc"):
@@ -2427,14 +2776,27 @@ def test_gan_dann_bad_input_is_one_clear_line(case, gan_data, tiny_data, gan_dcg
 
 
 @pytest.mark.parametrize("lab", ["dcgan", "wgan"])
-def test_gan_bf16_runs_finish_and_write_their_outputs(lab, gan_common, tmp_path):
+def test_gan_bf16_runs_finish_and_write_their_outputs(lab, gan_common, tmp_path, monkeypatch):
     """--precision bf16 on the CPU: the BCE game and the WGAN-GP game (its double backward too)
-    end with finite losses and every file of a run (catches an autocast region that breaks a
-    loss, or a log taken in bfloat16)."""
+    train G's and D's first convolutions in bfloat16 (catches autocast off), end with finite
+    losses and every file of a run (catches an autocast region that breaks a loss, or a log
+    taken in bfloat16)."""
     out = tmp_path / lab
     extra = ["--n-critic", "1"] if lab == "wgan" else []  # 3 steps of tiny data: G steps too
+    dtypes, build = {"g": set(), "d": set()}, gan_labs.build_models
+
+    def recording_build(*args, **kwargs):
+        nets = build(*args, **kwargs)
+        for name, net in zip("gd", nets):
+            first = next(m for m in net if isinstance(m, (torch.nn.Conv2d,
+                                                          torch.nn.ConvTranspose2d)))
+            first.register_forward_hook(  # training passes (samples for figures: fp32)
+                lambda m, x, y, name=name: dtypes[name].add(y.dtype) if m.training else None)
+        return nets
+    monkeypatch.setattr(gan_labs, "build_models", recording_build)
     gan_labs.main([str(a) for a in (lab, *gan_common, *GAN_TINY, *extra, "--precision", "bf16",
                                     "--out", out)])
+    assert dtypes == {"g": {torch.bfloat16}, "d": {torch.bfloat16}}
     gan_check_run(out, bce=lab == "dcgan")
     ckpt = gan_ckpt(out)
     assert ckpt["flags"]["precision"] == "bf16"
@@ -2784,3 +3146,154 @@ def test_the_imagefolder_export_gives_what_the_torchvision_name_gives(name, tmp_
             keep, want_keep = (train_small.small_subset(labels, 2, 0) for labels in (y, want_y))
             assert torch.equal(x[keep], want_x[want_keep])
     train_small.load_split.cache_clear()
+
+
+# ----------------------------------------------------------------------------- gan_labs values
+# Each game's step against the game written here in plain torch, with SGD (its update is the
+# gradient itself: a flipped sign or a missing factor moves the weights elsewhere).
+def gan_sgd_step(net, loss, lr):
+    """Plain SGD on `net` for `loss`, in place."""
+    grads = torch.autograd.grad(loss, list(net.parameters()))
+    with torch.no_grad():
+        for p, grad in zip(net.parameters(), grads):
+            p.sub_(lr * grad)
+
+
+def gan_assert_same_nets(ours, reference, start):
+    """Every parameter and buffer of `ours` equals the reference's, to 1e-4 of the largest move
+    from `start` (the nets before the step), which must be a real move."""
+    expected = reference.state_dict()
+    for key, value in ours.state_dict().items():
+        if not value.is_floating_point():
+            assert torch.equal(value, expected[key]), key
+            continue
+        move = (expected[key] - start[key]).abs().max().item()
+        assert torch.allclose(value, expected[key], rtol=0, atol=1e-4 * move + 1e-9), key
+    assert any(not torch.equal(v, start[k]) for k, v in ours.state_dict().items())
+
+
+def gan_aug(x):
+    """A deterministic, differentiable stand-in for DiffAugment: it must reach every D input."""
+    return 0.5 * x.flip(3) + 0.1
+
+
+@pytest.mark.parametrize("case", ["dcgan", "cdcgan", "diffaug_saturating"])
+def test_gan_bce_step_is_the_gan_game(case):
+    """gan_labs.bce_step against Goodfellow et al.'s Alg. 1 (k = 1) written here: D descends
+    -log D(x) - log(1 - D(G(z))) on real and detached fakes, then G descends -log D(G(z))
+    (saturating: log(1 - D(G(z)))) through the UPDATED D, on the same fakes; the cDCGAN's labels
+    go into G and D; DiffAugment on every D input. Catches a flipped or saturating loss where it
+    should not be, the fakes judged with the real images' labels, the augmentation on one side
+    only."""
+    k = 3 if case == "cdcgan" else 0
+    aug = gan_aug if case == "diffaug_saturating" else gan_labs.identity
+    saturating, lr = case == "diffaug_saturating", 0.5
+    torch.manual_seed(0)
+    g = gan_labs.dcgan_generator(8, 4, 1, 32, n_classes=k)
+    d = gan_labs.dcgan_discriminator(4, 1, 32, n_classes=k)
+    g.apply(gan_labs.dcgan_init)
+    d.apply(gan_labs.dcgan_init)
+    g_ref, d_ref = (copy.deepcopy(net) for net in (g, d))
+    start_g, start_d = ({k_: v.clone() for k_, v in net.state_dict().items()} for net in (g, d))
+    real, z = torch.rand(8, 1, 32, 32) * 2 - 1, torch.randn(8, 8)
+    y_real, y_fake = (torch.arange(8) % 3, torch.arange(8) // 3 % 3) if k else (None, None)
+    out = gan_labs.bce_step(g, d, torch.optim.SGD(g.parameters(), lr=lr),
+                            torch.optim.SGD(d.parameters(), lr=lr), real, z, y_real, y_fake,
+                            aug, saturating=saturating)
+    # the reference: (1) D on real and on detached fakes, (2) G through the updated D
+    fake = g_ref(z, y_fake)
+    d_real, d_fake = d_ref(aug(real), y_real), d_ref(aug(fake.detach()), y_fake)
+    loss_d = -(torch.log(d_real).mean() + torch.log(1 - d_fake).mean())
+    gan_sgd_step(d_ref, loss_d, lr)
+    d_gen = d_ref(aug(fake), y_fake)
+    loss_g = torch.log(1 - d_gen).mean() if saturating else -torch.log(d_gen).mean()
+    gan_sgd_step(g_ref, loss_g, lr)
+    gan_assert_same_nets(d, d_ref, start_d)
+    gan_assert_same_nets(g, g_ref, start_g)
+    for key, want in (("loss_d", loss_d), ("loss_g", loss_g), ("d_real", d_real.mean()),
+                      ("d_fake", d_fake.mean())):
+        assert out[key].item() == pytest.approx(want.item(), rel=1e-5), key
+
+
+def gan_smooth_critic():
+    """A critic whose gradient depends on its input (tanh), unlike a linear one: the gradient
+    penalty then depends on where the interpolates lie."""
+    torch.manual_seed(1)
+    return gan_labs.Net(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.Tanh(),
+                        torch.nn.Linear(16, 1), torch.nn.Flatten(0))
+
+
+@pytest.mark.parametrize("constraint", ["gp", "clip"])
+def test_gan_wgan_steps_are_the_papers(constraint):
+    """wgan_critic_step against WGAN-GP's Alg. 1 lines 4-9 (the critic descends D(G(z)) - D(x) +
+    10 (||grad D(x_hat)|| - 1)^2 at x_hat = e x + (1 - e) G(z), e ~ U[0, 1] per sample) or WGAN's
+    lines 3-7 (the same without the penalty, then every weight clipped to [-c, c]), and
+    wgan_generator_step against lines 11-12 (G descends -D(G(z))). Catches a flipped critic or
+    generator loss, a penalty at the wrong points or with one e for the batch (a linear critic
+    could not tell), clipping before the step."""
+    lr = 0.1
+    d = gan_smooth_critic()
+    torch.manual_seed(2)
+    g = gan_labs.Net(torch.nn.Linear(4, 64), torch.nn.Tanh(), torch.nn.Unflatten(1, (1, 8, 8)))
+    d_ref, g_ref = copy.deepcopy(d), copy.deepcopy(g)
+    start_d, start_g = ({k: v.clone() for k, v in net.state_dict().items()} for net in (d, g))
+    real, z, z_g = torch.randn(16, 1, 8, 8), torch.randn(16, 4), torch.randn(16, 4)
+    # the reference first, to choose a clip bound that clips some weights and not others
+    fake = gan_aug(g_ref(z).detach())
+    loss_d = d_ref(fake).mean() - d_ref(gan_aug(real)).mean()
+    torch.manual_seed(3)  # the interpolation weights e, as gradient_penalty draws them
+    e = torch.rand(16, 1, 1, 1)
+    x_hat = (e * gan_aug(real) + (1 - e) * fake).requires_grad_(True)
+    grad, = torch.autograd.grad(d_ref(x_hat).sum(), x_hat, create_graph=True)
+    gp = 10 * ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
+    gan_sgd_step(d_ref, loss_d + gp if constraint == "gp" else loss_d, lr)
+    c = 0.5 * max(p.abs().max().item() for p in d_ref.parameters())
+    if constraint == "clip":
+        with torch.no_grad():
+            for p in d_ref.parameters():
+                p.clamp_(-c, c)
+    torch.manual_seed(3)
+    out = gan_labs.wgan_critic_step(g, d, torch.optim.SGD(d.parameters(), lr=lr), real, z,
+                                    gan_aug, constraint, c)
+    gan_assert_same_nets(d, d_ref, start_d)
+    assert torch.equal(g.state_dict()["0.weight"], start_g["0.weight"])  # the critic step only
+    if constraint == "gp":
+        assert gp.item() > 0.1 and out["gp"].item() == pytest.approx(gp.item(), rel=1e-5)
+    assert out["loss_d"].item() == pytest.approx(
+        (loss_d + (gp if constraint == "gp" else 0)).item(), rel=1e-5)
+    gan_labs.wgan_generator_step(g, d, torch.optim.SGD(g.parameters(), lr=lr), z_g, gan_aug)
+    gan_sgd_step(g_ref, -d_ref(gan_aug(g_ref(z_g))).mean(), lr)
+    gan_assert_same_nets(g, g_ref, start_g)
+
+
+def test_gan_dann_step_features_get_the_label_gradient_minus_lambda_domain_gradient():
+    """dann_step (SGD, lambda = 0.7, the step's lr 0.05 over the optimizer's 1.0) against the
+    DANN paper's update written here: G_f moves by -lr (dL_y/dtheta_f - lambda dL_d/dtheta_f),
+    G_y by -lr dL_y/dtheta_y, G_d by -lr dL_d/dtheta_d, with L_d the logistic loss of source = 0,
+    target = 1. Catches a reversal of the wrong sign, the domain loss on one domain, the step's
+    learning rate not applied."""
+    lam, lr = 0.7, 0.05
+    torch.manual_seed(0)
+    net = gan_labs.DANN(3)
+    ref = copy.deepcopy(net)
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    x_s, x_t, y_s = torch.randn(8, 3, 28, 28), torch.randn(6, 3, 28, 28) + 1, torch.arange(8) % 3
+    gan_labs.dann_step(net, torch.optim.SGD(net.parameters(), lr=1.0), x_s, y_s, x_t, lam, lr)
+    f_s, f_t = ref.features(x_s), ref.features(x_t)
+    loss_y = F.cross_entropy(ref.label_classifier(f_s), y_s)
+    logits = ref.domain_classifier(torch.cat([f_s, f_t]))
+    loss_d = F.binary_cross_entropy_with_logits(logits, torch.cat([torch.zeros(8), torch.ones(6)]))
+    parts = {name: list(getattr(ref, name).parameters())
+             for name in ("features", "label_classifier", "domain_classifier")}
+    g_y = torch.autograd.grad(loss_y, parts["features"] + parts["label_classifier"],
+                              retain_graph=True)
+    g_d = torch.autograd.grad(loss_d, parts["features"] + parts["domain_classifier"])
+    n_f = len(parts["features"])
+    with torch.no_grad():
+        for i, p in enumerate(parts["features"]):
+            p.sub_(lr * (g_y[i] - lam * g_d[i]))
+        for p, grad in zip(parts["label_classifier"], g_y[n_f:]):
+            p.sub_(lr * grad)
+        for p, grad in zip(parts["domain_classifier"], g_d[n_f:]):
+            p.sub_(lr * grad)
+    gan_assert_same_nets(net, ref, start)
