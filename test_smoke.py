@@ -3072,21 +3072,6 @@ def test_readme_and_docs_commands_use_only_flags_that_help_lists():
     assert undefined_flags_in_prose("The trainers take `--precison bf16`.", accepted)
 
 
-# How to make the offline ImageFolder from a torchvision download (README_NOTES for the front
-# page): the test runs the README's own copy if the README has one, else this one.
-EXPORT_IMAGEFOLDER = '''python -c "
-import pathlib, sys, torchvision
-name, out = sys.argv[1], pathlib.Path(sys.argv[2]).expanduser()
-dataset = {'cifar10': torchvision.datasets.CIFAR10, 'mnist': torchvision.datasets.MNIST}[name]
-for split in ('train', 'test'):
-    ds = dataset('data', train=split == 'train', download=True)
-    for i, (image, label) in enumerate(ds):
-        folder = out / split / ds.classes[label]
-        folder.mkdir(parents=True, exist_ok=True)
-        image.save(folder / f'{i:05d}.png')
-" cifar10 ~/data/cifar10'''
-
-
 class FakeTorchvisionSet:
     """A few images in the shape of torchvision's CIFAR10 / MNIST: .data, .targets, .classes,
     and (PIL image, label) items. No download."""
@@ -3110,13 +3095,14 @@ class FakeMNIST(FakeTorchvisionSet):
 
 
 def export_snippets():
-    """The export command(s): the README's, if it has one, and this file's."""
-    found = [EXPORT_IMAGEFOLDER]
+    """The README's command that makes the offline ImageFolder from a torchvision download."""
+    found = []
     for block in re.findall(r"```[^\n]*\n(.*?)```", open(os.path.join(ROOT, "README.md")).read(),
                             re.S):
         start = block.find('python -c "')
         if start >= 0 and "torchvision.datasets" in block and ".save(" in block:
             found.append(block[start:block.index("\n", block.index('"', start + 11))])
+    assert found, "README.md has no `python -c \"...torchvision.datasets...save(\"` export block"
     return found
 
 
