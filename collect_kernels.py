@@ -299,14 +299,14 @@ HEADERS = ["final acc", "best acc", "train acc", "val acc", "Frechet to bank", "
            "kernel std", "near-zero kernels", "D(real)", "D(fake)"]
 
 
-def group_stats(rows):
+def group_stats(rows, metrics=METRICS):
     """{configuration: (runs, {metric: (mean, std) or None})} over the runs of each configuration,
     in the rows' order; a metric no run of the configuration logged is None."""
     groups = {}
     for config in dict.fromkeys(r["configuration"] for r in rows):
         group = [r for r in rows if r["configuration"] == config]
         stats = {}
-        for m in METRICS:
+        for m in metrics:
             values = torch.tensor([r[m] for r in group if r[m] is not None], dtype=torch.float64)
             std = values.std().item() if len(values) > 1 else 0.0
             stats[m] = (values.mean().item(), std) if len(values) else None
@@ -364,9 +364,11 @@ def paired_difference(rows, config, reference, metric="final_test_acc"):
                 if r["configuration"] == name and r[metric] is not None}
     ours, theirs = by_run(config), by_run(reference)
     pairs = {key: ours[key] - theirs[key] for key in ours if key in theirs}
-    subsets = sorted({subset for subset, _ in pairs})
-    per_subset = [sum(d for (s, _), d in pairs.items() if s == subset)
-                  / sum(1 for s, _ in pairs if s == subset) for subset in subsets]
+    by_subset = {}
+    for (subset, _), d in sorted(pairs.items()):
+        by_subset.setdefault(subset, []).append(d)
+    subsets = list(by_subset)
+    per_subset = [sum(ds) / len(ds) for ds in by_subset.values()]
     values = per_subset if len(subsets) > 1 else list(pairs.values())
     result = {"configuration": config, "against": reference, "pairs": len(pairs),
               "subsets": len(subsets), "mean": None, "ci_low": None, "ci_high": None,
@@ -671,14 +673,9 @@ def microscope_table(rows, images, args):
         "PGD", f"PGD-{args.pgd_steps}") for c in columns]
     lines = ["| configuration | runs | " + " | ".join(headers) + " |",
              "|---" * (2 + len(headers)) + "|"]
-    for config in dict.fromkeys(r["configuration"] for r in rows):
-        group = [r for r in rows if r["configuration"] == config]
-        cells = []
-        for c in columns:
-            values = torch.tensor([r[c] for r in group], dtype=torch.float64)
-            std = values.std().item() if len(values) > 1 else 0.0
-            cells.append(f"{values.mean().item():.3f} ± {std:.3f}")
-        lines.append(f"| {config} | {len(group)} | " + " | ".join(cells) + " |")
+    for config, (runs, stats) in group_stats(rows, columns).items():
+        cells = [f"{stats[c][0]:.3f} ± {stats[c][1]:.3f}" for c in columns]
+        lines.append(f"| {config} | {runs} | " + " | ".join(cells) + " |")
     return (f"Accuracy under attack on {images} test images of {args.test_data} (L-inf in pixel "
             f"space [0, 1], eps in units of 1/255; FGSM, and PGD with {args.pgd_steps} steps of "
             f"2.5 eps / {args.pgd_steps}); mean ± std over the runs of each configuration.\n\n"
