@@ -111,6 +111,17 @@ def authors_network(num_classes):
         features=torch.nn.Sequential(*layers), classifier=classifier))
 
 
+def randomize_batchnorm(net):
+    """Every BatchNorm's weights, biases and running statistics far from a fresh init's (1, 0, 0,
+    1), so a layer copied or left behind shows in its values."""
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.3)
+            m.running_mean.normal_(0, 0.3)
+            m.running_var.uniform_(0.3, 3.0)
+
+
 @pytest.fixture(scope="session")
 def authors_models(tmp_path_factory):
     """Two fake checkpoints in the layout of the authors' published models (a plain state_dict of
@@ -121,12 +132,7 @@ def authors_models(tmp_path_factory):
     for seed in (0, 1):
         torch.manual_seed(seed)
         net = authors_network(10)
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.data.uniform_(0.5, 1.5)
-                m.bias.data.normal_(0, 0.3)
-                m.running_mean.normal_(0, 0.3)
-                m.running_var.uniform_(0.3, 3.0)
+        randomize_batchnorm(net)
         torch.save(net.state_dict(), folder / f"model1_seed{seed}.pt")
     return folder
 
@@ -1369,12 +1375,7 @@ def test_transfer_copies_exactly_the_named_layers(layers, frozen, tmp_path):
     when convN is copied."""
     torch.manual_seed(99)
     source = train_small.PaperCNN(10)
-    for m in source.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.normal_(0, 0.3)
-            m.running_mean.normal_(0, 0.3)
-            m.running_var.uniform_(0.3, 3.0)
+    randomize_batchnorm(source)
     source = source.state_dict()
     torch.save({"arch": "PaperCNN", "model": source}, tmp_path / "probe_seed3.pt")
     args = train_small.parse_args(["--init-from", str(tmp_path / "probe_seed{seed}.pt"),
