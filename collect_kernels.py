@@ -481,7 +481,7 @@ def compare(args):
           f"compare.png, compare_pca.png, compare_metrics.png, compare_ladder.png, "
           f"compare_subsets.png")
     if seen:
-        microscope(seen, args)
+        microscope(seen, args, baseline, kernel_prior)
 
 
 # ----------------------------------------------------------------------------- the microscope
@@ -620,7 +620,7 @@ def microscope_inputs(args, runs, labels, order):
         if "history" not in ckpt:  # the authors' models: the lab's class visualization
             visualized.append((path, cnn))
         if cnn.fc.out_features == len(classes):
-            attacked.append((path, label, cnn))
+            attacked.append((path, label, cnn, subset_of(ckpt), ckpt.get("seed")))
         elif "history" in ckpt:
             raise SystemExit(f"error: {path} classifies {cnn.fc.out_features} classes, but "
                              f"--test-data {args.test_data} has {len(classes)} class folders")
@@ -641,36 +641,49 @@ def trained_cnn(path, ckpt):
     return cnn
 
 
-def microscope(inputs, args):
+def microscope(inputs, args, baseline, kernel_prior):
     """Accuracy under attack of every run (microscope.csv, a row per run; microscope.md, a row
-    per configuration), the saliency maps of the first run of each configuration and the class
-    visualizations of the pretrained models."""
+    per configuration; microscope_paired.csv/.md, each row's difference to the baseline and to
+    λ = 1 over matched runs), the saliency maps of the first run of each configuration and the
+    class visualizations of the pretrained models."""
     x, y = inputs["x"], inputs["y"]
     rows = []
-    for path, label, cnn in inputs["attacked"]:
+    for path, label, cnn, subset, seed in inputs["attacked"]:
         accs = robustness_row(on_pixels(cnn), x, y, args.epsilons, args.pgd_steps)
-        rows.append({"model": path, "configuration": label, "images": len(x), **accs})
+        rows.append({"model": path, "configuration": label, "subset": subset, "seed": seed,
+                     "images": len(x), **accs})
         print(f"attacked {path}: clean {accs['clean_acc']:.3f}, " + ", ".join(
             f"{k} {v:.3f}" for k, v in accs.items() if k != "clean_acc"), flush=True)
     written = []
     if rows:
         table = microscope_table(rows, len(x), args)
+        paired, paired_text = microscope_paired(rows, baseline, kernel_prior, args)
         write_csv(os.path.join(args.out, "microscope.csv"), rows)
         write_text(os.path.join(args.out, "microscope.md"), table)
+        write_csv(os.path.join(args.out, "microscope_paired.csv"), paired)
+        write_text(os.path.join(args.out, "microscope_paired.md"), paired_text)
         print(table)
+        print(paired_text)
         plot_saliency(inputs, os.path.join(args.out, "microscope_saliency.png"))
-        written += ["microscope.csv", "microscope.md", "microscope_saliency.png"]
+        written += ["microscope.csv", "microscope.md", "microscope_paired.csv",
+                    "microscope_paired.md", "microscope_saliency.png"]
     if inputs["visualized"]:
         plot_class_visualizations(inputs, os.path.join(args.out, "microscope_classes.png"))
         written.append("microscope_classes.png")
     print(f"wrote {', '.join(f'{args.out}/{name}' for name in written)}")
 
 
+def attack_columns(rows, args):
+    """The accuracy columns of microscope.csv (clean, then each attack) and their headers."""
+    columns = [k for k in rows[0] if k not in ("model", "configuration", "subset", "seed",
+                                                "images")]
+    return columns, ["clean acc" if c == "clean_acc" else c.replace("_", " ").upper().replace(
+        "PGD", f"PGD-{args.pgd_steps}") for c in columns]
+
+
 def microscope_table(rows, images, args):
     """microscope.md: one row per configuration (in the rows' order), mean ± std over its runs."""
-    columns = [k for k in rows[0] if k not in ("model", "configuration", "images")]
-    headers = ["clean acc" if c == "clean_acc" else c.replace("_", " ").upper().replace(
-        "PGD", f"PGD-{args.pgd_steps}") for c in columns]
+    columns, headers = attack_columns(rows, args)
     lines = ["| configuration | runs | " + " | ".join(headers) + " |",
              "|---" * (2 + len(headers)) + "|"]
     for config, (runs, stats) in group_stats(rows, columns).items():
@@ -682,12 +695,42 @@ def microscope_table(rows, images, args):
             + "\n".join(lines) + "\n")
 
 
+def microscope_paired(rows, baseline, kernel_prior, args):
+    """microscope_paired.csv/.md: the compare step's paired differences (paired_difference: the
+    runs matched by (subset, seed), the interval over the draws) for the clean accuracy and the
+    accuracy under each attack; every row against the baseline, every other row against λ = 1."""
+    columns, headers = attack_columns(rows, args)
+    configs = list(dict.fromkeys(r["configuration"] for r in rows))
+    against = [(c, baseline) for c in configs if baseline in configs and c != baseline]
+    against += [(c, kernel_prior) for c in configs
+                if kernel_prior in configs and c not in (baseline, kernel_prior)]
+    results, lines = [], ["| configuration | against | pairs | subsets | " + " | ".join(headers)
+                          + " |", "|---|---|---:|---:|" + "---|" * len(headers)]
+    for config, reference in against:
+        diffs = [paired_difference(rows, config, reference, metric) for metric in columns]
+        results += [{"metric": metric, **d} for metric, d in zip(columns, diffs)]
+        cells = []
+        for d in diffs:
+            if d["ci_low"] is None:
+                cells.append("-" if d["mean"] is None else f"{d['mean']:+.3f}")
+            else:
+                shown = " not shown" if d["ci_low"] <= 0 <= d["ci_high"] else ""
+                cells.append(f"{d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]{shown}")
+        lines.append(f"| {config} | {reference} | {diffs[0]['pairs']} | {diffs[0]['subsets']} | "
+                     + " | ".join(cells) + " |")
+    text = ("Accuracy (clean and under attack), row minus reference, over the (subset, seed) "
+            "pairs both have; 95 % interval as in compare_paired.md (the pairs of each draw "
+            "averaged, then t over the draws); \"not shown\": the interval holds 0.\n\n"
+            + "\n".join(lines) + "\n")
+    return results, text
+
+
 def plot_saliency(inputs, path, count=6):
     """microscope_saliency.png: the first `count` test images (top row) and their saliency maps
     under the first run of each configuration, a row each; each map scaled to its own maximum."""
     x, y, classes = inputs["x"][:count], inputs["y"][:count], inputs["classes"]
     firsts = {}
-    for _, label, cnn in inputs["attacked"]:
+    for _, label, cnn, *_ in inputs["attacked"]:
         firsts.setdefault(label, cnn)
     fig, axes = plt.subplots(1 + len(firsts), len(x), figsize=(1.6 * len(x) + 2.4,
                              1.6 * (1 + len(firsts))), squeeze=False)

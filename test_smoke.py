@@ -653,9 +653,10 @@ def test_microscope_end_to_end_rows_figures_and_bad_input(tiny_data, pretrained,
     _, banks = pretrained
     common = ["--data", str(tiny_data), "--per-class", "2", "--epochs", "2", "--eval-every", "1"]
     train_small.main([*common, "--seeds", "0", "1", "--out", str(tmp_path / "base")])
-    train_small.main([*common, "--amp-epsilon", "0.1", "--out", str(tmp_path / "amp")])
+    train_small.main([*common, "--amp-epsilon", "0.1", "--seeds", "0", "1",
+                      "--out", str(tmp_path / "amp")])
     runs = sorted(str(p) for p in (tmp_path / "base").glob("seed*/model.pt"))
-    runs += [str(tmp_path / "amp" / "seed0" / "model.pt")]
+    runs += sorted(str(p) for p in (tmp_path / "amp").glob("seed*/model.pt"))
     runs += sorted(str(p) for p in authors_models.glob("*.pt"))
     out = tmp_path / "cmp"
     look = ["--bank", str(banks / "conv1_7x7.pt"), "--test-data", str(tiny_data)]
@@ -663,11 +664,28 @@ def test_microscope_end_to_end_rows_figures_and_bad_input(tiny_data, pretrained,
     with open(out / "microscope.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted(r["model"] for r in rows) == sorted(runs)
-    assert list(rows[0])[2:] == ["images", "clean_acc", "fgsm_1/255", "fgsm_2/255", "fgsm_4/255",
-                                 "pgd_1/255", "pgd_2/255", "pgd_4/255"]
+    attacks = ["clean_acc", "fgsm_1/255", "fgsm_2/255", "fgsm_4/255", "pgd_1/255", "pgd_2/255",
+               "pgd_4/255"]
+    assert list(rows[0])[2:] == ["subset", "seed", "images", *attacks]
     assert all(r["images"] == "8" for r in rows)
+    # paired under attack: AMP - baseline run by run (seed 0 with seed 0, 1 with 1; one draw, so
+    # t over the 2 pairs, df = 1), against the csv's own accuracies
+    with open(out / "microscope_paired.csv") as f:
+        paired = {r["metric"]: r for r in csv.DictReader(f)
+                  if (r["configuration"], r["against"]) == ("AMP ε = 0.1", "baseline (λ = 0)")}
+    assert sorted(paired) == sorted(attacks)
+    acc = {(r["configuration"], r["seed"]): r for r in rows}
+    for metric, p in paired.items():
+        d = [float(acc["AMP ε = 0.1", s][metric]) - float(acc["baseline (λ = 0)", s][metric])
+             for s in ("0", "1")]
+        half = math.tan(math.pi * 0.475) * abs(d[0] - d[1]) / 2  # t(0.975, 1) * std / sqrt(2)
+        assert (p["pairs"], p["subsets"]) == ("2", "1")
+        assert float(p["mean"]) == pytest.approx(sum(d) / 2, abs=1e-9)
+        assert float(p["ci_low"]) == pytest.approx(sum(d) / 2 - half, abs=1e-6)
+        assert float(p["ci_high"]) == pytest.approx(sum(d) / 2 + half, abs=1e-6)
+    assert "| AMP ε = 0.1 | baseline (λ = 0) | 2 | 1 |" in (out / "microscope_paired.md").read_text()
     table = (out / "microscope.md").read_text()
-    for config, count in (("baseline (λ = 0)", 2), ("AMP ε = 0.1", 1),
+    for config, count in (("baseline (λ = 0)", 2), ("AMP ε = 0.1", 2),
                           ("pretrained (cifar100 (the authors' models))", 2)):
         assert f"| {config} | {count} |" in table, table
     assert "| PGD-10 4/255 |" in table
