@@ -384,16 +384,20 @@ def paired_difference(rows, config, reference, metric="final_test_acc"):
     return result
 
 
+def reference_pairs(configs, baseline, kernel_prior):
+    """The (row, reference) pairs of the paired tables: every row against the baseline, every
+    other row against the kernel prior (λ = 1, the paper's); a reference that no run has is left
+    out."""
+    pairs = [(c, baseline) for c in configs if baseline in configs and c != baseline]
+    return pairs + [(c, kernel_prior) for c in configs
+                    if kernel_prior in configs and c not in (baseline, kernel_prior)]
+
+
 def paired_table(rows, groups, baseline, kernel_prior):
     """compare_paired.csv/.md: every row against the baseline and every other row against the
-    kernel prior (λ = 1, the paper's), over matched (subset, seed) pairs; a reference that no
-    run has (None) is left out."""
-    results = []
-    if baseline:
-        results += [paired_difference(rows, c, baseline) for c in groups if c != baseline]
-    if kernel_prior:
-        results += [paired_difference(rows, c, kernel_prior) for c in groups
-                    if c not in (baseline, kernel_prior)]
+    kernel prior, over matched (subset, seed) pairs (reference_pairs)."""
+    results = [paired_difference(rows, c, reference)
+               for c, reference in reference_pairs(list(groups), baseline, kernel_prior)]
     lines = ["| configuration | against | pairs | subsets | difference | 95 % interval | reading |",
              "|---|---|---:|---:|---:|---|---|"]
     for r in results:
@@ -701,12 +705,9 @@ def microscope_paired(rows, baseline, kernel_prior, args):
     accuracy under each attack; every row against the baseline, every other row against λ = 1."""
     columns, headers = attack_columns(rows, args)
     configs = list(dict.fromkeys(r["configuration"] for r in rows))
-    against = [(c, baseline) for c in configs if baseline in configs and c != baseline]
-    against += [(c, kernel_prior) for c in configs
-                if kernel_prior in configs and c not in (baseline, kernel_prior)]
     results, lines = [], ["| configuration | against | pairs | subsets | " + " | ".join(headers)
                           + " |", "|---|---|---:|---:|" + "---|" * len(headers)]
-    for config, reference in against:
+    for config, reference in reference_pairs(configs, baseline, kernel_prior):
         diffs = [paired_difference(rows, config, reference, metric) for metric in columns]
         results += [{"metric": metric, **d} for metric, d in zip(columns, diffs)]
         cells = []

@@ -683,7 +683,8 @@ def test_microscope_end_to_end_rows_figures_and_bad_input(tiny_data, pretrained,
         assert float(p["mean"]) == pytest.approx(sum(d) / 2, abs=1e-9)
         assert float(p["ci_low"]) == pytest.approx(sum(d) / 2 - half, abs=1e-6)
         assert float(p["ci_high"]) == pytest.approx(sum(d) / 2 + half, abs=1e-6)
-    assert "| AMP ε = 0.1 | baseline (λ = 0) | 2 | 1 |" in (out / "microscope_paired.md").read_text()
+    paired_md = (out / "microscope_paired.md").read_text()
+    assert "| AMP ε = 0.1 | baseline (λ = 0) | 2 | 1 |" in paired_md
     table = (out / "microscope.md").read_text()
     for config, count in (("baseline (λ = 0)", 2), ("AMP ε = 0.1", 2),
                           ("pretrained (cifar100 (the authors' models))", 2)):
