@@ -204,8 +204,8 @@ def evaluate_checkpoints(args, device):
         model = PaperCNN(len(classes)).to(device)
         if {k: v.shape for k, v in state.items()} != \
                 {k: v.shape for k, v in model.state_dict().items()}:
-            raise UserError(f"{path} is not the paper's CNN for {len(classes)} classes, the "
-                            f"class folders of {args.data}'s test split")
+            raise UserError(f"{path} is not the paper's CNN with {len(classes)} classes (the "
+                            f"class folders of {args.data}'s test split)")
         model.load_state_dict(state)
         accs[path] = evaluate(model, test_x, test_y)
         print(f"{path}: test accuracy {accs[path]:.4f} on {len(test_x)} images of {args.data}")
@@ -258,7 +258,7 @@ def load_pretraining_data(args, device):
     return (*(t.to(device) for t in (train_x, train_y, test_x, test_y)), classes)
 
 
-# ---------------------------- shared: the same in train_small.py and train_advreg.py (tested)
+# ----------------------- shared: the same text in train_small.py and train_advreg.py (tested)
 def as_cifar_images(images):
     """uint8 [N, C, H, W] -> [N, 3, 32, 32], what the paper's CNN takes (gray -> RGB, resized)."""
     if images.shape[1] == 1:

@@ -138,7 +138,7 @@ def authors_models(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- stages 1-2
-def test_pretrain_writes_checkpoints_summary_and_curves(pretrained):
+def test_pretrain_writes_checkpoints_summary_and_curves(pretrained, tiny_data):
     ckpts, _ = pretrained
     summary = json.loads((ckpts / "summary.json").read_text())
     assert set(summary["test_acc"]) == {"0", "1"}
@@ -150,7 +150,7 @@ def test_pretrain_writes_checkpoints_summary_and_curves(pretrained):
         assert ckpt["arch"] == "PaperCNN" and ckpt["epoch"] == 2 and ckpt["seed"] == seed
         assert len(ckpt["history"]["train_loss"]) == 2 and len(ckpt["history"]["test_acc"]) == 2
         assert summary["test_acc"][str(seed)] == ckpt["history"]["test_acc"][-1]
-        assert ckpt["args"]["epochs"] == 2
+        assert ckpt["args"]["epochs"] == 2 and ckpt["label"] == f"pretrained ({tiny_data})"
         # catches: the training flags not stored, or --epochs among them (it may grow on resume)
         assert ckpt["flags"]["lr"] == 1e-3 and "epochs" not in ckpt["flags"]
         assert ckpt["model"]["conv1.weight"].shape == (64, 3, 7, 7)
