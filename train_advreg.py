@@ -61,8 +61,8 @@ FREE_FLAGS = {"epochs", "eval_every", "log_every", "gif_every", "curve_size", "d
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     add = p.add_argument  # the source of each default in (...); the why: docs/defaults.md
-    add("--bank", nargs="+", default=["kernels/conv1_7x7.pt"], help="one per --layers entry")
-    add("--layers", nargs="+", default=["conv1"], help="regularized, one D each: conv1-4 (paper)")
+    add("--bank", nargs="+", default=["kernels/conv1_7x7.pt"], help="one per layer (ours)")
+    add("--layers", nargs="+", default=["conv1"], help="layers with a D each, of conv1-4 (paper)")
     add("--lam", type=float, nargs="+", default=[1.0], help="λ; several: a sweep (notebook)")
     add("--seeds", type=int, nargs="+", default=[0], help="one run per seed and λ")
     add("--init-bank", metavar="BANK", help="also every λ with conv1 drawn from BANK (ours)")
@@ -77,16 +77,16 @@ def parse_args(argv=None):
     add("--subset-seed", type=int, default=0, help="seed that draws the training images (ours)")
     add("--val-size", type=int, default=0, metavar="N", help="validation images (ours; 0 = none)")
     add("--test-limit", type=int, default=0, help="this many test images; 0 = all (ours)")
-    add("--epochs", type=int, default=1000, help="(paper)")
+    add("--epochs", type=int, default=1000, help="epochs per run (paper)")
     add("--batch-size", type=int, default=16, help="images per step (paper)")
-    add("--lr", type=float, default=2e-3, help="classifier's Adam (paper; notebook: 2e-4)")
-    add("--weight-decay", type=float, default=1e-3, help="classifier's (paper; notebook: 1e-4)")
-    add("--betas", type=float, nargs=2, default=[0.5, 0.999], help="classifier's (paper)")
+    add("--lr", type=float, default=2e-3, help="classifier's Adam lr (paper; notebook: 2e-4)")
+    add("--weight-decay", type=float, default=1e-3, help="Adam's (paper; notebook: 1e-4)")
+    add("--betas", type=float, nargs=2, default=[0.5, 0.999], help="Adam's (paper, notebook)")
     add("--no-augment", action="store_true", help="no random crop + flip (on: paper)")
     add("--eval-every", type=int, default=50, help="accuracies every N epochs (ours)")
     add("--log-every", type=int, default=50, help="a progress line every N epochs (ours)")
     add("--gif-every", type=int, default=0, metavar="N", help="a GIF frame every N epochs (ours)")
-    add("--curve-size", type=int, default=2000, metavar="N", help="test images per curve point")
+    add("--curve-size", type=int, default=2000, metavar="N", help="curve's test images (ours)")
     add("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast (ours)")
     add("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="(ours)")
     add("--threads", type=int, default=0, help="CPU threads; 0 = torch's default (ours)")
@@ -296,7 +296,7 @@ def run_name(lam, seed, bank_init):
     return f"lam{lam:g}_seed{seed}" + ("_bankinit" if bank_init else "")
 
 
-def row_label(lam, bank_init, layers):
+def run_label(lam, bank_init, layers):
     """The run's row in collect_kernels.py --compare's table, and the row's place there: the
     baseline first, then λ ascending, then the runs whose conv1 came from a bank."""
     parts = ["baseline (λ = 0)" if lam == 0 else f"λ = {lam:g}"]
@@ -313,7 +313,7 @@ def run_checkpoint(model, optimizer, discs, d_optimizers, lam, seed, bank_init, 
     "d_optimizer_conv1" for conv1's D), what the run is and its row label, its history and GIF
     frames; at each save also "epoch", "log" (iterations x LOG_COLUMNS) and "rng_d" (the
     generator of D's batches)."""
-    label, row_order = row_label(lam, bank_init, args.layers)
+    label, row_order = run_label(lam, bank_init, args.layers)
     return {"model": model, "optimizer": optimizer,
             **{f"d_{layer}": disc for layer, disc in discs.items()},
             **{f"d_optimizer_{layer}": d_opt for layer, d_opt in d_optimizers.items()},
@@ -431,7 +431,8 @@ def write_run_outputs(run_dir, model, log, history, banks, title):
         (f"Fig. 4 — {title}", "iteration", c, {"per iteration": (iters, log[c].tolist()),
                                               "moving average": average[c]})
         for c in ("reg_loss", "disc_loss")])
-    d_outputs = {"D(real) = D(bank kernel)": average["d_real"], "D(fake) = D(G(z))": average["d_fake"]}
+    d_outputs = {"D(real) = D(bank kernel)": average["d_real"],
+                 "D(fake) = D(G(z))": average["d_fake"]}
     plot_lines(os.path.join(run_dir, "d_outputs.png"),
                [(f"Fig. 5 — {title}", "iteration", "mean D output", d_outputs)], width=6)
     accuracy = {s: (history["eval_epoch"], history[f"{s}_acc"]) for s in ("train", "val", "test")
@@ -501,7 +502,8 @@ def main(argv=None):
           f"{args.bank[0]} --out {args.out}/compare")
 
 
-# ----------------------------------------------------------------------------- the 100-image task (the same in train_small.py)
+# ----------------------------------------------------------------------------- data
+# the 100-image task: the same text in train_small.py (test_copies_across_scripts_agree)
 def as_cifar_images(images):
     """uint8 [N, C, H, W] -> [N, 3, 32, 32], what the paper's CNN takes (gray -> RGB, resized)."""
     if images.shape[1] == 1:
@@ -602,7 +604,9 @@ def accuracies(model, data, final, curve_size, precision):
     return out
 
 
-# ----------------------------------------------------------------------------- kernels and banks (the same in collect_kernels.py)
+# ----------------------------------------------------------------------------- kernels
+# banks and kernel metrics: the same text in collect_kernels.py (and in the other scripts
+# that have them)
 ARCH = "PaperCNN"  # stored in checkpoints; collect_kernels.py refuses anything else
 
 
