@@ -427,10 +427,11 @@ def write_run_outputs(run_dir, model, log, history, banks, title):
     iters = list(range(1, len(log["cls_loss"]) + 1))
     window = max(1, len(iters) // 100) | 1
     average = {c: (iters, smooth(log[c], window)) for c in LOG_COLUMNS}
+    losses = {"reg_loss": "regularization loss  -log D(G(z))", "disc_loss": "discriminator loss"}
     plot_lines(os.path.join(run_dir, "losses.png"), [
-        (f"Fig. 4 — {title}", "iteration", c, {"per iteration": (iters, log[c].tolist()),
-                                              "moving average": average[c]})
-        for c in ("reg_loss", "disc_loss")])
+        (f"Fig. 4 — {title}", "iteration", label, {"per iteration": (iters, log[c].tolist()),
+                                                  "moving average": average[c]})
+        for c, label in losses.items()])
     d_outputs = {"D(real) = D(bank kernel)": average["d_real"],
                  "D(fake) = D(G(z))": average["d_fake"]}
     plot_lines(os.path.join(run_dir, "d_outputs.png"),
@@ -457,9 +458,8 @@ def write_gifs(args, count=64):
     """Per seed, <out>/kernels_seed<S>.gif: the first `count` conv1 kernels of every λ's run side
     by side, a frame every --gif-every epochs, each kernel scaled to its own range."""
     for seed in args.seeds:
-        runs = {f"λ = {lam:g}": torch.load(os.path.join(args.out, run_name(lam, seed, False),
-                                                         "model.pt"), weights_only=True)["frames"]
-                for lam in args.lam}
+        runs = {f"λ = {lam:g}": torch.load(f"{args.out}/{run_name(lam, seed, False)}/model.pt",
+                                           weights_only=True)["frames"] for lam in args.lam}
         fig, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs), 4.3), squeeze=False)
 
         def show(i):
