@@ -61,7 +61,7 @@ FREE_FLAGS = {"epochs", "eval_every", "log_every", "gif_every", "curve_size", "d
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     add = p.add_argument  # the source of each default in (...); the why: docs/defaults.md
-    add("--bank", nargs="+", default=["kernels/conv1_7x7.pt"], help="one per layer (ours)")
+    add("--bank", nargs="+", default=["kernels/conv1_7x7.pt"], help="a bank per layer (ours)")
     add("--layers", nargs="+", default=["conv1"], help="layers with a D each, of conv1-4 (paper)")
     add("--lam", type=float, nargs="+", default=[1.0], help="λ; several: a sweep (notebook)")
     add("--seeds", type=int, nargs="+", default=[0], help="one run per seed and λ")
@@ -253,7 +253,7 @@ def train(lam, seed, bank_init, args, data, banks, device):
     log = {c: torch.full((args.epochs * iters_per_epoch,), math.nan, device=device)
            for c in LOG_COLUMNS}  # per iteration, on the device: no host sync per step
     ckpt = run_checkpoint(model, optimizer, discs, d_optimizers, lam, seed, bank_init, args, data)
-    start = logged = resume_run(path, ckpt, log, d_gen, args)
+    start = logged = resume_or_start(path, ckpt, log, d_gen, args)
     t_period = t_log = time.time()
     for epoch in range(start, args.epochs):
         perm = torch.randperm(n, device=device)
@@ -325,7 +325,7 @@ def run_checkpoint(model, optimizer, discs, d_optimizers, lam, seed, bank_init, 
             "frames": []}
 
 
-def resume_run(path, ckpt, log, d_gen, args):
+def resume_or_start(path, ckpt, log, d_gen, args):
     """The run's checkpoint, if any, loaded into ckpt (its modules, history and frames), the log
     and the generator of D's batches; returns the epochs done (0 for a new run)."""
     saved = resume(path, ckpt, ckpt["flags"])
