@@ -1058,7 +1058,7 @@ def test_advreg_bad_input(pretrained, tiny_data, tmp_path, capsys):
     assert "5x5" in user_error(capsys, train_advreg.main, *base, "--bank", banks / "conv2_5x5.pt")
     assert "--lam must be >= 0" in user_error(capsys, train_advreg.main, *base, "--bank",
                                               banks / "conv1_7x7.pt", "--lam", -1)
-    assert "unknown layer" in user_error(capsys, train_advreg.main, *base, "--layers", "fc")
+    assert "invalid choice: 'fc'" in user_error(capsys, train_advreg.main, *base, "--layers", "fc")
     nan_bank = tmp_path / "nan_bank.pt"
     torch.save({"kernels": torch.randn(300, 7, 7).index_fill_(0, torch.tensor([7]), math.inf)},
                nan_bank)

@@ -62,7 +62,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     add = p.add_argument  # the source of each default in (...); the why: docs/defaults.md
     add("--bank", nargs="+", default=["kernels/conv1_7x7.pt"], help="a bank per layer (ours)")
-    add("--layers", nargs="+", default=["conv1"], help="layers with a D each, of conv1-4 (paper)")
+    add("--layers", nargs="+", default=["conv1"], choices=CONV_SHAPES, help="a D each (paper)")
     add("--lam", type=float, nargs="+", default=[1.0], help="λ; several: a sweep (notebook)")
     add("--seeds", type=int, nargs="+", default=[0], help="one run per seed and λ")
     add("--init-bank", metavar="BANK", help="also every λ with conv1 drawn from BANK (ours)")
@@ -92,10 +92,8 @@ def parse_args(argv=None):
     add("--threads", type=int, default=0, help="CPU threads; 0 = torch's default (ours)")
     add("--out", default="runs/advreg", help="folder of the grid's runs (ours)")
     args = p.parse_args(argv)
-    unknown = [layer for layer in args.layers if layer not in CONV_SHAPES]
     negative = [lam for lam in args.lam if not lam >= 0]
     checks = [  # (the mistake, its message)
-        (unknown, f"unknown layer(s) {unknown}; the paper's CNN has {', '.join(CONV_SHAPES)}"),
         (len(set(args.layers)) != len(args.layers), f"--layers has duplicates: {args.layers}"),
         (len(args.bank) != len(args.layers), f"give one --bank per --layers entry: "
          f"{len(args.layers)} layer(s) {args.layers}, {len(args.bank)} bank(s)"),
