@@ -469,8 +469,8 @@ def write_gifs(args, count=64):
                 ax.set(title=title, xticks=[], yticks=[])
                 ax.imshow(grid.permute(1, 2, 0))
         animation = matplotlib.animation.FuncAnimation(fig, show, max(map(len, runs.values())))
-        write_atomic(os.path.join(args.out, f"kernels_seed{seed}.gif"), lambda tmp: animation.save(
-            tmp, writer=matplotlib.animation.PillowWriter(4), dpi=100))
+        path = f"{args.out}/kernels_seed{seed}.gif"
+        write_atomic(path, lambda tmp: animation.save(tmp, writer="pillow", fps=4))
         plt.close(fig)
 
 
