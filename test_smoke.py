@@ -885,8 +885,7 @@ def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(tiny_data, tmp
     assert "diverged" in said and "epoch 2" in said and "--lr or --amp-epsilon" in said
     assert ckpt_path.read_bytes() == before
     # train_advreg.py stops the same way (its loss is checked at every evaluation)
-    banks = tmp_path / "bank.pt"
-    torch.save({"kernels": torch.randn(300, 7, 7)}, banks)
+    banks = tmp_bank(tmp_path, torch.randn(300, 7, 7))
     said = user_error(capsys, train_advreg.main, *common, "--epochs", 2, "--lr", 1e38,
                       "--bank", banks, "--d-batch", 16, "--out", tmp_path / "c")
     assert "diverged" in said and "epoch 1" in said and "--lam" in said
@@ -970,6 +969,8 @@ def test_train_advreg_sweep_end_to_end_resume_and_gif(tiny_data, pretrained, tmp
     for fig in ("losses.png", "d_outputs.png", "test_acc.png", "kernels_conv1.png"):
         assert (out / "lam0.5_seed0" / fig).stat().st_size > 1000
     summary = json.loads((out / "lam0.5_seed0" / "summary.json").read_text())
+    stored = load(out / "lam0.5_seed0_bankinit" / "model.pt")  # its table row, stored by the run
+    assert (stored["label"], stored["row_order"]) == ("λ = 0.5, conv1 from bank", [2, True, 0, 0.5])
     # the kernel metrics of the final conv1 against the bank, standardized (the metrics' own
     # values: the closed-form tests below); catches another layer, the init, raw kernels
     kernels, bank = ckpt["model"]["conv1.weight"].reshape(-1, 7, 7), load(
@@ -981,7 +982,7 @@ def test_train_advreg_sweep_end_to_end_resume_and_gif(tiny_data, pretrained, tmp
     # lam = 0 has no discriminator: its D columns are empty (NaN in the CSV, null in the JSON)
     assert "nan" in (out / "lam0_seed0" / "metrics.csv").read_text().splitlines()[1]
     assert json.loads((out / "lam0_seed0" / "summary.json").read_text())["d_real_last10pct"] is None
-    lam0_lines = [l for l in proc.stdout.splitlines() if l.startswith("lam0_seed0 | epoch")]
+    lam0_lines = [l for l in proc.stdout.splitlines() if l.startswith("lam0_seed0 | ")]
     assert lam0_lines and not any("nan" in l for l in lam0_lines)  # no D: no "D(real) nan"
     assert any("D(real)" in l for l in proc.stdout.splitlines() if l.startswith("lam0.5_seed0"))
     # --gif-every 1: one frame per epoch, the same across the interruption, both lams side by side
@@ -1013,10 +1014,9 @@ def test_train_advreg_interrupted_run_ends_like_a_straight_one(tiny_data, pretra
     train_advreg.main(common + ["--epochs", "2", "--out", str(tmp_path / "resumed")])
     straight = load(tmp_path / "straight" / "lam0.5_seed0" / "model.pt")
     resumed = load(tmp_path / "resumed" / "lam0.5_seed0" / "model.pt")
-    for a, b in ((straight["model"], resumed["model"]),
-                 (straight["discs"]["conv1"], resumed["discs"]["conv1"])):
-        for key, value in a.items():
-            assert torch.equal(value, b[key]), key
+    for part in ("model", "d_conv1"):
+        for key, value in straight[part].items():
+            assert torch.equal(value, resumed[part][key]), key
     assert torch.equal(straight["log"].nan_to_num(), resumed["log"].nan_to_num())
     assert straight["history"]["test_acc"] == resumed["history"]["test_acc"]
     metrics = [(tmp_path / d / "lam0.5_seed0" / "metrics.csv").read_text()
@@ -1031,7 +1031,8 @@ def test_train_advreg_two_layers_and_compare(tiny_data, pretrained, tmp_path):
                        str(banks / "conv2_5x5.pt"), "--layers", "conv1", "conv2", "--per-class",
                        "2", "--epochs", "1", "--d-batch", "16", "--out", str(out)])
     ckpt = load(out / "lam1_seed0" / "model.pt")
-    assert sorted(ckpt["discs"]) == ["conv1", "conv2"]
+    assert [k for k in ckpt if k.startswith("d_conv")] == ["d_conv1", "d_conv2"]
+    assert (ckpt["label"], ckpt["row_order"]) == ("λ = 1, conv1+conv2", [2, False, 0, 1.0])
     assert (out / "lam1_seed0" / "kernels_conv2.png").exists()
     summary = json.loads((out / "lam1_seed0" / "summary.json").read_text())
     kernels = ckpt["model"]["conv2.weight"].reshape(-1, 5, 5)  # conv2's against conv2's bank
@@ -1057,15 +1058,15 @@ def test_advreg_bad_input(pretrained, tiny_data, tmp_path, capsys):
     assert "5x5" in user_error(capsys, train_advreg.main, *base, "--bank", banks / "conv2_5x5.pt")
     assert "--lam must be >= 0" in user_error(capsys, train_advreg.main, *base, "--bank",
                                               banks / "conv1_7x7.pt", "--lam", -1)
-    assert "unknown layer" in user_error(capsys, train_advreg.main, *base, "--layers", "fc")
+    assert "invalid choice: 'fc'" in user_error(capsys, train_advreg.main, *base, "--layers", "fc")
     nan_bank = tmp_path / "nan_bank.pt"
     torch.save({"kernels": torch.randn(300, 7, 7).index_fill_(0, torch.tensor([7]), math.inf)},
                nan_bank)
     said = user_error(capsys, train_advreg.main, *base, "--bank", nan_bank)
     assert "non-finite" in said and "nan_bank.pt" in said
     (tmp_path / "empty" / "train").mkdir(parents=True)
-    assert "no images" in user_error(capsys, train_advreg.main, "--data", tmp_path / "empty",
-                                     "--bank", banks / "conv1_7x7.pt", "--out", out)
+    assert "any class folder" in user_error(capsys, train_advreg.main, *base, "--data",
+                                            tmp_path / "empty", "--bank", banks / "conv1_7x7.pt")
     assert not out.exists()
     # a run folder made with other flags (here another D learning rate) is not continued
     common = ["--data", tiny_data, "--bank", banks / "conv1_7x7.pt", "--per-class", 2,
@@ -1142,9 +1143,8 @@ def test_algorithm1_iteration_at_lambda_half_is_the_papers_step(tiny_data, tmp_p
     missing lam in either step, the saturating generator loss."""
     lam, d_batch = 0.5, 32
     bank = torch.randn(300, 7, 7, generator=torch.Generator().manual_seed(5))
-    torch.save({"kernels": bank}, tmp_path / "bank.pt")
     flags = ["--data", str(tiny_data), "--per-class", "1", "--batch-size", "10", "--no-augment",
-             "--d-batch", str(d_batch), "--bank", str(tmp_path / "bank.pt")]
+             "--d-batch", str(d_batch), "--bank", tmp_bank(tmp_path, bank)]
     train_advreg.main(flags + ["--epochs", "1", "--lam", str(lam), "--out", str(tmp_path / "r")])
     ckpt = load(tmp_path / "r" / "lam0.5_seed0" / "model.pt")
     # the reference, seed 0: the same init, batch and kernel draws as train() makes them
@@ -1181,7 +1181,7 @@ def test_algorithm1_iteration_at_lambda_half_is_the_papers_step(tiny_data, tmp_p
     d_opt.step()
     for ours, theirs, start, opt_ours, opt_theirs in (
             (ckpt["model"], model, before, ckpt["optimizer"], opt),
-            (ckpt["discs"]["conv1"], disc, d_before, ckpt["d_optimizers"]["conv1"], d_opt)):
+            (ckpt["d_conv1"], disc, d_before, ckpt["d_optimizer_conv1"], d_opt)):
         states = opt_theirs.state_dict()["state"]
         scale = max(s["exp_avg"].abs().max().item() for s in states.values())
         for (name, p), (i, state) in zip(theirs.named_parameters(), states.items()):
@@ -1482,7 +1482,7 @@ FENCE = ("# ==== plumbing: the same in every script, checked by test_smoke.py; s
 
 # The rewrite (one shared block, one line per flag) moves one script at a time: the scripts named
 # here have the new fence and the same block below it; the others keep the old plumbing.
-MOVED = ("pretrain",)
+MOVED = ("pretrain", "train_advreg")
 BLOCK_FENCE = ("# ==== plumbing: the same block in every script, checked by test_smoke.py; skip on a "
                "first read ====")
 
@@ -1675,15 +1675,15 @@ def test_lambda_zero_is_the_baseline_of_train_small(tiny_data, tmp_path):
     common = ["--data", str(tiny_data), "--per-class", "2", "--epochs", "2", "--eval-every", "1",
               "--seeds", "3"]
     train_small.main(common + ["--out", str(tmp_path / "small")])
-    bank = tmp_path / "bank.pt"
-    torch.save({"kernels": torch.randn(300, 7, 7)}, bank)
-    train_advreg.main(common + ["--lam", "0", "--bank", str(bank), "--out", str(tmp_path / "adv")])
+    bank = tmp_bank(tmp_path, torch.randn(300, 7, 7))
+    train_advreg.main(common + ["--lam", "0", "--bank", bank, "--out", str(tmp_path / "adv")])
     small = load(tmp_path / "small" / "seed3" / "model.pt")
     adv = load(tmp_path / "adv" / "lam0_seed3" / "model.pt")
     for key, value in small["model"].items():
         assert torch.equal(value, adv["model"][key]), key
     assert small["history"]["test_acc"] == adv["history"]["test_acc"]
     assert small["history"]["train_acc"] == adv["history"]["train_acc"]
+    assert (adv["label"], adv["row_order"]) == ("baseline (λ = 0)", [0, 0, 0, 0.0])  # its row
 
 
 def test_one_d_pass_on_the_fakes_gives_the_three_pass_losses_and_gradients():
