@@ -1556,8 +1556,7 @@ def test_train_accuracy_is_the_accuracy_on_the_training_images(tiny_data, tmp_pa
     model = train_small.PaperCNN(10)
     model.load_state_dict(load(out / "seed0" / "model.pt")["model"])
     history = load(out / "seed0" / "model.pt")["history"]
-    assert history["train_acc"][-1] == train_small.evaluate(model, data["train_x"],
-                                                            data["train_y"])
+    assert history["train_acc"][-1] == train_small.evaluate(model, data["train_x"], data["train_y"])
     assert history["test_acc"][-1] == train_small.evaluate(model, data["test_x"], data["test_y"])
     assert len(data["test_x"]) == 50 and history["test_acc"][-1] != train_small.evaluate(
         model, data["test_x"][:7], data["test_y"][:7])  # the two can be told apart
@@ -1568,13 +1567,11 @@ def test_validation_split_is_disjoint_from_the_subset_and_the_test_set(tiny_data
                                    "--val-size", "50"])
     data = train_small.load_small_data(args, torch.device("cpu"))
     assert len(data["train_x"]) == 30 and len(data["val_x"]) == 50
-    flat = {k: {tuple(x.flatten().tolist()) for x in data[k]} for k in ("train_x", "val_x",
-                                                                        "test_x")}
+    flat = {k: set(map(tuple, data[k].flatten(1).tolist())) for k in ("train_x", "val_x", "test_x")}
     assert len(flat["val_x"]) == 50  # 50 distinct images (the generated images are all distinct)
     assert not flat["train_x"] & flat["val_x"] and not flat["val_x"] & flat["test_x"]
     same = train_small.load_small_data(args, torch.device("cpu"))  # the same split every time
-    assert torch.equal(same["val_x"], data["val_x"]) and torch.equal(same["train_x"],
-                                                                     data["train_x"])
+    assert all(torch.equal(same[k], data[k]) for k in ("val_x", "train_x"))
     said = user_error(capsys, train_small.main, "--data", tiny_data, "--per-class", 3,
                       "--val-size", 91)  # 120 train images - 30 = 90 outside the subset
     assert "--val-size 91" in said and "90" in said
@@ -1633,8 +1630,7 @@ def test_train_small_resumes_to_the_straight_runs_weights_and_refuses_other_flag
     train_small.main(common + ["--epochs", "3", "--out", str(tmp_path / "straight")])
     train_small.main(common + ["--epochs", "1", "--out", str(tmp_path / "resumed")])
     train_small.main(common + ["--epochs", "3", "--out", str(tmp_path / "resumed")])
-    straight, resumed = (load(tmp_path / d / "seed0" / "model.pt") for d in ("straight",
-                                                                             "resumed"))
+    straight, resumed = [load(tmp_path / d / "seed0" / "model.pt") for d in ("straight", "resumed")]
     for key, value in straight["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
     assert straight["history"] == resumed["history"]
@@ -2934,12 +2930,9 @@ def test_native_bf16_is_read_from_torch_or_from_proc_cpuinfo(monkeypatch):
     for cpuinfo, native in (("flags\t: fpu sse2 avx2 fma\n", False),
                             ("flags\t: avx2 avx512f avx512_bf16\n", True),
                             ("Features\t: fp asimd bf16 i8mm\n", True), (None, True)):
-        def read_text(path, *args, text=cpuinfo, **kwargs):
-            if text is None:
-                raise FileNotFoundError(path)
-            return text
-        monkeypatch.setattr(pathlib.Path, "read_text", read_text)
-        assert detect() == native, cpuinfo
+        monkeypatch.setattr(pathlib.Path, "read_text", lambda path, *a, text=cpuinfo, **k: text)
+        monkeypatch.setattr(pathlib.Path, "exists", lambda path, text=cpuinfo: text is not None)
+        assert detect() == native, cpuinfo  # None: no /proc/cpuinfo at all
 
 
 def test_dann_under_bf16_computes_its_activations_in_bfloat16(gan_data, tiny_data, tmp_path,
