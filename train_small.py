@@ -148,6 +148,7 @@ class Probe(PaperCNN):
             x = F.relu(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x)))
         return self.fc(x.mean(dim=(2, 3)))
 
+
 # ----------------------------------------------------------------------------- transfer
 def modules_of(layer):
     """A layer as --transfer / --freeze name it: convN with its BatchNorm bnN, or the head fc."""
@@ -242,6 +243,7 @@ def train_step(model, optimizer, images, labels, args):
                 p.copy_(t)
     optimizer.step()
     return loss.detach()
+
 
 # ----------------------------------------------------------------------------- training
 def train(seed, args, data, device):
@@ -512,6 +514,7 @@ def accuracies(model, data, final, curve_size, precision):
             if len(x):
                 out[f"{split}_acc"] = evaluate(model, x, y)
     return out
+
 
 # ----------------------------------------------------------------------------- checkpoints, banks
 ARCH = "PaperCNN"  # stored in checkpoints; collect_kernels.py refuses anything else
