@@ -125,7 +125,7 @@ def collect(args):
                 "seeds": [c.get("seed") for c in ckpts],
                 "test_acc": [last(c.get("history", {}), "test_acc") for c in ckpts],
                 "dataset": ckpts[0].get("dataset"), "arch": ARCH,
-                "format": ckpts[0].get("format", "pretrain.py")}
+                "format": "authors" if ckpts[0].get("format") == "authors" else "pretrain.py"}
         write_atomic(os.path.join(args.out, name + ".pt"), lambda tmp: torch.save(bank, tmp))
         save_kernel_grid(random_sample(kernels, args.grid_kernels, args.seed),
                          os.path.join(args.out, name + "_grid.png"), nrow=8)
