@@ -766,8 +766,8 @@ def test_bad_input_gives_one_clear_error(tiny_data, pretrained, tmp_path, capsys
     assert not (tmp_path / "s").exists()
     (tmp_path / "s" / "seed0").mkdir(parents=True)  # a run folder whose checkpoint is corrupt
     (tmp_path / "s" / "seed0" / "model.pt").write_bytes(os.urandom(2000))
-    assert "damaged or not a checkpoint" in user_error(capsys, train_small.main, *small,
-                                                       "--out", tmp_path / "s")
+    assert "damaged? Use another --out" in user_error(capsys, train_small.main, *small,
+                                                      "--out", tmp_path / "s")
 
 
 # ----------------------------------------------------------------------------- stage 3 and AMP
@@ -786,7 +786,8 @@ def test_train_small_end_to_end_and_bank_init(tiny_data, pretrained, tmp_path):
         for fig in ("test_acc.png", "kernels.png"):
             assert (out / f"seed{seed}" / fig).stat().st_size > 1000
         ckpt = load(out / f"seed{seed}" / "model.pt")
-        assert ckpt["arch"] == "PaperCNN" and ckpt["epoch"] == 3
+        assert ckpt["arch"] == "PaperCNN" and ckpt["epoch"] == 3 and ckpt["seed"] == seed
+        assert (ckpt["label"], ckpt["row_order"]) == ("baseline (λ = 0)", [0, 0, 0, 0.0])
         assert ckpt["model"]["fc.weight"].shape == (10, 256)
     # --init-bank: at initialization every conv1 kernel is one of the bank's kernels
     bank = train_small.load_bank(str(banks / "conv1_7x7.pt"), kernel_size=7)["kernels"]
@@ -852,7 +853,7 @@ def test_amp_run_with_bank_init_and_the_compare_table(tiny_data, pretrained, tmp
     run("train_small.py", *common, "--amp-epsilon", 0.1, "--amp-inner-steps", 2, "--init-bank",
         banks / "conv1_7x7.pt", "--seeds", 0, 1, "--out", tmp_path / "amp")
     ckpt = load(tmp_path / "amp" / "seed0" / "model.pt")
-    assert ckpt["args"]["amp_epsilon"] == 0.1 and ckpt["args"]["init_bank"]
+    assert ckpt["args"]["amp_epsilon"] == 0.1 and ckpt["label"] == "AMP ε = 0.1, conv1 from bank"
     run("collect_kernels.py", "--compare", tmp_path / "plain" / "seed0" / "model.pt",
         *sorted((tmp_path / "amp").glob("seed*/model.pt")), "--bank", banks / "conv1_7x7.pt",
         "--out", tmp_path / "cmp")
@@ -907,7 +908,7 @@ def test_probe_after_conv2_trains_only_a_head_on_conv2s_pooled_features(tiny_dat
     source = load(ckpts / "seed0.pt")["model"]
     ckpt = load(tmp_path / "conv2" / "seed0" / "model.pt")
     after = ckpt["model"]
-    assert ckpt["args"]["probe_after"] == "conv2" and ckpt["args"]["freeze"] == list(
+    assert ckpt["label"] == "linear probe after conv2" and ckpt["args"]["freeze"] == list(
         train_small.LAYERS[:4])
     for key, value in source.items():  # every block frozen, BatchNorm statistics included
         if not key.startswith("fc."):
@@ -1388,9 +1389,10 @@ def test_init_bank_reaches_conv1_in_both_trainers_and_each_seed_draws_its_own(ti
     assert not torch.equal(seed0, seed1)
 
 
-@pytest.mark.parametrize("layers,frozen", [(["conv2"], []), (["conv1", "conv3"], ["conv1"]),
-                                           (["conv1", "conv2", "conv3", "conv4", "fc"], [])])
-def test_transfer_copies_exactly_the_named_layers(layers, frozen, tmp_path):
+@pytest.mark.parametrize("layers,frozen,label", [
+    (["conv2"], [], "transfer conv2"), (["conv1", "conv3"], ["conv1"], "transfer conv1+conv3, "
+     "frozen conv1"), (["conv1", "conv2", "conv3", "conv4", "fc"], [], "LP-FT")])
+def test_transfer_copies_exactly_the_named_layers(layers, frozen, label, tmp_path):
     """train_small.initialize from the flags, as train() calls it, from a checkpoint whose every
     tensor differs from a fresh init: each named layer (convN with its BatchNorm's weights and
     statistics; fc, the head, for LP-FT from a probe) equals the checkpoint's, every other tensor
@@ -1400,10 +1402,12 @@ def test_transfer_copies_exactly_the_named_layers(layers, frozen, tmp_path):
     source = train_small.PaperCNN(10)
     randomize_batchnorm(source)
     source = source.state_dict()
-    torch.save({"arch": "PaperCNN", "model": source}, tmp_path / "probe_seed3.pt")
-    args = train_small.parse_args(["--init-from", str(tmp_path / "probe_seed{seed}.pt"),
+    (tmp_path / "seed3").mkdir()  # a train_small.py run's model.pt: LP-FT when fc comes along
+    torch.save({"arch": "PaperCNN", "model": source}, tmp_path / "seed3" / "model.pt")
+    args = train_small.parse_args(["--init-from", str(tmp_path / "seed{seed}" / "model.pt"),
                                    "--transfer", *layers] + (["--freeze", *frozen] if frozen
                                                               else []))
+    assert train_small.row_label(args)["label"] == label  # its row in collect_kernels.py
     torch.manual_seed(3)
     model = train_small.PaperCNN(10)
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
@@ -1482,7 +1486,7 @@ FENCE = ("# ==== plumbing: the same in every script, checked by test_smoke.py; s
 
 # The rewrite (one shared block, one line per flag) moves one script at a time: the scripts named
 # here have the new fence and the same block below it; the others keep the old plumbing.
-MOVED = ("pretrain", "train_advreg")
+MOVED = ("pretrain", "train_small", "train_advreg")
 BLOCK_FENCE = ("# ==== plumbing: the same block in every script, checked by test_smoke.py; skip on a "
                "first read ====")
 
@@ -1552,8 +1556,7 @@ def test_train_accuracy_is_the_accuracy_on_the_training_images(tiny_data, tmp_pa
     model = train_small.PaperCNN(10)
     model.load_state_dict(load(out / "seed0" / "model.pt")["model"])
     history = load(out / "seed0" / "model.pt")["history"]
-    assert history["train_acc"][-1] == train_small.evaluate(model, data["train_x"],
-                                                            data["train_y"])
+    assert history["train_acc"][-1] == train_small.evaluate(model, data["train_x"], data["train_y"])
     assert history["test_acc"][-1] == train_small.evaluate(model, data["test_x"], data["test_y"])
     assert len(data["test_x"]) == 50 and history["test_acc"][-1] != train_small.evaluate(
         model, data["test_x"][:7], data["test_y"][:7])  # the two can be told apart
@@ -1564,13 +1567,11 @@ def test_validation_split_is_disjoint_from_the_subset_and_the_test_set(tiny_data
                                    "--val-size", "50"])
     data = train_small.load_small_data(args, torch.device("cpu"))
     assert len(data["train_x"]) == 30 and len(data["val_x"]) == 50
-    flat = {k: {tuple(x.flatten().tolist()) for x in data[k]} for k in ("train_x", "val_x",
-                                                                        "test_x")}
+    flat = {k: set(map(tuple, data[k].flatten(1).tolist())) for k in ("train_x", "val_x", "test_x")}
     assert len(flat["val_x"]) == 50  # 50 distinct images (the generated images are all distinct)
     assert not flat["train_x"] & flat["val_x"] and not flat["val_x"] & flat["test_x"]
     same = train_small.load_small_data(args, torch.device("cpu"))  # the same split every time
-    assert torch.equal(same["val_x"], data["val_x"]) and torch.equal(same["train_x"],
-                                                                     data["train_x"])
+    assert all(torch.equal(same[k], data[k]) for k in ("val_x", "train_x"))
     said = user_error(capsys, train_small.main, "--data", tiny_data, "--per-class", 3,
                       "--val-size", 91)  # 120 train images - 30 = 90 outside the subset
     assert "--val-size 91" in said and "90" in said
@@ -1629,8 +1630,7 @@ def test_train_small_resumes_to_the_straight_runs_weights_and_refuses_other_flag
     train_small.main(common + ["--epochs", "3", "--out", str(tmp_path / "straight")])
     train_small.main(common + ["--epochs", "1", "--out", str(tmp_path / "resumed")])
     train_small.main(common + ["--epochs", "3", "--out", str(tmp_path / "resumed")])
-    straight, resumed = (load(tmp_path / d / "seed0" / "model.pt") for d in ("straight",
-                                                                             "resumed"))
+    straight, resumed = [load(tmp_path / d / "seed0" / "model.pt") for d in ("straight", "resumed")]
     for key, value in straight["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
     assert straight["history"] == resumed["history"]
@@ -1664,7 +1664,7 @@ def test_a_full_disk_gives_one_line_and_keeps_the_last_checkpoint(tiny_data, tmp
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_small.py"),
                            *map(str, common), "--epochs", "2"], cwd=ROOT, capture_output=True,
                           text=True, env=env, preexec_fn=small_disk, timeout=120)
-    assert_user_error(proc, "could not write", "model.pt", "previous version")
+    assert_user_error(proc, "could not write", "model.pt", "last version is kept")
     assert ckpt.read_bytes() == before
     assert not list((tmp_path / "r").rglob("*.tmp*"))
 
@@ -2930,12 +2930,9 @@ def test_native_bf16_is_read_from_torch_or_from_proc_cpuinfo(monkeypatch):
     for cpuinfo, native in (("flags\t: fpu sse2 avx2 fma\n", False),
                             ("flags\t: avx2 avx512f avx512_bf16\n", True),
                             ("Features\t: fp asimd bf16 i8mm\n", True), (None, True)):
-        def read_text(path, *args, text=cpuinfo, **kwargs):
-            if text is None:
-                raise FileNotFoundError(path)
-            return text
-        monkeypatch.setattr(pathlib.Path, "read_text", read_text)
-        assert detect() == native, cpuinfo
+        monkeypatch.setattr(pathlib.Path, "read_text", lambda path, *a, text=cpuinfo, **k: text)
+        monkeypatch.setattr(pathlib.Path, "exists", lambda path, text=cpuinfo: text is not None)
+        assert detect() == native, cpuinfo  # None: no /proc/cpuinfo at all
 
 
 def test_dann_under_bf16_computes_its_activations_in_bfloat16(gan_data, tiny_data, tmp_path,
