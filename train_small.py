@@ -285,7 +285,7 @@ def train(seed, args, data, device):
         if done % args.eval_every == 0 or done == args.epochs:  # evaluate, then checkpoint
             record_evaluation(history, model, data, done, loss_sums / n, args)
             os.makedirs(run_dir, exist_ok=True)
-            save_run(path, dict(ckpt, epoch=done))  # weights, optimizer, RNGs, history
+            save_checkpoint(path, dict(ckpt, epoch=done))  # weights, optimizer, RNGs, history
         if done % args.log_every == 0 or done == args.epochs:
             loss = (loss_sums[epoch] / n).item()  # one host sync per progress line
             stop_if_diverged(loss, f"epoch {done}", stop_flags(args))
@@ -580,17 +580,6 @@ def init_conv1_from_bank(model, bank_kernels, seed):
     with torch.no_grad():
         weight.copy_(bank_kernels[idx].reshape(weight.shape).to(weight.device))
 
-def save_run(path, ckpt):
-    """save_checkpoint, and a full disk as one line: the plumbing block knows torch.save's failed
-    write by "PytorchStreamWriter", but torch 2.14 says "inline_container" (the temporary file
-    is gone already; the last checkpoint is kept)."""
-    try:
-        save_checkpoint(path, ckpt)
-    except RuntimeError as e:
-        if "inline_container" not in str(e):
-            raise
-        raise UserError(f"could not write {path} (is the disk full?); its last version is kept")
-
 
 # ----------------------------------------------------------------------------- precision
 def autocast(precision, device):
@@ -697,8 +686,9 @@ def write_atomic(path, write):
     except BaseException as e:  # Ctrl-C too: no temporary file is left behind
         if os.path.exists(tmp):
             os.remove(tmp)
-        if not (isinstance(e, OSError) or "PytorchStreamWriter" in str(e)):  # torch.save's full
-            raise  # disk is a RuntimeError; any other exception is a bug, shown as one
+        torch_write = "inline_container" in str(e) or "PytorchStreamWriter" in str(e)
+        if not (isinstance(e, OSError) or torch_write):  # torch.save's full disk: RuntimeError
+            raise  # any other exception is a bug, shown as one
         reason = getattr(e, "strerror", None) or "is the disk full?"
         raise UserError(f"could not write {path} ({reason}); its last version is kept") from e
 
