@@ -91,7 +91,7 @@ def add_lab_flags(p, lab):
     p.add_argument("--out", default="", help="run folder (default: runs/gan/<data>/<lab>_<flags>)")
     p.add_argument("--epochs", type=int, default=5, help="passes over the training set (seed 003)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16 (ours)")
-    p.add_argument("--image-size", type=int, help="pixels (default: 32 DCGAN nets, seed 003; 28)")
+    p.add_argument("--image-size", type=int, help="pixels (default: 32 DCGAN nets, 28 MLP)")
     p.add_argument("--batch-size", type=int, help="images per step (seed 003; wgan: WGAN-GP)")
     p.add_argument("--nz", type=int, default=100, help="size of z (DCGAN paper)")
     p.add_argument("--ngf", type=int, help="DCGAN G's width (default: 32, seed 003; 64 at 64 px)")
@@ -100,15 +100,15 @@ def add_lab_flags(p, lab):
     p.add_argument("--lr-d", type=float, help="D's learning rate " + LR_HELP)
     p.add_argument("--beta1", type=float, help="Adam's (default: %(default)s, DCGAN / WGAN-GP)")
     p.add_argument("--init", choices=["dcgan", "default", "weight-norm"],
-                   help="the nets' init (default: %(default)s: DCGAN paper / ours)")
+                   help="DCGAN's N(0, 0.02), PyTorch's, or weight norm (default: %(default)s)")
     p.add_argument("--diffaug", default="", help="DiffAugment policies (default: none; ours)")
-    p.add_argument("--log-every", type=int, default=25, help="D steps per progress line (ours)")
-    p.add_argument("--eval-samples", type=int, default=10000, help="FID / P / R images (ours)")
+    p.add_argument("--log-every", type=int, default=25, help="D steps per metrics.csv row (ours)")
+    p.add_argument("--eval-samples", type=int, default=10000, help="FID, P, R images (ours)")
     if lab != "wgan":
-        p.add_argument("--g-loss", choices=["non-saturating", "saturating"],
-                       default="non-saturating", help="G's loss (DCGAN paper)")
+        p.add_argument("--g-loss", default="non-saturating", help="G's loss (DCGAN paper)",
+                       choices=["non-saturating", "saturating"])
         p.add_argument("--g-every", type=int, metavar="N", help="G steps 1 in N; counts D steps")
-        p.add_argument("--train-only", choices=["d", "g"], help="seed 003 Q1 (default: both)")
+        p.add_argument("--train-only", choices=["d", "g"], help="Q1: d or g learns (default: both)")
     if lab in ("dcgan", "cdcgan"):
         p.add_argument("--first-bn", action=argparse.BooleanOptionalAction,
                        help="BN after D's conv1 (default: on, seed 003; off at 64 px)")
@@ -120,7 +120,7 @@ def add_lab_flags(p, lab):
         p.add_argument("--g-bn", action="store_true", help="BN in the MLP G (default: off)")
     if lab == "wgan":
         p.add_argument("--constraint", choices=["clip", "gp", "none"], default="gp",
-                       help="keeps the critic Lipschitz (WGAN-GP)")
+                       help="keeps the critic Lipschitz: clip, penalty (WGAN-GP)")
         p.add_argument("--critic", dest="discriminator", choices=["conv", "mlp"],
                        help="4 strided convs, or vanilla's D (seed 004)")
         p.add_argument("--generator", choices=["dcgan", "mlp"], help="DCGAN's or vanilla's (ours)")
@@ -134,10 +134,10 @@ def add_lab_flags(p, lab):
 
 def add_dann_flags(p):
     p.add_argument("--out", default="", help="run folder (default: runs/gan/<data>/dann_<flags>)")
-    p.add_argument("--target-patches", default="cifar10", help="the backgrounds' images (ours)")
-    p.add_argument("--target", default="", help="a ready target set, PATH (default: none)")
+    p.add_argument("--target-patches", default="cifar10", help="crops for backgrounds (ours)")
+    p.add_argument("--target", default="", help="a ready target set: PATH (default: built)")
     p.add_argument("--no-adapt", action="store_true", help="lambda = 0 (default: DANN)")
-    p.add_argument("--no-reversal", action="store_true", help="Q1: lambda = -1 (default: off)")
+    p.add_argument("--no-reversal", action="store_true", help="Q1: no reversal (default: off)")
     p.add_argument("--lam", type=float, help="Q3: a fixed lambda (default: the paper's lambda_p)")
     p.add_argument("--pseudo-labels", default="", metavar="RUN", help="Q4 (default: none)")
     p.add_argument("--threshold", type=float, default=0.95, help="pseudo-labels' (FixMatch)")
@@ -165,7 +165,7 @@ def parse_args(argv=None):
             add_dann_flags(p)
         elif name == "memorization":
             p.add_argument("--run", required=True, help="a GAN lab's run folder (default: none)")
-            p.add_argument("--eval-samples", type=int, default=10000, help="as the labs'")
+            p.add_argument("--eval-samples", type=int, default=10000, help="images compared (ours)")
         else:
             p.add_argument("--epochs", type=int, default=2, help="a cached one is reused (ours)")
     args = parser.parse_args(argv)
@@ -194,13 +194,11 @@ def range_checks(args):
     counts = ("epochs", "batch_size", "nz", "ngf", "ndf", "log_every", "g_every")
     return [(get(k) is not None and get(k) < 1, f"--{k.replace('_', '-')} must be >= 1, got "
              f"{get(k)}" + (" (--n-critic)" if k == "g_every" else "")) for k in counts] + [
-        (lab and get("eval_samples") < 0, "--eval-samples must be >= 0"),
-        (args.lab == "memorization" and get("eval_samples") < 2, "--eval-samples must be >= 2"),
+        (get("eval_samples", 2) < (2 if args.lab == "memorization" else 0),
+         "--eval-samples must be >= 0 (memorization: >= 2)"),
         (not 0 <= get("d_dropout", 0) < 1, "--d-dropout must be in [0, 1)"),
-        (get("d_dropout") and args.discriminator != "mlp",
-         "--d-dropout needs the MLP critic: add --critic mlp"),
-        (get("g_bn") and args.generator != "mlp",
-         "--g-bn is for the MLP generator (the DCGAN one has BatchNorm): add --generator mlp"),
+        (get("d_dropout") and args.discriminator != "mlp", "--d-dropout needs --critic mlp"),
+        (get("g_bn") and args.generator != "mlp", "--g-bn needs --generator mlp (DCGAN's has BN)"),
         (lab and "dcgan" in (args.generator, args.discriminator) and size not in (32, 64),
          f"--image-size must be 32 or 64 for the DCGAN nets, got {size}"),
         (lab and size < (16 if args.discriminator == "conv" else 8),
@@ -208,7 +206,7 @@ def range_checks(args):
         (bad_policies, f"--diffaug: unknown policy {sorted(bad_policies)}; choose from "
          "translation,cutout,color"),
         (get("lr", 1) <= 0, "--lr must be > 0"),
-        (not 0 < get("threshold", 0.5) < 1, f"--threshold must be in (0, 1): {get('threshold')}"),
+        (not 0 < get("threshold", 0.5) < 1, "--threshold must be in (0, 1)"),
         (get("lam") is not None and not get("lam") >= 0,
          f"--lam must be >= 0, got {get('lam')} (features that help G_d: --no-reversal)"),
         (len(lambdas) > 1, f"{' and '.join(lambdas)} each set lambda: choose one")]
@@ -223,16 +221,13 @@ def fill_defaults(p, args):
             args.out = args.out or default_out(p, args)
         return
     size = image_size(args)
-    by_size = {"ngf": 64 if size == 64 else 32, "ndf": 64 if size == 64 else 32}
-    if hasattr(args, "first_bn"):
-        by_size["first_bn"] = size != 64
-    args.out = args.out or default_out(p, args, by_size)
-    for name, value in by_size.items():
+    lr = WGAN_CLIP_LR if getattr(args, "constraint", "") == "clip" else LAB_DEFAULTS[args.lab]["lr"]
+    derived = {"ngf": 64 if size == 64 else 32, "ndf": 64 if size == 64 else 32, "lr_g": lr,
+               "lr_d": lr} | ({"first_bn": size != 64} if hasattr(args, "first_bn") else {})
+    args.out = args.out or default_out(p, args, derived)
+    for name, value in derived.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    lr = WGAN_CLIP_LR if getattr(args, "constraint", "") == "clip" else LAB_DEFAULTS[args.lab]["lr"]
-    args.lr_g = lr if args.lr_g is None else args.lr_g
-    args.lr_d = lr if args.lr_d is None else args.lr_d
     args.image_size = size
 
 
@@ -241,13 +236,13 @@ def free_flags(lab):
     return RUN_FLAGS - {"epochs"} if lab == "dann" else RUN_FLAGS
 
 
-def default_out(p, args, by_size=None):
-    """runs/gan/<data>/<lab>, then each flag that differs from the lab's default (by_size: the
-    defaults that depend on the image size)."""
-    name, by_size = args.lab, by_size or {}
+def default_out(p, args, derived=None):
+    """runs/gan/<data>/<lab>, then each flag that differs from the lab's default (derived: the
+    defaults that depend on other flags)."""
+    name, derived = args.lab, derived or {}
     for key, value in vars(args).items():
-        default = by_size.get(key, p.get_default(key))
-        value = default if value is None and key in by_size else value
+        default = derived.get(key, p.get_default(key))
+        value = default if value is None and key in derived else value
         if key not in free_flags(args.lab) | {"lab", "data"} and value != default:
             if isinstance(value, str) and os.sep in value:  # a path: its last part
                 value = os.path.basename(os.path.normpath(value))
@@ -260,8 +255,6 @@ def training_flags(args):
     return {k: v for k, v in vars(args).items() if k not in free_flags(args.lab)}
 
 
-def command_line():
-    return " ".join(["python"] + sys.argv)
 
 
 # ----------------------------------------------------------------------------- the nets
@@ -399,22 +392,16 @@ def build_models(args, channels, k):
     """G and D from the lab's flags; k: the cDCGAN's number of labels (0: unconditional)."""
     k_d = 0 if k == 0 or args.no_label_in_d else k  # the labels D sees
     size = args.image_size
-    if args.generator == "dcgan":
-        g = dcgan_generator(args.nz, args.ngf, channels, size, k)
-    else:
-        g = mlp_generator(args.nz, channels, size, args.g_bn)
+    g = (dcgan_generator(args.nz, args.ngf, channels, size, k) if args.generator == "dcgan"
+         else mlp_generator(args.nz, channels, size, args.g_bn))
     if args.discriminator == "dcgan":
         d = dcgan_discriminator(args.ndf, channels, size, args.first_bn, k_d)
     elif args.discriminator == "conv":
         d = conv_critic(channels, size)
     else:
         d = mlp_discriminator(channels, size, args.d_dropout, sigmoid=args.lab != "wgan")
-    if args.init == "dcgan":
-        g.apply(dcgan_init)
-        d.apply(dcgan_init)
-    if args.init == "weight-norm":
-        g.apply(weight_normalize)
-        d.apply(weight_normalize)
+    for net in (g, d):  # --init default: PyTorch's init, left as it is
+        net.apply({"dcgan": dcgan_init, "weight-norm": weight_normalize}.get(args.init, identity))
     return g, d
 
 
@@ -470,16 +457,13 @@ def metric_net(args, channels, device):
     if not os.path.exists(path):
         print(f"training the metric classifier -> {path}")
         return train_classifier(args, device, path), path
-    try:  # a cache file, not a run: read whatever holds the classifier's three keys
+    try:  # a cache file, not a run: whatever holds the classifier of images with these channels
         saved = torch.load(path, map_location=device, weights_only=True)
-        net = metric_classifier(saved["channels"], len(saved["classes"])).to(device)
+        net = metric_classifier(channels, len(saved["classes"])).to(device)
         net.load_state_dict(saved["state"])
     except Exception as e:
-        raise UserError(f"{path} is not a metric classifier this script can read "
+        raise UserError(f"{path} is not a metric classifier of {channels}-channel images "
                         f"({type(e).__name__}); delete it to train a new one")
-    if saved["channels"] != channels:
-        raise UserError(f"{path} was trained on {saved['channels']}-channel images, these "
-                        f"have {channels}; delete it to train a new one")
     return net, path
 
 
@@ -513,15 +497,16 @@ def accuracy(net, x, y):
 @torch.no_grad()
 def features(net, x, logits=False):
     """128-d features (or logits) of uint8 images or of G's float images in [-1, 1], on the CPU in
-    float64; images of another size are resized to 32 x 32 first."""
-    out = []
-    for c in x.split(1000):
-        c = to_float(c) if c.dtype == torch.uint8 else c
-        if c.shape[-1] != CLASSIFIER_SIZE:
-            c = F.interpolate(c, size=(CLASSIFIER_SIZE, CLASSIFIER_SIZE), mode="bilinear",
-                              antialias=True, align_corners=False)
-        out.append((net if logits else net[0])(c))
-    return torch.cat(out).double().cpu()
+    float64."""
+    return torch.cat([(net if logits else net[0])(at_32(c)) for c in x.split(1000)]).double().cpu()
+
+
+def at_32(x):
+    """Images (uint8, or G's floats in [-1, 1]) in [-1, 1] at the metric network's 32 x 32."""
+    x = to_float(x) if x.dtype == torch.uint8 else x
+    size = (CLASSIFIER_SIZE, CLASSIFIER_SIZE)
+    return x if x.shape[-1] == size[0] else F.interpolate(x, size=size, mode="bilinear",
+                                                          antialias=True, align_corners=False)
 
 
 @torch.no_grad()
@@ -558,7 +543,6 @@ def evaluate_gan(args, g, net, k, device):
     """FID / precision / recall of generated vs real test images, and train vs test as the floor,
     in the feature space of the metric network `net`. The class shares show mode collapse: a GAN
     that drops a digit has a share near 0 for it. k: the cDCGAN's labels (0: none)."""
-    t0 = time.time()
     x_test, y_test, classes = load_data(args.data, args.data_root, "test", CLASSIFIER_SIZE, device)
     x_train = load_data(args.data, args.data_root, "train", CLASSIFIER_SIZE, device)[0]
     n = min(args.eval_samples, len(x_test), len(x_train))
@@ -581,7 +565,6 @@ def evaluate_gan(args, g, net, k, device):
     rows[1]["classifier_test_acc"] = round(accuracy(net, x_test, y_test), 4)
     for r in rows:
         print("[evaluate] " + ", ".join(f"{key} {value}" for key, value in r.items()))
-    print(f"[evaluate] {time.time() - t0:.0f} s")
     return rows
 
 
@@ -693,9 +676,8 @@ def lipschitz_bound(critic):
             sigma = torch.linalg.matrix_norm(m.weight.flatten(1), ord=2)
             product = product * sigma
             overlap = 1
-            if isinstance(m, nn.Conv2d):
-                overlap = (math.ceil(m.kernel_size[0] / m.stride[0])
-                           * math.ceil(m.kernel_size[1] / m.stride[1]))
+            if isinstance(m, nn.Conv2d):  # patches per pixel: ceil(kh/sh) * ceil(kw/sw)
+                overlap = math.prod(math.ceil(k / s) for k, s in zip(m.kernel_size, m.stride))
             bound = bound * sigma * math.sqrt(overlap)
     return product, bound
 
@@ -733,12 +715,10 @@ def train(args, x_train, y_train, k, device):
     path = os.path.join(args.out, "checkpoint.pt")
     saved = resume(path, nets, training_flags(args)) or {"epoch": 0, "history": [], "wall_s": 0}
     start, history, wall = saved["epoch"], saved["history"], saved["wall_s"]
-    if start:
-        print(f"resuming {args.lab} from {path} after epoch {start}")
     os.makedirs(args.out, exist_ok=True)
     n_g, n_d = (sum(p.numel() for p in net.parameters()) for net in (g, d))
-    print(f"{args.lab}: {len(x_train)} images {tuple(x_train.shape[1:])}, G {n_g:,} / D {n_d:,} "
-          f"parameters, {device}, out {args.out}", flush=True)
+    print(f"{'resuming ' if start else ''}{args.lab}: {len(x_train)} images, G {n_g:,} / D "
+          f"{n_d:,} parameters, {device}, out {args.out}, after epoch {start}", flush=True)
     aug = diff_augmenter(args.diffaug)  # the identity without --diffaug
     n, iters = args.batch_size, len(x_train) // args.batch_size  # no partial batch: BN comparable
     for epoch in range(start, args.epochs):
@@ -764,7 +744,7 @@ def train(args, x_train, y_train, k, device):
         plot_lines(os.path.join(args.out, "curves.png"), curve_panels(history, args.lab))
         save_checkpoint(path, nets | {"lab": args.lab, "epoch": epoch + 1, "history": history,
                                       "flags": training_flags(args), "wall_s": wall,
-                                      "command": command_line()})
+                                      "command": " ".join(["python"] + sys.argv)})
     if start >= args.epochs:
         print(f"{path} already holds {start} epochs; writing the outputs again")
     return g, history, wall
@@ -834,14 +814,19 @@ def save_outputs(args, g, history, wall, metrics, classes, channels, k, device):
     if metrics:
         write_csv(os.path.join(args.out, "eval.csv"), metrics)
     last = history[-10:]
-    write_json(os.path.join(args.out, "summary.json"), {
-        "lab": args.lab, "command": command_line(), "device": str(device),
-        "threads": torch.get_num_threads(), "train_wall_s": round(wall, 1),
-        "iterations": history[-1]["iter"] if history else 0, "epochs": args.epochs,
+    write_json(os.path.join(args.out, "summary.json"), run_summary(args, device, wall, history) | {
         "s_per_iter": round(sum(r["s_per_iter"] for r in last) / max(len(last), 1), 4),
         "final": history[-1] if history else {}, "metrics": metrics,
         "args": dict(vars(args), classes=classes, channels=channels)})
     print(f"wrote {args.out}/ (train wall time {wall:.0f} s)")
+
+
+def run_summary(args, device, wall, history):
+    """What every run's summary.json says of how it ran."""
+    return {"lab": args.lab, "command": " ".join(["python"] + sys.argv),
+            "device": str(device), "threads": torch.get_num_threads(),
+            "train_wall_s": round(wall, 1),
+            "iterations": history[-1]["iter"] if history else 0, "epochs": args.epochs}
 
 
 # ----------------------------------------------------------------------------- memorization
@@ -863,11 +848,7 @@ def nearest(queries, refs, k, embed=identity):
 
 def pixels(x):
     """Images (uint8, or G's floats in [-1, 1]) as vectors of their 32 x 32 pixels in [-1, 1]."""
-    x = to_float(x) if x.dtype == torch.uint8 else x
-    if x.shape[-1] != CLASSIFIER_SIZE:
-        x = F.interpolate(x, size=(CLASSIFIER_SIZE, CLASSIFIER_SIZE), mode="bilinear",
-                          antialias=True, align_corners=False)
-    return x.flatten(1).cpu()
+    return at_32(x).flatten(1).cpu()
 
 
 def memorization_check(g, net, x_train, x_test, nz, k, seed, n):
@@ -907,9 +888,8 @@ def check_memorization(args, device):
     g = build_models(run, x_train.shape[1], k)[0].to(device)
     g.load_state_dict(saved["g"])
     net = metric_net(run, x_train.shape[1], device)[0]
-    n = min(args.eval_samples, len(x_test))
-    shown, near_f, near_p, d_fake, d_test = memorization_check(g, net, x_train, x_test, run.nz, k,
-                                                               run.seed, n)
+    shown, near_f, near_p, d_fake, d_test = memorization_check(
+        g, net, x_train, x_test, run.nz, k, run.seed, min(args.eval_samples, len(x_test)))
     save_memorization(args.run, shown, near_f, near_p, x_train, d_fake, d_test)
 
 
@@ -1093,7 +1073,7 @@ def train_dann(args, data, n_classes, device):
         write_csv(os.path.join(args.out, "metrics.csv"), history)
         save_checkpoint(path, {"net": net, "opt": opt, "lab": "dann", "epoch": epoch + 1,
                                "history": history, "flags": training_flags(args),
-                               "wall_s": wall, "command": command_line()})
+                               "wall_s": wall, "command": " ".join(["python"] + sys.argv)})
     return net, history, wall
 
 
@@ -1108,12 +1088,10 @@ def load_dann_data(args, device):
     if args.target:
         (x_t, _, t_classes), (x_t_test, y_t_test, _) = (
             load_split(args.target, args.data_root, split) for split in ("train", "test"))
-        if x_t.shape[-2:] != xs.shape[-2:] or x_t_test.shape[-2:] != xs.shape[-2:]:
-            raise UserError(f"--target {args.target} has {x_t.shape[-2]}x{x_t.shape[-1]} "
-                            f"images, the source 28x28 (DANN's input): give both one size")
-        if t_classes != classes:
-            raise UserError(f"--target {args.target} has the classes {t_classes}, the source "
-                            f"{classes}: the label classifier needs the same ones")
+        if x_t.shape[-2:] != xs.shape[-2:] or x_t_test.shape[-2:] != xs.shape[-2:] or \
+                t_classes != classes:  # one input size (28 x 28), one label classifier
+            raise UserError(f"--target {args.target} has {x_t.shape[-2]}x{x_t.shape[-1]} images, "
+                            f"the source 28x28 (classes {t_classes}, the source's {classes})")
     else:
         patches = load_split(args.target_patches, args.data_root, "train")[0]
         if min(patches.shape[-2:]) < 28:
@@ -1154,12 +1132,9 @@ def label_target(args, data, n_classes, device):
     net = DANN(n_classes)  # resume refuses another run's domains (the labeller must see ours)
     domains = {key: getattr(args, key) for key in ("lab", "data", "target", "target_patches")}
     saved = resume(path, {"net": net}, domains)
-    if saved is None:
-        raise UserError(f"--pseudo-labels {args.pseudo_labels}: no checkpoint.pt there; give the "
-                        f"folder of a finished dann run (e.g. a --no-adapt one)")
-    if saved["epoch"] != saved["flags"]["epochs"]:
-        raise UserError(f"{path} is unfinished (epoch {saved['epoch']} of "
-                        f"{saved['flags']['epochs']}); finish that run first")
+    if saved is None or saved["epoch"] != saved["flags"]["epochs"]:
+        raise UserError(f"--pseudo-labels {args.pseudo_labels}: no finished dann run there (its "
+                        f"checkpoint.pt at its last epoch); give one, e.g. a --no-adapt run")
     net = net.to(device).eval()
     labels = pseudo_labels(net, data["target"], args.threshold)
     x_test, y_test = data["target_test"]
@@ -1219,13 +1194,10 @@ def save_dann_outputs(args, net, data, history, wall, device):
     ax.legend(markerscale=4)
     save_figure(fig, os.path.join(args.out, "features.png"))
     last = history[-1] if history else dann_accuracies(net, data)
-    write_json(os.path.join(args.out, "summary.json"), {
-        "lab": "dann", "adapt": not args.no_adapt, "method": dann_method(args),
+    write_json(os.path.join(args.out, "summary.json"), run_summary(args, device, wall, history) | {
+        "adapt": not args.no_adapt, "method": dann_method(args),
         "pseudo_labels": data.get("pseudo_stats"), "source_acc": last["source_acc"],
         "target_acc": last["target_acc"], "domain_acc": last["domain_acc"],
-        "command": command_line(), "device": str(device), "threads": torch.get_num_threads(),
-        "train_wall_s": round(wall, 1), "epochs": args.epochs,
-        "iterations": history[-1]["iter"] if history else 0,
         "s_per_iter": history[-1]["s_per_iter"] if history else None, "args": vars(args)})
     print(f"[dann] source accuracy {last['source_acc']:.4f}, target accuracy "
           f"{last['target_acc']:.4f}; wrote {args.out}/ (train wall time {wall:.0f} s)")
@@ -1333,12 +1305,11 @@ def main(argv=None):
     elif args.lab == "classifier":
         channels = load_split(args.data, args.data_root, "train")[0].shape[1]
         print(f"classifier {metric_net(args, channels, device)[1]}")
-    else:
+    else:  # a GAN lab: train (or resume), then the metrics and the run's outputs
         run_lab(args, device)
 
 
 def run_lab(args, device):
-    """A GAN lab: train (or resume), then the metrics and the run's outputs."""
     x_train, y_train, classes = load_data(args.data, args.data_root, "train", args.image_size,
                                           device)
     if len(x_train) < args.batch_size:

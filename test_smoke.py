@@ -2181,7 +2181,7 @@ def test_gan_dann_pseudo_labels_run_beside_dann_and_source_only(gan_dann_runs, g
     for flags, want in (
             (["--threshold", "1"], "--threshold must be in (0, 1)"),
             (["--threshold", "0"], "--threshold must be in (0, 1)"),
-            (["--pseudo-labels", tmp_path / "nowhere"], "no checkpoint.pt there"),
+            (["--pseudo-labels", tmp_path / "nowhere"], "no finished dann run there"),
             (["--pseudo-labels", tmp_path / "pl", "--data", tiny_data], "--data"),
             (["--lam", "-0.5"], "--lam must be >= 0"),
             (["--no-adapt", "--lam", "1"], "choose one"),
@@ -2249,8 +2249,8 @@ def test_gan_seed_004_runs_conv_critic_diffaug_weight_norm_and_g_bn(gan_common, 
     assert "1.running_mean" in ckpt["g"]  # G's BatchNorm after its first layer
     assert "0.parametrizations.weight.original0" in ckpt["d"]
     base = ["wgan", "--out", tmp_path / "bad"]
-    gan_user_error(capsys, base + ["--d-dropout", "0.3"], "--d-dropout needs the MLP critic")
-    gan_user_error(capsys, base + ["--g-bn"], "--g-bn is for the MLP generator")
+    gan_user_error(capsys, base + ["--d-dropout", "0.3"], "--d-dropout needs --critic mlp")
+    gan_user_error(capsys, base + ["--g-bn"], "--g-bn needs --generator mlp")
     assert not (tmp_path / "bad").exists()
 
 
