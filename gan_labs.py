@@ -47,6 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+# ----------------------------------------------------------------------------- config
 LABS = {"dcgan": "DCGAN (Radford et al., 2016), seed 003's lab",
         "cdcgan": "conditional DCGAN (Mirza & Osindero, 2014), seed 003's lab",
         "vanilla": "seed 004's MLP GAN",
@@ -73,7 +74,6 @@ RUN_FLAGS = {"out", "epochs", "data_root", "cache_dir", "device", "threads", "ev
              "log_every"}
 
 
-# ----------------------------------------------------------------------------- config
 def add_common_flags(p, name):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="auto: cuda, else mps, else cpu")
