@@ -715,10 +715,12 @@ def train(args, x_train, y_train, k, device):
     path = os.path.join(args.out, "checkpoint.pt")
     saved = resume(path, nets, training_flags(args)) or {"epoch": 0, "history": [], "wall_s": 0}
     start, history, wall = saved["epoch"], saved["history"], saved["wall_s"]
+    if start:
+        print(f"resuming {args.lab} from {path} after epoch {start}")
     os.makedirs(args.out, exist_ok=True)
     n_g, n_d = (sum(p.numel() for p in net.parameters()) for net in (g, d))
-    print(f"{'resuming ' if start else ''}{args.lab}: {len(x_train)} images, G {n_g:,} / D "
-          f"{n_d:,} parameters, {device}, out {args.out}, after epoch {start}", flush=True)
+    print(f"{args.lab}: {len(x_train)} images {tuple(x_train.shape[1:])}, G {n_g:,} / D {n_d:,} "
+          f"parameters, {device}, out {args.out}", flush=True)
     aug = diff_augmenter(args.diffaug)  # the identity without --diffaug
     n, iters = args.batch_size, len(x_train) // args.batch_size  # no partial batch: BN comparable
     for epoch in range(start, args.epochs):
