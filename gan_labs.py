@@ -5,7 +5,8 @@ teaches the game on images, as pytorch/examples dcgan/main.py does. Handouts: "s
 cDCGAN, DANN), "seed 004" (MLP GAN, WGAN), "seed 001" (the memorization check). The lesson:
 `bce_step` (Goodfellow et al., 2014, Alg. 1, as DCGAN plays it), `wgan_critic_step` and
 `wgan_generator_step` (WGAN Alg. 1: weight clipping; WGAN-GP Alg. 1: gradient penalty), called
-by `train`; `dann_step` and `GradientReversal`, called by `train_dann`.
+by `train`; `dann_step` and `GradientReversal`, called by `train_dann`. Each game has a section
+of its own below; the nets and the evaluation they share come first.
   dcgan | cdcgan | vanilla | wgan   the GAN labs (--train-only d|g: seed 003 Q1); each ends with
       the FID formula and k-NN precision / recall in a small classifier's feature space
   dann          DANN (Ganin et al., 2016): MNIST -> MNIST-M-style digits on CIFAR-10 crops
@@ -23,7 +24,7 @@ Writes: in --out, per epoch: samples_epochNN.png, interpolation_epochNN.png, met
         curves.png, checkpoint.pt (resumed when present); at the end eval.csv, summary.json,
         class_grid.png (cdcgan). dann: metrics.csv, checkpoint.pt, features.png, summary.json.
         memorization: memorization.png, nn_distances.png, memorization.json in --run.
-Notes and results: docs/gan_labs.md.
+Notes and results: docs/gan_labs.md; every flag's default and its source: docs/defaults.md.
 """
 import argparse
 import csv
@@ -46,6 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+# ----------------------------------------------------------------------------- config
 LABS = {"dcgan": "DCGAN (Radford et al., 2016), seed 003's lab",
         "cdcgan": "conditional DCGAN (Mirza & Osindero, 2014), seed 003's lab",
         "vanilla": "seed 004's MLP GAN",
@@ -53,190 +55,100 @@ LABS = {"dcgan": "DCGAN (Radford et al., 2016), seed 003's lab",
 SUBCOMMANDS = {**LABS, "dann": "DANN (Ganin et al., 2016), seed 003's domain-adaptation lab",
                "memorization": "does a trained G copy its training images? (seed 001)",
                "classifier": "the metrics' network"}
-CKPT_FORMAT = "gan_labs/3"  # older checkpoints (other keys) are refused with one line
-DANN_FORMAT = "gan_labs/dann/1"
+# Each lab's own defaults, one row a lab (their sources: the flags' help, docs/defaults.md).
+# lr is both nets' (--lr-g, --lr-d); wgan --constraint clip takes WGAN's WGAN_CLIP_LR instead.
+LAB_DEFAULTS = {
+    "dcgan": dict(batch_size=128, beta1=0.5, lr=2e-4, init="dcgan", g_every=1,
+                  generator="dcgan", discriminator="dcgan"),
+    "cdcgan": dict(batch_size=128, beta1=0.5, lr=2e-4, init="dcgan", g_every=1,
+                   generator="dcgan", discriminator="dcgan"),
+    "vanilla": dict(batch_size=128, beta1=0.5, lr=2e-4, init="default", g_every=1, d_dropout=0.3,
+                    generator="mlp", discriminator="mlp"),
+    "wgan": dict(batch_size=64, beta1=0.0, lr=1e-4, init="default", g_every=5, d_dropout=0.0,
+                 generator="dcgan", discriminator="conv", train_only=None)}
+WGAN_CLIP_LR = 5e-5  # WGAN Alg. 1, with RMSProp
+LR_HELP = "(default: 2e-4, DCGAN; wgan: 1e-4, WGAN-GP, or 5e-5 with --constraint clip, WGAN)"
 CLASSIFIER_SIZE = 32  # the metric network sees every image at 32x32, whatever the lab's size
 # flags that do not change what a run trains: not in the run folder's name, free to change on resume
 RUN_FLAGS = {"out", "epochs", "data_root", "cache_dir", "device", "threads", "eval_samples",
              "log_every"}
 
 
-# ----------------------------------------------------------------------------- config
-def add_lab_args(p, lab):
-    """The flags of one lab, each default with its source."""
-    bce = lab != "wgan"
-    p.add_argument("--out", default="",
-                   help="run folder (default: runs/gan/<data>/<lab> and the flags that differ)")
-    p.add_argument("--epochs", type=int, default=5,
-                   help="passes over the training set (default: %(default)s, seed 003); a larger "
-                   "value continues a finished run")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="bf16: autocast the game's passes, channels_last nets; weights and "
-                   "optimizer state stay float32. Faster on CPUs with AVX512-BF16 / AMX and on "
-                   "recent GPUs, much slower without native bf16 (default: %(default)s, this "
-                   "project)")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="pixels: 32 or 64 with a DCGAN net, else any >= 8 (default: 32 with a "
-                   "DCGAN net, seed 003; else 28, seed 004)")
-    p.add_argument("--batch-size", type=int, default=128 if bce else 64,
-                   help="images per step (default: %(default)s, "
-                   + ("seed 003)" if bce else "WGAN-GP Alg. 1)"))
-    p.add_argument("--nz", type=int, default=100,
-                   help="size of z (default: %(default)s, DCGAN paper)")
-    p.add_argument("--ngf", type=int, default=None,
-                   help="DCGAN generator width (default: 32 at 32 px, seed 003; 64 at 64 px, "
-                   "pytorch/examples, where width 32 fails: docs/gan_labs.md)")
-    p.add_argument("--ndf", type=int, default=None,
-                   help="DCGAN discriminator width (default: 32 at 32 px, seed 003; 64 at 64 px, "
-                   "pytorch/examples, where width 32 fails: docs/gan_labs.md)")
-    lr_source = ("2e-4, DCGAN paper" if bce else
-                 "5e-5 with --constraint clip, WGAN Alg. 1; else 1e-4, WGAN-GP Alg. 1")
-    p.add_argument("--lr-g", type=float, default=None,
-                   help=f"G's learning rate (default: {lr_source})")
-    p.add_argument("--lr-d", type=float, default=None,
-                   help=f"D's learning rate (default: {lr_source})")
-    p.add_argument("--beta1", type=float, default=0.5 if bce else 0.0,
-                   help="Adam's beta1 in both optimizers (default: %(default)s, "
-                   + ("DCGAN paper)" if bce else "WGAN-GP Alg. 1)"))
-    p.add_argument("--init", choices=["dcgan", "default", "weight-norm"],
-                   default="default" if lab in ("vanilla", "wgan") else "dcgan",
-                   help="dcgan: conv weights N(0, 0.02), BatchNorm scales N(1, 0.02), as in the "
-                   "DCGAN paper; default: PyTorch's init; weight-norm: PyTorch's init, then every "
-                   "conv and linear weight of G and D learned as g v / ||v|| (Salimans & "
-                   "Kingma, 2016), seed 004 (default: %(default)r, "
-                   + ("this project: docs/gan_labs.md)" if lab in ("vanilla", "wgan")
-                      else "DCGAN paper)"))
-    p.add_argument("--diffaug", default="",
-                   help="DiffAugment policies for D's inputs, e.g. translation,cutout,color "
-                   "(default: none; this project: docs/gan_labs.md)")
-    p.add_argument("--log-every", type=int, default=25,
-                   help="D steps per progress line and metrics.csv row (default: %(default)s)")
-    p.add_argument("--eval-samples", type=int, default=10000,
-                   help="images per set for FID / precision / recall, 0 = no metrics (default: "
-                   "%(default)s; this project: docs/gan_labs.md)")
-    if bce:
-        p.add_argument("--g-loss", choices=["non-saturating", "saturating"],
-                       default="non-saturating",
-                       help="G maximizes log D(G(z)), or minimizes log(1 - D(G(z))), the minimax "
-                       "game's own loss (default: %(default)s, DCGAN paper)")
-        p.add_argument("--g-every", type=int, default=1, metavar="N",
-                       help="one G step every N D steps; counts D steps, not epochs (default: "
-                       "%(default)s, as in Goodfellow et al.'s Alg. 1 with k = 1)")
-        p.add_argument("--train-only", choices=["d", "g"], default=None,
-                       help="seed 003 Q1, only one of the two: d = only D learns, G stays at its "
-                       "init; g = only G learns, against D at its init (default: both learn)")
-    if lab in ("dcgan", "cdcgan"):
-        p.set_defaults(generator="dcgan", discriminator="dcgan")
-        p.add_argument("--first-bn", action=argparse.BooleanOptionalAction, default=None,
-                       help="BatchNorm after D's first conv (default: on at 32 px, seed 003; off "
-                       "at 64 px, pytorch/examples, where with it D wins: docs/gan_labs.md)")
-    if lab == "cdcgan":
-        p.add_argument("--no-label-in-d", action="store_true",
-                       help="D sees x only, G still gets y (default: D sees y too, Mirza & "
-                       "Osindero)")
-    if lab == "vanilla":
-        p.set_defaults(generator="mlp", discriminator="mlp")
-        p.add_argument("--d-dropout", type=float, default=0.3,
-                       help="dropout after D's hidden layers (default: %(default)s, seed 004; "
-                       "its base run: 0)")
-    if lab in ("vanilla", "wgan"):
-        p.add_argument("--g-bn", action="store_true",
-                       help="seed 004: BatchNorm after each hidden layer of the MLP generator "
-                       "(default: none, seed 004's base generator)")
-    if lab == "wgan":
-        p.set_defaults(train_only=None)  # both nets learn in every WGAN run
-        p.add_argument("--constraint", choices=["clip", "gp", "none"], default="gp",
-                       help="how the critic is kept Lipschitz (default: %(default)s, WGAN-GP)")
-        p.add_argument("--critic", dest="discriminator", choices=["conv", "mlp"], default="conv",
-                       help="conv: 4 strided convs of 16-128 filters; mlp: vanilla's D with a "
-                       "linear output (default: %(default)s, seed 004)")
-        p.add_argument("--generator", choices=["dcgan", "mlp"], default="dcgan",
-                       help="the DCGAN generator or vanilla's MLP, seed 004's (default: "
-                       "%(default)s; this project: docs/gan_labs.md)")
-        p.add_argument("--d-dropout", type=float, default=0.0,
-                       help="seed 004: dropout after the MLP critic's hidden layers (--critic "
-                       "mlp) (default: %(default)s, WGAN-GP Alg. 1)")
-        p.add_argument("--clip", type=float, default=0.01,
-                       help="c of the weight clipping (default: %(default)s, WGAN Alg. 1)")
-        p.add_argument("--gp-lambda", type=float, default=10.0,
-                       help="gradient penalty weight (default: %(default)s, WGAN-GP Alg. 1)")
-        p.add_argument("--n-critic", dest="g_every", type=int, default=5, metavar="N",
-                       help="one G step every N critic steps; counts D steps (default: "
-                       "%(default)s, WGAN Alg. 1 and WGAN-GP Alg. 1)")
-
-
-def add_dann_args(p):
-    p.add_argument("--out", default="",
-                   help="run folder (default: runs/gan/<data>/dann and the flags that differ)")
-    p.add_argument("--target-patches", default="cifar10",
-                   help="colour images whose random crops become the digits' backgrounds (the "
-                   "DANN paper: BSDS500 photographs): cifar10 (torchvision) or PATH of an "
-                   "ImageFolder with train/, e.g. ~/data/cifar10; one fixed target set for "
-                   "every --seed (default: %(default)s)")
-    p.add_argument("--target", default="",
-                   help="a ready target set instead, e.g. the real MNIST-M: PATH of an "
-                   "ImageFolder with train/ and test/ of 28x28 images, the source's classes "
-                   "(default: none, built from --target-patches)")
-    p.add_argument("--no-adapt", action="store_true",
-                   help="the source-only baseline: the same code with lambda = 0, the domain "
-                   "classifier learns but sends no gradient to the features (default: DANN)")
-    p.add_argument("--no-reversal", action="store_true",
-                   help="seed 003 Q1: the three parts without the reversal layer; the domain "
-                   "classifier learns and the features get its loss's plain gradient, so they "
-                   "help it (lambda = -1 in the layer) (default: the reversal layer)")
-    p.add_argument("--lam", type=float, default=None,
-                   help="seed 003 Q3: a fixed lambda, the reversal layer's -lambda at every step "
-                   "(default: the DANN paper's schedule lambda_p, see --gamma)")
-    p.add_argument("--pseudo-labels", default="", metavar="RUN",
-                   help="seed 003 Q4: the folder of a finished dann run (a --no-adapt one) whose "
-                   "confident predictions on the target training images become their labels; "
-                   "a new net then trains on source + pseudo-labelled target, lambda = 0 "
-                   "(default: none)")
-    p.add_argument("--threshold", type=float, default=0.95,
-                   help="--pseudo-labels keeps a target image whose top softmax probability is "
-                   "above this (default: %(default)s, FixMatch's tau, Sohn et al. 2020)")
-    p.add_argument("--epochs", type=int, default=10,
-                   help="passes over the source images (default: %(default)s; this project: "
-                   "docs/gan_labs.md)")
-    p.add_argument("--batch-size", type=int, default=64,
-                   help="images per step from each domain (default: %(default)s; this project: "
-                   "docs/gan_labs.md)")
-    p.add_argument("--lr", type=float, default=0.01,
-                   help="mu_0 of mu_p = mu_0 / (1 + alpha p)^beta (default: %(default)s, DANN "
-                   "paper)")
-    p.add_argument("--lr-alpha", type=float, default=10.0,
-                   help="alpha of the learning-rate schedule (default: %(default)s, DANN paper)")
-    p.add_argument("--lr-beta", type=float, default=0.75,
-                   help="beta of the learning-rate schedule (default: %(default)s, DANN paper)")
-    p.add_argument("--gamma", type=float, default=10.0,
-                   help="gamma of lambda_p = 2 / (1 + exp(-gamma p)) - 1 (default: %(default)s, "
-                   "DANN paper)")
-    p.add_argument("--momentum", type=float, default=0.9,
-                   help="SGD momentum (default: %(default)s, DANN paper)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="bf16: autocast DANN's step; weights and optimizer state stay float32, "
-                   "the evaluation is float32. Faster on CPUs with AVX512-BF16 / AMX and on "
-                   "recent GPUs, much slower without native bf16 (default: %(default)s, this "
-                   "project)")
-
-
-def add_common_args(p, name):
+def add_common_flags(p, name):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                   help="auto: cuda if available, else mps, else cpu (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for torch, 0 = torch's choice (default: %(default)s)")
-    p.add_argument("--data-root", default="data",
-                   help="torchvision's folder of the datasets (default: %(default)s)")
+                   help="auto: cuda, else mps, else cpu")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: 0, torch's)")
+    p.add_argument("--data-root", default="data", help="torchvision's folder of the datasets")
     if name != "dann":
-        p.add_argument("--cache-dir", default="runs/gan/cache",
-                       help="folder of the metric networks (default: %(default)s)")
+        p.add_argument("--cache-dir", default="runs/gan/cache", help="the metric networks' folder")
     if name != "memorization":  # the memorization check reads both from the run's checkpoint
-        p.add_argument("--data", default="mnist",
-                       help="mnist | cifar10 (torchvision) | PATH of an ImageFolder with train/ "
-                       "and test/ (default: %(default)s, seed 003" + (", DANN's source)" if
-                       name == "dann" else ")"))
-        p.add_argument("--seed", type=int, default=0,
-                       help="init, batches, noise and the fixed samples (default: %(default)s)")
+        p.add_argument("--data", default="mnist", help="mnist | cifar10 | PATH (seed 003)")
+        p.add_argument("--seed", type=int, default=0, help="init, batches, noise (default: 0)")
+
+
+def add_lab_flags(p, lab):
+    """A GAN lab's flags; its own defaults come from its row of LAB_DEFAULTS."""
+    p.add_argument("--out", default="", help="run folder (default: runs/gan/<data>/<lab>_<flags>)")
+    p.add_argument("--epochs", type=int, default=5, help="passes over the training set (seed 003)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16 (ours)")
+    p.add_argument("--image-size", type=int, help="pixels (default: 32 DCGAN nets, 28 MLP)")
+    p.add_argument("--batch-size", type=int, help="images per step (seed 003; wgan: WGAN-GP)")
+    p.add_argument("--nz", type=int, default=100, help="size of z (DCGAN paper)")
+    p.add_argument("--ngf", type=int, help="DCGAN G's width (default: 32, seed 003; 64 at 64 px)")
+    p.add_argument("--ndf", type=int, help="DCGAN D's width (default: 32, seed 003; 64 at 64 px)")
+    p.add_argument("--lr-g", type=float, help="G's learning rate " + LR_HELP)
+    p.add_argument("--lr-d", type=float, help="D's learning rate " + LR_HELP)
+    p.add_argument("--beta1", type=float, help="Adam's (default: %(default)s, DCGAN / WGAN-GP)")
+    p.add_argument("--init", choices=["dcgan", "default", "weight-norm"],
+                   help="DCGAN's N(0, 0.02), PyTorch's, or weight norm (default: %(default)s)")
+    p.add_argument("--diffaug", default="", help="DiffAugment policies (default: none; ours)")
+    p.add_argument("--log-every", type=int, default=25, help="D steps per metrics.csv row (ours)")
+    p.add_argument("--eval-samples", type=int, default=10000, help="FID, P, R images (ours)")
+    if lab != "wgan":
+        p.add_argument("--g-loss", default="non-saturating", help="G's loss (DCGAN paper)",
+                       choices=["non-saturating", "saturating"])
+        p.add_argument("--g-every", type=int, metavar="N", help="G steps 1 in N; counts D steps")
+        p.add_argument("--train-only", choices=["d", "g"], help="Q1: d or g learns (default: both)")
+    if lab in ("dcgan", "cdcgan"):
+        p.add_argument("--first-bn", action=argparse.BooleanOptionalAction,
+                       help="BN after D's conv1 (default: on, seed 003; off at 64 px)")
+    if lab == "cdcgan":
+        p.add_argument("--no-label-in-d", action="store_true", help="D sees x only (default: x, y)")
+    if lab == "vanilla":
+        p.add_argument("--d-dropout", type=float, help="dropout after D's layers (seed 004)")
+    if lab in ("vanilla", "wgan"):
+        p.add_argument("--g-bn", action="store_true", help="BN in the MLP G (default: off)")
+    if lab == "wgan":
+        p.add_argument("--constraint", choices=["clip", "gp", "none"], default="gp",
+                       help="keeps the critic Lipschitz: clip, penalty (WGAN-GP)")
+        p.add_argument("--critic", dest="discriminator", choices=["conv", "mlp"],
+                       help="4 strided convs, or vanilla's D (seed 004)")
+        p.add_argument("--generator", choices=["dcgan", "mlp"], help="DCGAN's or vanilla's (ours)")
+        p.add_argument("--d-dropout", type=float, help="--critic mlp's (default: 0.0, WGAN-GP)")
+        p.add_argument("--clip", type=float, default=0.01, help="c of the clipping (WGAN)")
+        p.add_argument("--gp-lambda", type=float, default=10.0, help="penalty weight (WGAN-GP)")
+        p.add_argument("--n-critic", dest="g_every", type=int, metavar="N",
+                       help="one G step every N critic steps; counts D steps (WGAN)")
+    p.set_defaults(**{k: v for k, v in LAB_DEFAULTS[lab].items() if k != "lr"})
+
+
+def add_dann_flags(p):
+    p.add_argument("--out", default="", help="run folder (default: runs/gan/<data>/dann_<flags>)")
+    p.add_argument("--target-patches", default="cifar10", help="crops for backgrounds (ours)")
+    p.add_argument("--target", default="", help="a ready target set: PATH (default: built)")
+    p.add_argument("--no-adapt", action="store_true", help="lambda = 0 (default: DANN)")
+    p.add_argument("--no-reversal", action="store_true", help="Q1: no reversal (default: off)")
+    p.add_argument("--lam", type=float, help="Q3: a fixed lambda (default: the paper's lambda_p)")
+    p.add_argument("--pseudo-labels", default="", metavar="RUN", help="Q4 (default: none)")
+    p.add_argument("--threshold", type=float, default=0.95, help="pseudo-labels' (FixMatch)")
+    p.add_argument("--epochs", type=int, default=10, help="passes over the source images (ours)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per domain a step (ours)")
+    p.add_argument("--lr", type=float, default=0.01, help="mu_0 of mu_p (DANN paper)")
+    p.add_argument("--lr-alpha", type=float, default=10.0, help="alpha of mu_p (DANN paper)")
+    p.add_argument("--lr-beta", type=float, default=0.75, help="beta of mu_p (DANN paper)")
+    p.add_argument("--gamma", type=float, default=10.0, help="gamma of lambda_p (DANN paper)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (DANN paper)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16 (ours)")
 
 
 def parse_args(argv=None):
@@ -244,87 +156,109 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="lab", required=True)
     for name, what in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=what, description=f"gan_labs.py {name}: {what}.")
-        add_common_args(p, name)
+        p = sub.add_parser(name, help=what, description=f"gan_labs.py {name}: {what}.",
+                           formatter_class=HelpFormatter)
+        add_common_flags(p, name)
         if name in LABS:
-            add_lab_args(p, name)
+            add_lab_flags(p, name)
         elif name == "dann":
-            add_dann_args(p)
+            add_dann_flags(p)
         elif name == "memorization":
-            p.add_argument("--run", required=True,
-                           help="the run folder of a GAN lab, whose checkpoint.pt holds G "
-                           "(default: none, required)")
-            p.add_argument("--eval-samples", type=int, default=10000,
-                           help="samples and test images whose nearest-neighbour distances are "
-                           "compared (default: %(default)s, as the labs' metrics)")
+            p.add_argument("--run", required=True, help="a GAN lab's run folder (default: none)")
+            p.add_argument("--eval-samples", type=int, default=10000, help="images compared (ours)")
         else:
-            p.add_argument("--epochs", type=int, default=2,
-                           help="classifier epochs; a cached classifier is reused, delete it to "
-                           "train a new one (default: %(default)s; this project)")
+            p.add_argument("--epochs", type=int, default=2, help="a cached one is reused (ours)")
     args = parser.parse_args(argv)
-    if args.lab in LABS:
-        check_lab_args(sub.choices[args.lab], args)
-    elif args.lab == "dann":
-        check_dann_args(sub.choices["dann"], args)
-    elif args.lab == "memorization" and args.eval_samples < 2:
-        sub.choices["memorization"].error("--eval-samples must be >= 2")
+    p = sub.choices[args.lab]
+    for bad, message in range_checks(args):
+        if bad:
+            p.error(message)
+    fill_defaults(p, args)
     return args
 
 
-def check_dann_args(p, args):
-    if min(args.epochs, args.batch_size) < 1 or args.lr <= 0:
-        p.error("--epochs and --batch-size must be >= 1, --lr > 0")
-    if not 0 < args.threshold < 1:
-        p.error(f"--threshold must be in (0, 1), got {args.threshold}")
-    if args.lam is not None and not args.lam >= 0:
-        p.error(f"--lam must be >= 0, got {args.lam} (features that help G_d: --no-reversal)")
-    chosen = [flag for flag, on in (("--no-adapt", args.no_adapt), ("--no-reversal",
-              args.no_reversal), ("--lam", args.lam is not None), ("--pseudo-labels",
-              bool(args.pseudo_labels))) if on]
-    if len(chosen) > 1:
-        p.error(f"{' and '.join(chosen)} each set lambda: choose one")
-    args.out = args.out or default_out(p, args)  # filled in here only, as in check_lab_args
+def image_size(args):
+    """--image-size, else 32 with a DCGAN net (seed 003) and 28 without (seed 004's 784 inputs)."""
+    return args.image_size or (32 if "dcgan" in (args.generator, args.discriminator) else 28)
 
 
-def check_lab_args(p, args):
-    """One line for a flag out of range; then the defaults that depend on other flags are filled
-    in, here and only here (nothing writes into args after parsing)."""
-    dcgan_net = "dcgan" in (args.generator, args.discriminator)
-    size = args.image_size or (32 if dcgan_net else 28)
-    # defaults that depend on the image size: at 64 px pytorch/examples' nets (docs/gan_labs.md)
-    width = 64 if size == 64 else 32
-    by_size = {"ngf": width, "ndf": width}
-    if hasattr(args, "first_bn"):
-        by_size["first_bn"] = size != 64
-    for name in ("epochs", "batch_size", "nz", "ngf", "ndf", "log_every", "g_every"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:  # None: by_size's
-            flag = "--g-every / --n-critic" if name == "g_every" else "--" + name.replace("_", "-")
-            p.error(f"{flag} must be >= 1, got {getattr(args, name)}")
-    if args.eval_samples < 0 or not 0 <= getattr(args, "d_dropout", 0) < 1:
-        p.error("--eval-samples must be >= 0 and --d-dropout in [0, 1)")
-    if getattr(args, "d_dropout", 0) and args.discriminator != "mlp":
-        p.error("--d-dropout needs the MLP critic: add --critic mlp")
-    if getattr(args, "g_bn", False) and args.generator != "mlp":
-        p.error("--g-bn is for the MLP generator (the DCGAN one has BatchNorm): add --generator "
-                "mlp")
-    if dcgan_net and size not in (32, 64):
-        p.error(f"--image-size must be 32 or 64 for the DCGAN nets, got {size}")
-    if size < (16 if args.discriminator == "conv" else 8):
-        p.error(f"--image-size {size} is too small (conv critic: >= 16, MLP nets: >= 8)")
-    bad = set(filter(None, args.diffaug.split(","))) - {"translation", "cutout", "color"}
-    if bad:
-        p.error(f"--diffaug: unknown policy {sorted(bad)}; choose from translation,cutout,color")
-    args.out = args.out or default_out(p, args, by_size)
-    for name, value in by_size.items():
+def range_checks(args):
+    """(condition, message): a flag out of range, or flags that do not go together."""
+    get, lab = vars(args).get, args.lab in LABS
+    size = image_size(args) if lab else 32
+    lambdas = [flag for flag, on in (("--no-adapt", get("no_adapt")), ("--no-reversal",
+               get("no_reversal")), ("--lam", get("lam") is not None), ("--pseudo-labels",
+               bool(get("pseudo_labels")))) if on]
+    bad_policies = set(filter(None, get("diffaug", "").split(","))) - {"translation", "cutout",
+                                                                       "color"}
+    counts = ("epochs", "batch_size", "nz", "ngf", "ndf", "log_every", "g_every")
+    return [(get(k) is not None and get(k) < 1, f"--{k.replace('_', '-')} must be >= 1, got "
+             f"{get(k)}" + (" (--n-critic)" if k == "g_every" else "")) for k in counts] + [
+        (get("eval_samples", 2) < (2 if args.lab == "memorization" else 0),
+         "--eval-samples must be >= 0 (memorization: >= 2)"),
+        (not 0 <= get("d_dropout", 0) < 1, "--d-dropout must be in [0, 1)"),
+        (get("d_dropout") and args.discriminator != "mlp", "--d-dropout needs --critic mlp"),
+        (get("g_bn") and args.generator != "mlp", "--g-bn needs --generator mlp (DCGAN's has BN)"),
+        (lab and "dcgan" in (args.generator, args.discriminator) and size not in (32, 64),
+         f"--image-size must be 32 or 64 for the DCGAN nets, got {size}"),
+        (lab and size < (16 if args.discriminator == "conv" else 8),
+         f"--image-size {size} is too small (conv critic: >= 16, MLP nets: >= 8)"),
+        (bad_policies, f"--diffaug: unknown policy {sorted(bad_policies)}; choose from "
+         "translation,cutout,color"),
+        (get("lr", 1) <= 0, "--lr must be > 0"),
+        (not 0 < get("threshold", 0.5) < 1, "--threshold must be in (0, 1)"),
+        (get("lam") is not None and not get("lam") >= 0,
+         f"--lam must be >= 0, got {get('lam')} (features that help G_d: --no-reversal)"),
+        (len(lambdas) > 1, f"{' and '.join(lambdas)} each set lambda: choose one")]
+
+
+def fill_defaults(p, args):
+    """The defaults that depend on other flags, filled in here and only here (nothing else writes
+    into args): the run folder; a lab's image size, learning rates and, at 64 px,
+    pytorch/examples' nets (width 64, no BatchNorm after D's first conv: docs/gan_labs.md)."""
+    if args.lab not in LABS:
+        if args.lab == "dann":
+            args.out = args.out or default_out(p, args)
+        return
+    size = image_size(args)
+    lr = WGAN_CLIP_LR if getattr(args, "constraint", "") == "clip" else LAB_DEFAULTS[args.lab]["lr"]
+    derived = {"ngf": 64 if size == 64 else 32, "ndf": 64 if size == 64 else 32, "lr_g": lr,
+               "lr_d": lr} | ({"first_bn": size != 64} if hasattr(args, "first_bn") else {})
+    args.out = args.out or default_out(p, args, derived)
+    for name, value in derived.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    lab_lr = 2e-4 if args.lab != "wgan" else 5e-5 if args.constraint == "clip" else 1e-4
-    args.lr_g = lab_lr if args.lr_g is None else args.lr_g
-    args.lr_d = lab_lr if args.lr_d is None else args.lr_d
     args.image_size = size
 
 
-# ----------------------------------------------------------------------------- models
+def free_flags(lab):
+    """The flags a run may change when it resumes; DANN's schedules run over all --epochs."""
+    return RUN_FLAGS - {"epochs"} if lab == "dann" else RUN_FLAGS
+
+
+def default_out(p, args, derived=None):
+    """runs/gan/<data>/<lab>, then each flag that differs from the lab's default (derived: the
+    defaults that depend on other flags)."""
+    name, derived = args.lab, derived or {}
+    for key, value in vars(args).items():
+        default = derived.get(key, p.get_default(key))
+        value = default if value is None and key in derived else value
+        if key not in free_flags(args.lab) | {"lab", "data"} and value != default:
+            if isinstance(value, str) and os.sep in value:  # a path: its last part
+                value = os.path.basename(os.path.normpath(value))
+            name += "_" + key.replace("_", "-") + ("" if value is True else f"-{value}")
+    return os.path.join("runs", "gan", os.path.basename(os.path.normpath(args.data)), name)
+
+
+def training_flags(args):
+    """The flags that change what a run computes: a checkpoint made with others is not resumed."""
+    return {k: v for k, v in vars(args).items() if k not in free_flags(args.lab)}
+
+
+
+
+# ----------------------------------------------------------------------------- the nets
+# The nets of the four GAN labs (and the memorization check, which rebuilds G from a run).
 # S is the image side. cDCGAN: the label y joins G's z and D's image inside Net.forward.
 class Net(nn.Sequential):
     """nn.Sequential whose forward also takes the cDCGAN's labels y: the one-hot y is appended to
@@ -458,25 +392,48 @@ def build_models(args, channels, k):
     """G and D from the lab's flags; k: the cDCGAN's number of labels (0: unconditional)."""
     k_d = 0 if k == 0 or args.no_label_in_d else k  # the labels D sees
     size = args.image_size
-    if args.generator == "dcgan":
-        g = dcgan_generator(args.nz, args.ngf, channels, size, k)
-    else:
-        g = mlp_generator(args.nz, channels, size, args.g_bn)
+    g = (dcgan_generator(args.nz, args.ngf, channels, size, k) if args.generator == "dcgan"
+         else mlp_generator(args.nz, channels, size, args.g_bn))
     if args.discriminator == "dcgan":
         d = dcgan_discriminator(args.ndf, channels, size, args.first_bn, k_d)
     elif args.discriminator == "conv":
         d = conv_critic(channels, size)
     else:
         d = mlp_discriminator(channels, size, args.d_dropout, sigmoid=args.lab != "wgan")
-    if args.init == "dcgan":
-        g.apply(dcgan_init)
-        d.apply(dcgan_init)
-    if args.init == "weight-norm":
-        g.apply(weight_normalize)
-        d.apply(weight_normalize)
+    for net in (g, d):  # --init default: PyTorch's init, left as it is
+        net.apply({"dcgan": dcgan_init, "weight-norm": weight_normalize}.get(args.init, identity))
     return g, d
 
 
+def make_optimizers(args, g, d):
+    if args.lab == "wgan" and args.constraint == "clip":  # WGAN Alg. 1: momentum hurts clipping
+        return (torch.optim.RMSprop(g.parameters(), lr=args.lr_g),
+                torch.optim.RMSprop(d.parameters(), lr=args.lr_d))
+    betas = (args.beta1, 0.9 if args.lab == "wgan" else 0.999)  # WGAN-GP Alg. 1: beta2 = 0.9
+    return (torch.optim.Adam(g.parameters(), lr=args.lr_g, betas=betas),
+            torch.optim.Adam(d.parameters(), lr=args.lr_d, betas=betas))
+
+
+def net_layout(precision):
+    """bf16 runs keep G and D channels_last, 1.3x faster here (docs/train_small.md); fp32 keeps
+    torch's default layout, whose results are the docs' bit for bit."""
+    return torch.channels_last if precision == "bf16" else torch.contiguous_format
+
+
+def load_data(data, root, split, size, device):
+    """A split's uint8 images at size x size on the device, its labels and class names."""
+    x, y, classes = load_split(data, root, split)
+    return resize_uint8(x, size).to(device), y.to(device), classes
+
+
+def to_float(x_uint8):
+    return x_uint8.float().div(127.5).sub(1.0)  # [0, 255] -> [-1, 1], the range of G's tanh
+
+
+# ----------------------------------------------------------------------------- the evaluation
+# Every lab is measured the same way, in the feature space of one small classifier of --data
+# (trained once by `classifier`, or on first use, then cached): the FID formula between Gaussians
+# fitted to the features, k-NN precision / recall, and the class shares.
 def metric_classifier(channels, n_classes):
     """The metrics' network: net[0] maps a 32 x 32 image to the 128-d feature space, net[1] to
     class logits."""
@@ -493,7 +450,125 @@ def metric_classifier(channels, n_classes):
     ), nn.Linear(128, n_classes))
 
 
-# ----------------------------------------------------------------------------- the BCE game
+def metric_net(args, channels, device):
+    """The cached metric network of --data (trained on first use) and its path, or one line."""
+    key = re.sub(r"\W+", "_", os.path.abspath(args.data) if os.path.isdir(args.data) else args.data)
+    path = os.path.join(args.cache_dir, f"classifier_{key.strip('_')}.pt")
+    if not os.path.exists(path):
+        print(f"training the metric classifier -> {path}")
+        return train_classifier(args, device, path), path
+    try:  # a cache file, not a run: whatever holds the classifier of images with these channels
+        saved = torch.load(path, map_location=device, weights_only=True)
+        net = metric_classifier(channels, len(saved["classes"])).to(device)
+        net.load_state_dict(saved["state"])
+    except Exception as e:
+        raise UserError(f"{path} is not a metric classifier of {channels}-channel images "
+                        f"({type(e).__name__}); delete it to train a new one")
+    return net, path
+
+
+def train_classifier(args, device, path):
+    """The metric network, trained once on the data's own labels and saved at `path`."""
+    x, y, classes = load_data(args.data, args.data_root, "train", CLASSIFIER_SIZE, device)
+    x_test, y_test, _ = load_data(args.data, args.data_root, "test", CLASSIFIER_SIZE, device)
+    torch.manual_seed(args.seed)
+    net = metric_classifier(x.shape[1], len(classes)).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    epochs = args.epochs if args.lab == "classifier" else 2
+    for epoch in range(epochs):
+        t0 = time.time()
+        for idx in torch.randperm(len(x), device=device).split(128):
+            loss = F.cross_entropy(net(to_float(x[idx])), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        acc = accuracy(net, x_test, y_test)
+        progress("classifier", epoch + 1, epochs, time.time() - t0, f"test accuracy {acc:.4f}")
+    os.makedirs(args.cache_dir, exist_ok=True)
+    save_checkpoint(path, {"state": net, "channels": x.shape[1], "classes": classes,
+                           "test_acc": acc})
+    return net
+
+
+def accuracy(net, x, y):
+    return (features(net, x, logits=True).argmax(1) == y.cpu()).double().mean().item()
+
+
+@torch.no_grad()
+def features(net, x, logits=False):
+    """128-d features (or logits) of uint8 images or of G's float images in [-1, 1], on the CPU in
+    float64."""
+    return torch.cat([(net if logits else net[0])(at_32(c)) for c in x.split(1000)]).double().cpu()
+
+
+def at_32(x):
+    """Images (uint8, or G's floats in [-1, 1]) in [-1, 1] at the metric network's 32 x 32."""
+    x = to_float(x) if x.dtype == torch.uint8 else x
+    size = (CLASSIFIER_SIZE, CLASSIFIER_SIZE)
+    return x if x.shape[-1] == size[0] else F.interpolate(x, size=size, mode="bilinear",
+                                                          antialias=True, align_corners=False)
+
+
+@torch.no_grad()
+def sample(g, z, y=None):
+    # eval(): BatchNorm uses its running statistics, so a sample does not depend on which
+    # other z share its batch (an interpolation strip would otherwise drift with the batch)
+    g.eval()
+    x = torch.cat([g(zc, None if y is None else y[i:i + 1000])
+                   for i, zc in zip(range(0, len(z), 1000), z.split(1000))])
+    g.train()
+    return x
+
+
+def knn_radii(feats, k):
+    # distance to the k-th nearest other point; column 0 of topk is the point itself
+    return torch.cat([torch.cdist(c, feats).topk(k + 1, largest=False).values[:, k]
+                      for c in feats.split(1000)])
+
+
+def coverage(queries, refs, radii):
+    """Fraction of queries inside the union of balls B(ref, radius) (the k-NN manifold estimate)."""
+    return torch.cat([(torch.cdist(c, refs) <= radii[None]).any(1)
+                      for c in queries.split(1000)]).double().mean().item()
+
+
+def precision_recall(real, fake, k=3):
+    """Kynkäänniemi et al., 2019 (k = 3): precision = share of fakes inside the real manifold,
+    recall = share of reals inside the fake manifold."""
+    return coverage(fake, real, knn_radii(real, k)), coverage(real, fake, knn_radii(fake, k))
+
+
+@torch.no_grad()
+def evaluate_gan(args, g, net, k, device):
+    """FID / precision / recall of generated vs real test images, and train vs test as the floor,
+    in the feature space of the metric network `net`. The class shares show mode collapse: a GAN
+    that drops a digit has a share near 0 for it. k: the cDCGAN's labels (0: none)."""
+    x_test, y_test, classes = load_data(args.data, args.data_root, "test", CLASSIFIER_SIZE, device)
+    x_train = load_data(args.data, args.data_root, "train", CLASSIFIER_SIZE, device)[0]
+    n = min(args.eval_samples, len(x_test), len(x_train))
+    gen = torch.Generator().manual_seed(args.seed + 3)
+    f_test = features(net, x_test[torch.randperm(len(x_test), generator=gen)[:n].to(device)])
+    real_train = x_train[torch.randperm(len(x_train), generator=gen)[:n].to(device)]
+    z = torch.randn(n, args.nz, generator=gen).to(device)
+    y = torch.arange(n, device=device) % k if k else None  # cDCGAN: every class equally often
+    rows = []
+    for name, x in (("generated vs test", sample(g, z, y)), ("train vs test (floor)", real_train)):
+        f, pred = features(net, x), features(net, x, logits=True).argmax(1)
+        p, r = precision_recall(f_test, f)
+        share = torch.bincount(pred, minlength=len(classes)).double() / n
+        rows.append({"comparison": name, "n": n, "fid": round(frechet_distance(f, f_test), 4),
+                     "precision": round(p, 4), "recall": round(r, 4),
+                     "class_share_min": round(share.min().item(), 4),
+                     "class_share_max": round(share.max().item(), 4)})
+        if y is not None and name.startswith("generated"):  # does the classifier read y back?
+            rows[-1]["cond_acc"] = round((pred == y.cpu()).double().mean().item(), 4)
+    rows[1]["classifier_test_acc"] = round(accuracy(net, x_test, y_test), 4)
+    for r in rows:
+        print("[evaluate] " + ", ".join(f"{key} {value}" for key, value in r.items()))
+    return rows
+
+
+# ----------------------------------------------------------------------------- the GAN game (BCE)
 def log_clamped(p):
     """log p, at least -100, as nn.BCELoss computes it: a saturated D gives a large, finite loss.
     The inner `where` keeps the gradient finite where p = 0 (log's gradient there is inf, and the
@@ -601,73 +676,162 @@ def lipschitz_bound(critic):
             sigma = torch.linalg.matrix_norm(m.weight.flatten(1), ord=2)
             product = product * sigma
             overlap = 1
-            if isinstance(m, nn.Conv2d):
-                overlap = (math.ceil(m.kernel_size[0] / m.stride[0])
-                           * math.ceil(m.kernel_size[1] / m.stride[1]))
+            if isinstance(m, nn.Conv2d):  # patches per pixel: ceil(kh/sh) * ceil(kw/sw)
+                overlap = math.prod(math.ceil(k / s) for k, s in zip(m.kernel_size, m.stride))
             bound = bound * sigma * math.sqrt(overlap)
     return product, bound
 
 
-def make_optimizers(args, g, d):
-    if args.lab == "wgan" and args.constraint == "clip":  # WGAN Alg. 1: momentum hurts clipping
-        return (torch.optim.RMSprop(g.parameters(), lr=args.lr_g),
-                torch.optim.RMSprop(d.parameters(), lr=args.lr_d))
-    betas = (args.beta1, 0.9 if args.lab == "wgan" else 0.999)  # WGAN-GP Alg. 1: beta2 = 0.9
-    return (torch.optim.Adam(g.parameters(), lr=args.lr_g, betas=betas),
-            torch.optim.Adam(d.parameters(), lr=args.lr_d, betas=betas))
+# ----------------------------------------------------------------------------- training a GAN lab
+# The loop both games share: dcgan, cdcgan and vanilla play bce_step, wgan plays the critic's and
+# the generator's steps. Its outputs: samples, curves, metrics.csv, the checkpoint, summary.json.
+def play(args, g, d, opt_g, opt_d, real, y_real, k, aug, update_g, device):
+    """One iteration of the lab's game, on a fresh z (and, for the cDCGAN, fresh fake labels)."""
+    n = len(real)
+    if args.lab == "wgan":
+        z = torch.randn(n, args.nz, device=device)
+        out = wgan_critic_step(g, d, opt_d, real, z, aug, args.constraint, args.clip,
+                               args.gp_lambda)
+        if update_g:
+            z = torch.randn(n, args.nz, device=device)  # Alg. 1: a fresh batch for G
+            out.update(wgan_generator_step(g, d, opt_g, z, aug))
+        return out
+    y_fake = torch.randint(0, k, (n,), device=device) if k else None
+    z = torch.randn(n, args.nz, device=device)
+    return bce_step(g, d, opt_g, opt_d, real, z, y_real, y_fake, aug,
+                    update_d=args.train_only != "g", update_g=update_g,
+                    saturating=args.g_loss == "saturating")
 
 
-# ----------------------------------------------------------------------------- evaluation
-def knn_radii(feats, k):
-    # distance to the k-th nearest other point; column 0 of topk is the point itself
-    return torch.cat([torch.cdist(c, feats).topk(k + 1, largest=False).values[:, k]
-                      for c in feats.split(1000)])
+def train(args, x_train, y_train, k, device):
+    """The lab's game for --epochs passes over the shuffled training images, resumed from and
+    saved to --out/checkpoint.pt. k: the cDCGAN's labels (0: none). Returns G, the log rows
+    (metrics.csv) and the training wall time."""
+    torch.manual_seed(args.seed)
+    layout = net_layout(args.precision)
+    g, d = (net.to(device, memory_format=layout) for net in build_models(args, x_train.shape[1], k))
+    opt_g, opt_d = make_optimizers(args, g, d)
+    nets = {"g": g, "d": d, "opt_g": opt_g, "opt_d": opt_d}
+    path = os.path.join(args.out, "checkpoint.pt")
+    saved = resume(path, nets, training_flags(args)) or {"epoch": 0, "history": [], "wall_s": 0}
+    start, history, wall = saved["epoch"], saved["history"], saved["wall_s"]
+    if start:
+        print(f"resuming {args.lab} from {path} after epoch {start}")
+    os.makedirs(args.out, exist_ok=True)
+    n_g, n_d = (sum(p.numel() for p in net.parameters()) for net in (g, d))
+    print(f"{args.lab}: {len(x_train)} images {tuple(x_train.shape[1:])}, G {n_g:,} / D {n_d:,} "
+          f"parameters, {device}, out {args.out}", flush=True)
+    aug = diff_augmenter(args.diffaug)  # the identity without --diffaug
+    n, iters = args.batch_size, len(x_train) // args.batch_size  # no partial batch: BN comparable
+    for epoch in range(start, args.epochs):
+        t0 = t_log = time.time()
+        sums, perm = {}, torch.randperm(len(x_train), device=device)
+        for i in range(iters):
+            step = epoch * iters + i + 1
+            idx = perm[i * n:(i + 1) * n]
+            real, y_real = to_float(x_train[idx]), y_train[idx]
+            update_g = step % args.g_every == 0  # --g-every / --n-critic: G steps are rarer
+            update_g = update_g and args.train_only != "d"  # --train-only: one net stays at init
+            with autocast(args.precision, device):  # a no-op unless --precision bf16
+                out = play(args, g, d, opt_g, opt_d, real, y_real, k, aug, update_g, device)
+            accumulate(sums, out)
+            if step % args.log_every == 0 or i == iters - 1:
+                seconds = (time.time() - t_log) / sums["loss_d"][1]
+                history.append(log_row(args, d, sums, step, epoch + (i + 1) / iters, seconds,
+                                       args.epochs * iters))
+                sums, t_log = {}, time.time()
+        wall += time.time() - t0
+        save_samples(g, args, epoch + 1, k, device)
+        write_csv(os.path.join(args.out, "metrics.csv"), history)
+        plot_lines(os.path.join(args.out, "curves.png"), curve_panels(history, args.lab))
+        save_checkpoint(path, nets | {"lab": args.lab, "epoch": epoch + 1, "history": history,
+                                      "flags": training_flags(args), "wall_s": wall,
+                                      "command": " ".join(["python"] + sys.argv)})
+    if start >= args.epochs:
+        print(f"{path} already holds {start} epochs; writing the outputs again")
+    return g, history, wall
 
 
-def coverage(queries, refs, radii):
-    """Fraction of queries inside the union of balls B(ref, radius) (the k-NN manifold estimate)."""
-    return torch.cat([(torch.cdist(c, refs) <= radii[None]).any(1)
-                      for c in queries.split(1000)]).double().mean().item()
+def accumulate(sums, out):
+    """Per key: (sum, count) of a step's detached values, summed on the device (no host sync)."""
+    for key, value in out.items():
+        total, count = sums.get(key, (0.0, 0))
+        sums[key] = (total + value, count + 1)
 
 
-def precision_recall(real, fake, k=3):
-    """Kynkäänniemi et al., 2019 (k = 3): precision = share of fakes inside the real manifold,
-    recall = share of reals inside the fake manifold."""
-    return coverage(fake, real, knn_radii(real, k)), coverage(real, fake, knn_radii(fake, k))
+def log_row(args, d, sums, step, epoch, seconds, steps):
+    """The means since the last row, one progress line; a non-finite value ends the run here."""
+    keys = ["loss_d", "loss_g", "d_real", "d_fake"]
+    keys += ["wdist", "gp"] if args.lab == "wgan" else []
+    fix = " (or --constraint gp)" if args.lab == "wgan" and args.constraint == "none" else ""
+    row = {"iter": step, "epoch": epoch}
+    for key in keys:  # nan: no G step in this window (--g-every, --n-critic), or no penalty
+        row[key] = (sums[key][0] / sums[key][1]).item() if key in sums else float("nan")
+        if key in sums:
+            stop_if_diverged(row[key], f"epoch {math.ceil(epoch)}, iteration {step} ({key})",
+                             "--lr-d / --lr-g" + fix)
+    if args.lab == "wgan":  # lip_product: prod ||W_i||_2 reshaped; lip_bound: x conv overlap
+        row["lip_product"], row["lip_bound"] = (t.item() for t in lipschitz_bound(d))
+    row["s_per_iter"] = seconds
+    progress(f"{args.lab} epoch {math.ceil(epoch)}/{args.epochs}", step, steps, seconds,
+             " ".join(f"{k} {v:.3g}" for k, v in row.items() if k not in ("iter", "epoch",
+                                                                          "s_per_iter")))
+    return row
 
 
-@torch.no_grad()
-def evaluate_gan(args, g, net, k, device):
-    """FID / precision / recall of generated vs real test images, and train vs test as the floor,
-    in the feature space of the metric network `net`. The class shares show mode collapse: a GAN
-    that drops a digit has a share near 0 for it. k: the cDCGAN's labels (0: none)."""
-    t0 = time.time()
-    x_test, y_test, classes = load_data(args.data, args.data_root, "test", CLASSIFIER_SIZE, device)
-    x_train = load_data(args.data, args.data_root, "train", CLASSIFIER_SIZE, device)[0]
-    n = min(args.eval_samples, len(x_test), len(x_train))
-    gen = torch.Generator().manual_seed(args.seed + 3)
-    f_test = features(net, x_test[torch.randperm(len(x_test), generator=gen)[:n].to(device)])
-    real_train = x_train[torch.randperm(len(x_train), generator=gen)[:n].to(device)]
-    z = torch.randn(n, args.nz, generator=gen).to(device)
-    y = torch.arange(n, device=device) % k if k else None  # cDCGAN: every class equally often
-    rows = []
-    for name, x in (("generated vs test", sample(g, z, y)), ("train vs test (floor)", real_train)):
-        f, pred = features(net, x), features(net, x, logits=True).argmax(1)
-        p, r = precision_recall(f_test, f)
-        share = torch.bincount(pred, minlength=len(classes)).double() / n
-        rows.append({"comparison": name, "n": n, "fid": round(frechet_distance(f, f_test), 4),
-                     "precision": round(p, 4), "recall": round(r, 4),
-                     "class_share_min": round(share.min().item(), 4),
-                     "class_share_max": round(share.max().item(), 4)})
-        if y is not None and name.startswith("generated"):  # does the classifier read y back?
-            rows[-1]["cond_acc"] = round((pred == y.cpu()).double().mean().item(), 4)
-    rows[1]["classifier_test_acc"] = round(accuracy(net, x_test, y_test), 4)
-    for r in rows:
-        print("[evaluate] " + ", ".join(f"{key} {value}" for key, value in r.items()))
-    print(f"[evaluate] {fmt_time(time.time() - t0)}")
-    return rows
+def curve_panels(history, lab):
+    """curves.png: the losses, D's mean outputs; for WGAN also its estimate and the bound."""
+    panels = {"loss": ("loss_d", "loss_g"), "D output (mean)": ("d_real", "d_fake")}
+    if lab == "wgan":
+        panels.update({"W estimate D(x) - D(G(z)) / GP": ("wdist", "gp"),
+                       "Lipschitz bound (log)": ("lip_product", "lip_bound")})
+    x = [r["iter"] for r in history]
+    return [(title, "iteration", "", {key: (x, [r[key] for r in history]) for key in keys})
+            for title, keys in panels.items()]
 
 
+def save_samples(g, args, epoch, k, device, steps=11):
+    """samples_epochNN.png: 64 samples of one fixed z (cDCGAN: the classes in turn);
+    interpolation_epochNN.png: G(a z1 + (1 - a) z2), a = 0 ... 1, the same z1, z2 every epoch."""
+    z = torch.randn(64, args.nz, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    y = torch.arange(64, device=device) % k if k else None
+    path = os.path.join(args.out, f"samples_epoch{epoch:02d}.png")
+    save_grid(path, sample(g, z, y), value_range=(-1, 1))
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    z1, z2 = torch.randn(2, 1, args.nz, generator=gen).to(device)
+    alpha = torch.linspace(0, 1, steps, device=device)[:, None]
+    y = torch.randint(0, k, (1,), generator=gen).to(device).expand(steps) if k else None
+    path = os.path.join(args.out, f"interpolation_epoch{epoch:02d}.png")
+    save_grid(path, sample(g, alpha * z1 + (1 - alpha) * z2, y), steps, value_range=(-1, 1))
+
+
+def save_outputs(args, g, history, wall, metrics, classes, channels, k, device):
+    """End-of-run outputs (again when a finished run's command runs again): class_grid.png
+    (cDCGAN), eval.csv, summary.json."""
+    if k:  # rows: the classes; columns: 8 fixed z (z carries the style)
+        z = torch.randn(8, args.nz, generator=torch.Generator().manual_seed(args.seed + 2))
+        y = torch.arange(k, device=device).repeat_interleave(8)
+        save_grid(os.path.join(args.out, "class_grid.png"), sample(g, z.to(device).repeat(k, 1), y),
+                  value_range=(-1, 1))
+    if metrics:
+        write_csv(os.path.join(args.out, "eval.csv"), metrics)
+    last = history[-10:]
+    write_json(os.path.join(args.out, "summary.json"), run_summary(args, device, wall, history) | {
+        "s_per_iter": round(sum(r["s_per_iter"] for r in last) / max(len(last), 1), 4),
+        "final": history[-1] if history else {}, "metrics": metrics,
+        "args": dict(vars(args), classes=classes, channels=channels)})
+    print(f"wrote {args.out}/ (train wall time {wall:.0f} s)")
+
+
+def run_summary(args, device, wall, history):
+    """What every run's summary.json says of how it ran."""
+    return {"lab": args.lab, "command": " ".join(["python"] + sys.argv),
+            "device": str(device), "threads": torch.get_num_threads(),
+            "train_wall_s": round(wall, 1),
+            "iterations": history[-1]["iter"] if history else 0, "epochs": args.epochs}
+
+
+# ----------------------------------------------------------------------------- memorization
 def nearest(queries, refs, k, embed=identity):
     """Distances and indices [len(queries), k] of each query's k nearest rows of embed(refs), in
     Euclidean distance; refs are embedded in chunks (no float copy of a whole training set)."""
@@ -686,11 +850,7 @@ def nearest(queries, refs, k, embed=identity):
 
 def pixels(x):
     """Images (uint8, or G's floats in [-1, 1]) as vectors of their 32 x 32 pixels in [-1, 1]."""
-    x = to_float(x) if x.dtype == torch.uint8 else x
-    if x.shape[-1] != CLASSIFIER_SIZE:
-        x = F.interpolate(x, size=(CLASSIFIER_SIZE, CLASSIFIER_SIZE), mode="bilinear",
-                          antialias=True, align_corners=False)
-    return x.flatten(1).cpu()
+    return at_32(x).flatten(1).cpu()
 
 
 def memorization_check(g, net, x_train, x_test, nz, k, seed, n):
@@ -713,72 +873,56 @@ def memorization_check(g, net, x_train, x_test, nz, k, seed, n):
     return shown, near_f, near_p, d_fake, d_test
 
 
-# ----------------------------------------------------------------------------- training
-def play(args, g, d, opt_g, opt_d, real, y_real, k, aug, update_g, device):
-    """One iteration of the lab's game, on a fresh z (and, for the cDCGAN, fresh fake labels)."""
-    n = len(real)
-    if args.lab == "wgan":
-        z = torch.randn(n, args.nz, device=device)
-        out = wgan_critic_step(g, d, opt_d, real, z, aug, args.constraint, args.clip,
-                               args.gp_lambda)
-        if update_g:
-            z = torch.randn(n, args.nz, device=device)  # Alg. 1: a fresh batch for G
-            out.update(wgan_generator_step(g, d, opt_g, z, aug))
-        return out
-    y_fake = torch.randint(0, k, (n,), device=device) if k else None
-    z = torch.randn(n, args.nz, device=device)
-    return bce_step(g, d, opt_g, opt_d, real, z, y_real, y_fake, aug,
-                    update_d=args.train_only != "g", update_g=update_g,
-                    saturating=args.g_loss == "saturating")
+def check_memorization(args, device):
+    """The memorization check of the GAN run in --run: memorization.png, nn_distances.png and
+    memorization.json in that folder."""
+    path = os.path.join(args.run, "checkpoint.pt")
+    saved = resume(path, {}, {})  # refuses a damaged file or an earlier format in one line
+    if saved is None:
+        raise UserError(f"no {path}: --run must be the folder of a GAN lab's run")
+    if "g" not in saved:
+        raise UserError(f"{path} holds no generator (a {saved.get('lab')} run): nothing to check "
+                        f"for memorization")
+    run = argparse.Namespace(**saved["flags"], cache_dir=args.cache_dir, data_root=args.data_root)
+    x_train, _, classes = load_data(run.data, run.data_root, "train", CLASSIFIER_SIZE, device)
+    x_test = load_data(run.data, run.data_root, "test", CLASSIFIER_SIZE, device)[0]
+    k = len(classes) if run.lab == "cdcgan" else 0
+    g = build_models(run, x_train.shape[1], k)[0].to(device)
+    g.load_state_dict(saved["g"])
+    net = metric_net(run, x_train.shape[1], device)[0]
+    shown, near_f, near_p, d_fake, d_test = memorization_check(
+        g, net, x_train, x_test, run.nz, k, run.seed, min(args.eval_samples, len(x_test)))
+    save_memorization(args.run, shown, near_f, near_p, x_train, d_fake, d_test)
 
 
-def net_layout(precision):
-    """bf16 runs keep G and D channels_last, 1.3x faster here (docs/train_small.md); fp32 keeps
-    torch's default layout, whose results are the docs' bit for bit."""
-    return torch.channels_last if precision == "bf16" else torch.contiguous_format
-
-
-def train(args, x_train, y_train, k, device):
-    """The lab's game for --epochs passes over the shuffled training images, resumed from and
-    saved to --out/checkpoint.pt. k: the cDCGAN's labels (0: none). Returns G, the log rows
-    (metrics.csv) and the training wall time."""
-    torch.manual_seed(args.seed)
-    layout = net_layout(args.precision)
-    g, d = (net.to(device, memory_format=layout) for net in build_models(args, x_train.shape[1], k))
-    opt_g, opt_d = make_optimizers(args, g, d)
-    states = {"g": g, "d": d, "opt_g": opt_g, "opt_d": opt_d}
-    ckpt_path = os.path.join(args.out, "checkpoint.pt")
-    ckpt = resume(ckpt_path, states, training_flags(args), format=CKPT_FORMAT)
-    start, history, wall = (ckpt["epoch"], ckpt["history"], ckpt["wall_s"]) if ckpt else (0, [], 0)
-    print_start(args, g, d, x_train, device, start)
-    aug = diff_augmenter(args.diffaug)  # the identity without --diffaug
-    n, iters = args.batch_size, len(x_train) // args.batch_size  # no partial batch: BN comparable
-    for epoch in range(start, args.epochs):
-        t0 = t_log = time.time()
-        sums, perm = {}, torch.randperm(len(x_train), device=device)
-        for i in range(iters):
-            step = epoch * iters + i + 1
-            idx = perm[i * n:(i + 1) * n]
-            real, y_real = to_float(x_train[idx]), y_train[idx]
-            update_g = step % args.g_every == 0  # --g-every / --n-critic: G steps are rarer
-            update_g = update_g and args.train_only != "d"  # --train-only: one net stays at init
-            with autocast(args.precision, device):  # a no-op unless --precision bf16
-                out = play(args, g, d, opt_g, opt_d, real, y_real, k, aug, update_g, device)
-            accumulate(sums, out)
-            if step % args.log_every == 0 or i == iters - 1:
-                seconds = (time.time() - t_log) / sums["loss_d"][1]
-                history.append(log_row(args, d, sums, step, epoch + (i + 1) / iters, seconds,
-                                       seconds * (args.epochs * iters - step)))
-                sums, t_log = {}, time.time()
-        wall += time.time() - t0
-        save_samples(g, args, epoch + 1, k, device)
-        write_csv(os.path.join(args.out, "metrics.csv"), history)
-        plot_curves(history, args.lab, os.path.join(args.out, "curves.png"))
-        save_checkpoint(ckpt_path, states, format=CKPT_FORMAT, epoch=epoch + 1, history=history,
-                        flags=training_flags(args), wall_s=wall, command=command_line())
-    if start >= args.epochs:
-        print(f"{ckpt_path} already holds {start} epochs; writing the outputs again")
-    return g, history, wall
+def save_memorization(out, shown, near_f, near_p, x_train, d_fake, d_test):
+    """memorization.png: two columns of 32 rows, each a sample, its 3 nearest training images in
+    feature space and its 3 nearest in pixel space; nn_distances.png; memorization.json."""
+    tiles = []
+    for i in [j for r in range(32) for j in (r, r + 32)]:  # rows: samples r and r + 32
+        tiles += [pixels(shown[i:i + 1]).view(1, *x_train.shape[1:])]
+        tiles += [to_float(x_train[near[1][i]]).cpu() for near in (near_f, near_p)]
+    save_grid(os.path.join(out, "memorization.png"), torch.cat(tiles), 14, value_range=(-1, 1))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for d, name in ((d_fake, "samples"), (d_test, "real test images")):
+        ax.hist(d.numpy(), bins=50, alpha=0.5, density=True,
+                label=f"{name} (median {d.median():.3g})")
+    ax.set(xlabel="distance to the nearest training image (metric network features)",
+           ylabel="density", title="memorization check")
+    ax.legend(fontsize=8)
+    save_figure(fig, os.path.join(out, "nn_distances.png"))
+    q = torch.tensor([0.05, 0.5, 0.95])
+    stats = {name: dict(zip(("p05", "median", "p95"), d.quantile(q).tolist()), mean=d.mean().item())
+             for name, d in (("samples", d_fake), ("test", d_test))}
+    summary = {"n": len(d_fake), "space": "metric network features (128-d)", **stats,
+               "median_ratio": stats["samples"]["median"] / stats["test"]["median"],
+               "share_of_samples_below_test_p05": (d_fake < stats["test"]["p05"]).double()
+               .mean().item(),
+               "nearest_of_shown": {"features": near_f[1].tolist(), "pixels": near_p[1].tolist()}}
+    write_json(os.path.join(out, "memorization.json"), summary)
+    print(f"[memorization] median distance to the training set: samples "
+          f"{stats['samples']['median']:.4g}, test images {stats['test']['median']:.4g}; "
+          f"wrote {out}/memorization.png, nn_distances.png, memorization.json")
 
 
 # ----------------------------------------------------------------------------- the DANN lab
@@ -904,9 +1048,10 @@ def train_dann(args, data, n_classes, device):
     torch.manual_seed(args.seed)
     net = DANN(n_classes).to(device)
     opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum)
-    ckpt_path = os.path.join(args.out, "checkpoint.pt")
-    ckpt = resume(ckpt_path, {"net": net, "opt": opt}, training_flags(args), format=DANN_FORMAT)
-    start, history, wall = (ckpt["epoch"], ckpt["history"], ckpt["wall_s"]) if ckpt else (0, [], 0)
+    path = os.path.join(args.out, "checkpoint.pt")
+    saved = resume(path, {"net": net, "opt": opt}, training_flags(args)) or {
+        "epoch": 0, "history": [], "wall_s": 0}
+    start, history, wall = saved["epoch"], saved["history"], saved["wall_s"]
     (x_s, y_s), x_t = data["source"], data["target"]
     n, iters = args.batch_size, len(x_s) // args.batch_size
     os.makedirs(args.out, exist_ok=True)
@@ -928,148 +1073,139 @@ def train_dann(args, data, n_classes, device):
         history.append(dann_row(args, net, data, sums, epoch + 1, (epoch + 1) * iters, lam, lr,
                                 (time.time() - t0) / iters))
         write_csv(os.path.join(args.out, "metrics.csv"), history)
-        save_checkpoint(ckpt_path, {"net": net, "opt": opt}, format=DANN_FORMAT, epoch=epoch + 1,
-                        history=history, flags=training_flags(args), wall_s=wall,
-                        command=command_line())
+        save_checkpoint(path, {"net": net, "opt": opt, "lab": "dann", "epoch": epoch + 1,
+                               "history": history, "flags": training_flags(args),
+                               "wall_s": wall, "command": " ".join(["python"] + sys.argv)})
     return net, history, wall
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
-    warn_if_bf16_is_slow(getattr(args, "precision", "fp32"), device)  # labs and dann
-    try:
-        if args.lab == "dann":
-            data, classes = load_dann_data(args, device)
-            if args.pseudo_labels:
-                data = dict(data, **label_target(args, data, len(classes), device))
-            net, history, wall = train_dann(args, data, len(classes), device)
-            save_dann_outputs(args, net, data, history, wall, device)
-            return
-        if args.lab == "memorization":
-            check_memorization(args, device)
-            return
-        if args.lab == "classifier":
-            channels = load_split(args.data, args.data_root, "train")[0].shape[1]
-            print(f"classifier {metric_net(args, channels, device)[1]}")
-            return
-        x_train, y_train, classes = load_data(args.data, args.data_root, "train",
-                                              args.image_size, device)
-        if len(x_train) < args.batch_size:
-            raise SystemExit(f"error: {len(x_train)} training images, fewer than --batch-size "
-                             f"{args.batch_size}")
-        k = len(classes) if args.lab == "cdcgan" else 0
-        g, history, wall = train(args, x_train, y_train, k, device)
-        metrics = []
-        if args.eval_samples > 0:
-            net, path = metric_net(args, x_train.shape[1], device)
-            print(f"[evaluate] feature net {path}")
-            metrics = evaluate_gan(args, g, net, k, device)
-        save_outputs(args, g, history, wall, metrics, classes, x_train.shape[1], k, device)
-    except KeyboardInterrupt:
-        raise SystemExit("interrupted: every file in the run folder is complete; the checkpoint "
-                         "holds the last finished epoch")
+def load_dann_data(args, device):
+    """Source: --data's digits at 28 x 28, grey copied to 3 channels. Target: --target's images,
+    or the same splits' digits blended with crops of --target-patches' training images (one fixed
+    target set for every run: its own random generator). The target's training labels are
+    dropped here: only its test labels are kept, to evaluate."""
+    (xs, ys, classes), (xs_test, ys_test, _) = (load_split(args.data, args.data_root, split)
+                                                for split in ("train", "test"))
+    xs, xs_test = resize_uint8(xs, 28), resize_uint8(xs_test, 28)
+    if args.target:
+        (x_t, _, t_classes), (x_t_test, y_t_test, _) = (
+            load_split(args.target, args.data_root, split) for split in ("train", "test"))
+        if x_t.shape[-2:] != xs.shape[-2:] or x_t_test.shape[-2:] != xs.shape[-2:] or \
+                t_classes != classes:  # one input size (28 x 28), one label classifier
+            raise UserError(f"--target {args.target} has {x_t.shape[-2]}x{x_t.shape[-1]} images, "
+                            f"the source 28x28 (classes {t_classes}, the source's {classes})")
+    else:
+        patches = load_split(args.target_patches, args.data_root, "train")[0]
+        if min(patches.shape[-2:]) < 28:
+            raise UserError(f"--target-patches {args.target_patches} has {patches.shape[-2]}x"
+                            f"{patches.shape[-1]} images, smaller than the 28x28 digits: the "
+                            f"patches are crops of them")
+        patches = patches.expand(-1, 3, -1, -1) if patches.shape[1] == 1 else patches[:, :3]
+        gen = torch.Generator().manual_seed(0)
+        x_t, x_t_test = mnist_m_style(xs, patches, gen), mnist_m_style(xs_test, patches, gen)
+        y_t_test = ys_test
+    target = args.target or f"the digits on crops of {args.target_patches}"
+    print(f"dann: source {args.data} {tuple(xs.shape)}, target {target} {tuple(x_t.shape)}")
+
+    def rgb(x):  # grey images: 3 equal channels (a 3-channel image stays as it is)
+        return x.expand(-1, 3, -1, -1)
+    data = {"source": (rgb(xs).to(device), ys.to(device)), "target": rgb(x_t).to(device),
+            "source_test": (rgb(xs_test).to(device), ys_test.to(device)),
+            "target_test": (rgb(x_t_test).to(device), y_t_test.to(device))}
+    return data, classes
 
 
-# ==== plumbing: the same in every script, checked by test_smoke.py; skip on a first read ====
-# ----------------------------------------------------------------------------- run folder, flags
-def free_flags(lab):
-    """The flags a run may change when it resumes; DANN's schedules run over all --epochs."""
-    return RUN_FLAGS - {"epochs"} if lab == "dann" else RUN_FLAGS
+def dann_method(args):
+    """The run's name in the progress lines, the figure and summary.json."""
+    if args.no_adapt:
+        return "source only"
+    if args.pseudo_labels:
+        return f"pseudo-labels > {args.threshold:g}"
+    if args.no_reversal:
+        return "no reversal"
+    return "DANN" if args.lam is None else f"DANN, lambda = {args.lam:g}"
 
 
-def default_out(p, args, by_size=None):
-    """runs/gan/<data>/<lab>, then each flag that differs from the lab's default (by_size: the
-    defaults that depend on the image size)."""
-    name, by_size = args.lab, by_size or {}
-    for key, value in vars(args).items():
-        default = by_size.get(key, p.get_default(key))
-        value = default if value is None and key in by_size else value
-        if key not in free_flags(args.lab) | {"lab", "data"} and value != default:
-            if isinstance(value, str) and os.sep in value:  # a path: its last part
-                value = os.path.basename(os.path.normpath(value))
-            name += "_" + key.replace("_", "-") + ("" if value is True else f"-{value}")
-    return os.path.join("runs", "gan", os.path.basename(os.path.normpath(args.data)), name)
+def label_target(args, data, n_classes, device):
+    """--pseudo-labels: the target training images' pseudo-labels from the finished dann run in
+    that folder (same source and target), and what they are worth: the share kept, and on the
+    target test set the share the same threshold keeps and their accuracy."""
+    path = os.path.join(args.pseudo_labels, "checkpoint.pt")
+    net = DANN(n_classes)  # resume refuses another run's domains (the labeller must see ours)
+    domains = {key: getattr(args, key) for key in ("lab", "data", "target", "target_patches")}
+    saved = resume(path, {"net": net}, domains)
+    if saved is None or saved["epoch"] != saved["flags"]["epochs"]:
+        raise UserError(f"--pseudo-labels {args.pseudo_labels}: no finished dann run there (its "
+                        f"checkpoint.pt at its last epoch); give one, e.g. a --no-adapt run")
+    net = net.to(device).eval()
+    labels = pseudo_labels(net, data["target"], args.threshold)
+    x_test, y_test = data["target_test"]
+    test_labels = pseudo_labels(net, x_test, args.threshold)
+    kept = test_labels >= 0
+    stats = {"labeller": args.pseudo_labels, "train_kept": (labels >= 0).float().mean().item(),
+             "test_kept": kept.float().mean().item(),
+             "test_kept_acc": (test_labels[kept] == y_test[kept]).float().mean().item()
+             if kept.any() else None}
+    print(f"pseudo-labels from {path}: {stats['train_kept']:.1%} of the target training images "
+          f"above {args.threshold:g}; on the target test set {stats['test_kept']:.1%} kept, "
+          f"{stats['test_kept_acc'] or 0:.1%} of them right")
+    return {"target_pseudo": labels, "pseudo_stats": stats}
 
 
-def training_flags(args):
-    """The flags that change what a run computes: a checkpoint made with others is not resumed."""
-    return run_flags(args, free_flags(args.lab))
+@torch.no_grad()
+def dann_accuracies(net, data):
+    """Label accuracy on the source and target test sets; domain classifier accuracy on both."""
+    acc = {}
+    for name in ("source", "target"):
+        x, y = data[f"{name}_test"]
+        correct = domain_correct = 0
+        for c, yc in zip(x.split(1000), y.split(1000)):
+            f = net.features(to_float(c))
+            correct += (net.label_classifier(f).argmax(1) == yc).sum().item()
+            domain_correct += ((net.domain_classifier(f) > 0) == (name == "target")).sum().item()
+        acc[f"{name}_acc"], acc[f"{name}_domain_acc"] = correct / len(x), domain_correct / len(x)
+    acc["domain_acc"] = (acc.pop("source_domain_acc") + acc.pop("target_domain_acc")) / 2
+    return acc
 
 
-def command_line():
-    return " ".join(["python"] + sys.argv)
+def dann_row(args, net, data, sums, epoch, step, lam, lr, s_per_iter):
+    row = {"epoch": epoch, "iter": step, "lambda": lam, "lr": lr}
+    for key, (total, count) in sums.items():
+        row["train_" + key if key == "domain_acc" else key] = (total / count).item()
+    stop_if_diverged(row["loss_y"] + row["loss_d"], f"epoch {epoch}", "--lr")
+    row.update(dann_accuracies(net, data), s_per_iter=s_per_iter)
+    progress(f"dann, {dann_method(args)}", epoch, args.epochs, s_per_iter * step / epoch,
+             " ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "iter",
+                                                                           "s_per_iter")))
+    return row
 
 
-# ----------------------------------------------------------------------------- data
-TORCHVISION_DATASETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "mnist": "MNIST"}
+@torch.no_grad()
+def save_dann_outputs(args, net, data, history, wall, device):
+    """features.png (the features of 1000 source and 1000 target test images, projected on their
+    first two principal components, coloured by domain) and summary.json."""
+    x_s, x_t = data["source_test"][0][:1000], data["target_test"][0][:1000]
+    f = torch.cat([net.features(to_float(x)) for x in (x_s, x_t)]).cpu()
+    _, _, v = torch.pca_lowrank(f, q=2)  # centres f itself
+    xy = (f - f.mean(0)) @ v
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for part, name in ((slice(0, len(x_s)), "source (MNIST)"), (slice(len(x_s), None),
+                                                                 "target (MNIST-M-style)")):
+        ax.scatter(xy[part, 0], xy[part, 1], s=3, alpha=0.5, label=name)
+    ax.set(title=f"G_f features, PCA ({dann_method(args)})", xlabel="PC 1", ylabel="PC 2")
+    ax.legend(markerscale=4)
+    save_figure(fig, os.path.join(args.out, "features.png"))
+    last = history[-1] if history else dann_accuracies(net, data)
+    write_json(os.path.join(args.out, "summary.json"), run_summary(args, device, wall, history) | {
+        "adapt": not args.no_adapt, "method": dann_method(args),
+        "pseudo_labels": data.get("pseudo_stats"), "source_acc": last["source_acc"],
+        "target_acc": last["target_acc"], "domain_acc": last["domain_acc"],
+        "s_per_iter": history[-1]["s_per_iter"] if history else None, "args": vars(args)})
+    print(f"[dann] source accuracy {last['source_acc']:.4f}, target accuracy "
+          f"{last['target_acc']:.4f}; wrote {args.out}/ (train wall time {wall:.0f} s)")
 
 
-@functools.lru_cache(maxsize=4)  # a run may read a split more than once: decode it once
-def load_split(data, root, split):
-    """One split ("train" or "test") as (uint8 images [N, C, H, W] at the data's own size, int64
-    labels [N], class names). `data` is a torchvision name (downloaded into `root`) or the path of
-    an ImageFolder tree data/{train,test}/<class>/<image>; grayscale trees (MNIST) stay 1-channel,
-    and an image of another size than the first is resized to it. Every image is decoded once here;
-    training then only indexes these tensors."""
-    if data in TORCHVISION_DATASETS:
-        try:
-            dataset_class = getattr(torchvision.datasets, TORCHVISION_DATASETS[data])
-            ds = dataset_class(root, train=split == "train", download=True)
-        except Exception as e:  # offline: URLError, RuntimeError, ... all mean "could not download"
-            raise SystemExit(f"error: could not download {data} into {root!r} ({type(e).__name__})."
-                             f" Offline? Pass an ImageFolder tree instead: --data PATH with "
-                             f"PATH/train/<class>/*.png and PATH/test/<class>/*.png")
-        x = torch.as_tensor(ds.data)
-        x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
-        return x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long), list(ds.classes)
-    if not os.path.isdir(data):
-        raise SystemExit(f"error: --data {data!r} is neither a known dataset "
-                         f"({', '.join(TORCHVISION_DATASETS)}) nor an existing folder")
-    folder = os.path.join(data, split)
-    try:  # ImageFolder finds the class folders (sorted) and the image files in them
-        ds = torchvision.datasets.ImageFolder(folder)
-    except (FileNotFoundError, OSError):
-        raise SystemExit(f"error: no images in {folder!r}; expected an ImageFolder tree "
-                         f"{data}/{split}/<class>/<image>.png")
-    print(f"decoding the {len(ds.samples)} images of {folder}", flush=True)
-    with PIL.Image.open(ds.samples[0][0]) as first:
-        mode = "L" if first.mode in ("L", "1", "I;16", "I") else "RGB"
-    images = []
-    for path, _ in ds.samples:
-        try:
-            with PIL.Image.open(path) as img:
-                img = torchvision.transforms.functional.pil_to_tensor(img.convert(mode))
-        except OSError as e:  # PIL's UnidentifiedImageError is one
-            raise SystemExit(f"error: cannot read image {path!r} ({type(e).__name__}): not an "
-                             f"image, or corrupt")
-        if images and img.shape != images[0].shape:
-            img = resize_uint8(img[None], images[0].shape[-1])[0]
-        images.append(img)
-    return torch.stack(images), torch.tensor(ds.targets), ds.classes
-
-
-def resize_uint8(x, size):
-    """uint8 images [N, C, H, W] -> [N, C, size, size] (bilinear, antialiased), in chunks."""
-    if x.shape[-1] == size and x.shape[-2] == size:
-        return x
-    out = [F.interpolate(c.float(), size=(size, size), mode="bilinear", antialias=True,
-                         align_corners=False) for c in x.split(8192)]
-    return torch.cat(out).round().clamp(0, 255).to(torch.uint8)
-
-
-def load_data(data, root, split, size, device):
-    """A split's uint8 images at size x size on the device, its labels and class names."""
-    x, y, classes = load_split(data, root, split)
-    return resize_uint8(x, size).to(device), y.to(device), classes
-
-
-def to_float(x_uint8):
-    return x_uint8.float().div(127.5).sub(1.0)  # [0, 255] -> [-1, 1], the range of G's tanh
-
-
+# ----------------------------------------------------------------------------- DiffAugment
 def diff_augmenter(policies):
     """The DiffAugment function of --diffaug's comma-separated policies (identity for none)."""
     policy = [p for p in policies.split(",") if p]
@@ -1110,516 +1246,6 @@ def diff_augment(x, policy):
     return x
 
 
-def pick_device(name):
-    """'auto' picks CUDA, then Apple's MPS, then the CPU; an explicit choice must be available."""
-    cuda = torch.cuda.is_available()
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        name = "cuda" if cuda else "mps" if mps else "cpu"
-    if (name == "cuda" and not cuda) or (name == "mps" and not mps):
-        raise SystemExit(f"error: --device {name} asked for, but torch cannot use it here "
-                         f"(try --device cpu)")
-    return torch.device(name)
-
-
-# ----------------------------------------------------------------------------- the metric network
-def metric_net(args, channels, device):
-    """The cached metric network of --data (trained on first use) and its path, or one line."""
-    key = re.sub(r"\W+", "_", os.path.abspath(args.data) if os.path.isdir(args.data) else args.data)
-    path = os.path.join(args.cache_dir, f"classifier_{key.strip('_')}.pt")
-    if not os.path.exists(path):
-        print(f"training the metric classifier -> {path}")
-        return train_classifier(args, device, path), path
-    try:
-        blob = torch.load(path, map_location=device, weights_only=True)
-        net = metric_classifier(blob["channels"], len(blob["classes"])).to(device)
-        net.load_state_dict(blob["state"])
-    except Exception as e:
-        raise SystemExit(f"error: {path} is not a metric classifier this script can read "
-                         f"({type(e).__name__}); delete it to train a new one")
-    if blob["channels"] != channels:
-        raise SystemExit(f"error: {path} was trained on {blob['channels']}-channel images, these "
-                         f"have {channels}; delete it to train a new one")
-    return net, path
-
-
-def train_classifier(args, device, path):
-    """The metric network, trained once on the data's own labels and saved at `path`."""
-    x, y, classes = load_data(args.data, args.data_root, "train", CLASSIFIER_SIZE, device)
-    x_test, y_test, _ = load_data(args.data, args.data_root, "test", CLASSIFIER_SIZE, device)
-    torch.manual_seed(args.seed)
-    net = metric_classifier(x.shape[1], len(classes)).to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    epochs = args.epochs if args.lab == "classifier" else 2
-    t0 = time.time()
-    for epoch in range(epochs):
-        for idx in torch.randperm(len(x), device=device).split(128):
-            loss = F.cross_entropy(net(to_float(x[idx])), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        acc = accuracy(net, x_test, y_test)
-        print(f"[classifier] epoch {epoch + 1}/{epochs} | test accuracy {acc:.4f} | "
-              f"{fmt_time(time.time() - t0)}", flush=True)
-    blob = {"state": net.state_dict(), "channels": x.shape[1], "classes": classes, "test_acc": acc}
-    os.makedirs(args.cache_dir, exist_ok=True)
-    write_atomic(path, lambda tmp: torch.save(blob, tmp))
-    return net
-
-
-def accuracy(net, x, y):
-    return (features(net, x, logits=True).argmax(1) == y.cpu()).double().mean().item()
-
-
-@torch.no_grad()
-def features(net, x, logits=False):
-    """128-d features (or logits) of uint8 images or of G's float images in [-1, 1], on the CPU in
-    float64; images of another size are resized to 32 x 32 first."""
-    out = []
-    for c in x.split(1000):
-        c = to_float(c) if c.dtype == torch.uint8 else c
-        if c.shape[-1] != CLASSIFIER_SIZE:
-            c = F.interpolate(c, size=(CLASSIFIER_SIZE, CLASSIFIER_SIZE), mode="bilinear",
-                              antialias=True, align_corners=False)
-        out.append((net if logits else net[0])(c))
-    return torch.cat(out).double().cpu()
-
-
-# ----------------------------------------------------------------------------- samples, figures
-@torch.no_grad()
-def sample(g, z, y=None):
-    # eval(): BatchNorm uses its running statistics, so a sample does not depend on which
-    # other z share its batch (an interpolation strip would otherwise drift with the batch)
-    g.eval()
-    x = torch.cat([g(zc, None if y is None else y[i:i + 1000])
-                   for i, zc in zip(range(0, len(z), 1000), z.split(1000))])
-    g.train()
-    return x
-
-
-def save_grid(x, path, nrow=8):
-    write_atomic(path, lambda tmp: torchvision.utils.save_image(x * 0.5 + 0.5, tmp, nrow=nrow))
-
-
-def save_samples(g, args, epoch, k, device, steps=11):
-    """samples_epochNN.png: 64 samples of one fixed z (cDCGAN: the classes in turn);
-    interpolation_epochNN.png: G(a z1 + (1 - a) z2), a = 0 ... 1, the same z1, z2 every epoch."""
-    z = torch.randn(64, args.nz, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    y = torch.arange(64, device=device) % k if k else None
-    save_grid(sample(g, z, y), os.path.join(args.out, f"samples_epoch{epoch:02d}.png"))
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    z1, z2 = torch.randn(2, 1, args.nz, generator=gen).to(device)
-    alpha = torch.linspace(0, 1, steps, device=device)[:, None]
-    y = torch.randint(0, k, (1,), generator=gen).to(device).expand(steps) if k else None
-    save_grid(sample(g, alpha * z1 + (1 - alpha) * z2, y),
-              os.path.join(args.out, f"interpolation_epoch{epoch:02d}.png"), nrow=steps)
-
-
-def plot_curves(history, lab, path):
-    panels = {"loss": ("loss_d", "loss_g"), "D output (mean)": ("d_real", "d_fake")}
-    if lab == "wgan":
-        panels.update({"W estimate D(x) - D(G(z)) / GP": ("wdist", "gp"),
-                       "Lipschitz bound (log)": ("lip_product", "lip_bound")})
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.2))
-    for ax, (title, keys) in zip(axes, panels.items()):
-        for key in keys:  # lip_product: prod ||W_i||_2 reshaped; lip_bound: x conv overlap factor
-            ax.plot([r["iter"] for r in history], [r[key] for r in history], label=key)
-        ax.set(title=title, xlabel="iteration", yscale="log" if "Lipschitz" in title else "linear")
-        ax.legend(fontsize=8)
-    save_figure(fig, path, dpi=90)
-
-
-def save_figure(fig, path, dpi=100):
-    fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi))
-    plt.close(fig)
-
-
-# ----------------------------------------------------------------------------- progress
-def print_start(args, g, d, x_train, device, start):
-    if start:
-        print(f"resuming {args.lab} from {args.out}/checkpoint.pt after epoch {start}")
-    os.makedirs(args.out, exist_ok=True)
-    n_g, n_d = (sum(p.numel() for p in net.parameters()) for net in (g, d))
-    print(f"{args.lab}: {len(x_train)} images {tuple(x_train.shape[1:])}, G {n_g:,} / D {n_d:,} "
-          f"parameters, {device}, out {args.out}", flush=True)
-
-
-def accumulate(sums, out):
-    """Per key: (sum, count) of a step's detached values, summed on the device (no host sync)."""
-    for key, value in out.items():
-        total, count = sums.get(key, (0.0, 0))
-        sums[key] = (total + value, count + 1)
-
-
-def log_row(args, d, sums, step, epoch, s_per_iter, eta):
-    """The means since the last row, one progress line; a non-finite value ends the run here."""
-    keys = ["loss_d", "loss_g", "d_real", "d_fake"]
-    keys += ["wdist", "gp"] if args.lab == "wgan" else []
-    fix = " (or --constraint gp)" if args.lab == "wgan" and args.constraint == "none" else ""
-    row = {"iter": step, "epoch": epoch}
-    for key in keys:  # nan: no G step in this window (--g-every, --n-critic), or no penalty
-        row[key] = (sums[key][0] / sums[key][1]).item() if key in sums else float("nan")
-        if key in sums:
-            stop_if_diverged(row[key], f"epoch {math.ceil(epoch)}, iteration {step} ({key})",
-                             "--lr-d / --lr-g" + fix)
-    if args.lab == "wgan":
-        row["lip_product"], row["lip_bound"] = (t.item() for t in lipschitz_bound(d))
-    row["s_per_iter"] = s_per_iter
-    print(f"[{args.lab}] epoch {math.ceil(epoch)}/{args.epochs} iter {step} | " + " ".join(
-        f"{k} {v:.3g}" for k, v in row.items() if k not in ("iter", "epoch", "s_per_iter"))
-        + f" | {s_per_iter:.3f} s/it | ETA {fmt_time(eta)}", flush=True)
-    return row
-
-
-def stop_if_diverged(loss, where, flags):
-    """A run whose loss is not finite stops here, before it overwrites its last good checkpoint."""
-    if not math.isfinite(loss):
-        raise SystemExit(f"error: the training loss is {loss} at {where}; the run diverged. Its "
-                         f"last good checkpoint is kept. Lower {flags} and run again with "
-                         f"another --out")
-
-
-def fmt_time(seconds):
-    s = int(max(seconds, 0))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-# ----------------------------------------------------------------------------- DANN's data, outputs
-def load_dann_data(args, device):
-    """Source: --data's digits at 28 x 28, grey copied to 3 channels. Target: --target's images,
-    or the same splits' digits blended with crops of --target-patches' training images (one fixed
-    target set for every run: its own random generator). The target's training labels are
-    dropped here: only its test labels are kept, to evaluate."""
-    (xs, ys, classes), (xs_test, ys_test, _) = (load_split(args.data, args.data_root, split)
-                                                for split in ("train", "test"))
-    xs, xs_test = resize_uint8(xs, 28), resize_uint8(xs_test, 28)
-    if args.target:
-        (x_t, _, t_classes), (x_t_test, y_t_test, _) = (
-            load_split(args.target, args.data_root, split) for split in ("train", "test"))
-        if x_t.shape[-2:] != xs.shape[-2:] or x_t_test.shape[-2:] != xs.shape[-2:]:
-            raise SystemExit(f"error: --target {args.target} has {x_t.shape[-2]}x"
-                             f"{x_t.shape[-1]} images, the source 28x28 (DANN's input): give "
-                             f"both domains one size")
-        if t_classes != classes:
-            raise SystemExit(f"error: --target {args.target} has the classes {t_classes}, the "
-                             f"source {classes}: the label classifier needs the same ones")
-    else:
-        patches = load_split(args.target_patches, args.data_root, "train")[0]
-        if min(patches.shape[-2:]) < 28:
-            raise SystemExit(f"error: --target-patches {args.target_patches} has "
-                             f"{patches.shape[-2]}x{patches.shape[-1]} images, smaller than the "
-                             f"28x28 digits: the patches are crops of them")
-        patches = patches.expand(-1, 3, -1, -1) if patches.shape[1] == 1 else patches[:, :3]
-        gen = torch.Generator().manual_seed(0)
-        x_t, x_t_test = mnist_m_style(xs, patches, gen), mnist_m_style(xs_test, patches, gen)
-        y_t_test = ys_test
-    target = args.target or f"the digits on crops of {args.target_patches}"
-    print(f"dann: source {args.data} {tuple(xs.shape)}, target {target} {tuple(x_t.shape)}")
-
-    def rgb(x):  # grey images: 3 equal channels (a 3-channel image stays as it is)
-        return x.expand(-1, 3, -1, -1)
-    data = {"source": (rgb(xs).to(device), ys.to(device)), "target": rgb(x_t).to(device),
-            "source_test": (rgb(xs_test).to(device), ys_test.to(device)),
-            "target_test": (rgb(x_t_test).to(device), y_t_test.to(device))}
-    return data, classes
-
-
-def dann_method(args):
-    """The run's name in the progress lines, the figure and summary.json."""
-    if args.no_adapt:
-        return "source only"
-    if args.pseudo_labels:
-        return f"pseudo-labels > {args.threshold:g}"
-    if args.no_reversal:
-        return "no reversal"
-    return "DANN" if args.lam is None else f"DANN, lambda = {args.lam:g}"
-
-
-def label_target(args, data, n_classes, device):
-    """--pseudo-labels: the target training images' pseudo-labels from the finished dann run in
-    that folder (same source and target), and what they are worth: the share kept, and on the
-    target test set the share the same threshold keeps and their accuracy."""
-    path = os.path.join(args.pseudo_labels, "checkpoint.pt")
-    if not os.path.exists(path):
-        raise SystemExit(f"error: --pseudo-labels {args.pseudo_labels}: no checkpoint.pt there; "
-                         f"give the folder of a finished dann run (e.g. a --no-adapt one)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        ckpt = None
-    flags = ckpt.get("flags", {}) if isinstance(ckpt, dict) else {}
-    if not isinstance(ckpt, dict) or ckpt.get("format") != DANN_FORMAT:
-        raise SystemExit(f"error: {path} is not a dann run's checkpoint")
-    if ckpt.get("epoch") != flags.get("epochs"):
-        raise SystemExit(f"error: {path} is unfinished (epoch {ckpt.get('epoch')} of "
-                         f"{flags.get('epochs')}); finish that run first")
-    for key in ("data", "target", "target_patches"):
-        if flags.get(key) != getattr(args, key):
-            raise SystemExit(f"error: {path} was trained with --{key.replace('_', '-')} "
-                             f"{flags.get(key)!r}, this run has {getattr(args, key)!r}: the "
-                             f"labeller must see the same domains")
-    net = DANN(n_classes)
-    try:
-        net.load_state_dict(ckpt["net"])
-    except RuntimeError:
-        raise SystemExit(f"error: {path} holds a net for other classes than --data's "
-                         f"{n_classes}") from None
-    net = net.to(device).eval()
-    labels = pseudo_labels(net, data["target"], args.threshold)
-    x_test, y_test = data["target_test"]
-    test_labels = pseudo_labels(net, x_test, args.threshold)
-    kept = test_labels >= 0
-    stats = {"labeller": args.pseudo_labels, "train_kept": (labels >= 0).float().mean().item(),
-             "test_kept": kept.float().mean().item(),
-             "test_kept_acc": (test_labels[kept] == y_test[kept]).float().mean().item()
-             if kept.any() else None}
-    print(f"pseudo-labels from {path}: {stats['train_kept']:.1%} of the target training images "
-          f"above {args.threshold:g}; on the target test set {stats['test_kept']:.1%} kept, "
-          f"{stats['test_kept_acc'] or 0:.1%} of them right")
-    return {"target_pseudo": labels, "pseudo_stats": stats}
-
-
-@torch.no_grad()
-def dann_accuracies(net, data):
-    """Label accuracy on the source and target test sets; domain classifier accuracy on both."""
-    acc = {}
-    for name in ("source", "target"):
-        x, y = data[f"{name}_test"]
-        correct = domain_correct = 0
-        for c, yc in zip(x.split(1000), y.split(1000)):
-            f = net.features(to_float(c))
-            correct += (net.label_classifier(f).argmax(1) == yc).sum().item()
-            domain_correct += ((net.domain_classifier(f) > 0) == (name == "target")).sum().item()
-        acc[f"{name}_acc"], acc[f"{name}_domain_acc"] = correct / len(x), domain_correct / len(x)
-    acc["domain_acc"] = (acc.pop("source_domain_acc") + acc.pop("target_domain_acc")) / 2
-    return acc
-
-
-def dann_row(args, net, data, sums, epoch, step, lam, lr, s_per_iter):
-    row = {"epoch": epoch, "iter": step, "lambda": lam, "lr": lr}
-    for key, (total, count) in sums.items():
-        row["train_" + key if key == "domain_acc" else key] = (total / count).item()
-    stop_if_diverged(row["loss_y"] + row["loss_d"], f"epoch {epoch}", "--lr")
-    row.update(dann_accuracies(net, data), s_per_iter=s_per_iter)
-    print(f"[dann, {dann_method(args)}] epoch {epoch}/{args.epochs} | " + " ".join(
-        f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "iter", "s_per_iter"))
-        + f" | {s_per_iter:.3f} s/it", flush=True)
-    return row
-
-
-@torch.no_grad()
-def save_dann_outputs(args, net, data, history, wall, device):
-    """features.png (the features of 1000 source and 1000 target test images, projected on their
-    first two principal components, coloured by domain) and summary.json."""
-    x_s, x_t = data["source_test"][0][:1000], data["target_test"][0][:1000]
-    f = torch.cat([net.features(to_float(x)) for x in (x_s, x_t)]).cpu()
-    _, _, v = torch.pca_lowrank(f, q=2)  # centres f itself
-    xy = (f - f.mean(0)) @ v
-    fig, ax = plt.subplots(figsize=(5, 5))
-    for part, name in ((slice(0, len(x_s)), "source (MNIST)"), (slice(len(x_s), None),
-                                                                 "target (MNIST-M-style)")):
-        ax.scatter(xy[part, 0], xy[part, 1], s=3, alpha=0.5, label=name)
-    ax.set(title=f"G_f features, PCA ({dann_method(args)})",
-           xlabel="PC 1", ylabel="PC 2")
-    ax.legend(markerscale=4)
-    save_figure(fig, os.path.join(args.out, "features.png"))
-    last = history[-1] if history else dann_accuracies(net, data)
-    write_json(os.path.join(args.out, "summary.json"), {
-        "lab": "dann", "adapt": not args.no_adapt, "method": dann_method(args),
-        "pseudo_labels": data.get("pseudo_stats"), "source_acc": last["source_acc"],
-        "target_acc": last["target_acc"], "domain_acc": last["domain_acc"],
-        "command": command_line(), "device": str(device), "threads": torch.get_num_threads(),
-        "train_wall_s": round(wall, 1), "epochs": args.epochs,
-        "iterations": history[-1]["iter"] if history else 0,
-        "s_per_iter": history[-1]["s_per_iter"] if history else None, "args": vars(args)})
-    print(f"[dann] source accuracy {last['source_acc']:.4f}, target accuracy "
-          f"{last['target_acc']:.4f}; wrote {args.out}/ (train wall time {fmt_time(wall)})")
-
-
-# ----------------------------------------------------------------------------- memorization check
-def check_memorization(args, device):
-    """The memorization check of the GAN run in --run: memorization.png, nn_distances.png and
-    memorization.json in that folder. Reads checkpoints of this version and the one before."""
-    path = os.path.join(args.run, "checkpoint.pt")
-    if not os.path.exists(path):
-        raise SystemExit(f"error: no {path}: --run must be the folder of a GAN lab's run")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"error: cannot read {path} ({type(e).__name__}): damaged or not a "
-                         f"checkpoint")
-    if not isinstance(ckpt, dict) or ckpt.get("format") not in (CKPT_FORMAT, "gan_labs/2"):
-        dann = isinstance(ckpt, dict) and ckpt.get("format") == DANN_FORMAT
-        what = "a dann run" if dann else "not a GAN lab's checkpoint"
-        raise SystemExit(f"error: {path} holds no generator ({what}): nothing to check for "
-                         f"memorization")
-    flags = ckpt.get("flags") or ckpt["args"]  # gan_labs/2 kept every flag under "args"
-    run = argparse.Namespace(**{"g_bn": False, "d_dropout": 0.0,  # older runs had neither flag
-                                **flags, "cache_dir": args.cache_dir, "data_root": args.data_root})
-    x_train, _, classes = load_data(run.data, run.data_root, "train", CLASSIFIER_SIZE, device)
-    x_test = load_data(run.data, run.data_root, "test", CLASSIFIER_SIZE, device)[0]
-    k = len(classes) if run.lab == "cdcgan" else 0
-    g = build_models(run, x_train.shape[1], k)[0].to(device)
-    g.load_state_dict(ckpt["g"])
-    net = metric_net(run, x_train.shape[1], device)[0]
-    n = min(args.eval_samples, len(x_test))
-    shown, near_f, near_p, d_fake, d_test = memorization_check(g, net, x_train, x_test, run.nz, k,
-                                                               run.seed, n)
-    save_memorization(args.run, shown, near_f, near_p, x_train, d_fake, d_test)
-
-
-def save_memorization(out, shown, near_f, near_p, x_train, d_fake, d_test):
-    """memorization.png: two columns of 32 rows, each a sample, its 3 nearest training images in
-    feature space and its 3 nearest in pixel space; nn_distances.png; memorization.json."""
-    tiles = []
-    for i in [j for r in range(32) for j in (r, r + 32)]:  # rows: samples r and r + 32
-        tiles += [pixels(shown[i:i + 1]).view(1, *x_train.shape[1:])]
-        tiles += [to_float(x_train[near[1][i]]).cpu() for near in (near_f, near_p)]
-    grid = torchvision.utils.make_grid(torch.cat(tiles) * 0.5 + 0.5, nrow=14, padding=2)
-    fig, ax = plt.subplots(figsize=(7, 15))
-    ax.imshow(grid.permute(1, 2, 0).clamp(0, 1).numpy())
-    ax.set_title("each sample | its 3 nearest training images: in features | in pixels", fontsize=9)
-    ax.axis("off")
-    save_figure(fig, os.path.join(out, "memorization.png"))
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for d, name in ((d_fake, "samples"), (d_test, "real test images")):
-        ax.hist(d.numpy(), bins=50, alpha=0.5, density=True,
-                label=f"{name} (median {d.median():.3g})")
-    ax.set(xlabel="distance to the nearest training image (metric network features)",
-           ylabel="density", title="memorization check")
-    ax.legend(fontsize=8)
-    save_figure(fig, os.path.join(out, "nn_distances.png"))
-    q = torch.tensor([0.05, 0.5, 0.95])
-    stats = {name: dict(zip(("p05", "median", "p95"), d.quantile(q).tolist()), mean=d.mean().item())
-             for name, d in (("samples", d_fake), ("test", d_test))}
-    summary = {"n": len(d_fake), "space": "metric network features (128-d)", **stats,
-               "median_ratio": stats["samples"]["median"] / stats["test"]["median"],
-               "share_of_samples_below_test_p05": (d_fake < stats["test"]["p05"]).double()
-               .mean().item(),
-               "nearest_of_shown": {"features": near_f[1].tolist(), "pixels": near_p[1].tolist()}}
-    write_json(os.path.join(out, "memorization.json"), summary)
-    print(f"[memorization] median distance to the training set: samples "
-          f"{stats['samples']['median']:.4g}, test images {stats['test']['median']:.4g}; "
-          f"wrote {out}/memorization.png, nn_distances.png, memorization.json")
-
-
-# ----------------------------------------------------------------------------- run outputs
-def save_outputs(args, g, history, wall, metrics, classes, channels, k, device):
-    """End-of-run outputs (again when a finished run's command runs again): class_grid.png
-    (cDCGAN), eval.csv, summary.json."""
-    if k:  # rows: the classes; columns: 8 fixed z (z carries the style)
-        z = torch.randn(8, args.nz, generator=torch.Generator().manual_seed(args.seed + 2))
-        y = torch.arange(k, device=device).repeat_interleave(8)
-        save_grid(sample(g, z.to(device).repeat(k, 1), y),
-                  os.path.join(args.out, "class_grid.png"))
-    if metrics:
-        write_csv(os.path.join(args.out, "eval.csv"), metrics)
-    last = history[-10:]
-    write_json(os.path.join(args.out, "summary.json"), {
-        "lab": args.lab, "command": command_line(), "device": str(device),
-        "threads": torch.get_num_threads(), "train_wall_s": round(wall, 1),
-        "iterations": history[-1]["iter"] if history else 0, "epochs": args.epochs,
-        "s_per_iter": round(sum(r["s_per_iter"] for r in last) / max(len(last), 1), 4),
-        "final": history[-1] if history else {}, "metrics": metrics,
-        "args": dict(vars(args), classes=classes, channels=channels)})
-    print(f"wrote {args.out}/ (train wall time {fmt_time(wall)})")
-
-
-def write_atomic(path, write):
-    """Write a file under a temporary name, then rename it: a Ctrl-C, a kill or a full disk never
-    leaves half a file, and the previous version stays until the new one is complete.
-    `write(tmp)` writes to the name it is given (torch.save, fig.savefig, ...)."""
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{ext}"  # keep the extension: savefig and save_image read the format from it
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        torch_write = any(s in str(e) for s in ("inline_container", "PytorchStreamWriter"))
-        if isinstance(e, RuntimeError) and not torch_write:
-            raise  # not a write error: a bug, shown as one
-        reason = getattr(e, "strerror", None) or "the write failed: is the disk full?"
-        raise SystemExit(f"error: could not write {path} ({reason}); its previous version, if "
-                         f"any, is kept")
-    except BaseException:  # Ctrl-C, SystemExit: no temporary file left behind
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_text(path, text):
-    write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(text))
-
-
-def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=2))
-
-
-def write_csv(path, rows):
-    """A list of dicts as CSV; the columns are their keys, in the order they first appear."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, list(dict.fromkeys(k for r in rows for k in r)),
-                            lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(path, buffer.getvalue())
-
-
-def state_of(obj):
-    """state_dict of a module or optimizer, or of each one in a dict of them."""
-    if isinstance(obj, dict):
-        return {name: o.state_dict() for name, o in obj.items()}
-    return obj.state_dict()
-
-
-def save_checkpoint(path, states, **fields):
-    """The state of every model and optimizer in `states` (name -> object, or name -> dict of
-    objects), the random generators' state (so batch order, augmentation and noise continue exactly
-    where they stopped) and the caller's fields, written atomically."""
-    ckpt = {name: state_of(obj) for name, obj in states.items()}
-    ckpt.update(fields, rng_cpu=torch.get_rng_state())
-    if torch.cuda.is_available():
-        ckpt["rng_cuda"] = torch.cuda.get_rng_state()
-    write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
-
-
-def resume(path, states, flags, **expected):
-    """Load the checkpoint at `path` into `states` (as save_checkpoint wrote them) and restore the
-    random generators; returns its dict, or None if there is none yet. One clear line instead, with
-    nothing loaded, for a damaged file, another program's (a field of `expected` differs: format,
-    architecture, classes) or a run made with other training flags (`flags`: name -> value, the
-    flags that change what a run computes; the checkpoint keeps its own under "flags")."""
-    if not os.path.exists(path):
-        return None
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"error: cannot read {path} ({type(e).__name__}): it is damaged or not a "
-                         f"checkpoint; delete it or use another --out")
-    if not isinstance(ckpt, dict) or any(ckpt.get(k) != v for k, v in expected.items()):
-        raise SystemExit(f"error: {path} is not a checkpoint of this run (another format, model "
-                         f"or dataset); use another --out or delete it")
-    saved = ckpt.get("flags") or {k: ckpt.get("args", {}).get(k) for k in flags}  # older: args
-    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {v!r})"
-               for k, v in flags.items() if saved.get(k) != v]
-    if changed:
-        raise SystemExit(f"error: {path} is a run with other flags: {', '.join(changed)}; use "
-                         f"another --out, or the same flags to resume it")
-    for name, obj in states.items():
-        if isinstance(obj, dict):
-            for key, o in obj.items():
-                o.load_state_dict(ckpt[name][key])
-        else:
-            obj.load_state_dict(ckpt[name])
-    torch.set_rng_state(ckpt["rng_cpu"])
-    if torch.cuda.is_available() and "rng_cuda" in ckpt:
-        torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu())
-    return ckpt
-
-
 # ----------------------------------------------------------------------------- Frechet distance
 def psd_sqrt(m):
     """Square root of a symmetric positive semi-definite matrix (negative eigenvalues: 0)."""
@@ -1641,25 +1267,11 @@ def frechet_distance(a, b):
             + (cov_a.trace() + cov_b.trace() - 2 * tr_covmean).item())
 
 
+# ----------------------------------------------------------------------------- precision
 def autocast(precision, device):
-    """--precision bf16: forward passes and losses in bfloat16 where torch's autocast deems it
-    safe; weights, gradients and optimizer state stay float32. fp32: a no-op."""
+    """bf16: forward passes in bfloat16 where autocast deems it safe; weights, gradients and
+    optimizer state stay float32. fp32: a no-op."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def cpu_has_native_bf16():
-    """Whether this CPU computes bfloat16 in hardware: AVX512-BF16 or AMX on x86, BF16 on Arm.
-    Without it torch emulates bf16, many times slower than fp32. Asks torch.cpu.get_capabilities
-    (torch 2.14 has it), else Linux's /proc/cpuinfo; True when neither can tell (no warning)."""
-    flags = {"avx512_bf16", "amx_bf16", "bf16", "sve_bf16"}
-    get_capabilities = getattr(torch.cpu, "get_capabilities", None)
-    if get_capabilities is not None:
-        capabilities = get_capabilities()
-        return any(capabilities.get(flag, False) for flag in flags)
-    try:
-        return bool(flags & set(pathlib.Path("/proc/cpuinfo").read_text().split()))
-    except OSError:
-        return True
 
 
 def warn_if_bf16_is_slow(precision, device):
@@ -1670,11 +1282,245 @@ def warn_if_bf16_is_slow(precision, device):
               "and use --precision fp32, the default", file=sys.stderr, flush=True)
 
 
-def run_flags(args, free):
-    """The flags that define a run (stored in its checkpoint, compared on resume): every flag but
-    those in `free`, which cannot change what the run computes (--epochs, --threads, --device)."""
-    return {k: v for k, v in vars(args).items() if k not in free}
+def cpu_has_native_bf16(flags=("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")):
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX on x86, BF16 on Arm):
+    torch.cpu.get_capabilities, else Linux's /proc/cpuinfo; True when neither can tell."""
+    if hasattr(torch.cpu, "get_capabilities"):
+        return any(torch.cpu.get_capabilities().get(flag, False) for flag in flags)
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    return not cpuinfo.exists() or bool(set(flags) & set(cpuinfo.read_text().split()))
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args)
+    warn_if_bf16_is_slow(getattr(args, "precision", "fp32"), device)  # labs and dann
+    if args.lab == "dann":
+        data, classes = load_dann_data(args, device)
+        if args.pseudo_labels:
+            data = dict(data, **label_target(args, data, len(classes), device))
+        net, history, wall = train_dann(args, data, len(classes), device)
+        save_dann_outputs(args, net, data, history, wall, device)
+    elif args.lab == "memorization":
+        check_memorization(args, device)
+    elif args.lab == "classifier":
+        channels = load_split(args.data, args.data_root, "train")[0].shape[1]
+        print(f"classifier {metric_net(args, channels, device)[1]}")
+    else:  # a GAN lab: train (or resume), then the metrics and the run's outputs
+        run_lab(args, device)
+
+
+def run_lab(args, device):
+    x_train, y_train, classes = load_data(args.data, args.data_root, "train", args.image_size,
+                                          device)
+    if len(x_train) < args.batch_size:
+        raise UserError(f"{len(x_train)} training images, fewer than --batch-size "
+                        f"{args.batch_size}")
+    k = len(classes) if args.lab == "cdcgan" else 0
+    g, history, wall = train(args, x_train, y_train, k, device)
+    metrics = []
+    if args.eval_samples > 0:
+        net, path = metric_net(args, x_train.shape[1], device)
+        print(f"[evaluate] feature net {path}")
+        metrics = evaluate_gan(args, g, net, k, device)
+    save_outputs(args, g, history, wall, metrics, classes, x_train.shape[1], k, device)
+
+
+# ==== plumbing: the same block in every script, checked by test_smoke.py; skip on a first read ====
+class UserError(Exception):
+    """A mistake in the input (a flag, a file), or a run that cannot go on: one line, exit 1."""
+
+
+def entry_point(main, argv=None):
+    """Run main(argv). A UserError, a failed read or write (a full disk) or Ctrl-C ends the
+    program with one line and a non-zero exit, instead of a traceback."""
+    try:
+        main(argv)
+    except (UserError, OSError) as e:  # OSError: a file that could not be read, and why
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: every file written so far is whole; the same command resumes")
+
+
+def pick_device(args):
+    """--threads, then --device: 'auto' is CUDA, else Apple's MPS, else the CPU."""
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
+    ok = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    name = getattr(args, "device", "auto")
+    name = next(n for n in ("cuda", "mps", "cpu") if ok[n]) if name == "auto" else name
+    if not ok[name]:
+        raise UserError(f"--device {name}: torch cannot use it here (try --device cpu)")
+    return torch.device(name)
+
+
+TORCHVISION_DATASETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "mnist": "MNIST"}
+
+
+@functools.lru_cache(maxsize=4)  # a run may read a split more than once: decode it once
+def load_split(data, root, split):
+    """One split ("train" or "test") as (uint8 images [N, C, H, W], int64 labels [N], class
+    names): a torchvision name (downloaded into `root`) or an ImageFolder tree
+    data/{train,test}/<class>/<image>. Grayscale trees stay 1-channel; an image of another size
+    than the first is resized to it. Every image is decoded once, here."""
+    if data in TORCHVISION_DATASETS:
+        try:  # offline, any exception (URLError, RuntimeError, ...) means "no download"
+            ds = getattr(torchvision.datasets, TORCHVISION_DATASETS[data])(
+                root, train=split == "train", download=True)
+        except Exception as e:
+            raise UserError(f"could not download {data} ({type(e).__name__}); offline? Pass "
+                            f"--data PATH, an ImageFolder tree PATH/train/<class>/*")
+        x = torch.as_tensor(ds.data)  # [N, H, W] (MNIST) or [N, H, W, C]
+        x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
+        return x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long), list(ds.classes)
+    if not os.path.isdir(data):
+        raise UserError(f"--data {data!r}: neither {', '.join(TORCHVISION_DATASETS)} nor a folder")
+    # ImageFolder finds the class folders (sorted) and their images; a missing folder or a file
+    # that is not an image is an OSError, which entry_point prints as one line with its path
+    ds = torchvision.datasets.ImageFolder(os.path.join(data, split))
+    print(f"decoding the {len(ds.samples)} images of {data}/{split}", flush=True)
+    images, mode = [], None
+    for path, _ in ds.samples:
+        with PIL.Image.open(path) as img:
+            mode = mode or ("L" if img.mode in ("L", "1", "I;16", "I") else "RGB")  # the first's
+            img = torchvision.transforms.functional.pil_to_tensor(img.convert(mode))
+        images.append(resize_uint8(img[None], images[0].shape[-1])[0] if images else img)
+    return torch.stack(images), torch.tensor(ds.targets), ds.classes
+
+
+def resize_uint8(x, size):
+    """uint8 images [N, C, H, W] -> [N, C, size, size] (bilinear, antialiased), in chunks."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    out = [F.interpolate(c.float(), size=(size, size), mode="bilinear", antialias=True)
+           for c in x.split(8192)]
+    return torch.cat(out).round().clamp(0, 255).to(torch.uint8)
+
+
+def write_atomic(path, write):
+    """write(tmp) to a temporary name, then rename it to `path`: a Ctrl-C, a kill or a full disk
+    never leaves half a file, and the previous version stays until the new one is whole."""
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{ext}"  # keep the extension: savefig and save_image read the format from it
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:  # Ctrl-C too: no temporary file is left behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        torch_write = "inline_container" in str(e) or "PytorchStreamWriter" in str(e)
+        if not (isinstance(e, OSError) or torch_write):  # torch.save's full disk: RuntimeError
+            raise  # any other exception is a bug, shown as one
+        reason = getattr(e, "strerror", None) or "is the disk full?"
+        raise UserError(f"could not write {path} ({reason}); its last version is kept") from e
+
+
+def write_json(path, obj):
+    write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(obj, indent=2)))
+
+
+def write_csv(path, rows):
+    """A list of dicts as CSV; the columns are their keys, in the order they first appear."""
+    buffer, columns = io.StringIO(), list(dict.fromkeys(k for row in rows for k in row))
+    writer = csv.DictWriter(buffer, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(buffer.getvalue()))
+
+
+FORMAT = 2  # a checkpoint of this project: one dict; earlier formats are refused by name
+
+
+def save_checkpoint(path, ckpt):
+    """One dict, written atomically: each module and optimizer as its state_dict, the other
+    values as they are, with the format and the random generators' state."""
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    saved = {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in ckpt.items()}
+    write_atomic(path, lambda tmp: torch.save(saved | {"format": FORMAT, "rng": rng}, tmp))
+
+
+def resume(path, ckpt, flags):
+    """Load the run saved at `path` into the modules and optimizers of `ckpt` (as given to
+    save_checkpoint) and restore the random generators; returns the saved dict, or None where
+    there is none yet. Refused in one line: a damaged file, an earlier format, and a run whose
+    defining flags (`flags`, name -> value) differ from the command's."""
+    if not os.path.exists(path):
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__}): damaged? Use another --out")
+    fmt = saved.get("format", 1) if isinstance(saved, dict) else "unknown"
+    if fmt != FORMAT:
+        raise UserError(f"{path} has checkpoint format {fmt}, not {FORMAT}: use another --out")
+    changed = [f"--{k.replace('_', '-')} {saved['flags'].get(k)!r} (now {v!r})"
+               for k, v in flags.items() if saved["flags"].get(k) != v]
+    if changed:
+        raise UserError(f"{path} is a run with other flags: {', '.join(changed)}; another --out?")
+    for key, obj in ckpt.items():
+        if hasattr(obj, "load_state_dict"):
+            obj.load_state_dict(saved[key])
+    torch.set_rng_state(saved["rng"]["cpu"])
+    if "cuda" in saved["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(saved["rng"]["cuda"].cpu())
+    return saved
+
+
+def stop_if_diverged(loss, where, flags):
+    """A run whose loss is not finite stops here, before it overwrites its last good checkpoint."""
+    if not math.isfinite(loss):
+        raise UserError(f"the training loss is {loss} at {where}; the run diverged (its last "
+                        f"good checkpoint is kept): lower {flags} and run again, another --out")
+
+
+def progress(name, done, total, seconds_each, text):
+    """One progress line: where the run is, what it measures, and the time left."""
+    eta = seconds_each * (total - done) / 60
+    print(f"{name} | {done}/{total} | {text} | ETA {eta:.1f} min", flush=True)
+
+
+def plot_lines(path, panels, width=4.5, dpi=100):
+    """Line plots side by side, one panel per (title, xlabel, ylabel, curves); curves maps a
+    label to (x, y) or (x, y, error bars). A title that ends in "(log)" gets a log y axis."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 3.4), squeeze=False)
+    for ax, (title, xlabel, ylabel, curves) in zip(axes[0], panels):
+        for label, (x, y, *err) in curves.items():
+            ax.errorbar(x, y, yerr=err[0] if err else None, marker=".", capsize=3, label=label)
+        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+        ax.set_yscale("log" if title.endswith("(log)") else "linear")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    save_figure(fig, path, dpi)
+
+
+def save_grid(path, images, nrow=8, value_range=None, scale=1):
+    """Images [N, C, H, W] as one grid PNG, each enlarged `scale` times; value_range=(lo, hi)
+    maps that range to black..white for all, None scales each image to its own range
+    (kernels, saliency maps)."""
+    big = F.interpolate(images.detach().float().cpu(), scale_factor=scale, mode="nearest")
+    grid = torchvision.utils.make_grid(big, nrow, max(2, scale // 2), normalize=True,
+                                       value_range=value_range, scale_each=value_range is None)
+    write_atomic(path, lambda tmp: torchvision.utils.save_image(grid, tmp))
+
+
+def save_figure(fig, path, dpi=100):
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi))
+    plt.close(fig)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help names each default once: a flag off or unset by default, or whose help already
+    says its default, gets no "(default: ...)" appended."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, []) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 if __name__ == "__main__":  # at the very end, so that the plumbing above is defined
-    main()
+    entry_point(main)

@@ -1486,7 +1486,7 @@ FENCE = ("# ==== plumbing: the same in every script, checked by test_smoke.py; s
 
 # The rewrite (one shared block, one line per flag) moves one script at a time: the scripts named
 # here have the new fence and the same block below it; the others keep the old plumbing.
-MOVED = ("pretrain", "train_small", "train_advreg")
+MOVED = ("pretrain", "train_small", "train_advreg", "gan_labs")
 BLOCK_FENCE = ("# ==== plumbing: the same block in every script, checked by test_smoke.py; skip on a "
                "first read ====")
 
@@ -2181,7 +2181,7 @@ def test_gan_dann_pseudo_labels_run_beside_dann_and_source_only(gan_dann_runs, g
     for flags, want in (
             (["--threshold", "1"], "--threshold must be in (0, 1)"),
             (["--threshold", "0"], "--threshold must be in (0, 1)"),
-            (["--pseudo-labels", tmp_path / "nowhere"], "no checkpoint.pt there"),
+            (["--pseudo-labels", tmp_path / "nowhere"], "no finished dann run there"),
             (["--pseudo-labels", tmp_path / "pl", "--data", tiny_data], "--data"),
             (["--lam", "-0.5"], "--lam must be >= 0"),
             (["--no-adapt", "--lam", "1"], "choose one"),
@@ -2249,8 +2249,8 @@ def test_gan_seed_004_runs_conv_critic_diffaug_weight_norm_and_g_bn(gan_common, 
     assert "1.running_mean" in ckpt["g"]  # G's BatchNorm after its first layer
     assert "0.parametrizations.weight.original0" in ckpt["d"]
     base = ["wgan", "--out", tmp_path / "bad"]
-    gan_user_error(capsys, base + ["--d-dropout", "0.3"], "--d-dropout needs the MLP critic")
-    gan_user_error(capsys, base + ["--g-bn"], "--g-bn is for the MLP generator")
+    gan_user_error(capsys, base + ["--d-dropout", "0.3"], "--d-dropout needs --critic mlp")
+    gan_user_error(capsys, base + ["--g-bn"], "--g-bn needs --generator mlp")
     assert not (tmp_path / "bad").exists()
 
 
@@ -2337,16 +2337,16 @@ def test_gan_source_conventions():
     assert source.count("os.replace(") == 1 and "open(" not in source.replace("Image.open(", "")
     assert source.count("torch.load(") == source.count("weights_only=True") > 0
     assert max(map(len, source.splitlines())) <= 100
-    assert source.count(FENCE) == 1
-    lesson = source.split(FENCE)[0]
+    assert source.count(BLOCK_FENCE) == 1
+    lesson = source.split(BLOCK_FENCE)[0]
     for name in ("def write_atomic", "def save_checkpoint", "def resume", "def load_split"):
         assert name not in lesson, name
-    # the only writes into args: check_lab_args and check_dann_args, which parse_args calls
+    # the only writes into args: fill_defaults, which parse_args calls
     writers = {node.name for node in ast.walk(ast.parse(source))
                if isinstance(node, ast.FunctionDef)
                and any(isinstance(t, ast.Attribute) and getattr(t.value, "id", "") == "args"
                        for a in ast.walk(node) if isinstance(a, ast.Assign) for t in a.targets)}
-    assert writers == {"check_lab_args", "check_dann_args"}, writers
+    assert writers == {"fill_defaults"}, writers
 
 
 @pytest.mark.parametrize("lab", ["dcgan", "cdcgan", "vanilla", "wgan"])
@@ -2480,13 +2480,13 @@ def test_gan_bad_input_is_one_clear_line(case, gan_dcgan_run, gan_common, tmp_pa
     elif case == "empty_folder":
         (tmp_path / "empty" / "train" / "0").mkdir(parents=True)
         (tmp_path / "empty" / "test").mkdir()
-        flags, want = flags + ["--data", tmp_path / "empty"], "no images in"
+        flags, want = flags + ["--data", tmp_path / "empty"], "Found no valid file"
     elif case == "corrupt_checkpoint":
         (tmp_path / "run" / "checkpoint.pt").write_bytes(b"not a checkpoint")
         want = "cannot read"
     else:
         torch.save({"state_dict": {}}, tmp_path / "run" / "checkpoint.pt")
-        want = "is not a checkpoint of this run"
+        want = "has checkpoint format 1, not 2"
     gan_user_error(capsys, [lab, *flags], want)
 
 
@@ -2696,7 +2696,7 @@ def test_gan_memorization_subcommand(case, gan_dcgan_run, gan_common, tmp_path, 
         assert height > 2 * width and (gan_dcgan_run / "nn_distances.png").exists()
         return
     if case == "no_generator":
-        torch.save({"format": gan_labs.DANN_FORMAT, "net": {}}, tmp_path / "checkpoint.pt")
+        gan_labs.save_checkpoint(tmp_path / "checkpoint.pt", {"lab": "dann", "flags": {}})
     gan_user_error(capsys, ["memorization", "--run", tmp_path],
                    "holds no generator (a dann run)" if case == "no_generator" else "no ")
 
@@ -2757,7 +2757,7 @@ def gan_dann_runs(gan_data, tiny_data, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(gan_labs, "save_checkpoint", save_then_interrupt)
         with pytest.raises(SystemExit, match="interrupted"):
-            gan_labs.main(common + ["--out", str(root / "resumed")])
+            gan_labs.entry_point(gan_labs.main, common + ["--out", str(root / "resumed")])
     assert gan_ckpt(root / "resumed")["epoch"] == 1
     gan_labs.main(common + ["--out", str(root / "resumed")])
     return root
@@ -2813,7 +2813,7 @@ def test_gan_dann_bad_input_is_one_clear_line(case, gan_data, tiny_data, gan_dcg
     argv = ["dann", "--data", gan_data, "--target-patches", tiny_data, "--epochs", "1",
             "--batch-size", "16", "--threads", "1", "--out", tmp_path / "run"]
     if case == "missing_target":
-        argv[4], want = tmp_path / "nowhere", "neither a known dataset"
+        argv[4], want = tmp_path / "nowhere", "nor a folder"
     elif case == "small_patches":
         for i in range(2):
             (tmp_path / "small" / "train" / "0").mkdir(parents=True, exist_ok=True)
@@ -2825,7 +2825,7 @@ def test_gan_dann_bad_input_is_one_clear_line(case, gan_data, tiny_data, gan_dcg
     elif case == "target_size":  # 32x32 images as the target of 28x28 digits
         argv, want = argv + ["--target", tiny_data], "has 32x32 images, the source 28x28"
     else:  # a GAN lab's folder is not resumed as a DANN run
-        argv[-1], want = gan_dcgan_run, "is not a checkpoint of this run"
+        argv[-1], want = gan_dcgan_run, "--lab 'dcgan' (now 'dann')"
     gan_user_error(capsys, argv, want)
 
 
