@@ -1482,7 +1482,7 @@ FENCE = ("# ==== plumbing: the same in every script, checked by test_smoke.py; s
 
 # The rewrite (one shared block, one line per flag) moves one script at a time: the scripts named
 # here have the new fence and the same block below it; the others keep the old plumbing.
-MOVED = ()
+MOVED = ("collect_kernels",)
 BLOCK_FENCE = ("# ==== plumbing: the same block in every script, checked by test_smoke.py; skip on a "
                "first read ====")
 
