@@ -65,19 +65,17 @@ def parse_args(argv=None):
     p.add_argument("--test-data", metavar="PATH_OR_NAME", help="the microscope's test data (ours)")
     p.add_argument("--data-root", default="data", help="where torchvision downloads (ours)")
     p.add_argument("--attack-images", type=int, default=200, metavar="N", help="per run (ours)")
-    p.add_argument("--epsilons", type=float, nargs="+", default=[1, 2, 4], metavar="EPS",
-                   help="attack radii in 1/255, L-inf in pixel space [0, 1] (ours)")
+    p.add_argument("--epsilons", type=float, nargs="+", default=[1, 2, 4], help="L-inf /255 (ours)")
     p.add_argument("--pgd-steps", type=int, default=10, help="of 2.5 eps / steps (Madry et al.)")
     args = p.parse_args(argv)
     unknown = [layer for layer in args.layers if layer not in CONV_SHAPES]
-    checks = [(unknown, f"unknown layer(s) {unknown}; the CNN has {', '.join(CONV_SHAPES)}"),
-              (args.grid_kernels < 1, "--grid-kernels must be >= 1"),
-              (args.test_data and not args.compare, "--test-data is for --compare (trained runs)"),
-              (min(args.attack_images, args.pgd_steps) < 1,
-               "--attack-images and --pgd-steps must be >= 1"),
-              (not all(eps >= 0 for eps in args.epsilons),
-               f"--epsilons must be >= 0 (units of 1/255), got {args.epsilons}")]
-    for failed, message in checks:
+    for failed, message in [
+        (unknown, f"unknown layer(s) {unknown}; the paper's CNN has {', '.join(CONV_SHAPES)}"),
+        (args.grid_kernels < 1, "--grid-kernels must be >= 1"),
+        (args.test_data and not args.compare, "--test-data is for --compare (trained runs)"),
+        (min(args.attack_images, args.pgd_steps) < 1, "--attack-images, --pgd-steps must be >= 1"),
+        (any(not eps >= 0 for eps in args.epsilons), f"--epsilons must be >= 0: {args.epsilons}"),
+    ]:
         if failed:
             p.error(message)
     return args
@@ -220,17 +218,15 @@ def compare(args):
     bank = load_bank(args.bank)
     layer, bank_kernels = bank["layer"], bank["kernels"]
     runs = finished_runs(args.compare, layer)
-    ckpts = [ckpt for _, ckpt in runs]
-    names = [configuration_name(c) for c in ckpts]
-    labels = configuration_labels(names, ckpts)
+    labels = configuration_labels([configuration_name(c) for _, c in runs], [c for _, c in runs])
     order = sorted(range(len(runs)), key=lambda i: labels[i][1])
-    seen = microscope_inputs(args, runs, labels, order) if args.test_data else None  # checks
+    runs = [(*runs[i], labels[i][0]) for i in order]  # (path, checkpoint, row), the table's order
+    seen = microscope_inputs(args, runs) if args.test_data else None  # its checks, then writing
     bank_std = standardize_kernels(bank_kernels)
-    rows, panels = [], [(f"bank ({len(bank_kernels)} kernels)", bank_kernels)]
-    for i in order:
-        row, kernels = checkpoint_row(*runs[i], labels[i][0], layer, bank_kernels, bank_std)
-        if row["configuration"] not in [title for title, _ in panels]:  # its first run is shown
-            panels.append((row["configuration"], kernels))
+    rows, panels = [], {f"bank ({len(bank_kernels)} kernels)": bank_kernels}
+    for path, ckpt, label in runs:
+        row, kernels = checkpoint_row(path, ckpt, label, layer, bank_kernels, bank_std)
+        panels.setdefault(label, kernels)  # the first run of each configuration is shown
         rows.append(row)
     bank_row = {"model": f"bank ({len(bank.get('source_counts', [1]))} sources)", "layer": layer,
                 "kernel_size": bank_kernels.shape[-1], "frechet_to_bank": bank_reference(bank),
@@ -238,18 +234,16 @@ def compare(args):
                 "kernel_std": bank_kernels.std().item(),
                 "near_zero_share": near_zero_share(bank_kernels, bank_kernels)}
     groups = group_stats(rows)
-    table = grouped_table(groups, draw_counts(rows), bank_row, args.bank)
     # the references of the paired table: the first row (in the table's order) of each name
-    baseline, kernel_prior = (next((labels[i][0] for i in order if names[i][0] == name), None)
+    baseline, kernel_prior = (next((label for _, ckpt, label in runs
+                                    if configuration_name(ckpt)[0] == name), None)
                               for name in ("baseline (λ = 0)", "λ = 1"))
     paired, paired_text = paired_table(rows, baseline, kernel_prior)
     os.makedirs(args.out, exist_ok=True)
-    tables = {"compare.csv": rows, "compare.md": table, "compare_paired.csv": paired,
-              "compare_paired.md": paired_text}
+    tables = {"compare.csv": rows, "compare.md": grouped_table(groups, rows, bank_row, args.bank),
+              "compare_paired.csv": paired, "compare_paired.md": paired_text}
     write_tables(args.out, tables)
-    print(table)
-    print(paired_text)
-    figures = plot_compare(args, panels, groups, rows, bank_row)
+    figures = plot_compare(args, list(panels.items()), groups, rows, bank_row)
     print(f"wrote {args.out}/{', '.join([*tables, *figures])}")
     if seen:
         microscope(seen, args, baseline, kernel_prior)
@@ -441,26 +435,19 @@ def subset_of(ckpt):
     return run_args.get("subset_seed", 0)
 
 
-def draw_counts(rows):
-    """{configuration: (subsets, seeds)}: how many draws of the training images and how many
-    seeds a row pools, so that a ± over several draws is never mistaken for one over seeds."""
-    counts = {}
-    for config in dict.fromkeys(r["configuration"] for r in rows):
-        group = [r for r in rows if r["configuration"] == config]
-        counts[config] = (len({r["subset"] for r in group}), len({r["seed"] for r in group}))
-    return counts
-
-
-def grouped_table(groups, counts, bank_row, bank_path):
-    """compare.md: one row per configuration, mean ± std over its checkpoints (pooled over the
-    draws of the training images and the seeds it holds, counted beside it), "-" where none has
-    the value; the val acc column only when some run has a validation split."""
+def grouped_table(groups, rows, bank_row, bank_path):
+    """compare.md: one row per configuration, mean ± std over its checkpoints, pooled over the
+    draws of the training images (subsets) and the seeds it holds, both counted beside it so that
+    a ± over several draws is never mistaken for one over seeds; "-" where no run has the value;
+    the val acc column only when some run has a validation split."""
     metrics = [m for m in METRICS if m != "final_val_acc"
                or any(stats[m] for _, stats in groups.values())]
-    rows = [[config, runs, *counts[config]] + [
-        f"{stats[m][0]:.3f} ± {stats[m][1]:.3f}" if stats[m] else "-" for m in metrics]
-        for config, (runs, stats) in groups.items()]
-    rows.append([bank_row["model"], "", "", ""] + [
+    lines = []
+    for config, (runs, stats) in groups.items():
+        group = [r for r in rows if r["configuration"] == config]
+        lines.append([config, runs, len({r["subset"] for r in group}),
+                      len({r["seed"] for r in group})] + [mean_std(stats[m]) for m in metrics])
+    lines.append([bank_row["model"], "", "", ""] + [
         "-" if bank_row.get(m) is None else f"{bank_row[m]:.3f}" for m in metrics])
     header = ["configuration", "runs", "subsets", "seeds"] + [
         h for m, h in zip(METRICS, HEADERS) if m in metrics]
@@ -469,7 +456,11 @@ def grouped_table(groups, counts, bank_row, bank_path):
             f"the runs of each configuration (subsets: draws of the training images, "
             f"--subset-seed; seeds: initialization seeds); train acc on the training images at "
             f"the last evaluation; D outputs over the last 10% of iterations.\n\n"
-            + md_table(header, rows))
+            + md_table(header, lines))
+
+
+def mean_std(stat):
+    return "-" if stat is None else f"{stat[0]:.3f} ± {stat[1]:.3f}"
 
 
 def md_table(header, rows, rule=None):
@@ -541,13 +532,12 @@ def reference_pairs(configs, baseline, kernel_prior):
 
 def paired_cells(d):
     """One paired difference as compare_paired.md's cells: the mean, its 95 % interval and
-    whether it is shown ("not shown": the interval holds 0); "-" where there are no pairs, no
-    interval for one pair."""
+    whether it shows a difference ("not shown": the interval holds 0); "-" where there are no
+    pairs, no interval for one pair."""
     if d["mean"] is None or d["ci_low"] is None:
         return ["-" if d["mean"] is None else f"{d['mean']:+.3f}", "-", ""]
-    holds_zero = d["ci_low"] <= 0 <= d["ci_high"]
-    return [f"{d['mean']:+.3f}", f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]",
-            "not shown" if holds_zero else "shown"]
+    reading = "not shown" if d["ci_low"] <= 0 <= d["ci_high"] else "shown"
+    return [f"{d['mean']:+.3f}", f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]", reading]
 
 
 def paired_table(rows, baseline, kernel_prior):
@@ -568,13 +558,15 @@ def paired_table(rows, baseline, kernel_prior):
 
 
 def write_tables(folder, tables):
-    """Each {file name: content} into folder: a list of dicts as CSV, a text as it is."""
+    """Each {file name: content} into folder: a list of dicts as CSV, a text as it is (and on
+    the screen)."""
     for name, content in tables.items():
         if name.endswith(".csv"):
             write_csv(os.path.join(folder, name), content)
         else:
             write_atomic(os.path.join(folder, name),
                          lambda tmp: pathlib.Path(tmp).write_text(content))
+            print(content)
 
 
 def plot_compare(args, panels, groups, rows, bank_row):
@@ -639,9 +631,8 @@ def plot_pca(panels, path):
         ax.scatter(bank_xy[:, 0], bank_xy[:, 1], s=5, color="0.75", label=panels[0][0])
         ax.scatter(xy[:, 0], xy[:, 1], s=7, color="tab:red", label=title)
         ax.set(xlabel="PC 1 of the bank's standardized kernels", ylabel="PC 2")
-        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7, loc="lower left")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="lower left")
     save_figure(fig, path)
 
 
@@ -766,7 +757,7 @@ def robustness_row(model, x, y, epsilons, steps, batch_size=500):
     return {name: count / len(x) for name, count in correct.items()}
 
 
-def microscope_inputs(args, runs, labels, order):
+def microscope_inputs(args, runs):
     """The test images (a fixed subset of --attack-images) and the runs the microscope looks at,
     in the table's order, every check made before anything is written: the runs to attack (their
     classes are the test data's) and the pretrained models to visualize (no training history)."""
@@ -775,11 +766,10 @@ def microscope_inputs(args, runs, labels, order):
     pick = pick[:args.attack_images]  # train_small.py's test order: any first N a fair sample
     x, y = as_cifar_images(images[pick]).float() / 255, targets[pick]
     attacked, visualized = [], []
-    for i in order:
-        (path, ckpt), label = runs[i], labels[i][0]
+    for path, ckpt, label in runs:
         cnn = trained_cnn(path, ckpt)
         if "history" not in ckpt:  # the authors' models: the lab's class visualization
-            visualized.append((path, cnn))
+            visualized.append(cnn)
         if cnn.fc.out_features == len(classes):
             attacked.append((path, label, cnn, subset_of(ckpt), ckpt.get("seed")))
         elif "history" in ckpt:
@@ -806,8 +796,9 @@ def trained_cnn(path, ckpt):
 def microscope(inputs, args, baseline, kernel_prior):
     """Accuracy under attack of every run (microscope.csv, a row per run; microscope.md, a row
     per configuration; microscope_paired.csv/.md, each row's difference to the baseline and to
-    λ = 1 over matched runs), the saliency maps of the first run of each configuration and the
-    class visualizations of the pretrained models."""
+    λ = 1 over matched runs), the saliency maps of the first run of each configuration and
+    microscope_classes.png: the class visualization of the first ten classes (columns) under
+    each pretrained model (rows, in the table's order)."""
     x, y = inputs["x"], inputs["y"]
     rows, written = [], []
     for path, label, cnn, subset, seed in inputs["attacked"]:
@@ -822,19 +813,20 @@ def microscope(inputs, args, baseline, kernel_prior):
         written = ["microscope.csv", "microscope.md", "microscope_paired.csv",
                    "microscope_paired.md", "microscope_saliency.png"]
         write_tables(args.out, dict(zip(written, [rows, table, paired, paired_text])))
-        print(table)
-        print(paired_text)
         plot_saliency(inputs, os.path.join(args.out, "microscope_saliency.png"))
     if inputs["visualized"]:
-        plot_class_visualizations(inputs, os.path.join(args.out, "microscope_classes.png"))
+        classes = torch.arange(min(10, *(cnn.fc.out_features for cnn in inputs["visualized"])))
+        images = [class_visualization(on_pixels(cnn), classes) for cnn in inputs["visualized"]]
         written.append("microscope_classes.png")
+        save_grid(os.path.join(args.out, written[-1]), torch.cat(images), nrow=len(classes),
+                  value_range=(0, 1), scale=3)
     print(f"wrote {', '.join(f'{args.out}/{name}' for name in written)}")
 
 
 def attack_columns(rows, args):
-    """The accuracy columns of microscope.csv (clean, then each attack) and their headers."""
-    columns = [k for k in rows[0] if k not in ("model", "configuration", "subset", "seed",
-                                                "images")]
+    """The accuracy columns of microscope.csv (clean, then each attack, after the five columns
+    that say which run it is) and their headers."""
+    columns = list(rows[0])[5:]
     return columns, ["clean acc" if c == "clean_acc" else c.replace("_", " ").upper().replace(
         "PGD", f"PGD-{args.pgd_steps}") for c in columns]
 
@@ -842,7 +834,7 @@ def attack_columns(rows, args):
 def microscope_table(rows, images, args):
     """microscope.md: one row per configuration (in the rows' order), mean ± std over its runs."""
     columns, headers = attack_columns(rows, args)
-    lines = [[config, runs] + [f"{stats[c][0]:.3f} ± {stats[c][1]:.3f}" for c in columns]
+    lines = [[config, runs] + [mean_std(stats[c]) for c in columns]
              for config, (runs, stats) in group_stats(rows, columns).items()]
     return (f"Accuracy under attack on {images} test images of {args.test_data} (L-inf in pixel "
             f"space [0, 1], eps in units of 1/255; FGSM, and PGD with {args.pgd_steps} steps of "
@@ -860,11 +852,9 @@ def microscope_paired(rows, baseline, kernel_prior, args):
     for config, reference in reference_pairs(configs, baseline, kernel_prior):
         diffs = [paired_difference(rows, config, reference, metric) for metric in columns]
         results += [{"metric": metric, **d} for metric, d in zip(columns, diffs)]
-        cells = []
-        for d in diffs:
-            mean, interval, reading = paired_cells(d)
-            shown = " not shown" if reading == "not shown" else ""
-            cells.append(mean if interval == "-" else f"{mean} {interval}{shown}")
+        # one cell a metric: "+0.012 [-0.020, +0.044] not shown", "+0.012 [...]", "+0.012" or "-"
+        cells = [" ".join(c for c in paired_cells(d) if c not in ("-", "", "shown")) or "-"
+                 for d in diffs]
         lines.append([config, reference, diffs[0]["pairs"], diffs[0]["subsets"], *cells])
     header = ["configuration", "against", "pairs", "subsets", *headers]
     return results, ("Accuracy (clean and under attack), row minus reference, over the (subset, "
@@ -888,15 +878,6 @@ def plot_saliency(inputs, path, count=6):
         maps = (maps / maps.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]).numpy()
         grid.append(torch.from_numpy(plt.cm.hot(maps)[..., :3]).permute(0, 3, 1, 2).float())
     save_grid(path, torch.cat(grid), nrow=len(x), value_range=(0, 1), scale=4)
-
-
-def plot_class_visualizations(inputs, path, count=10):
-    """microscope_classes.png: class visualization of the first `count` classes (columns) under
-    each pretrained model (rows, in the table's order)."""
-    visualized = inputs["visualized"]
-    classes = torch.arange(min(count, min(c.fc.out_features for _, c in visualized)))
-    images = [class_visualization(on_pixels(cnn), classes) for _, cnn in visualized]
-    save_grid(path, torch.cat(images), nrow=len(classes), value_range=(0, 1), scale=3)
 
 
 # ----------------------------------------------------------------------------- checkpoints, banks
