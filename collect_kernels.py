@@ -55,17 +55,17 @@ import torchvision
 # ----------------------------------------------------------------------------- config
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
-    p.add_argument("--checkpoints", default="checkpoints", help="folder of *.pt or a glob (ours)")
+    p.add_argument("--checkpoints", default="checkpoints", help="folder of *.pt, or a glob (ours)")
     p.add_argument("--layers", nargs="+", default=["conv1", "conv2"], help="one bank each (paper)")
     p.add_argument("--out", default="kernels", help="output folder (ours)")
-    p.add_argument("--grid-kernels", type=int, default=64, help="kernels in each grid (ours)")
+    p.add_argument("--grid-kernels", type=int, default=64, help="kernels in a figure grid (ours)")
     p.add_argument("--seed", type=int, default=0, help="seed of the kernels shown (ours)")
     p.add_argument("--compare", nargs="+", metavar="CKPT", help="trained runs to compare (ours)")
     p.add_argument("--bank", default="kernels/conv1_7x7.pt", help="bank of --compare (ours)")
     p.add_argument("--test-data", metavar="PATH_OR_NAME", help="the microscope's test data (ours)")
     p.add_argument("--data-root", default="data", help="where torchvision downloads (ours)")
-    p.add_argument("--attack-images", type=int, default=200, metavar="N", help="per run (ours)")
-    p.add_argument("--epsilons", type=float, nargs="+", default=[1, 2, 4], help="L-inf /255 (ours)")
+    p.add_argument("--attack-images", type=int, default=200, help="test images per run (ours)")
+    p.add_argument("--epsilons", type=float, nargs="+", default=[1, 2, 4], help="radii /255 (ours)")
     p.add_argument("--pgd-steps", type=int, default=10, help="of 2.5 eps / steps (Madry et al.)")
     args = p.parse_args(argv)
     unknown = [layer for layer in args.layers if layer not in CONV_SHAPES]
@@ -273,8 +273,7 @@ def checkpoint_row(path, ckpt, configuration, layer, bank_kernels, bank_std):
            "seed": ckpt.get("seed"), "kernels": len(kernels),
            "final_test_acc": last(history, "test_acc"),
            "best_test_acc": max(history["test_acc"]) if history.get("test_acc") else None,
-           "final_train_acc": last(history, "train_acc"),
-           "final_val_acc": last(history, "val_acc"),
+           "final_train_acc": last(history, "train_acc"), "final_val_acc": last(history, "val_acc"),
            "frechet_to_bank": frechet_distance(standardize_kernels(kernels), bank_std),
            "low_freq_share": low_freq_share(kernels), "kernel_std": kernels.std().item(),
            "near_zero_share": near_zero_share(kernels, bank_kernels)}
@@ -430,9 +429,7 @@ def subset_of(ckpt):
     """The seed that drew a run's training images (--subset-seed; runs saved before the flag
     existed drew with 0); None for a model that was not trained on a drawn subset."""
     run_args = ckpt.get("args") or {}
-    if "per_class" not in run_args:  # a pretrained model
-        return None
-    return run_args.get("subset_seed", 0)
+    return run_args.get("subset_seed", 0) if "per_class" in run_args else None  # None: pretrained
 
 
 def grouped_table(groups, rows, bank_row, bank_path):
