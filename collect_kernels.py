@@ -416,13 +416,15 @@ def group_stats(rows, metrics=METRICS):
     groups = {}
     for config in dict.fromkeys(r["configuration"] for r in rows):
         group = [r for r in rows if r["configuration"] == config]
-        stats = {}
-        for m in metrics:
-            values = torch.tensor([r[m] for r in group if r[m] is not None], dtype=torch.float64)
-            std = values.std().item() if len(values) > 1 else 0.0
-            stats[m] = (values.mean().item(), std) if len(values) else None
-        groups[config] = (len(group), stats)
+        values = {m: [r[m] for r in group if r[m] is not None] for m in metrics}
+        groups[config] = (len(group), {m: mean_std(v) if v else None for m, v in values.items()})
     return groups
+
+
+def mean_std(values):
+    """Mean and sample standard deviation (0 for a single value)."""
+    values = torch.tensor(values, dtype=torch.float64)
+    return values.mean().item(), values.std().item() if len(values) > 1 else 0.0
 
 
 def subset_of(ckpt):
@@ -443,7 +445,7 @@ def grouped_table(groups, rows, bank_row, bank_path):
     for config, (runs, stats) in groups.items():
         group = [r for r in rows if r["configuration"] == config]
         lines.append([config, runs, len({r["subset"] for r in group}),
-                      len({r["seed"] for r in group})] + [mean_std(stats[m]) for m in metrics])
+                      len({r["seed"] for r in group})] + [mean_std_cell(stats[m]) for m in metrics])
     lines.append([bank_row["model"], "", "", ""] + [
         "-" if bank_row.get(m) is None else f"{bank_row[m]:.3f}" for m in metrics])
     header = ["configuration", "runs", "subsets", "seeds"] + [
@@ -456,7 +458,7 @@ def grouped_table(groups, rows, bank_row, bank_path):
             + md_table(header, lines))
 
 
-def mean_std(stat):
+def mean_std_cell(stat):
     return "-" if stat is None else f"{stat[0]:.3f} ± {stat[1]:.3f}"
 
 
@@ -831,7 +833,7 @@ def attack_columns(rows, args):
 def microscope_table(rows, images, args):
     """microscope.md: one row per configuration (in the rows' order), mean ± std over its runs."""
     columns, headers = attack_columns(rows, args)
-    lines = [[config, runs] + [mean_std(stats[c]) for c in columns]
+    lines = [[config, runs] + [mean_std_cell(stats[c]) for c in columns]
              for config, (runs, stats) in group_stats(rows, columns).items()]
     return (f"Accuracy under attack on {images} test images of {args.test_data} (L-inf in pixel "
             f"space [0, 1], eps in units of 1/255; FGSM, and PGD with {args.pgd_steps} steps of "
