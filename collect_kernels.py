@@ -105,7 +105,7 @@ def collect(args):
                 "seeds": [c.get("seed") for c in ckpts],
                 "test_acc": [last(c.get("history", {}), "test_acc") for c in ckpts],
                 "dataset": ckpts[0].get("dataset"), "arch": ARCH,
-                "format": ckpts[0].get("format", "pretrain.py")}
+                "format": "authors" if ckpts[0].get("format") == "authors" else "pretrain.py"}
         write_atomic(name + ".pt", lambda tmp: torch.save(bank, tmp))
         shown = random_sample(kernels, args.grid_kernels, args.seed)  # Figure 3
         save_grid(name + "_grid.png", shown[:, None], nrow=8, scale=8)

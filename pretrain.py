@@ -18,10 +18,12 @@ Writes: <out>/seed<N>.pt (weights, optimizer and random state, epochs done, hist
         run with other training flags is refused), <out>/summary.json (final test accuracy per
         seed, "test_acc", with mean and std), <out>/training_curves.png; with --evaluate,
         <out>/evaluation.json.
-Results: docs/pretrain.md
+Results: docs/pretrain.md; where each default comes from: docs/defaults.md
 """
 import argparse
+import csv
 import functools
+import io
 import json
 import math
 import os
@@ -41,65 +43,38 @@ import torchvision
 
 # ----------------------------------------------------------------------------- config
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="Stage 1: pretrain the paper's CNN on CIFAR-100 (or an ImageFolder), one run "
-                    "per seed; or, with --evaluate, measure checkpoints on a test set.",
-        formatter_class=HelpFormatter)
-    p.add_argument("--data", default="cifar100",
-                   help="cifar100 | cifar10 (torchvision download) or PATH of an ImageFolder tree "
-                        "PATH/train/<class>/* and PATH/test/<class>/* (paper text: cifar100)")
-    p.add_argument("--data-root", default="data",
-                   help="where torchvision datasets are downloaded (this project)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
-                   help="one model per seed (paper text: 5 models, seeds 0-4)")
-    p.add_argument("--epochs", type=int, default=100, help="epochs per seed (paper text: 100)")
-    p.add_argument("--batch-size", type=int, default=128,
-                   help="images per step (paper text: 128; authors' notebook: 256)")
-    p.add_argument("--lr", type=float, default=1e-3,
-                   help="Adam learning rate (paper text: Adam's defaults)")
-    p.add_argument("--weight-decay", type=float, default=1e-3,
-                   help="Adam weight decay (paper text: 1e-3; authors' notebook: 1e-4)")
-    p.add_argument("--no-augment", action="store_true",
-                   help="turn off random crop (padding 4) + horizontal flip (on: the authors' "
-                        "notebook, which trained their published models; paper text: normalized "
-                        "only)")
-    p.add_argument("--train-limit", type=int, default=0,
-                   help="use only this many training images, drawn at random (0 = all; this "
-                        "project: docs/pretrain.md)")
-    p.add_argument("--test-limit", type=int, default=0,
-                   help="evaluate on only this many test images (0 = all; this project: "
-                        "docs/pretrain.md)")
-    p.add_argument("--eval-every", type=int, default=1,
-                   help="evaluate test accuracy every N epochs (this project: docs/pretrain.md)")
-    p.add_argument("--quick", action="store_true",
-                   help="laptop-CPU smoke run: --epochs 2 --train-limit 2000 --test-limit 1000, "
-                        "over any of those given (this project: docs/pretrain.md)")
-    p.add_argument("--evaluate", nargs="+", metavar="CKPT", default=None,
-                   help="instead of training: test accuracy of these checkpoints (pretrain.py's or "
-                        "the authors' model1_seed*.pt) on the --data test split")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="bf16: autocast forward passes (float32 weights and optimizer state); "
-                        "faster on CPUs with AVX512-BF16 / AMX and on recent GPUs, much slower "
-                        "on CPUs without native bf16 (this project: docs/pretrain.md)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                   help="auto = cuda if available, else mps, else cpu (this project)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for torch (0 = torch's default; this project)")
-    p.add_argument("--out", default="checkpoints",
-                   help="folder for seed<N>.pt, summary.json, curves or evaluation.json (this "
-                        "project)")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    add = p.add_argument  # the source of each default in (...); the why: docs/defaults.md
+    add("--data", default="cifar100", help="cifar100 | cifar10 | an ImageFolder PATH (paper)")
+    add("--data-root", default="data", help="where torchvision downloads datasets (ours)")
+    add("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="one model each (paper)")
+    add("--epochs", type=int, default=100, help="epochs per seed (paper)")
+    add("--batch-size", type=int, default=128, help="images per step (paper; notebook: 256)")
+    add("--lr", type=float, default=1e-3, help="Adam's learning rate (paper)")
+    add("--weight-decay", type=float, default=1e-3, help="Adam's (paper; notebook: 1e-4)")
+    add("--no-augment", action="store_true", help="no random crop + flip (on: notebook)")
+    add("--train-limit", type=int, default=0, help="train on N images drawn once; 0 = all (ours)")
+    add("--test-limit", type=int, default=0, help="test on N images drawn once; 0 = all (ours)")
+    add("--eval-every", type=int, default=1, help="test accuracy every N epochs (ours)")
+    add("--quick", action="store_true", help="--epochs 2 --train-limit 2000 --test-limit 1000")
+    add("--evaluate", nargs="+", metavar="CKPT", help="no training: these checkpoints' test acc")
+    add("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast (ours)")
+    add("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="(ours)")
+    add("--threads", type=int, default=0, help="CPU threads; 0 = torch's default (ours)")
+    add("--out", default="checkpoints", help="folder of seed<N>.pt, summary.json, ... (ours)")
     args = p.parse_args(argv)
     if args.quick:  # the quick budget, as if given last on the command line
         argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-        args = p.parse_args(argv + ["--epochs", "2", "--train-limit", "2000",
-                                    "--test-limit", "1000"])
-    for name in ("epochs", "batch_size", "eval_every"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.train_limit < 0 or args.test_limit < 0:
-        p.error("--train-limit and --test-limit must be >= 0 (0 = all)")
-    if len(set(args.seeds)) != len(args.seeds):
-        p.error(f"--seeds has duplicates: {args.seeds}")
+        args = p.parse_args(argv + "--epochs 2 --train-limit 2000 --test-limit 1000".split())
+    for failed, message in [
+            (args.epochs < 1, f"--epochs must be >= 1, got {args.epochs}"),
+            (args.batch_size < 1, f"--batch-size must be >= 1, got {args.batch_size}"),
+            (args.eval_every < 1, f"--eval-every must be >= 1, got {args.eval_every}"),
+            (min(args.train_limit, args.test_limit) < 0,
+             "--train-limit and --test-limit must be >= 0 (0 = all)"),
+            (len(set(args.seeds)) != len(args.seeds), f"--seeds has duplicates: {args.seeds}")]:
+        if failed:
+            p.error(message)
     return args
 
 
@@ -148,10 +123,21 @@ def train(seed, args, data, device):
     torch.manual_seed(seed)
     model = PaperCNN(len(classes)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    # TRY NOT TO MODIFY: the run as one dict, saved after every epoch; an interrupted seed resumes
+    # where it stopped, and a folder holding a run with other training flags is refused
     path = os.path.join(args.out, f"seed{seed}.pt")
-    start_epoch, history = resume_seed(path, model, optimizer, args, seed, classes)
+    flags = {k: v for k, v in vars(args).items() if k not in FREE_FLAGS}
+    ckpt = {"model": model, "optimizer": optimizer, "arch": ARCH, "seed": seed, "epoch": 0,
+            "history": {"train_loss": [], "eval_epoch": [], "test_acc": [], "epoch_seconds": []},
+            "args": vars(args), "flags": flags, "classes": classes, "dataset": args.data,
+            "label": f"pretrained ({args.data})", "row_order": [4, 0, 0, 0.0]}  # --compare's row
+    saved = resume(path, ckpt, flags)
+    if saved:
+        print(f"seed {seed}: resuming from {path} after epoch {saved['epoch']} of {args.epochs}")
+        ckpt.update(epoch=saved["epoch"], history=saved["history"])
+    history = ckpt["history"]
     n = len(train_x)
-    for epoch in range(start_epoch + 1, args.epochs + 1):
+    for epoch in range(ckpt["epoch"] + 1, args.epochs + 1):
         t0 = time.time()
         loss_sum = torch.zeros((), device=device)  # summed on the device: one host sync an epoch
         perm = torch.randperm(n, device=device)
@@ -167,24 +153,78 @@ def train(seed, args, data, device):
         history["train_loss"].append((loss_sum / n).item())
         # a NaN loss stops the run here, before it overwrites the last good checkpoint
         stop_if_diverged(history["train_loss"][-1], f"epoch {epoch} of seed {seed}", "--lr")
+        test_acc = "-"
         if epoch % args.eval_every == 0 or epoch == args.epochs:
-            history["eval_epoch"].append(epoch)
             with autocast(args.precision, device):
                 history["test_acc"].append(evaluate(model, test_x, test_y))
-        history["epoch_seconds"].append(time.time() - t0)
-        # weights, optimizer and random state after every epoch: an interrupted run resumes
-        save_checkpoint(path, {"model": model, "optimizer": optimizer}, arch=ARCH, epoch=epoch,
-                        history=history, args=vars(args), flags=run_flags(args, FREE_FLAGS),
-                        seed=seed, classes=classes, dataset=args.data)
-        print_epoch(seed, epoch, args.epochs, history, n)
+            history["eval_epoch"].append(epoch)
+            test_acc = f"{history['test_acc'][-1]:.4f}"
+        secs = time.time() - t0
+        history["epoch_seconds"].append(secs)
+        ckpt["epoch"] = epoch
+        save_checkpoint(path, ckpt)  # weights, optimizer, random generators, history
+        progress(f"seed {seed} epoch", epoch, args.epochs, secs,
+                 f"loss {history['train_loss'][-1]:.4f} | test acc {test_acc} | "
+                 f"{secs:.1f} s/epoch | {n / secs:.0f} img/s")
     return history
+
+
+# ----------------------------------------------------------------------------- outputs
+def write_pretraining_summary(histories, args):
+    """summary.json (final and best test accuracy per seed, mean ± std) and the table printed."""
+    finals = {str(s): h["test_acc"][-1] for s, h in histories.items()}
+    mean, std = mean_std(list(finals.values()))
+    summary = {"dataset": args.data, "epochs": args.epochs, "test_acc": finals,
+               "best_test_acc": {str(s): max(h["test_acc"]) for s, h in histories.items()},
+               "mean": mean, "std": std}
+    write_json(os.path.join(args.out, "summary.json"), summary)
+    print("\nseed | final test acc")
+    for s, a in finals.items():
+        print(f"{s:>4} | {a:.4f}")
+    print(f"mean ± std over {len(finals)} seeds: {mean:.4f} ± {std:.4f}")
+    print(f"wrote {args.out}/seed<N>.pt, summary.json, training_curves.png")
+
+
+def plot_training_curves(histories, path):
+    """The training loss and the test accuracy of every seed, by epoch."""
+    loss = {f"seed {s}": (range(1, len(h["train_loss"]) + 1), h["train_loss"])
+            for s, h in histories.items()}
+    acc = {f"seed {s}": (h["eval_epoch"], h["test_acc"]) for s, h in histories.items()}
+    plot_lines(path, [("training loss", "epoch", "train cross-entropy", loss),
+                      ("test accuracy", "epoch", "test accuracy", acc)])
+
+
+def evaluate_checkpoints(args, device):
+    """--evaluate: test accuracy of each checkpoint on the --data test split."""
+    test_x, test_y, classes = load_split(args.data, args.data_root, "test")
+    test_x, test_y = as_cifar_images(test_x).to(device), test_y.to(device)
+    accs = {}
+    for path in args.evaluate:
+        state = read_checkpoint(path)["model"]
+        model = PaperCNN(len(classes)).to(device)
+        if {k: v.shape for k, v in state.items()} != \
+                {k: v.shape for k, v in model.state_dict().items()}:
+            raise UserError(f"{path} is not the paper's CNN with {len(classes)} classes (the "
+                            f"class folders of {args.data}'s test split)")
+        model.load_state_dict(state)
+        accs[path] = evaluate(model, test_x, test_y)
+        print(f"{path}: test accuracy {accs[path]:.4f} on {len(test_x)} images of {args.data}")
+    mean, std = mean_std(list(accs.values()))
+    print(f"mean ± std over {len(accs)} checkpoints: {mean:.4f} ± {std:.4f}")
+    os.makedirs(args.out, exist_ok=True)
+    result = {"data": args.data, "images": len(test_x), "test_acc": accs, "mean": mean, "std": std}
+    write_json(os.path.join(args.out, "evaluation.json"), result)
+
+
+def mean_std(values):
+    """Mean and sample standard deviation (0 for a single value)."""
+    values = torch.tensor(values, dtype=torch.float64)
+    return values.mean().item(), values.std().item() if len(values) > 1 else 0.0
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = pick_device(args)  # --threads, then --device
     warn_if_bf16_is_slow(args.precision, device)
     if args.evaluate:
         return evaluate_checkpoints(args, device)
@@ -197,75 +237,28 @@ def main(argv=None):
     write_pretraining_summary(histories, args)
 
 
-# ==== plumbing: the same in every script, checked by test_smoke.py; skip on a first read ====
-# ----------------------------------------------------------------------------- device, data
-def pick_device(name):
-    """'auto' picks CUDA, then Apple's MPS, then the CPU; an explicit choice must be available."""
-    cuda = torch.cuda.is_available()
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        name = "cuda" if cuda else "mps" if mps else "cpu"
-    if (name == "cuda" and not cuda) or (name == "mps" and not mps):
-        raise SystemExit(f"error: --device {name} asked for, but torch cannot use it here "
-                         f"(try --device cpu)")
-    return torch.device(name)
-
-TORCHVISION_DATASETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "mnist": "MNIST"}
-
-
-@functools.lru_cache(maxsize=4)  # a run may read a split more than once: decode it once
-def load_split(data, root, split):
-    """One split ("train" or "test") as (uint8 images [N, C, H, W] at the data's own size, int64
-    labels [N], class names). `data` is a torchvision name (downloaded into `root`) or the path of
-    an ImageFolder tree data/{train,test}/<class>/<image>; grayscale trees (MNIST) stay 1-channel,
-    and an image of another size than the first is resized to it. Every image is decoded once here;
-    training then only indexes these tensors."""
-    if data in TORCHVISION_DATASETS:
-        try:
-            dataset_class = getattr(torchvision.datasets, TORCHVISION_DATASETS[data])
-            ds = dataset_class(root, train=split == "train", download=True)
-        except Exception as e:  # offline: URLError, RuntimeError, ... all mean "could not download"
-            raise SystemExit(f"error: could not download {data} into {root!r} ({type(e).__name__})."
-                             f" Offline? Pass an ImageFolder tree instead: --data PATH with "
-                             f"PATH/train/<class>/*.png and PATH/test/<class>/*.png")
-        x = torch.as_tensor(ds.data)
-        x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
-        return x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long), list(ds.classes)
-    if not os.path.isdir(data):
-        raise SystemExit(f"error: --data {data!r} is neither a known dataset "
-                         f"({', '.join(TORCHVISION_DATASETS)}) nor an existing folder")
-    folder = os.path.join(data, split)
-    try:  # ImageFolder finds the class folders (sorted) and the image files in them
-        ds = torchvision.datasets.ImageFolder(folder)
-    except (FileNotFoundError, OSError):
-        raise SystemExit(f"error: no images in {folder!r}; expected an ImageFolder tree "
-                         f"{data}/{split}/<class>/<image>.png")
-    print(f"decoding the {len(ds.samples)} images of {folder}", flush=True)
-    with PIL.Image.open(ds.samples[0][0]) as first:
-        mode = "L" if first.mode in ("L", "1", "I;16", "I") else "RGB"
-    images = []
-    for path, _ in ds.samples:
-        try:
-            with PIL.Image.open(path) as img:
-                img = torchvision.transforms.functional.pil_to_tensor(img.convert(mode))
-        except OSError as e:  # PIL's UnidentifiedImageError is one
-            raise SystemExit(f"error: cannot read image {path!r} ({type(e).__name__}): not an "
-                             f"image, or corrupt")
-        if images and img.shape != images[0].shape:
-            img = resize_uint8(img[None], images[0].shape[-1])[0]
-        images.append(img)
-    return torch.stack(images), torch.tensor(ds.targets), ds.classes
+# ----------------------------------------------------------------------------- data
+def load_pretraining_data(args, device):
+    """(train_x, train_y, test_x, test_y, classes), the whole dataset on the device as uint8
+    [N, 3, 32, 32] (CIFAR: 150 MB), so no data loader is needed."""
+    t0 = time.time()
+    train_x, train_y, classes = load_split(args.data, args.data_root, "train")
+    test_x, test_y, test_classes = load_split(args.data, args.data_root, "test")
+    if test_classes != classes:
+        raise UserError(f"train and test class folders differ: {classes} vs {test_classes}")
+    if args.train_limit:  # a fixed random subset, the same for every seed
+        keep = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))
+        train_x, train_y = train_x[keep[:args.train_limit]], train_y[keep[:args.train_limit]]
+    if args.test_limit:
+        keep = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(0))
+        test_x, test_y = test_x[keep[:args.test_limit]], test_y[keep[:args.test_limit]]
+    train_x, test_x = as_cifar_images(train_x), as_cifar_images(test_x)
+    print(f"data: {args.data} | {len(train_x)} train / {len(test_x)} test images | "
+          f"{len(classes)} classes | loaded in {time.time() - t0:.1f} s | device {device}")
+    return (*(t.to(device) for t in (train_x, train_y, test_x, test_y)), classes)
 
 
-def resize_uint8(x, size):
-    """uint8 images [N, C, H, W] -> [N, C, size, size] (bilinear, antialiased), in chunks."""
-    if x.shape[-1] == size and x.shape[-2] == size:
-        return x
-    out = [F.interpolate(c.float(), size=(size, size), mode="bilinear", antialias=True,
-                         align_corners=False) for c in x.split(8192)]
-    return torch.cat(out).round().clamp(0, 255).to(torch.uint8)
-
-
+# ----------------------- shared: the same text in train_small.py and train_advreg.py (tested)
 def as_cifar_images(images):
     """uint8 [N, C, H, W] -> [N, 3, 32, 32], what the paper's CNN takes (gray -> RGB, resized)."""
     if images.shape[1] == 1:
@@ -298,27 +291,6 @@ def augment(images, pad=4):
     return padded[batch, channel, rows, cols]
 
 
-def load_pretraining_data(args, device):
-    """(train_x, train_y, test_x, test_y, classes), the whole dataset on the device as uint8
-    [N, 3, 32, 32] (CIFAR: 150 MB), so no data loader is needed."""
-    t0 = time.time()
-    train_x, train_y, classes = load_split(args.data, args.data_root, "train")
-    test_x, test_y, test_classes = load_split(args.data, args.data_root, "test")
-    if test_classes != classes:
-        raise SystemExit(f"error: train and test class folders differ: {classes} vs {test_classes}")
-    if args.train_limit:  # a fixed random subset, the same for every seed
-        keep = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))
-        train_x, train_y = train_x[keep[:args.train_limit]], train_y[keep[:args.train_limit]]
-    if args.test_limit:
-        keep = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(0))
-        test_x, test_y = test_x[keep[:args.test_limit]], test_y[keep[:args.test_limit]]
-    train_x, test_x = as_cifar_images(train_x), as_cifar_images(test_x)
-    print(f"data: {args.data} | {len(train_x)} train / {len(test_x)} test images | "
-          f"{len(classes)} classes | loaded in {time.time() - t0:.1f} s | device {device}")
-    return (*(t.to(device) for t in (train_x, train_y, test_x, test_y)), classes)
-
-
-# ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(model, images, labels, batch_size=1000):
     """Accuracy in [0, 1] of the model in eval mode (BatchNorm's running statistics); one host
@@ -333,39 +305,7 @@ def evaluate(model, images, labels, batch_size=1000):
     return correct.item() / max(len(images), 1)
 
 
-def evaluate_checkpoints(args, device):
-    """--evaluate: test accuracy of each checkpoint on the --data test split."""
-    test_x, test_y, classes = load_split(args.data, args.data_root, "test")
-    test_x, test_y = as_cifar_images(test_x).to(device), test_y.to(device)
-    accs = {}
-    for path in args.evaluate:
-        state = read_checkpoint(path)["model"]
-        num_classes = state["fc.weight"].shape[0]
-        if num_classes != len(classes):
-            raise SystemExit(f"error: {path} classifies {num_classes} classes, but {args.data}'s "
-                             f"test split has {len(classes)} class folders")
-        model = PaperCNN(num_classes).to(device)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError:
-            raise SystemExit(f"error: {path} holds another architecture than the paper's CNN")
-        accs[path] = evaluate(model, test_x, test_y)
-        print(f"{path}: test accuracy {accs[path]:.4f} on {len(test_x)} images of {args.data}")
-    mean, std = mean_std(list(accs.values()))
-    print(f"mean ± std over {len(accs)} checkpoints: {mean:.4f} ± {std:.4f}")
-    os.makedirs(args.out, exist_ok=True)
-    write_json(os.path.join(args.out, "evaluation.json"),
-               {"data": args.data, "images": len(test_x), "test_acc": accs, "mean": mean,
-                "std": std})
-
-
-def mean_std(values):
-    """Mean and sample standard deviation (0 for a single value)."""
-    values = torch.tensor(values, dtype=torch.float64)
-    return values.mean().item(), values.std().item() if len(values) > 1 else 0.0
-
-
-# ----------------------------------------------------------------------------- checkpoints
+# ------------------------------------- shared: reading a checkpoint of the paper's CNN (tested)
 ARCH = "PaperCNN"  # stored in checkpoints; collect_kernels.py refuses anything else
 
 AUTHORS_LAYERS = {"features.0": "conv1", "features.1": "bn1", "features.3": "conv2",
@@ -390,185 +330,17 @@ def read_checkpoint(path):
         ckpt = {"arch": ARCH, "model": model, "seed": int(seed) if seed else None,
                 "dataset": "cifar100 (the authors' models)", "format": "authors"}
     if not isinstance(ckpt, dict) or ckpt.get("arch") != ARCH or "model" not in ckpt:
-        raise SystemExit(f"error: {path} is not a checkpoint of the paper's CNN (corrupt or "
+        raise UserError(f"{path} is not a checkpoint of the paper's CNN (corrupt or "
                          f"another format); pretrain.py, train_small.py and train_advreg.py "
                          f"write them, and the authors' models/model1_seed*.pt are read too")
     return ckpt
 
 
-def state_of(obj):
-    """state_dict of a module or optimizer, or of each one in a dict of them."""
-    if isinstance(obj, dict):
-        return {name: o.state_dict() for name, o in obj.items()}
-    return obj.state_dict()
-
-
-def save_checkpoint(path, states, **fields):
-    """The state of every model and optimizer in `states` (name -> object, or name -> dict of
-    objects), the random generators' state (so batch order, augmentation and noise continue exactly
-    where they stopped) and the caller's fields, written atomically."""
-    ckpt = {name: state_of(obj) for name, obj in states.items()}
-    ckpt.update(fields, rng_cpu=torch.get_rng_state())
-    if torch.cuda.is_available():
-        ckpt["rng_cuda"] = torch.cuda.get_rng_state()
-    write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
-
-
-def resume(path, states, flags, **expected):
-    """Load the checkpoint at `path` into `states` (as save_checkpoint wrote them) and restore the
-    random generators; returns its dict, or None if there is none yet. One clear line instead, with
-    nothing loaded, for a damaged file, another program's (a field of `expected` differs: format,
-    architecture, classes) or a run made with other training flags (`flags`: name -> value, the
-    flags that change what a run computes; the checkpoint keeps its own under "flags")."""
-    if not os.path.exists(path):
-        return None
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"error: cannot read {path} ({type(e).__name__}): it is damaged or not a "
-                         f"checkpoint; delete it or use another --out")
-    if not isinstance(ckpt, dict) or any(ckpt.get(k) != v for k, v in expected.items()):
-        raise SystemExit(f"error: {path} is not a checkpoint of this run (another format, model "
-                         f"or dataset); use another --out or delete it")
-    saved = ckpt.get("flags") or {k: ckpt.get("args", {}).get(k) for k in flags}  # older: args
-    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {v!r})"
-               for k, v in flags.items() if saved.get(k) != v]
-    if changed:
-        raise SystemExit(f"error: {path} is a run with other flags: {', '.join(changed)}; use "
-                         f"another --out, or the same flags to resume it")
-    for name, obj in states.items():
-        if isinstance(obj, dict):
-            for key, o in obj.items():
-                o.load_state_dict(ckpt[name][key])
-        else:
-            obj.load_state_dict(ckpt[name])
-    torch.set_rng_state(ckpt["rng_cpu"])
-    if torch.cuda.is_available() and "rng_cuda" in ckpt:
-        torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu())
-    return ckpt
-
-
-def run_flags(args, free):
-    """The flags that define a run (stored in its checkpoint, compared on resume): every flag but
-    those in `free`, which cannot change what the run computes (--epochs, --threads, --device)."""
-    return {k: v for k, v in vars(args).items() if k not in free}
-
-
-def resume_seed(path, model, optimizer, args, seed, classes):
-    """(epochs done, history) of a seed's run: resumed from its checkpoint, or a fresh start."""
-    ckpt = resume(path, {"model": model, "optimizer": optimizer}, run_flags(args, FREE_FLAGS),
-                  arch=ARCH, classes=classes)
-    if ckpt is None:
-        return 0, {"train_loss": [], "eval_epoch": [], "test_acc": [], "epoch_seconds": []}
-    print(f"seed {seed}: resuming from {path} after epoch {ckpt['epoch']}")
-    if ckpt["epoch"] >= args.epochs:
-        print(f"seed {seed}: already trained for {ckpt['epoch']} epochs, skipping")
-    return ckpt["epoch"], ckpt["history"]
-
-
-def stop_if_diverged(loss, where, flags):
-    """A run whose loss is not finite stops here, before it overwrites its last good checkpoint."""
-    if not math.isfinite(loss):
-        raise SystemExit(f"error: the training loss is {loss} at {where}; the run diverged. Its "
-                         f"last good checkpoint is kept. Lower {flags} and run again with "
-                         f"another --out")
-
-
-# ----------------------------------------------------------------------------- progress, outputs
-def print_epoch(seed, epoch, epochs, history, images):
-    secs = history["epoch_seconds"][-1]
-    evaluated = history["eval_epoch"][-1:] == [epoch]
-    acc = f"{history['test_acc'][-1]:.4f}" if evaluated else "  -   "
-    print(f"seed {seed} | epoch {epoch:3d}/{epochs} | loss {history['train_loss'][-1]:.4f} | "
-          f"test acc {acc} | {secs:5.1f} s/epoch | {images / secs:6.0f} img/s | "
-          f"ETA {secs * (epochs - epoch) / 60:5.1f} min", flush=True)
-
-
-def write_pretraining_summary(histories, args):
-    """summary.json (final and best test accuracy per seed, mean ± std) and the table printed."""
-    finals = {str(s): h["test_acc"][-1] for s, h in histories.items()}
-    mean, std = mean_std(list(finals.values()))
-    summary = {"dataset": args.data, "epochs": args.epochs, "test_acc": finals,
-               "best_test_acc": {str(s): max(h["test_acc"]) for s, h in histories.items()},
-               "mean": mean, "std": std}
-    write_json(os.path.join(args.out, "summary.json"), summary)
-    print("\nseed | final test acc")
-    for s, a in finals.items():
-        print(f"{s:>4} | {a:.4f}")
-    print(f"mean ± std over {len(finals)} seeds: {mean:.4f} ± {std:.4f}")
-    print(f"wrote {args.out}/seed<N>.pt, summary.json, training_curves.png")
-
-
-def plot_training_curves(histories, path):
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for seed, h in histories.items():
-        ax_loss.plot(range(1, len(h["train_loss"]) + 1), h["train_loss"], label=f"seed {seed}")
-        ax_acc.plot(h["eval_epoch"], h["test_acc"], marker=".", label=f"seed {seed}")
-    ax_loss.set(xlabel="epoch", ylabel="train cross-entropy", title="training loss")
-    ax_acc.set(xlabel="epoch", ylabel="test accuracy", title="test accuracy")
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    save_figure(fig, path)
-
-
-def write_atomic(path, write):
-    """Write a file under a temporary name, then rename it: a Ctrl-C, a kill or a full disk never
-    leaves half a file, and the previous version stays until the new one is complete.
-    `write(tmp)` writes to the name it is given (torch.save, fig.savefig, ...)."""
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{ext}"  # keep the extension: savefig and save_image read the format from it
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        torch_write = any(s in str(e) for s in ("inline_container", "PytorchStreamWriter"))
-        if isinstance(e, RuntimeError) and not torch_write:
-            raise  # not a write error: a bug, shown as one
-        reason = getattr(e, "strerror", None) or "the write failed: is the disk full?"
-        raise SystemExit(f"error: could not write {path} ({reason}); its previous version, if "
-                         f"any, is kept")
-    except BaseException:  # Ctrl-C, SystemExit: no temporary file left behind
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_text(path, text):
-    write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(text))
-
-
-def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=2))
-
-
-def save_figure(fig, path, dpi=100):
-    fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi))
-    plt.close(fig)
-
-
+# ----------------------------------------------------------------------------- precision
 def autocast(precision, device):
-    """--precision bf16: forward passes and losses in bfloat16 where torch's autocast deems it
-    safe; weights, gradients and optimizer state stay float32. fp32: a no-op."""
+    """bf16: forward passes in bfloat16 where autocast deems it safe; weights, gradients and
+    optimizer state stay float32. fp32: a no-op."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def cpu_has_native_bf16():
-    """Whether this CPU computes bfloat16 in hardware: AVX512-BF16 or AMX on x86, BF16 on Arm.
-    Without it torch emulates bf16, many times slower than fp32. Asks torch.cpu.get_capabilities
-    (torch 2.14 has it), else Linux's /proc/cpuinfo; True when neither can tell (no warning)."""
-    flags = {"avx512_bf16", "amx_bf16", "bf16", "sve_bf16"}
-    get_capabilities = getattr(torch.cpu, "get_capabilities", None)
-    if get_capabilities is not None:
-        capabilities = get_capabilities()
-        return any(capabilities.get(flag, False) for flag in flags)
-    try:
-        return bool(flags & set(pathlib.Path("/proc/cpuinfo").read_text().split()))
-    except OSError:
-        return True
 
 
 def warn_if_bf16_is_slow(precision, device):
@@ -579,9 +351,202 @@ def warn_if_bf16_is_slow(precision, device):
               "and use --precision fp32, the default", file=sys.stderr, flush=True)
 
 
+def cpu_has_native_bf16(flags=("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")):
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX on x86, BF16 on Arm):
+    torch.cpu.get_capabilities, else Linux's /proc/cpuinfo; True when neither can tell."""
+    if hasattr(torch.cpu, "get_capabilities"):
+        return any(torch.cpu.get_capabilities().get(flag, False) for flag in flags)
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    return not cpuinfo.exists() or bool(set(flags) & set(cpuinfo.read_text().split()))
+
+
+# ==== plumbing: the same block in every script, checked by test_smoke.py; skip on a first read ====
+class UserError(Exception):
+    """A mistake in the input (a flag, a file), or a run that cannot go on: one line, exit 1."""
+
+
+def entry_point(main, argv=None):
+    """Run main(argv). A UserError, a failed read or write (a full disk) or Ctrl-C ends the
+    program with one line and a non-zero exit, instead of a traceback."""
+    try:
+        main(argv)
+    except (UserError, OSError) as e:  # OSError: a file that could not be read, and why
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: every file written so far is whole; the same command resumes")
+
+
+def pick_device(args):
+    """--threads, then --device: 'auto' is CUDA, else Apple's MPS, else the CPU."""
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
+    ok = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    name = getattr(args, "device", "auto")
+    name = next(n for n in ("cuda", "mps", "cpu") if ok[n]) if name == "auto" else name
+    if not ok[name]:
+        raise UserError(f"--device {name}: torch cannot use it here (try --device cpu)")
+    return torch.device(name)
+
+
+TORCHVISION_DATASETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "mnist": "MNIST"}
+
+
+@functools.lru_cache(maxsize=4)  # a run may read a split more than once: decode it once
+def load_split(data, root, split):
+    """One split ("train" or "test") as (uint8 images [N, C, H, W], int64 labels [N], class
+    names): a torchvision name (downloaded into `root`) or an ImageFolder tree
+    data/{train,test}/<class>/<image>. Grayscale trees stay 1-channel; an image of another size
+    than the first is resized to it. Every image is decoded once, here."""
+    if data in TORCHVISION_DATASETS:
+        try:  # offline, any exception (URLError, RuntimeError, ...) means "no download"
+            ds = getattr(torchvision.datasets, TORCHVISION_DATASETS[data])(
+                root, train=split == "train", download=True)
+        except Exception as e:
+            raise UserError(f"could not download {data} ({type(e).__name__}); offline? Pass "
+                            f"--data PATH, an ImageFolder tree PATH/train/<class>/*")
+        x = torch.as_tensor(ds.data)  # [N, H, W] (MNIST) or [N, H, W, C]
+        x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
+        return x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long), list(ds.classes)
+    if not os.path.isdir(data):
+        raise UserError(f"--data {data!r}: neither {', '.join(TORCHVISION_DATASETS)} nor a folder")
+    # ImageFolder finds the class folders (sorted) and their images; a missing folder or a file
+    # that is not an image is an OSError, which entry_point prints as one line with its path
+    ds = torchvision.datasets.ImageFolder(os.path.join(data, split))
+    print(f"decoding the {len(ds.samples)} images of {data}/{split}", flush=True)
+    images, mode = [], None
+    for path, _ in ds.samples:
+        with PIL.Image.open(path) as img:
+            mode = mode or ("L" if img.mode in ("L", "1", "I;16", "I") else "RGB")  # the first's
+            img = torchvision.transforms.functional.pil_to_tensor(img.convert(mode))
+        images.append(resize_uint8(img[None], images[0].shape[-1])[0] if images else img)
+    return torch.stack(images), torch.tensor(ds.targets), ds.classes
+
+
+def resize_uint8(x, size):
+    """uint8 images [N, C, H, W] -> [N, C, size, size] (bilinear, antialiased), in chunks."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    out = [F.interpolate(c.float(), size=(size, size), mode="bilinear", antialias=True)
+           for c in x.split(8192)]
+    return torch.cat(out).round().clamp(0, 255).to(torch.uint8)
+
+
+def write_atomic(path, write):
+    """write(tmp) to a temporary name, then rename it to `path`: a Ctrl-C, a kill or a full disk
+    never leaves half a file, and the previous version stays until the new one is whole."""
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{ext}"  # keep the extension: savefig and save_image read the format from it
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:  # Ctrl-C too: no temporary file is left behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if not (isinstance(e, OSError) or "PytorchStreamWriter" in str(e)):  # torch.save's full
+            raise  # disk is a RuntimeError; any other exception is a bug, shown as one
+        reason = getattr(e, "strerror", None) or "is the disk full?"
+        raise UserError(f"could not write {path} ({reason}); its last version is kept") from e
+
+
+def write_json(path, obj):
+    write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(obj, indent=2)))
+
+
+def write_csv(path, rows):
+    """A list of dicts as CSV; the columns are their keys, in the order they first appear."""
+    buffer, columns = io.StringIO(), list(dict.fromkeys(k for row in rows for k in row))
+    writer = csv.DictWriter(buffer, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(buffer.getvalue()))
+
+
+FORMAT = 2  # a checkpoint of this project: one dict; earlier formats are refused by name
+
+
+def save_checkpoint(path, ckpt):
+    """One dict, written atomically: each module and optimizer as its state_dict, the other
+    values as they are, with the format and the random generators' state."""
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    saved = {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in ckpt.items()}
+    write_atomic(path, lambda tmp: torch.save(saved | {"format": FORMAT, "rng": rng}, tmp))
+
+
+def resume(path, ckpt, flags):
+    """Load the run saved at `path` into the modules and optimizers of `ckpt` (as given to
+    save_checkpoint) and restore the random generators; returns the saved dict, or None where
+    there is none yet. Refused in one line: a damaged file, an earlier format, and a run whose
+    defining flags (`flags`, name -> value) differ from the command's."""
+    if not os.path.exists(path):
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__}): damaged? Use another --out")
+    fmt = saved.get("format", 1) if isinstance(saved, dict) else "unknown"
+    if fmt != FORMAT:
+        raise UserError(f"{path} has checkpoint format {fmt}, not {FORMAT}: use another --out")
+    changed = [f"--{k.replace('_', '-')} {saved['flags'].get(k)!r} (now {v!r})"
+               for k, v in flags.items() if saved["flags"].get(k) != v]
+    if changed:
+        raise UserError(f"{path} is a run with other flags: {', '.join(changed)}; another --out?")
+    for key, obj in ckpt.items():
+        if hasattr(obj, "load_state_dict"):
+            obj.load_state_dict(saved[key])
+    torch.set_rng_state(saved["rng"]["cpu"])
+    if "cuda" in saved["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(saved["rng"]["cuda"].cpu())
+    return saved
+
+
+def stop_if_diverged(loss, where, flags):
+    """A run whose loss is not finite stops here, before it overwrites its last good checkpoint."""
+    if not math.isfinite(loss):
+        raise UserError(f"the training loss is {loss} at {where}; the run diverged (its last "
+                        f"good checkpoint is kept): lower {flags} and run again, another --out")
+
+
+def progress(name, done, total, seconds_each, text):
+    """One progress line: where the run is, what it measures, and the time left."""
+    eta = seconds_each * (total - done) / 60
+    print(f"{name} | {done}/{total} | {text} | ETA {eta:.1f} min", flush=True)
+
+
+def plot_lines(path, panels, width=4.5, dpi=100):
+    """Line plots side by side, one panel per (title, xlabel, ylabel, curves); curves maps a
+    label to (x, y) or (x, y, error bars). A title that ends in "(log)" gets a log y axis."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 3.4), squeeze=False)
+    for ax, (title, xlabel, ylabel, curves) in zip(axes[0], panels):
+        for label, (x, y, *err) in curves.items():
+            ax.errorbar(x, y, yerr=err[0] if err else None, marker=".", capsize=3, label=label)
+        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+        ax.set_yscale("log" if title.endswith("(log)") else "linear")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    save_figure(fig, path, dpi)
+
+
+def save_grid(path, images, nrow=8, value_range=None, scale=1):
+    """Images [N, C, H, W] as one grid PNG, each enlarged `scale` times; value_range=(lo, hi)
+    maps that range to black..white for all, None scales each image to its own range
+    (kernels, saliency maps)."""
+    big = F.interpolate(images.detach().float().cpu(), scale_factor=scale, mode="nearest")
+    grid = torchvision.utils.make_grid(big, nrow, max(2, scale // 2), normalize=True,
+                                       value_range=value_range, scale_each=value_range is None)
+    write_atomic(path, lambda tmp: torchvision.utils.save_image(grid, tmp))
+
+
+def save_figure(fig, path, dpi=100):
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi))
+    plt.close(fig)
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help names each default once: a flag that is off or unset by default, or whose help
-    already says its default, gets no "(default: ...)" appended."""
+    """--help names each default once: a flag off or unset by default, or whose help already
+    says its default, gets no "(default: ...)" appended."""
 
     def _get_help_string(self, action):
         if action.default in (None, False, []) or "default" in (action.help or ""):
@@ -590,4 +555,4 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 if __name__ == "__main__":  # at the very end, so that the plumbing above is defined
-    main()
+    entry_point(main)

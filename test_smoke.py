@@ -138,7 +138,7 @@ def authors_models(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- stages 1-2
-def test_pretrain_writes_checkpoints_summary_and_curves(pretrained):
+def test_pretrain_writes_checkpoints_summary_and_curves(pretrained, tiny_data):
     ckpts, _ = pretrained
     summary = json.loads((ckpts / "summary.json").read_text())
     assert set(summary["test_acc"]) == {"0", "1"}
@@ -150,7 +150,7 @@ def test_pretrain_writes_checkpoints_summary_and_curves(pretrained):
         assert ckpt["arch"] == "PaperCNN" and ckpt["epoch"] == 2 and ckpt["seed"] == seed
         assert len(ckpt["history"]["train_loss"]) == 2 and len(ckpt["history"]["test_acc"]) == 2
         assert summary["test_acc"][str(seed)] == ckpt["history"]["test_acc"][-1]
-        assert ckpt["args"]["epochs"] == 2
+        assert ckpt["args"]["epochs"] == 2 and ckpt["label"] == f"pretrained ({tiny_data})"
         # catches: the training flags not stored, or --epochs among them (it may grow on resume)
         assert ckpt["flags"]["lr"] == 1e-3 and "epochs" not in ckpt["flags"]
         assert ckpt["model"]["conv1.weight"].shape == (64, 3, 7, 7)
@@ -281,12 +281,12 @@ def test_pretrain_resume_continues_from_saved_epoch(tiny_data, tmp_path):
 
 
 def pretrain_in_process(tiny_data, out, *flags):
-    """pretrain.main on the tiny data, seed 0, in this process; returns the SystemExit's message
-    (None if the run ends normally)."""
+    """pretrain.py's entry point on the tiny data, seed 0, in this process; returns the
+    SystemExit's message (None if the run ends normally)."""
     argv = ["--data", str(tiny_data), "--seeds", "0", "--batch-size", "32", "--out", str(out),
             *map(str, flags)]
     try:
-        pretrain.main(argv)
+        pretrain.entry_point(pretrain.main, argv)
     except SystemExit as e:
         return str(e.code)
     return None
@@ -724,10 +724,10 @@ def test_microscope_end_to_end_rows_figures_and_bad_input(tiny_data, pretrained,
 def test_bad_input_gives_one_clear_error(tiny_data, pretrained, tmp_path, capsys):
     ckpts, banks = pretrained
     said = user_error(capsys, pretrain.main, "--data", "imagenet", "--out", tmp_path / "o")
-    assert "neither a known dataset" in said
+    assert "neither cifar10, cifar100, mnist nor a folder" in said
     (tmp_path / "empty" / "train").mkdir(parents=True)
-    assert "no images" in user_error(capsys, pretrain.main, "--data", tmp_path / "empty",
-                                     "--out", tmp_path / "o")
+    assert "find any class folder" in user_error(capsys, pretrain.main, "--data",
+                                                 tmp_path / "empty", "--out", tmp_path / "o")
     assert not (tmp_path / "o").exists()
     assert "invalid choice" in user_error(capsys, pretrain.main, "--device", "tpu")
     said = user_error(capsys, collect_kernels.main, "--checkpoints", tmp_path / "none*.pt")
@@ -1482,7 +1482,7 @@ FENCE = ("# ==== plumbing: the same in every script, checked by test_smoke.py; s
 
 # The rewrite (one shared block, one line per flag) moves one script at a time: the scripts named
 # here have the new fence and the same block below it; the others keep the old plumbing.
-MOVED = ("collect_kernels",)
+MOVED = ("pretrain", "collect_kernels")
 BLOCK_FENCE = ("# ==== plumbing: the same block in every script, checked by test_smoke.py; skip on a "
                "first read ====")
 
