@@ -285,11 +285,11 @@ def checkpoint_row(path, ckpt, configuration, layer, bank_kernels, bank_std):
     return row, kernels
 
 
-METRICS = ["final_test_acc", "best_test_acc", "final_train_acc", "final_val_acc",
-           "frechet_to_bank", "low_freq_share", "kernel_std", "near_zero_share", "d_real",
-           "d_fake"]
-HEADERS = ["final acc", "best acc", "train acc", "val acc", "Frechet to bank", "low-freq share",
-           "kernel std", "near-zero kernels", "D(real)", "D(fake)"]
+METRICS = {  # the table's columns: a row's metric and its header
+    "final_test_acc": "final acc", "best_test_acc": "best acc", "final_train_acc": "train acc",
+    "final_val_acc": "val acc", "frechet_to_bank": "Frechet to bank",
+    "low_freq_share": "low-freq share", "kernel_std": "kernel std",
+    "near_zero_share": "near-zero kernels", "d_real": "D(real)", "d_fake": "D(fake)"}
 
 
 # The table's rows: a row per configuration, named from the run's own fields.
@@ -448,8 +448,7 @@ def grouped_table(groups, rows, bank_row, bank_path):
                       len({r["seed"] for r in group})] + [mean_std_cell(stats[m]) for m in metrics])
     lines.append([bank_row["model"], "", "", ""] + [
         "-" if bank_row.get(m) is None else f"{bank_row[m]:.3f}" for m in metrics])
-    header = ["configuration", "runs", "subsets", "seeds"] + [
-        h for m, h in zip(METRICS, HEADERS) if m in metrics]
+    header = ["configuration", "runs", "subsets", "seeds"] + [METRICS[m] for m in metrics]
     k = bank_row["kernel_size"]
     return (f"Kernels of {bank_row['layer']} ({k}x{k}) against bank {bank_path}; mean ± std over "
             f"the runs of each configuration (subsets: draws of the training images, "
@@ -560,11 +559,11 @@ def write_tables(folder, tables):
     """Each {file name: content} into folder: a list of dicts as CSV, a text as it is (and on
     the screen)."""
     for name, content in tables.items():
+        path = os.path.join(folder, name)
         if name.endswith(".csv"):
-            write_csv(os.path.join(folder, name), content)
+            write_csv(path, content)
         else:
-            write_atomic(os.path.join(folder, name),
-                         lambda tmp: pathlib.Path(tmp).write_text(content))
+            write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(content))
             print(content)
 
 
@@ -765,8 +764,13 @@ def microscope_inputs(args, runs):
     pick = pick[:args.attack_images]  # train_small.py's test order: any first N a fair sample
     x, y = as_cifar_images(images[pick]).float() / 255, targets[pick]
     attacked, visualized = [], []
-    for path, ckpt, label in runs:
-        cnn = trained_cnn(path, ckpt)
+    for path, ckpt, label in runs:  # the paper's CNN with each run's weights, all its layers
+        cnn = PaperCNN(len(ckpt["model"].get("fc.weight", [0])))
+        if {k: v.shape for k, v in ckpt["model"].items()} != {
+                k: v.shape for k, v in cnn.state_dict().items()}:
+            raise UserError(f"{path} holds another architecture than the paper's CNN (the "
+                            f"microscope needs all its layers: conv1-4, bn1-4, fc)")
+        cnn.load_state_dict(ckpt["model"])
         if "history" not in ckpt:  # the authors' models: the lab's class visualization
             visualized.append(cnn)
         if cnn.fc.out_features == len(classes):
@@ -778,18 +782,6 @@ def microscope_inputs(args, runs):
             print(f"not attacked: {path} classifies {cnn.fc.out_features} classes, --test-data "
                   f"{len(classes)} (class visualization only)")
     return {"x": x, "y": y, "classes": classes, "attacked": attacked, "visualized": visualized}
-
-
-def trained_cnn(path, ckpt):
-    """The paper's CNN with a checkpoint's weights; another architecture is one clear line."""
-    weights = ckpt["model"]
-    cnn = PaperCNN(len(weights.get("fc.weight", [0])))
-    shapes = {k: v.shape for k, v in cnn.state_dict().items()}
-    if {k: v.shape for k, v in weights.items()} != shapes:
-        raise UserError(f"{path} holds another architecture than the paper's CNN (the "
-                        f"microscope needs all its layers: conv1-4, bn1-4, fc)")
-    cnn.load_state_dict(weights)
-    return cnn
 
 
 def microscope(inputs, args, baseline, kernel_prior):
