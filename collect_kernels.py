@@ -1026,8 +1026,9 @@ def write_atomic(path, write):
     except BaseException as e:  # Ctrl-C too: no temporary file is left behind
         if os.path.exists(tmp):
             os.remove(tmp)
-        if not (isinstance(e, OSError) or "PytorchStreamWriter" in str(e)):  # torch.save's full
-            raise  # disk is a RuntimeError; any other exception is a bug, shown as one
+        torch_write = "inline_container" in str(e) or "PytorchStreamWriter" in str(e)
+        if not (isinstance(e, OSError) or torch_write):  # torch.save's full disk: RuntimeError
+            raise  # any other exception is a bug, shown as one
         reason = getattr(e, "strerror", None) or "is the disk full?"
         raise UserError(f"could not write {path} ({reason}); its last version is kept") from e
 

@@ -766,8 +766,8 @@ def test_bad_input_gives_one_clear_error(tiny_data, pretrained, tmp_path, capsys
     assert not (tmp_path / "s").exists()
     (tmp_path / "s" / "seed0").mkdir(parents=True)  # a run folder whose checkpoint is corrupt
     (tmp_path / "s" / "seed0" / "model.pt").write_bytes(os.urandom(2000))
-    assert "damaged or not a checkpoint" in user_error(capsys, train_small.main, *small,
-                                                       "--out", tmp_path / "s")
+    assert "damaged? Use another --out" in user_error(capsys, train_small.main, *small,
+                                                      "--out", tmp_path / "s")
 
 
 # ----------------------------------------------------------------------------- stage 3 and AMP
@@ -786,7 +786,8 @@ def test_train_small_end_to_end_and_bank_init(tiny_data, pretrained, tmp_path):
         for fig in ("test_acc.png", "kernels.png"):
             assert (out / f"seed{seed}" / fig).stat().st_size > 1000
         ckpt = load(out / f"seed{seed}" / "model.pt")
-        assert ckpt["arch"] == "PaperCNN" and ckpt["epoch"] == 3
+        assert ckpt["arch"] == "PaperCNN" and ckpt["epoch"] == 3 and ckpt["seed"] == seed
+        assert (ckpt["label"], ckpt["row_order"]) == ("baseline (λ = 0)", [0, 0, 0, 0.0])
         assert ckpt["model"]["fc.weight"].shape == (10, 256)
     # --init-bank: at initialization every conv1 kernel is one of the bank's kernels
     bank = train_small.load_bank(str(banks / "conv1_7x7.pt"), kernel_size=7)["kernels"]
@@ -852,7 +853,7 @@ def test_amp_run_with_bank_init_and_the_compare_table(tiny_data, pretrained, tmp
     run("train_small.py", *common, "--amp-epsilon", 0.1, "--amp-inner-steps", 2, "--init-bank",
         banks / "conv1_7x7.pt", "--seeds", 0, 1, "--out", tmp_path / "amp")
     ckpt = load(tmp_path / "amp" / "seed0" / "model.pt")
-    assert ckpt["args"]["amp_epsilon"] == 0.1 and ckpt["args"]["init_bank"]
+    assert ckpt["args"]["amp_epsilon"] == 0.1 and ckpt["label"] == "AMP ε = 0.1, conv1 from bank"
     run("collect_kernels.py", "--compare", tmp_path / "plain" / "seed0" / "model.pt",
         *sorted((tmp_path / "amp").glob("seed*/model.pt")), "--bank", banks / "conv1_7x7.pt",
         "--out", tmp_path / "cmp")
@@ -885,8 +886,7 @@ def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(tiny_data, tmp
     assert "diverged" in said and "epoch 2" in said and "--lr or --amp-epsilon" in said
     assert ckpt_path.read_bytes() == before
     # train_advreg.py stops the same way (its loss is checked at every evaluation)
-    banks = tmp_path / "bank.pt"
-    torch.save({"kernels": torch.randn(300, 7, 7)}, banks)
+    banks = tmp_bank(tmp_path, torch.randn(300, 7, 7))
     said = user_error(capsys, train_advreg.main, *common, "--epochs", 2, "--lr", 1e38,
                       "--bank", banks, "--d-batch", 16, "--out", tmp_path / "c")
     assert "diverged" in said and "epoch 1" in said and "--lam" in said
@@ -908,7 +908,7 @@ def test_probe_after_conv2_trains_only_a_head_on_conv2s_pooled_features(tiny_dat
     source = load(ckpts / "seed0.pt")["model"]
     ckpt = load(tmp_path / "conv2" / "seed0" / "model.pt")
     after = ckpt["model"]
-    assert ckpt["args"]["probe_after"] == "conv2" and ckpt["args"]["freeze"] == list(
+    assert ckpt["label"] == "linear probe after conv2" and ckpt["args"]["freeze"] == list(
         train_small.LAYERS[:4])
     for key, value in source.items():  # every block frozen, BatchNorm statistics included
         if not key.startswith("fc."):
@@ -970,6 +970,8 @@ def test_train_advreg_sweep_end_to_end_resume_and_gif(tiny_data, pretrained, tmp
     for fig in ("losses.png", "d_outputs.png", "test_acc.png", "kernels_conv1.png"):
         assert (out / "lam0.5_seed0" / fig).stat().st_size > 1000
     summary = json.loads((out / "lam0.5_seed0" / "summary.json").read_text())
+    stored = load(out / "lam0.5_seed0_bankinit" / "model.pt")  # its table row, stored by the run
+    assert (stored["label"], stored["row_order"]) == ("λ = 0.5, conv1 from bank", [2, True, 0, 0.5])
     # the kernel metrics of the final conv1 against the bank, standardized (the metrics' own
     # values: the closed-form tests below); catches another layer, the init, raw kernels
     kernels, bank = ckpt["model"]["conv1.weight"].reshape(-1, 7, 7), load(
@@ -981,7 +983,7 @@ def test_train_advreg_sweep_end_to_end_resume_and_gif(tiny_data, pretrained, tmp
     # lam = 0 has no discriminator: its D columns are empty (NaN in the CSV, null in the JSON)
     assert "nan" in (out / "lam0_seed0" / "metrics.csv").read_text().splitlines()[1]
     assert json.loads((out / "lam0_seed0" / "summary.json").read_text())["d_real_last10pct"] is None
-    lam0_lines = [l for l in proc.stdout.splitlines() if l.startswith("lam0_seed0 | epoch")]
+    lam0_lines = [l for l in proc.stdout.splitlines() if l.startswith("lam0_seed0 | ")]
     assert lam0_lines and not any("nan" in l for l in lam0_lines)  # no D: no "D(real) nan"
     assert any("D(real)" in l for l in proc.stdout.splitlines() if l.startswith("lam0.5_seed0"))
     # --gif-every 1: one frame per epoch, the same across the interruption, both lams side by side
@@ -1013,10 +1015,9 @@ def test_train_advreg_interrupted_run_ends_like_a_straight_one(tiny_data, pretra
     train_advreg.main(common + ["--epochs", "2", "--out", str(tmp_path / "resumed")])
     straight = load(tmp_path / "straight" / "lam0.5_seed0" / "model.pt")
     resumed = load(tmp_path / "resumed" / "lam0.5_seed0" / "model.pt")
-    for a, b in ((straight["model"], resumed["model"]),
-                 (straight["discs"]["conv1"], resumed["discs"]["conv1"])):
-        for key, value in a.items():
-            assert torch.equal(value, b[key]), key
+    for part in ("model", "d_conv1"):
+        for key, value in straight[part].items():
+            assert torch.equal(value, resumed[part][key]), key
     assert torch.equal(straight["log"].nan_to_num(), resumed["log"].nan_to_num())
     assert straight["history"]["test_acc"] == resumed["history"]["test_acc"]
     metrics = [(tmp_path / d / "lam0.5_seed0" / "metrics.csv").read_text()
@@ -1031,7 +1032,8 @@ def test_train_advreg_two_layers_and_compare(tiny_data, pretrained, tmp_path):
                        str(banks / "conv2_5x5.pt"), "--layers", "conv1", "conv2", "--per-class",
                        "2", "--epochs", "1", "--d-batch", "16", "--out", str(out)])
     ckpt = load(out / "lam1_seed0" / "model.pt")
-    assert sorted(ckpt["discs"]) == ["conv1", "conv2"]
+    assert [k for k in ckpt if k.startswith("d_conv")] == ["d_conv1", "d_conv2"]
+    assert (ckpt["label"], ckpt["row_order"]) == ("λ = 1, conv1+conv2", [2, False, 0, 1.0])
     assert (out / "lam1_seed0" / "kernels_conv2.png").exists()
     summary = json.loads((out / "lam1_seed0" / "summary.json").read_text())
     kernels = ckpt["model"]["conv2.weight"].reshape(-1, 5, 5)  # conv2's against conv2's bank
@@ -1057,15 +1059,15 @@ def test_advreg_bad_input(pretrained, tiny_data, tmp_path, capsys):
     assert "5x5" in user_error(capsys, train_advreg.main, *base, "--bank", banks / "conv2_5x5.pt")
     assert "--lam must be >= 0" in user_error(capsys, train_advreg.main, *base, "--bank",
                                               banks / "conv1_7x7.pt", "--lam", -1)
-    assert "unknown layer" in user_error(capsys, train_advreg.main, *base, "--layers", "fc")
+    assert "invalid choice: 'fc'" in user_error(capsys, train_advreg.main, *base, "--layers", "fc")
     nan_bank = tmp_path / "nan_bank.pt"
     torch.save({"kernels": torch.randn(300, 7, 7).index_fill_(0, torch.tensor([7]), math.inf)},
                nan_bank)
     said = user_error(capsys, train_advreg.main, *base, "--bank", nan_bank)
     assert "non-finite" in said and "nan_bank.pt" in said
     (tmp_path / "empty" / "train").mkdir(parents=True)
-    assert "no images" in user_error(capsys, train_advreg.main, "--data", tmp_path / "empty",
-                                     "--bank", banks / "conv1_7x7.pt", "--out", out)
+    assert "any class folder" in user_error(capsys, train_advreg.main, *base, "--data",
+                                            tmp_path / "empty", "--bank", banks / "conv1_7x7.pt")
     assert not out.exists()
     # a run folder made with other flags (here another D learning rate) is not continued
     common = ["--data", tiny_data, "--bank", banks / "conv1_7x7.pt", "--per-class", 2,
@@ -1142,9 +1144,8 @@ def test_algorithm1_iteration_at_lambda_half_is_the_papers_step(tiny_data, tmp_p
     missing lam in either step, the saturating generator loss."""
     lam, d_batch = 0.5, 32
     bank = torch.randn(300, 7, 7, generator=torch.Generator().manual_seed(5))
-    torch.save({"kernels": bank}, tmp_path / "bank.pt")
     flags = ["--data", str(tiny_data), "--per-class", "1", "--batch-size", "10", "--no-augment",
-             "--d-batch", str(d_batch), "--bank", str(tmp_path / "bank.pt")]
+             "--d-batch", str(d_batch), "--bank", tmp_bank(tmp_path, bank)]
     train_advreg.main(flags + ["--epochs", "1", "--lam", str(lam), "--out", str(tmp_path / "r")])
     ckpt = load(tmp_path / "r" / "lam0.5_seed0" / "model.pt")
     # the reference, seed 0: the same init, batch and kernel draws as train() makes them
@@ -1181,7 +1182,7 @@ def test_algorithm1_iteration_at_lambda_half_is_the_papers_step(tiny_data, tmp_p
     d_opt.step()
     for ours, theirs, start, opt_ours, opt_theirs in (
             (ckpt["model"], model, before, ckpt["optimizer"], opt),
-            (ckpt["discs"]["conv1"], disc, d_before, ckpt["d_optimizers"]["conv1"], d_opt)):
+            (ckpt["d_conv1"], disc, d_before, ckpt["d_optimizer_conv1"], d_opt)):
         states = opt_theirs.state_dict()["state"]
         scale = max(s["exp_avg"].abs().max().item() for s in states.values())
         for (name, p), (i, state) in zip(theirs.named_parameters(), states.items()):
@@ -1388,9 +1389,10 @@ def test_init_bank_reaches_conv1_in_both_trainers_and_each_seed_draws_its_own(ti
     assert not torch.equal(seed0, seed1)
 
 
-@pytest.mark.parametrize("layers,frozen", [(["conv2"], []), (["conv1", "conv3"], ["conv1"]),
-                                           (["conv1", "conv2", "conv3", "conv4", "fc"], [])])
-def test_transfer_copies_exactly_the_named_layers(layers, frozen, tmp_path):
+@pytest.mark.parametrize("layers,frozen,label", [
+    (["conv2"], [], "transfer conv2"), (["conv1", "conv3"], ["conv1"], "transfer conv1+conv3, "
+     "frozen conv1"), (["conv1", "conv2", "conv3", "conv4", "fc"], [], "LP-FT")])
+def test_transfer_copies_exactly_the_named_layers(layers, frozen, label, tmp_path):
     """train_small.initialize from the flags, as train() calls it, from a checkpoint whose every
     tensor differs from a fresh init: each named layer (convN with its BatchNorm's weights and
     statistics; fc, the head, for LP-FT from a probe) equals the checkpoint's, every other tensor
@@ -1400,10 +1402,12 @@ def test_transfer_copies_exactly_the_named_layers(layers, frozen, tmp_path):
     source = train_small.PaperCNN(10)
     randomize_batchnorm(source)
     source = source.state_dict()
-    torch.save({"arch": "PaperCNN", "model": source}, tmp_path / "probe_seed3.pt")
-    args = train_small.parse_args(["--init-from", str(tmp_path / "probe_seed{seed}.pt"),
+    (tmp_path / "seed3").mkdir()  # a train_small.py run's model.pt: LP-FT when fc comes along
+    torch.save({"arch": "PaperCNN", "model": source}, tmp_path / "seed3" / "model.pt")
+    args = train_small.parse_args(["--init-from", str(tmp_path / "seed{seed}" / "model.pt"),
                                    "--transfer", *layers] + (["--freeze", *frozen] if frozen
                                                               else []))
+    assert train_small.row_label(args)["label"] == label  # its row in collect_kernels.py
     torch.manual_seed(3)
     model = train_small.PaperCNN(10)
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
@@ -1482,7 +1486,7 @@ FENCE = ("# ==== plumbing: the same in every script, checked by test_smoke.py; s
 
 # The rewrite (one shared block, one line per flag) moves one script at a time: the scripts named
 # here have the new fence and the same block below it; the others keep the old plumbing.
-MOVED = ("pretrain", "collect_kernels")
+MOVED = ("pretrain", "train_small", "train_advreg", "collect_kernels")
 BLOCK_FENCE = ("# ==== plumbing: the same block in every script, checked by test_smoke.py; skip on a "
                "first read ====")
 
@@ -1552,8 +1556,7 @@ def test_train_accuracy_is_the_accuracy_on_the_training_images(tiny_data, tmp_pa
     model = train_small.PaperCNN(10)
     model.load_state_dict(load(out / "seed0" / "model.pt")["model"])
     history = load(out / "seed0" / "model.pt")["history"]
-    assert history["train_acc"][-1] == train_small.evaluate(model, data["train_x"],
-                                                            data["train_y"])
+    assert history["train_acc"][-1] == train_small.evaluate(model, data["train_x"], data["train_y"])
     assert history["test_acc"][-1] == train_small.evaluate(model, data["test_x"], data["test_y"])
     assert len(data["test_x"]) == 50 and history["test_acc"][-1] != train_small.evaluate(
         model, data["test_x"][:7], data["test_y"][:7])  # the two can be told apart
@@ -1564,13 +1567,11 @@ def test_validation_split_is_disjoint_from_the_subset_and_the_test_set(tiny_data
                                    "--val-size", "50"])
     data = train_small.load_small_data(args, torch.device("cpu"))
     assert len(data["train_x"]) == 30 and len(data["val_x"]) == 50
-    flat = {k: {tuple(x.flatten().tolist()) for x in data[k]} for k in ("train_x", "val_x",
-                                                                        "test_x")}
+    flat = {k: set(map(tuple, data[k].flatten(1).tolist())) for k in ("train_x", "val_x", "test_x")}
     assert len(flat["val_x"]) == 50  # 50 distinct images (the generated images are all distinct)
     assert not flat["train_x"] & flat["val_x"] and not flat["val_x"] & flat["test_x"]
     same = train_small.load_small_data(args, torch.device("cpu"))  # the same split every time
-    assert torch.equal(same["val_x"], data["val_x"]) and torch.equal(same["train_x"],
-                                                                     data["train_x"])
+    assert all(torch.equal(same[k], data[k]) for k in ("val_x", "train_x"))
     said = user_error(capsys, train_small.main, "--data", tiny_data, "--per-class", 3,
                       "--val-size", 91)  # 120 train images - 30 = 90 outside the subset
     assert "--val-size 91" in said and "90" in said
@@ -1629,8 +1630,7 @@ def test_train_small_resumes_to_the_straight_runs_weights_and_refuses_other_flag
     train_small.main(common + ["--epochs", "3", "--out", str(tmp_path / "straight")])
     train_small.main(common + ["--epochs", "1", "--out", str(tmp_path / "resumed")])
     train_small.main(common + ["--epochs", "3", "--out", str(tmp_path / "resumed")])
-    straight, resumed = (load(tmp_path / d / "seed0" / "model.pt") for d in ("straight",
-                                                                             "resumed"))
+    straight, resumed = [load(tmp_path / d / "seed0" / "model.pt") for d in ("straight", "resumed")]
     for key, value in straight["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
     assert straight["history"] == resumed["history"]
@@ -1664,7 +1664,7 @@ def test_a_full_disk_gives_one_line_and_keeps_the_last_checkpoint(tiny_data, tmp
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_small.py"),
                            *map(str, common), "--epochs", "2"], cwd=ROOT, capture_output=True,
                           text=True, env=env, preexec_fn=small_disk, timeout=120)
-    assert_user_error(proc, "could not write", "model.pt", "previous version")
+    assert_user_error(proc, "could not write", "model.pt", "last version is kept")
     assert ckpt.read_bytes() == before
     assert not list((tmp_path / "r").rglob("*.tmp*"))
 
@@ -1675,15 +1675,15 @@ def test_lambda_zero_is_the_baseline_of_train_small(tiny_data, tmp_path):
     common = ["--data", str(tiny_data), "--per-class", "2", "--epochs", "2", "--eval-every", "1",
               "--seeds", "3"]
     train_small.main(common + ["--out", str(tmp_path / "small")])
-    bank = tmp_path / "bank.pt"
-    torch.save({"kernels": torch.randn(300, 7, 7)}, bank)
-    train_advreg.main(common + ["--lam", "0", "--bank", str(bank), "--out", str(tmp_path / "adv")])
+    bank = tmp_bank(tmp_path, torch.randn(300, 7, 7))
+    train_advreg.main(common + ["--lam", "0", "--bank", bank, "--out", str(tmp_path / "adv")])
     small = load(tmp_path / "small" / "seed3" / "model.pt")
     adv = load(tmp_path / "adv" / "lam0_seed3" / "model.pt")
     for key, value in small["model"].items():
         assert torch.equal(value, adv["model"][key]), key
     assert small["history"]["test_acc"] == adv["history"]["test_acc"]
     assert small["history"]["train_acc"] == adv["history"]["train_acc"]
+    assert (adv["label"], adv["row_order"]) == ("baseline (λ = 0)", [0, 0, 0, 0.0])  # its row
 
 
 def test_one_d_pass_on_the_fakes_gives_the_three_pass_losses_and_gradients():
@@ -2930,12 +2930,9 @@ def test_native_bf16_is_read_from_torch_or_from_proc_cpuinfo(monkeypatch):
     for cpuinfo, native in (("flags\t: fpu sse2 avx2 fma\n", False),
                             ("flags\t: avx2 avx512f avx512_bf16\n", True),
                             ("Features\t: fp asimd bf16 i8mm\n", True), (None, True)):
-        def read_text(path, *args, text=cpuinfo, **kwargs):
-            if text is None:
-                raise FileNotFoundError(path)
-            return text
-        monkeypatch.setattr(pathlib.Path, "read_text", read_text)
-        assert detect() == native, cpuinfo
+        monkeypatch.setattr(pathlib.Path, "read_text", lambda path, *a, text=cpuinfo, **k: text)
+        monkeypatch.setattr(pathlib.Path, "exists", lambda path, text=cpuinfo: text is not None)
+        assert detect() == native, cpuinfo  # None: no /proc/cpuinfo at all
 
 
 def test_dann_under_bf16_computes_its_activations_in_bfloat16(gan_data, tiny_data, tmp_path,

@@ -23,12 +23,13 @@ the raw kernels (notebook) or each kernel standardized (this project: D sees sha
         --test-limit 1000                                             # quick CPU run
 
 Reads:  the dataset; the banks of collect_kernels.py.
-Writes: <out>/lam<lam>_seed<N>[_bankinit]/: model.pt (classifier and discriminators, rewritten at
-        every evaluation: an interrupted run resumes), metrics.csv (per iteration: losses, D(real),
-        D(fake); accuracies at evaluations), losses.png (Fig. 4), d_outputs.png (Fig. 5),
-        kernels_<layer>.png (Fig. 7/10), test_acc.png (Fig. 9), summary.json; with --gif-every,
-        <out>/kernels_seed<N>.gif (conv1's kernels of every lam of that seed, side by side).
-Results and the commands behind them: docs/train_advreg.md.
+Writes: <out>/lam<lam>_seed<N>[_bankinit]/: model.pt (classifier and discriminators, and the run's
+        row label for collect_kernels.py --compare; rewritten at every evaluation: an interrupted
+        run resumes), metrics.csv (per iteration: losses, D(real), D(fake); accuracies at
+        evaluations), losses.png (Fig. 4), d_outputs.png (Fig. 5), kernels_<layer>.png (Fig.
+        7/10), test_acc.png (Fig. 9), summary.json; with --gif-every, <out>/kernels_seed<N>.gif
+        (conv1's kernels of every lam of that seed, side by side).
+Results and the commands behind them: docs/train_advreg.md; each flag's source: docs/defaults.md.
 """
 import argparse
 import csv
@@ -58,94 +59,55 @@ FREE_FLAGS = {"epochs", "eval_every", "log_every", "gif_every", "curve_size", "d
 
 # ----------------------------------------------------------------------------- config
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="Stage 4: train on 100 CIFAR-10 images with adversarial kernel "
-                    "regularization (Algorithm 1); a grid over --lam and --seeds (its table: "
-                    "collect_kernels.py --compare).",
-        formatter_class=HelpFormatter)
-    p.add_argument("--bank", nargs="+", default=["kernels/conv1_7x7.pt"],
-                   help="kernel bank(s) from collect_kernels.py, one per --layers entry, in order")
-    p.add_argument("--layers", nargs="+", default=["conv1"],
-                   help=f"regularized layers, one discriminator each (paper text: conv1); "
-                        f"allowed: {', '.join(CONV_SHAPES)}")
-    p.add_argument("--lam", type=float, nargs="+", default=[1.0],
-                   help="regularization weight(s) lambda; several values run a sweep "
-                        "(authors' notebook: 1)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed and lambda")
-    p.add_argument("--init-bank", default=None, metavar="BANK",
-                   help="also run every lambda with conv1 initialized from this bank (extra rows)")
-    p.add_argument("--d-input", default="standardized", choices=["standardized", "raw"],
-                   help="kernels shown to D as they are (raw: authors' notebook) or each scaled to "
-                        "zero mean, unit std (standardized: this project, docs/train_advreg.md)")
-    p.add_argument("--d-batch", type=int, default=128,
-                   help="kernels per real and per fake D batch (authors' notebook: 128)")
-    p.add_argument("--d-lr", type=float, default=2e-4,
-                   help="discriminator Adam learning rate (authors' notebook: 2e-4)")
-    p.add_argument("--d-weight-decay", type=float, default=1e-4,
-                   help="discriminator Adam weight decay (authors' notebook: 1e-4)")
-    p.add_argument("--d-betas", type=float, nargs=2, default=[0.5, 0.999],
-                   help="discriminator Adam betas (authors' notebook: 0.5 0.999)")
-    p.add_argument("--data", default="cifar10",
-                   help="cifar10 (torchvision download) or PATH of an ImageFolder tree "
-                        "PATH/train/<class>/* and PATH/test/<class>/* (paper: cifar10)")
-    p.add_argument("--data-root", default="data", help="where torchvision datasets are downloaded")
-    p.add_argument("--per-class", type=int, default=10,
-                   help="training images per class (paper text: 10, i.e. 100 images)")
-    p.add_argument("--subset-seed", type=int, default=0, help="seed that draws the training images")
-    p.add_argument("--val-size", type=int, default=0, metavar="N",
-                   help="validation images drawn from the rest of the training split (this "
-                        "project; the paper has none: 0 = no validation split)")
-    p.add_argument("--test-limit", type=int, default=0,
-                   help="evaluate on only this many test images (0 = all 10,000)")
-    p.add_argument("--epochs", type=int, default=1000, help="epochs (paper text: 1000)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per step (paper text: 16)")
-    p.add_argument("--lr", type=float, default=2e-3,
-                   help="classifier Adam learning rate (paper text: 2e-3; authors' notebook: 2e-4)")
-    p.add_argument("--weight-decay", type=float, default=1e-3,
-                   help="classifier Adam weight decay (paper text: 1e-3; authors' notebook: 1e-4)")
-    p.add_argument("--betas", type=float, nargs=2, default=[0.5, 0.999],
-                   help="classifier Adam betas (paper text and notebook: 0.5 0.999)")
-    p.add_argument("--no-augment", action="store_true",
-                   help="turn off random crop (padding 4) + flip (paper text: on; notebook: off)")
-    p.add_argument("--eval-every", type=int, default=50,
-                   help="evaluate test accuracy every N epochs")
-    p.add_argument("--log-every", type=int, default=50, help="print a progress line every N epochs")
-    p.add_argument("--gif-every", type=int, default=0, metavar="N",
-                   help="keep conv1's kernels every N epochs and write <out>/kernels_seed<S>.gif "
-                        "with every lambda of seed S side by side (0 = off)")
-    p.add_argument("--curve-size", type=int, default=2000, metavar="N",
-                   help="test images (a fixed random sample) behind the accuracy curve along the "
-                        "run; the last evaluation uses the whole test set; 0 = the whole set "
-                        "every time (this project: keeps evaluation cheap, docs/train_advreg.md)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="bf16: autocast the classifier's and D's forward passes (float32 weights "
-                        "and optimizer state); faster on CPUs with AVX512-BF16 / AMX and on "
-                        "recent GPUs, much slower without native bf16 (docs/train_advreg.md)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                   help="auto = cuda if available, else mps, else cpu")
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for torch (0 = torch's default)")
-    p.add_argument("--out", default="runs/advreg", help="output folder of the grid")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    add = p.add_argument  # the source of each default in (...); the why: docs/defaults.md
+    add("--bank", nargs="+", default=["kernels/conv1_7x7.pt"], help="a bank per layer (ours)")
+    add("--layers", nargs="+", default=["conv1"], choices=CONV_SHAPES, help="a D each (paper)")
+    add("--lam", type=float, nargs="+", default=[1.0], help="λ; several: a sweep (notebook)")
+    add("--seeds", type=int, nargs="+", default=[0], help="one run per seed and λ")
+    add("--init-bank", metavar="BANK", help="also every λ with conv1 drawn from BANK (ours)")
+    add("--d-input", default="standardized", choices=["standardized", "raw"], help="(ours)")
+    add("--d-batch", type=int, default=128, help="kernels per real and fake D batch (notebook)")
+    add("--d-lr", type=float, default=2e-4, help="D's Adam learning rate (notebook)")
+    add("--d-weight-decay", type=float, default=1e-4, help="D's Adam weight decay (notebook)")
+    add("--d-betas", type=float, nargs=2, default=[0.5, 0.999], help="D's Adam betas (notebook)")
+    add("--data", default="cifar10", help="cifar10 | PATH of an ImageFolder (paper)")
+    add("--data-root", default="data", help="where torchvision downloads datasets (ours)")
+    add("--per-class", type=int, default=10, help="training images per class (paper)")
+    add("--subset-seed", type=int, default=0, help="seed that draws the training images (ours)")
+    add("--val-size", type=int, default=0, metavar="N", help="validation images (ours; 0 = none)")
+    add("--test-limit", type=int, default=0, help="this many test images; 0 = all (ours)")
+    add("--epochs", type=int, default=1000, help="epochs per run (paper)")
+    add("--batch-size", type=int, default=16, help="images per step (paper)")
+    add("--lr", type=float, default=2e-3, help="classifier's Adam lr (paper; notebook: 2e-4)")
+    add("--weight-decay", type=float, default=1e-3, help="Adam's (paper; notebook: 1e-4)")
+    add("--betas", type=float, nargs=2, default=[0.5, 0.999], help="Adam's (paper, notebook)")
+    add("--no-augment", action="store_true", help="no random crop + flip (on: paper)")
+    add("--eval-every", type=int, default=50, help="accuracies every N epochs (ours)")
+    add("--log-every", type=int, default=50, help="a progress line every N epochs (ours)")
+    add("--gif-every", type=int, default=0, metavar="N", help="a GIF frame every N epochs (ours)")
+    add("--curve-size", type=int, default=2000, metavar="N", help="curve's test images (ours)")
+    add("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast (ours)")
+    add("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="(ours)")
+    add("--threads", type=int, default=0, help="CPU threads; 0 = torch's default (ours)")
+    add("--out", default="runs/advreg", help="folder of the grid's runs (ours)")
     args = p.parse_args(argv)
-    unknown = [layer for layer in args.layers if layer not in CONV_SHAPES]
-    if unknown:
-        p.error(f"unknown layer(s) {unknown}; the paper's CNN has {', '.join(CONV_SHAPES)}")
-    if len(set(args.layers)) != len(args.layers):
-        p.error(f"--layers has duplicates: {args.layers}")
-    if len(args.bank) != len(args.layers):
-        p.error(f"give one --bank per --layers entry: {len(args.layers)} layer(s) {args.layers}, "
-                f"{len(args.bank)} bank(s)")
     negative = [lam for lam in args.lam if not lam >= 0]
-    if negative:
-        p.error(f"--lam must be >= 0, got {negative}")
-    for name in ("d_batch", "per_class", "epochs", "batch_size", "eval_every", "log_every"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if min(args.test_limit, args.gif_every, args.val_size, args.curve_size) < 0:
-        p.error("--test-limit, --val-size, --curve-size and --gif-every must be >= 0 "
-                "(0 = all / none / off)")
-    if len(set(args.seeds)) != len(args.seeds) or len(set(args.lam)) != len(args.lam):
-        p.error("--seeds and --lam must not repeat a value")
+    checks = [  # (the mistake, its message)
+        (len(set(args.layers)) != len(args.layers), f"--layers has duplicates: {args.layers}"),
+        (len(args.bank) != len(args.layers), f"give one --bank per --layers entry: "
+         f"{len(args.layers)} layer(s) {args.layers}, {len(args.bank)} bank(s)"),
+        (negative, f"--lam must be >= 0, got {negative}"),
+        *[(getattr(args, n) < 1, f"--{n.replace('_', '-')} must be >= 1, got {getattr(args, n)}")
+          for n in ("d_batch", "per_class", "epochs", "batch_size", "eval_every", "log_every")],
+        (min(args.test_limit, args.gif_every, args.val_size, args.curve_size) < 0,
+         "--test-limit, --val-size, --curve-size and --gif-every must be >= 0 "
+         "(0 = all / none / off)"),
+        (len(set(args.seeds)) != len(args.seeds) or len(set(args.lam)) != len(args.lam),
+         "--seeds and --lam must not repeat a value")]
+    for mistake, message in checks:
+        if mistake:
+            p.error(message)
     return args
 
 
@@ -271,8 +233,10 @@ def discriminator_step(discs, d_optimizers, banks, d_fakes, lam, args, d_gen):
 
 # ----------------------------------------------------------------------------- training
 def train(lam, seed, bank_init, args, data, banks, device):
-    """One run of Algorithm 1 (resumable); returns its summary."""
+    """One run of Algorithm 1; it resumes after the last evaluation of its checkpoint, where
+    there is one. Returns its summary."""
     name = run_name(lam, seed, bank_init)
+    path = os.path.join(args.out, name, "model.pt")
     torch.manual_seed(seed)
     model = PaperCNN(len(data["classes"])).to(device)
     if bank_init:
@@ -284,10 +248,12 @@ def train(lam, seed, bank_init, args, data, banks, device):
     train_x, train_y = data["train_x"], data["train_y"]
     n, bs = len(train_x), args.batch_size
     iters_per_epoch = math.ceil(n / bs)
-    run = Run(os.path.join(args.out, name), args, lam, seed, bank_init, data["classes"],
-              {"model": model, "optimizer": optimizer, "discs": discs,
-               "d_optimizers": d_optimizers}, d_gen, args.epochs * iters_per_epoch, device)
-    for epoch in range(run.epoch_done, args.epochs):
+    log = {c: torch.full((args.epochs * iters_per_epoch,), math.nan, device=device)
+           for c in LOG_COLUMNS}  # per iteration, on the device: no host sync per step
+    ckpt = run_checkpoint(model, optimizer, discs, d_optimizers, lam, seed, bank_init, args, data)
+    start = logged = resume_or_start(path, ckpt, log, d_gen, args)
+    t_period = t_log = time.time()
+    for epoch in range(start, args.epochs):
         perm = torch.randperm(n, device=device)
         for step, i in enumerate(range(0, n, bs)):
             idx = perm[i:i + bs]
@@ -304,166 +270,136 @@ def train(lam, seed, bank_init, args, data, banks, device):
             (cls_loss + lam * reg_loss).backward(inputs=params, retain_graph=bool(discs))
             optimizer.step()
             it = epoch * iters_per_epoch + step
-            run.log["cls_loss"][it] = cls_loss.detach()
+            log["cls_loss"][it] = cls_loss.detach()
             if discs:                                                           # D step
                 d_out = discriminator_step(discs, d_optimizers, banks, d_fakes, lam, args, d_gen)
-                run.record(it, reg_loss=reg_loss.detach(), **d_out)
+                for column, value in dict(d_out, reg_loss=reg_loss.detach()).items():
+                    log[column][it] = value
 
         done = epoch + 1
         if args.gif_every and done % args.gif_every == 0:
-            run.frames.append(model.conv1.weight.detach().cpu().reshape(-1, 7, 7).clone())
+            ckpt["frames"].append(model.conv1.weight.detach().cpu().reshape(-1, 7, 7).clone())
         if done % args.eval_every == 0 or done == args.epochs:
-            run.evaluate_and_save(model, data, done, iters_per_epoch)
+            evaluate_and_save(path, ckpt, log, done, data, d_gen, args, t_period)
+            t_period = time.time()
         if done % args.log_every == 0 or done == args.epochs:
-            run.print_progress(done, iters_per_epoch)
-    return finish_run(run, model, banks)
+            secs = (time.time() - t_log) / (done - logged)
+            t_log, logged = time.time(), done
+            text = recent(log, ckpt["history"], done, iters_per_epoch, lam)
+            progress(name, done, args.epochs, secs, f"{text} | {secs * 1000:.0f} ms/epoch")
+    return finish_run(path, ckpt, log, banks)
 
 
 def run_name(lam, seed, bank_init):
     return f"lam{lam:g}_seed{seed}" + ("_bankinit" if bank_init else "")
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
-    warn_if_bf16_is_slow(args.precision, device)
-    # Every input is checked before any run starts: a mistake costs nothing, overwrites nothing.
-    banks = {layer: load_bank(path, CONV_SHAPES[layer][-1])["kernels"].to(device)
-             for layer, path in zip(args.layers, args.bank)}
-    if args.init_bank:
-        load_bank(args.init_bank, 7)
-    t0 = time.time()
-    data = load_small_data(args, device)
-    print(f"data: {args.data} | {len(data['train_x'])} train images ({args.per_class} per class) / "
-          f"{len(data['val_x'])} val / {len(data['test_x'])} test | loaded in "
-          f"{time.time() - t0:.1f} s | device {device} | banks: "
-          + ", ".join(f"{layer} {list(b.shape)}" for layer, b in banks.items()))
-    os.makedirs(args.out, exist_ok=True)
-    for bank_init in [False] + ([True] if args.init_bank else []):
-        for lam in args.lam:
-            for seed in args.seeds:
-                train(lam, seed, bank_init, args, data, banks, device)
-    if args.gif_every:
-        write_gifs(args)
-    print(f"wrote per-run folders under {args.out}/; the table of every run there, mean ± std "
-          f"over seeds:\n  python collect_kernels.py --compare {args.out}/*/model.pt --bank "
-          f"{args.bank[0]} --out {args.out}/compare")
+def run_label(lam, bank_init, layers):
+    """The run's row in collect_kernels.py --compare's table, and the row's place there: the
+    baseline first, then λ ascending, then the runs whose conv1 came from a bank."""
+    parts = ["baseline (λ = 0)" if lam == 0 else f"λ = {lam:g}"]
+    if lam != 0 and sorted(layers) != ["conv1"]:  # discriminators on more layers
+        parts.append(layers_label(sorted(layers)))
+    if bank_init:
+        parts.append("conv1 from bank")
+    order = [2, bank_init, 0, lam] if bank_init or lam > 0 else [0, 0, 0, lam]
+    return ", ".join(parts), order
 
 
-# ==== plumbing: the same in every script, checked by test_smoke.py; skip on a first read ====
-class Run:
-    """A run's bookkeeping: per-iteration log on the device, evaluations, checkpoint, progress.
-    Made from the run's checkpoint when there is one (the run resumes after its last evaluation)."""
-
-    def __init__(self, run_dir, args, lam, seed, bank_init, classes, states, d_gen, iters, device):
-        self.dir, self.args, self.states, self.d_gen = run_dir, args, states, d_gen
-        self.fields = {"lam": lam, "seed": seed, "bank_init": bank_init, "classes": classes,
-                       "dataset": args.data}
-        self.log = {c: torch.full((iters,), math.nan, device=device) for c in LOG_COLUMNS}
-        self.history = {"eval_epoch": [], "test_acc": [], "epoch_done": 0, "seconds": 0.0}
-        self.frames = []
-        path = os.path.join(run_dir, "model.pt")
-        ckpt = resume(path, states, run_flags(args, FREE_FLAGS), arch=ARCH, classes=classes)
-        if ckpt is not None:
-            d_gen.set_state(ckpt["rng_d"])
-            self.history, self.frames = ckpt["history"], list(ckpt.get("frames", []))
-            for j, c in enumerate(LOG_COLUMNS):
-                self.log[c][:len(ckpt["log"])] = ckpt["log"][:, j].to(device)
-            if self.epoch_done > args.epochs:
-                raise SystemExit(f"error: {path} already has {self.epoch_done} epochs, more "
-                                 f"than --epochs {args.epochs}; pass a larger --epochs or "
-                                 f"another --out")
-            if self.epoch_done < args.epochs:
-                print(f"{os.path.basename(run_dir)}: resuming after epoch {self.epoch_done}")
-        os.makedirs(run_dir, exist_ok=True)
-        self.t_period = self.t_log = time.time()
-        self.logged_epoch = self.epoch_done
-
-    @property
-    def epoch_done(self):
-        return self.history["epoch_done"]
-
-    def record(self, it, **values):
-        for c, v in values.items():
-            self.log[c][it] = v
-
-    def evaluate_and_save(self, model, data, done, iters_per_epoch):
-        """Check the period did not diverge, evaluate on train / val / test, checkpoint."""
-        period = slice(self.epoch_done * iters_per_epoch, done * iters_per_epoch)
-        stop_if_diverged(self.log["cls_loss"][period].sum().item(),
-                         f"epoch {done} of {os.path.basename(self.dir)}", "--lr (or --lam, --d-lr)")
-        h = self.history
-        h["eval_epoch"].append(done)
-        final = done == self.args.epochs
-        for split, acc in accuracies(model, data, final, self.args.curve_size,
-                                     self.args.precision).items():
-            h.setdefault(split, []).append(acc)
-        h["epoch_done"], h["seconds"] = done, h["seconds"] + time.time() - self.t_period
-        log_table = torch.stack([self.log[c][:done * iters_per_epoch] for c in LOG_COLUMNS], 1)
-        save_checkpoint(os.path.join(self.dir, "model.pt"), self.states, arch=ARCH, history=h,
-                        log=log_table.cpu(), args=vars(self.args),
-                        flags=run_flags(self.args, FREE_FLAGS), rng_d=self.d_gen.get_state(),
-                        frames=self.frames, **self.fields)
-        self.t_period = time.time()
-
-    def print_progress(self, done, iters_per_epoch):
-        secs = (time.time() - self.t_log) / max(done - self.logged_epoch, 1)
-        self.t_log, self.logged_epoch = time.time(), done
-        last_epoch = slice((done - 1) * iters_per_epoch, done * iters_per_epoch)
-        recent = dict(zip(LOG_COLUMNS, torch.stack(
-            [self.log[c][last_epoch].mean() for c in LOG_COLUMNS]).tolist()))  # one host sync
-        acc = " ".join(f"{s} {self.history[f'{s}_acc'][-1]:.4f}" for s in ("train", "val", "test")
-                       if self.history.get(f"{s}_acc"))
-        game = "" if self.fields["lam"] == 0 else (  # at λ = 0 there is no D to report
-            f" reg {recent['reg_loss']:.3f} disc {recent['disc_loss']:.3f} | D(real) "
-            f"{recent['d_real']:.2f} D(fake) {recent['d_fake']:.2f}")
-        print(f"{os.path.basename(self.dir)} | epoch {done:4d}/{self.args.epochs} | cls "
-              f"{recent['cls_loss']:.3f}{game} | acc {acc or '-'} | {secs * 1000:5.0f} ms/epoch "
-              f"| ETA {secs * (self.args.epochs - done) / 60:5.1f} min", flush=True)
+def run_checkpoint(model, optimizer, discs, d_optimizers, lam, seed, bank_init, args, data):
+    """What model.pt holds, one flat dict: the modules and optimizers ("d_conv1" and
+    "d_optimizer_conv1" for conv1's D), what the run is and its row label, its history and GIF
+    frames; at each save also "epoch", "log" (iterations x LOG_COLUMNS) and "rng_d" (the
+    generator of D's batches)."""
+    label, row_order = run_label(lam, bank_init, args.layers)
+    return {"model": model, "optimizer": optimizer,
+            **{f"d_{layer}": disc for layer, disc in discs.items()},
+            **{f"d_optimizer_{layer}": d_opt for layer, d_opt in d_optimizers.items()},
+            "arch": ARCH, "lam": lam, "seed": seed, "bank_init": bank_init, "label": label,
+            "row_order": row_order, "classes": data["classes"], "dataset": args.data,
+            "args": vars(args), "flags": {k: v for k, v in vars(args).items()
+                                          if k not in FREE_FLAGS},
+            "history": {"eval_epoch": [], "test_acc": [], "epoch_done": 0, "seconds": 0.0},
+            "frames": []}
 
 
-def finish_run(run, model, banks):
-    """The run's figures, metrics.csv and summary.json; returns the summary."""
-    log = {c: v.cpu() for c, v in run.log.items()}
-    history, f = run.history, run.fields
-    title = f"lam={f['lam']:g}, seed {f['seed']}" + (", conv1 from bank" if f["bank_init"] else "")
-    write_run_outputs(run.dir, model, log, history, banks, title)
+def resume_or_start(path, ckpt, log, d_gen, args):
+    """The run's checkpoint, if any, loaded into ckpt (its modules, history and frames), the log
+    and the generator of D's batches; returns the epochs done (0 for a new run)."""
+    saved = resume(path, ckpt, ckpt["flags"])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if saved is None:
+        return 0
+    if saved["epoch"] > args.epochs:
+        raise UserError(f"{path} already has {saved['epoch']} epochs, more than --epochs "
+                        f"{args.epochs}; pass a larger --epochs or another --out")
+    if saved["epoch"] < args.epochs:
+        print(f"{os.path.basename(os.path.dirname(path))}: resuming after epoch {saved['epoch']}")
+    d_gen.set_state(saved["rng_d"])
+    ckpt["history"].update(saved["history"])
+    ckpt["frames"].extend(saved["frames"])
+    for j, c in enumerate(LOG_COLUMNS):
+        log[c][:len(saved["log"])] = saved["log"][:, j].to(log[c].device)
+    return saved["epoch"]
+
+
+def evaluate_and_save(path, ckpt, log, done, data, d_gen, args, t_period):
+    """At an evaluation: stop a diverged run, append the accuracies to the history (the whole
+    test set at the end), save the checkpoint."""
+    history, iters_per_epoch = ckpt["history"], len(log["cls_loss"]) // args.epochs
+    period = slice(history["epoch_done"] * iters_per_epoch, done * iters_per_epoch)
+    stop_if_diverged(log["cls_loss"][period].sum().item(),
+                     f"epoch {done} of {os.path.basename(os.path.dirname(path))}",
+                     "--lr (or --lam, --d-lr)")
+    history["eval_epoch"].append(done)
+    final = done == args.epochs
+    for split, acc in accuracies(ckpt["model"], data, final, args.curve_size,
+                                 args.precision).items():
+        history.setdefault(split, []).append(acc)
+    history["epoch_done"], history["seconds"] = done, history["seconds"] + time.time() - t_period
+    log_table = torch.stack([log[c][:done * iters_per_epoch] for c in LOG_COLUMNS], 1)
+    save_checkpoint(path, ckpt | {"epoch": done, "log": log_table.cpu(),
+                                  "rng_d": d_gen.get_state()})
+
+
+def recent(log, history, done, iters_per_epoch, lam):
+    """The progress line's numbers: the last epoch's mean losses and D outputs, the accuracies."""
+    last_epoch = slice((done - 1) * iters_per_epoch, done * iters_per_epoch)
+    means = dict(zip(LOG_COLUMNS, torch.stack(
+        [log[c][last_epoch].mean() for c in LOG_COLUMNS]).tolist()))  # one host sync
+    acc = " ".join(f"{s} {history[f'{s}_acc'][-1]:.4f}" for s in ("train", "val", "test")
+                   if history.get(f"{s}_acc"))
+    game = "" if lam == 0 else (  # at λ = 0 there is no D to report
+        f" reg {means['reg_loss']:.3f} disc {means['disc_loss']:.3f} | D(real) "
+        f"{means['d_real']:.2f} D(fake) {means['d_fake']:.2f}")
+    return f"cls {means['cls_loss']:.3f}{game} | acc {acc or '-'}"
+
+
+# ----------------------------------------------------------------------------- outputs
+def finish_run(path, ckpt, log, banks):
+    """The run's figures, metrics.csv and summary.json (with the kernel metrics of each
+    regularized layer against its bank: Fréchet distance of the standardized kernels, the
+    low-frequency share); returns the summary."""
+    run_dir, model, history = os.path.dirname(path), ckpt["model"], ckpt["history"]
+    log = {c: v.cpu() for c, v in log.items()}
+    write_run_outputs(run_dir, model, log, history, banks, f"{ckpt['label']}, seed {ckpt['seed']}")
     last = slice(-max(1, len(log["cls_loss"]) // 10), None)  # the last 10% of iterations
     d_last = {c: log[c][last].mean().item() for c in ("d_real", "d_fake")}
-    summary = {"run": os.path.basename(run.dir), "lam": f["lam"], "seed": f["seed"],
-               "init": "bank" if f["bank_init"] else "default",
+    summary = {"run": os.path.basename(run_dir), "lam": ckpt["lam"], "seed": ckpt["seed"],
+               "init": "bank" if ckpt["bank_init"] else "default",
                "final_test_acc": history["test_acc"][-1], "best_test_acc": max(history["test_acc"]),
                **{f"final_{s}_acc": history[f"{s}_acc"][-1] for s in ("train", "val")
                   if f"{s}_acc" in history},
                # lam = 0 has no D: null in JSON
                **{f"{c}_last10pct": None if math.isnan(v) else v for c, v in d_last.items()},
-               "seconds": history["seconds"], **kernel_metrics(model, banks)}
-    write_json(os.path.join(run.dir, "summary.json"), summary)
-    return summary
-
-
-def kernel_metrics(model, banks):
-    """Per regularized layer: Frechet distance of its standardized kernels to the bank's, and the
-    low-frequency share."""
-    out = {}
+               "seconds": history["seconds"]}
     for layer, bank in banks.items():
         kernels = kernels_of(getattr(model, layer).weight).detach().cpu()
-        out[f"{layer}_frechet"] = frechet_distance(standardize_kernels(kernels),
-                                                   standardize_kernels(bank.cpu()))
-        out[f"{layer}_low_freq"] = low_freq_share(kernels)
-    return out
-
-
-def smooth(values, window):
-    """Moving average that ignores NaN (lam = 0 has no D values); same length as `values`."""
-    v = torch.as_tensor(values, dtype=torch.float64)
-    ok = ~torch.isnan(v)
-    kernel = torch.ones(1, 1, window, dtype=torch.float64)
-    num = F.conv1d(torch.where(ok, v, 0.0)[None, None], kernel, padding=window // 2)
-    den = F.conv1d(ok.double()[None, None], kernel, padding=window // 2)
-    return (num / den)[0, 0, :len(v)].tolist()
+        summary[f"{layer}_frechet"] = frechet_distance(standardize_kernels(kernels),
+                                                       standardize_kernels(bank.cpu()))
+        summary[f"{layer}_low_freq"] = low_freq_share(kernels)
+    write_json(os.path.join(run_dir, "summary.json"), summary)
+    return summary
 
 
 def write_metrics_csv(path, log, history):
@@ -482,77 +418,135 @@ def write_metrics_csv(path, log, history):
 
 
 def write_run_outputs(run_dir, model, log, history, banks, title):
-    """metrics.csv and the paper's figures for one run."""
+    """metrics.csv and the paper's figures of one run: Fig. 4 (the losses, per iteration and
+    their moving average), Fig. 5 (D's mean outputs; 0.5: D cannot tell), Fig. 9 (accuracy),
+    Fig. 7 / 10 (the kernels of conv1 and of every regularized layer)."""
     write_metrics_csv(os.path.join(run_dir, "metrics.csv"), log, history)
-    iters = range(1, len(log["cls_loss"]) + 1)
+    iters = list(range(1, len(log["cls_loss"]) + 1))
     window = max(1, len(iters) // 100) | 1
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))  # Fig. 4
-    for ax, name, label in ((axes[0], "reg_loss", "regularization loss  -log D(G(z))"),
-                            (axes[1], "disc_loss", "discriminator loss")):
-        ax.plot(iters, log[name].tolist(), alpha=0.25, lw=0.5)
-        ax.plot(iters, smooth(log[name].tolist(), window), lw=1.5)
-        ax.set(xlabel="iteration", title=label)
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"Fig. 4 — {title}", fontsize=9)
-    save_figure(fig, os.path.join(run_dir, "losses.png"))
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))  # Fig. 5
-    for name, label in (("d_real", "D(real) = D(bank kernel)"), ("d_fake", "D(fake) = D(G(z))")):
-        ax.plot(iters, smooth(log[name].tolist(), window), label=label)
-    ax.axhline(0.5, color="gray", ls="--", lw=0.8)
-    ax.set(xlabel="iteration", ylabel="mean D output", ylim=(0, 1), title=f"Fig. 5 — {title}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    save_figure(fig, os.path.join(run_dir, "d_outputs.png"))
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))  # Fig. 9
-    for split in ("train", "val", "test"):
-        if f"{split}_acc" in history:
-            ax.plot(history["eval_epoch"], history[f"{split}_acc"], marker=".", label=split)
-    ax.set(xlabel="epoch", ylabel="accuracy", title=f"Fig. 9 (test) — {title}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    save_figure(fig, os.path.join(run_dir, "test_acc.png"))
-
+    average = {c: (iters, smooth(log[c], window)) for c in LOG_COLUMNS}
+    losses = {"reg_loss": "regularization loss  -log D(G(z))", "disc_loss": "discriminator loss"}
+    plot_lines(os.path.join(run_dir, "losses.png"), [
+        (f"Fig. 4 — {title}", "iteration", label, {"per iteration": (iters, log[c].tolist()),
+                                                  "moving average": average[c]})
+        for c, label in losses.items()])
+    d_outputs = {"D(real) = D(bank kernel)": average["d_real"],
+                 "D(fake) = D(G(z))": average["d_fake"]}
+    plot_lines(os.path.join(run_dir, "d_outputs.png"),
+               [(f"Fig. 5 — {title}", "iteration", "mean D output", d_outputs)], width=6)
+    accuracy = {s: (history["eval_epoch"], history[f"{s}_acc"]) for s in ("train", "val", "test")
+                if f"{s}_acc" in history}
+    plot_lines(os.path.join(run_dir, "test_acc.png"),
+               [(f"Fig. 9 — {title}", "epoch", "accuracy", accuracy)], width=5)
     for layer in ["conv1"] + [layer for layer in banks if layer != "conv1"]:  # Fig. 7 / 10
         kernels = kernels_of(getattr(model, layer).weight).detach().cpu()
         if len(kernels) > 256:  # conv2 has 8192 slices: show a fixed random sample
             pick = torch.randperm(len(kernels), generator=torch.Generator().manual_seed(0))
             kernels = kernels[pick[:256]]
-        save_kernel_grid(kernels, os.path.join(run_dir, f"kernels_{layer}.png"))
+        save_grid(os.path.join(run_dir, f"kernels_{layer}.png"), kernels[:, None], 16, scale=8)
 
 
-def write_gifs(args):
-    """Per seed: conv1's kernels of every lambda's run side by side, one frame per --gif-every."""
+def smooth(values, window):
+    """Moving average over `window` iterations (fewer at the ends); the same length."""
+    v = values.double()[None, None]
+    return F.avg_pool1d(v, window, 1, window // 2, count_include_pad=False)[0, 0].tolist()
+
+
+def write_gifs(args, count=64):
+    """Per seed, <out>/kernels_seed<S>.gif: the first `count` conv1 kernels of every λ's run side
+    by side, a frame every --gif-every epochs, each kernel scaled to its own range."""
     for seed in args.seeds:
-        frames = {}
+        runs = {f"λ = {lam:g}": torch.load(f"{args.out}/{run_name(lam, seed, False)}/model.pt",
+                                           weights_only=True)["frames"] for lam in args.lam}
+        fig, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs), 4.3), squeeze=False)
+
+        def show(i):
+            fig.suptitle(f"conv1 kernels, epoch {(i + 1) * args.gif_every}")
+            for ax, (title, frames) in zip(axes[0], runs.items()):
+                big = F.interpolate(frames[min(i, len(frames) - 1)][:count, None], scale_factor=8)
+                grid = torchvision.utils.make_grid(big, 8, 4, normalize=True, scale_each=True)
+                ax.clear()
+                ax.set(title=title, xticks=[], yticks=[])
+                ax.imshow(grid.permute(1, 2, 0))
+        animation = matplotlib.animation.FuncAnimation(fig, show, max(map(len, runs.values())))
+        path = f"{args.out}/kernels_seed{seed}.gif"
+        write_atomic(path, lambda tmp: animation.save(tmp, writer="pillow", fps=4))
+        plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args)
+    warn_if_bf16_is_slow(args.precision, device)
+    # Every input is checked before any run starts: a mistake costs nothing, overwrites nothing.
+    banks = {layer: load_bank(path, CONV_SHAPES[layer][-1])["kernels"].to(device)
+             for layer, path in zip(args.layers, args.bank)}
+    if args.init_bank:
+        load_bank(args.init_bank, 7)
+    t0 = time.time()
+    data = load_small_data(args, device)
+    print(f"data: {args.data} | {len(data['train_x'])} train images ({args.per_class} per class) / "
+          f"{len(data['val_x'])} val / {len(data['test_x'])} test | loaded in "
+          f"{time.time() - t0:.1f} s | device {device} | banks: "
+          + ", ".join(f"{layer} {list(b.shape)}" for layer, b in banks.items()))
+    for bank_init in [False] + ([True] if args.init_bank else []):
         for lam in args.lam:
-            path = os.path.join(args.out, run_name(lam, seed, False), "model.pt")
-            frames[f"λ = {lam:g}"] = torch.load(path, weights_only=True)["frames"]
-        write_gif(os.path.join(args.out, f"kernels_seed{seed}.gif"), frames, args.gif_every)
+            for seed in args.seeds:
+                train(lam, seed, bank_init, args, data, banks, device)
+    if args.gif_every:
+        write_gifs(args)
+    print(f"wrote per-run folders under {args.out}/; the table of every run there, mean ± std "
+          f"over seeds:\n  python collect_kernels.py --compare {args.out}/*/model.pt --bank "
+          f"{args.bank[0]} --out {args.out}/compare")
 
 
-def write_gif(path, frames_per_run, every, count=64):
-    """One animation: the first `count` conv1 kernels of several runs side by side, a frame every
-    `every` epochs (each kernel scaled to its own range in every frame)."""
-    titles, frames = list(frames_per_run), list(frames_per_run.values())
-    fig, axes = plt.subplots(1, len(frames), figsize=(4 * len(frames), 4.3), squeeze=False)
-    grids = [[kernel_grid(k[:count]).permute(1, 2, 0) for k in f] for f in frames]
-    images = [ax.imshow(g[0]) for ax, g in zip(axes[0], grids)]
-    for ax, title in zip(axes[0], titles):
-        ax.set_title(title, fontsize=10)
-        ax.axis("off")
-    label = fig.suptitle("")
+# ----------------------------------------------------------------------------- data
+# the 100-image task: the same text in train_small.py (test_copies_across_scripts_agree)
+def as_cifar_images(images):
+    """uint8 [N, C, H, W] -> [N, 3, 32, 32], what the paper's CNN takes (gray -> RGB, resized)."""
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1).contiguous()
+    return resize_uint8(images, 32)
 
-    def show(i):
-        for image, g in zip(images, grids):
-            image.set_data(g[min(i, len(g) - 1)])
-        label.set_text(f"conv1 kernels, epoch {(i + 1) * every}")
 
-    animation = matplotlib.animation.FuncAnimation(fig, show, frames=max(map(len, grids)))
-    write_atomic(path, lambda tmp: animation.save(tmp, writer=matplotlib.animation.PillowWriter(4),
-                                                  dpi=100))
-    plt.close(fig)
+def small_subset(labels, per_class, subset_seed):
+    """Indices of `per_class` images of every class, drawn at random by `subset_seed`."""
+    g = torch.Generator().manual_seed(subset_seed)
+    chosen = []
+    for c in labels.unique().tolist():
+        of_class = (labels == c).nonzero().flatten()
+        if len(of_class) < per_class:
+            raise UserError(f"class {c} has only {len(of_class)} training images, "
+                             f"--per-class is {per_class}")
+        chosen.append(of_class[torch.randperm(len(of_class), generator=g)[:per_class]])
+    return torch.cat(chosen)
+
+
+def load_small_data(args, device):
+    """The 100-image task, on the device: a dict of train_x/_y (--per-class images of every class,
+    drawn by --subset-seed), val_x/_y (--val-size other training images, never the subset: the
+    split for choosing what the paper does not fix), test_x/_y (the test split, or --test-limit of
+    it) and classes."""
+    train_x, train_y, classes = load_split(args.data, args.data_root, "train")
+    test_x, test_y, test_classes = load_split(args.data, args.data_root, "test")
+    if test_classes != classes:
+        raise UserError(f"train and test class folders differ: {classes} vs {test_classes}")
+    keep = small_subset(train_y, args.per_class, args.subset_seed)
+    rest = torch.ones(len(train_y), dtype=torch.bool)
+    rest[keep] = False
+    rest = rest.nonzero().flatten()
+    if args.val_size > len(rest):
+        raise UserError(f"--val-size {args.val_size} is more than the {len(rest)} training "
+                         f"images outside the {len(keep)} of the small subset")
+    g = torch.Generator().manual_seed(args.subset_seed + 1)
+    val = rest[torch.randperm(len(rest), generator=g)[:args.val_size]]
+    pick = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(0))
+    pick = pick[:args.test_limit or len(pick)]  # in random order: any first N are a fair sample
+    test_x, test_y = test_x[pick], test_y[pick]
+    data = {"train_x": train_x[keep], "train_y": train_y[keep], "val_x": train_x[val],
+            "val_y": train_y[val], "test_x": test_x, "test_y": test_y}
+    data = {k: (as_cifar_images(v) if k.endswith("_x") else v).to(device) for k, v in data.items()}
+    return dict(data, classes=classes)
 
 
 def normalize(images_uint8):
@@ -594,6 +588,23 @@ def evaluate(model, images, labels, batch_size=1000):
     return correct.item() / max(len(images), 1)
 
 
+def accuracies(model, data, final, curve_size, precision):
+    """Accuracy on the training images, the validation split (if any) and the test set: all of
+    the test set at the run's end, its first `curve_size` images (a fixed random sample) before."""
+    out = {}
+    with autocast(precision, data["train_x"].device):
+        for split in ("train", "val", "test"):
+            x, y = data[f"{split}_x"], data[f"{split}_y"]
+            if split == "test" and curve_size and not final:
+                x, y = x[:curve_size], y[:curve_size]
+            if len(x):
+                out[f"{split}_acc"] = evaluate(model, x, y)
+    return out
+
+
+# ----------------------------------------------------------------------------- kernels
+# banks and kernel metrics: the same text in collect_kernels.py (and in the other scripts
+# that have them)
 ARCH = "PaperCNN"  # stored in checkpoints; collect_kernels.py refuses anything else
 
 
@@ -607,7 +618,7 @@ LOG_COLUMNS = ("cls_loss", "reg_loss", "disc_loss", "d_real", "d_fake")  # train
 def load_bank(path, kernel_size=None):
     """A bank written by collect_kernels.py ("kernels" [N, k, k] as float), checked against k."""
     if not os.path.exists(path):
-        raise SystemExit(f"error: kernel bank {path!r} not found; make it with `python "
+        raise UserError(f"kernel bank {path!r} not found; make it with `python "
                          f"collect_kernels.py --checkpoints checkpoints/ --out "
                          f"{os.path.dirname(path) or '.'}`")
     try:
@@ -616,14 +627,14 @@ def load_bank(path, kernel_size=None):
         bank = None
     if not isinstance(bank, dict) or not isinstance(bank.get("kernels"), torch.Tensor) \
             or bank["kernels"].dim() != 3:
-        raise SystemExit(f"error: {path!r} is not a kernel bank (corrupt or another format); "
+        raise UserError(f"{path!r} is not a kernel bank (corrupt or another format); "
                          f"banks are written by collect_kernels.py")
     k = bank["kernels"].shape[-1]
     if kernel_size is not None and k != kernel_size:
-        raise SystemExit(f"error: bank {path!r} holds {k}x{k} kernels, but the layer it is for "
+        raise UserError(f"bank {path!r} holds {k}x{k} kernels, but the layer it is for "
                          f"has {kernel_size}x{kernel_size} kernels")
     if not torch.isfinite(bank["kernels"]).all():
-        raise SystemExit(f"error: bank {path!r} holds non-finite kernels (NaN or inf); collect "
+        raise UserError(f"bank {path!r} holds non-finite kernels (NaN or inf); collect "
                          f"it again from checkpoints of runs that did not diverge")
     return dict(bank, kernels=bank["kernels"].float())
 
@@ -644,6 +655,15 @@ def init_conv1_from_bank(model, bank_kernels, seed):
         idx = torch.randint(len(bank_kernels), (count,), generator=g)
     with torch.no_grad():
         weight.copy_(bank_kernels[idx].reshape(weight.shape).to(weight.device))
+
+
+def layers_label(layers):
+    """["conv1", "conv2", "conv3"] -> "conv1-3"; ["conv1", "conv2"] -> "conv1+conv2"."""
+    numbers = [int(name[4:]) for name in layers if name[:4] == "conv" and name[4:].isdigit()]
+    if len(layers) >= 3 and len(numbers) == len(layers) \
+            and numbers == list(range(numbers[0], numbers[0] + len(numbers))):
+        return f"conv{numbers[0]}-{numbers[-1]}"
+    return "+".join(layers)
 
 
 def standardize_kernels(kernels):
@@ -684,265 +704,11 @@ def frechet_distance(a, b):
             + (cov_a.trace() + cov_b.trace() - 2 * tr_covmean).item())
 
 
-def kernel_grid(kernels, nrow=8, scale=8):
-    """[N, k, k] -> image [3, H, W] of the kernels, each scaled to its own range, enlarged."""
-    big = F.interpolate(kernels[:, None].float(), scale_factor=scale, mode="nearest")
-    return torchvision.utils.make_grid(big, nrow=nrow, padding=scale // 2, normalize=True,
-                                       scale_each=True, pad_value=1.0)
-
-
-def save_kernel_grid(kernels, path, nrow=16):
-    write_atomic(path, lambda tmp: torchvision.utils.save_image(kernel_grid(kernels, nrow), tmp))
-
-
-TORCHVISION_DATASETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "mnist": "MNIST"}
-
-
-@functools.lru_cache(maxsize=4)  # a run may read a split more than once: decode it once
-def load_split(data, root, split):
-    """One split ("train" or "test") as (uint8 images [N, C, H, W] at the data's own size, int64
-    labels [N], class names). `data` is a torchvision name (downloaded into `root`) or the path of
-    an ImageFolder tree data/{train,test}/<class>/<image>; grayscale trees (MNIST) stay 1-channel,
-    and an image of another size than the first is resized to it. Every image is decoded once here;
-    training then only indexes these tensors."""
-    if data in TORCHVISION_DATASETS:
-        try:
-            dataset_class = getattr(torchvision.datasets, TORCHVISION_DATASETS[data])
-            ds = dataset_class(root, train=split == "train", download=True)
-        except Exception as e:  # offline: URLError, RuntimeError, ... all mean "could not download"
-            raise SystemExit(f"error: could not download {data} into {root!r} ({type(e).__name__})."
-                             f" Offline? Pass an ImageFolder tree instead: --data PATH with "
-                             f"PATH/train/<class>/*.png and PATH/test/<class>/*.png")
-        x = torch.as_tensor(ds.data)
-        x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
-        return x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long), list(ds.classes)
-    if not os.path.isdir(data):
-        raise SystemExit(f"error: --data {data!r} is neither a known dataset "
-                         f"({', '.join(TORCHVISION_DATASETS)}) nor an existing folder")
-    folder = os.path.join(data, split)
-    try:  # ImageFolder finds the class folders (sorted) and the image files in them
-        ds = torchvision.datasets.ImageFolder(folder)
-    except (FileNotFoundError, OSError):
-        raise SystemExit(f"error: no images in {folder!r}; expected an ImageFolder tree "
-                         f"{data}/{split}/<class>/<image>.png")
-    print(f"decoding the {len(ds.samples)} images of {folder}", flush=True)
-    with PIL.Image.open(ds.samples[0][0]) as first:
-        mode = "L" if first.mode in ("L", "1", "I;16", "I") else "RGB"
-    images = []
-    for path, _ in ds.samples:
-        try:
-            with PIL.Image.open(path) as img:
-                img = torchvision.transforms.functional.pil_to_tensor(img.convert(mode))
-        except OSError as e:  # PIL's UnidentifiedImageError is one
-            raise SystemExit(f"error: cannot read image {path!r} ({type(e).__name__}): not an "
-                             f"image, or corrupt")
-        if images and img.shape != images[0].shape:
-            img = resize_uint8(img[None], images[0].shape[-1])[0]
-        images.append(img)
-    return torch.stack(images), torch.tensor(ds.targets), ds.classes
-
-
-def resize_uint8(x, size):
-    """uint8 images [N, C, H, W] -> [N, C, size, size] (bilinear, antialiased), in chunks."""
-    if x.shape[-1] == size and x.shape[-2] == size:
-        return x
-    out = [F.interpolate(c.float(), size=(size, size), mode="bilinear", antialias=True,
-                         align_corners=False) for c in x.split(8192)]
-    return torch.cat(out).round().clamp(0, 255).to(torch.uint8)
-
-
-def as_cifar_images(images):
-    """uint8 [N, C, H, W] -> [N, 3, 32, 32], what the paper's CNN takes (gray -> RGB, resized)."""
-    if images.shape[1] == 1:
-        images = images.expand(-1, 3, -1, -1).contiguous()
-    return resize_uint8(images, 32)
-
-
-def small_subset(labels, per_class, subset_seed):
-    """Indices of `per_class` images of every class, drawn at random by `subset_seed`."""
-    g = torch.Generator().manual_seed(subset_seed)
-    chosen = []
-    for c in labels.unique().tolist():
-        of_class = (labels == c).nonzero().flatten()
-        if len(of_class) < per_class:
-            raise SystemExit(f"error: class {c} has only {len(of_class)} training images, "
-                             f"--per-class is {per_class}")
-        chosen.append(of_class[torch.randperm(len(of_class), generator=g)[:per_class]])
-    return torch.cat(chosen)
-
-
-def load_small_data(args, device):
-    """The 100-image task, on the device: a dict of train_x/_y (--per-class images of every class,
-    drawn by --subset-seed), val_x/_y (--val-size other training images, never the subset: the
-    split for choosing what the paper does not fix), test_x/_y (the test split, or --test-limit of
-    it) and classes."""
-    train_x, train_y, classes = load_split(args.data, args.data_root, "train")
-    test_x, test_y, test_classes = load_split(args.data, args.data_root, "test")
-    if test_classes != classes:
-        raise SystemExit(f"error: train and test class folders differ: {classes} vs {test_classes}")
-    keep = small_subset(train_y, args.per_class, args.subset_seed)
-    rest = torch.ones(len(train_y), dtype=torch.bool)
-    rest[keep] = False
-    rest = rest.nonzero().flatten()
-    if args.val_size > len(rest):
-        raise SystemExit(f"error: --val-size {args.val_size} is more than the {len(rest)} training "
-                         f"images outside the {len(keep)} of the small subset")
-    g = torch.Generator().manual_seed(args.subset_seed + 1)
-    val = rest[torch.randperm(len(rest), generator=g)[:args.val_size]]
-    pick = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(0))
-    pick = pick[:args.test_limit or len(pick)]  # in random order: any first N are a fair sample
-    test_x, test_y = test_x[pick], test_y[pick]
-    data = {"train_x": train_x[keep], "train_y": train_y[keep], "val_x": train_x[val],
-            "val_y": train_y[val], "test_x": test_x, "test_y": test_y}
-    data = {k: (as_cifar_images(v) if k.endswith("_x") else v).to(device) for k, v in data.items()}
-    return dict(data, classes=classes)
-
-
-def pick_device(name):
-    """'auto' picks CUDA, then Apple's MPS, then the CPU; an explicit choice must be available."""
-    cuda = torch.cuda.is_available()
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        name = "cuda" if cuda else "mps" if mps else "cpu"
-    if (name == "cuda" and not cuda) or (name == "mps" and not mps):
-        raise SystemExit(f"error: --device {name} asked for, but torch cannot use it here "
-                         f"(try --device cpu)")
-    return torch.device(name)
-
-
-def state_of(obj):
-    """state_dict of a module or optimizer, or of each one in a dict of them."""
-    if isinstance(obj, dict):
-        return {name: o.state_dict() for name, o in obj.items()}
-    return obj.state_dict()
-
-
-def save_checkpoint(path, states, **fields):
-    """The state of every model and optimizer in `states` (name -> object, or name -> dict of
-    objects), the random generators' state (so batch order, augmentation and noise continue exactly
-    where they stopped) and the caller's fields, written atomically."""
-    ckpt = {name: state_of(obj) for name, obj in states.items()}
-    ckpt.update(fields, rng_cpu=torch.get_rng_state())
-    if torch.cuda.is_available():
-        ckpt["rng_cuda"] = torch.cuda.get_rng_state()
-    write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
-
-
-def resume(path, states, flags, **expected):
-    """Load the checkpoint at `path` into `states` (as save_checkpoint wrote them) and restore the
-    random generators; returns its dict, or None if there is none yet. One clear line instead, with
-    nothing loaded, for a damaged file, another program's (a field of `expected` differs: format,
-    architecture, classes) or a run made with other training flags (`flags`: name -> value, the
-    flags that change what a run computes; the checkpoint keeps its own under "flags")."""
-    if not os.path.exists(path):
-        return None
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"error: cannot read {path} ({type(e).__name__}): it is damaged or not a "
-                         f"checkpoint; delete it or use another --out")
-    if not isinstance(ckpt, dict) or any(ckpt.get(k) != v for k, v in expected.items()):
-        raise SystemExit(f"error: {path} is not a checkpoint of this run (another format, model "
-                         f"or dataset); use another --out or delete it")
-    saved = ckpt.get("flags") or {k: ckpt.get("args", {}).get(k) for k in flags}  # older: args
-    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {v!r})"
-               for k, v in flags.items() if saved.get(k) != v]
-    if changed:
-        raise SystemExit(f"error: {path} is a run with other flags: {', '.join(changed)}; use "
-                         f"another --out, or the same flags to resume it")
-    for name, obj in states.items():
-        if isinstance(obj, dict):
-            for key, o in obj.items():
-                o.load_state_dict(ckpt[name][key])
-        else:
-            obj.load_state_dict(ckpt[name])
-    torch.set_rng_state(ckpt["rng_cpu"])
-    if torch.cuda.is_available() and "rng_cuda" in ckpt:
-        torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu())
-    return ckpt
-
-
-def run_flags(args, free):
-    """The flags that define a run (stored in its checkpoint, compared on resume): every flag but
-    those in `free`, which cannot change what the run computes (--epochs, --threads, --device)."""
-    return {k: v for k, v in vars(args).items() if k not in free}
-
-
-def stop_if_diverged(loss, where, flags):
-    """A run whose loss is not finite stops here, before it overwrites its last good checkpoint."""
-    if not math.isfinite(loss):
-        raise SystemExit(f"error: the training loss is {loss} at {where}; the run diverged. Its "
-                         f"last good checkpoint is kept. Lower {flags} and run again with "
-                         f"another --out")
-
-
-def write_atomic(path, write):
-    """Write a file under a temporary name, then rename it: a Ctrl-C, a kill or a full disk never
-    leaves half a file, and the previous version stays until the new one is complete.
-    `write(tmp)` writes to the name it is given (torch.save, fig.savefig, ...)."""
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{ext}"  # keep the extension: savefig and save_image read the format from it
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        torch_write = any(s in str(e) for s in ("inline_container", "PytorchStreamWriter"))
-        if isinstance(e, RuntimeError) and not torch_write:
-            raise  # not a write error: a bug, shown as one
-        reason = getattr(e, "strerror", None) or "the write failed: is the disk full?"
-        raise SystemExit(f"error: could not write {path} ({reason}); its previous version, if "
-                         f"any, is kept")
-    except BaseException:  # Ctrl-C, SystemExit: no temporary file left behind
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_text(path, text):
-    write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(text))
-
-
-def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=2))
-
-
-def write_csv(path, rows):
-    """A list of dicts as CSV; the columns are their keys, in the order they first appear."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, list(dict.fromkeys(k for r in rows for k in r)),
-                            lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(path, buffer.getvalue())
-
-
-def save_figure(fig, path, dpi=100):
-    fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi))
-    plt.close(fig)
-
-
+# ----------------------------------------------------------------------------- precision
 def autocast(precision, device):
-    """--precision bf16: forward passes and losses in bfloat16 where torch's autocast deems it
-    safe; weights, gradients and optimizer state stay float32. fp32: a no-op."""
+    """bf16: forward passes in bfloat16 where autocast deems it safe; weights, gradients and
+    optimizer state stay float32. fp32: a no-op."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def cpu_has_native_bf16():
-    """Whether this CPU computes bfloat16 in hardware: AVX512-BF16 or AMX on x86, BF16 on Arm.
-    Without it torch emulates bf16, many times slower than fp32. Asks torch.cpu.get_capabilities
-    (torch 2.14 has it), else Linux's /proc/cpuinfo; True when neither can tell (no warning)."""
-    flags = {"avx512_bf16", "amx_bf16", "bf16", "sve_bf16"}
-    get_capabilities = getattr(torch.cpu, "get_capabilities", None)
-    if get_capabilities is not None:
-        capabilities = get_capabilities()
-        return any(capabilities.get(flag, False) for flag in flags)
-    try:
-        return bool(flags & set(pathlib.Path("/proc/cpuinfo").read_text().split()))
-    except OSError:
-        return True
 
 
 def warn_if_bf16_is_slow(precision, device):
@@ -953,23 +719,203 @@ def warn_if_bf16_is_slow(precision, device):
               "and use --precision fp32, the default", file=sys.stderr, flush=True)
 
 
-def accuracies(model, data, final, curve_size, precision):
-    """Accuracy on the training images, the validation split (if any) and the test set: all of
-    the test set at the run's end, its first `curve_size` images (a fixed random sample) before."""
-    out = {}
-    with autocast(precision, data["train_x"].device):
-        for split in ("train", "val", "test"):
-            x, y = data[f"{split}_x"], data[f"{split}_y"]
-            if split == "test" and curve_size and not final:
-                x, y = x[:curve_size], y[:curve_size]
-            if len(x):
-                out[f"{split}_acc"] = evaluate(model, x, y)
-    return out
+def cpu_has_native_bf16(flags=("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")):
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX on x86, BF16 on Arm):
+    torch.cpu.get_capabilities, else Linux's /proc/cpuinfo; True when neither can tell."""
+    if hasattr(torch.cpu, "get_capabilities"):
+        return any(torch.cpu.get_capabilities().get(flag, False) for flag in flags)
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    return not cpuinfo.exists() or bool(set(flags) & set(cpuinfo.read_text().split()))
+
+
+# ==== plumbing: the same block in every script, checked by test_smoke.py; skip on a first read ====
+class UserError(Exception):
+    """A mistake in the input (a flag, a file), or a run that cannot go on: one line, exit 1."""
+
+
+def entry_point(main, argv=None):
+    """Run main(argv). A UserError, a failed read or write (a full disk) or Ctrl-C ends the
+    program with one line and a non-zero exit, instead of a traceback."""
+    try:
+        main(argv)
+    except (UserError, OSError) as e:  # OSError: a file that could not be read, and why
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: every file written so far is whole; the same command resumes")
+
+
+def pick_device(args):
+    """--threads, then --device: 'auto' is CUDA, else Apple's MPS, else the CPU."""
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
+    ok = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    name = getattr(args, "device", "auto")
+    name = next(n for n in ("cuda", "mps", "cpu") if ok[n]) if name == "auto" else name
+    if not ok[name]:
+        raise UserError(f"--device {name}: torch cannot use it here (try --device cpu)")
+    return torch.device(name)
+
+
+TORCHVISION_DATASETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "mnist": "MNIST"}
+
+
+@functools.lru_cache(maxsize=4)  # a run may read a split more than once: decode it once
+def load_split(data, root, split):
+    """One split ("train" or "test") as (uint8 images [N, C, H, W], int64 labels [N], class
+    names): a torchvision name (downloaded into `root`) or an ImageFolder tree
+    data/{train,test}/<class>/<image>. Grayscale trees stay 1-channel; an image of another size
+    than the first is resized to it. Every image is decoded once, here."""
+    if data in TORCHVISION_DATASETS:
+        try:  # offline, any exception (URLError, RuntimeError, ...) means "no download"
+            ds = getattr(torchvision.datasets, TORCHVISION_DATASETS[data])(
+                root, train=split == "train", download=True)
+        except Exception as e:
+            raise UserError(f"could not download {data} ({type(e).__name__}); offline? Pass "
+                            f"--data PATH, an ImageFolder tree PATH/train/<class>/*")
+        x = torch.as_tensor(ds.data)  # [N, H, W] (MNIST) or [N, H, W, C]
+        x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
+        return x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long), list(ds.classes)
+    if not os.path.isdir(data):
+        raise UserError(f"--data {data!r}: neither {', '.join(TORCHVISION_DATASETS)} nor a folder")
+    # ImageFolder finds the class folders (sorted) and their images; a missing folder or a file
+    # that is not an image is an OSError, which entry_point prints as one line with its path
+    ds = torchvision.datasets.ImageFolder(os.path.join(data, split))
+    print(f"decoding the {len(ds.samples)} images of {data}/{split}", flush=True)
+    images, mode = [], None
+    for path, _ in ds.samples:
+        with PIL.Image.open(path) as img:
+            mode = mode or ("L" if img.mode in ("L", "1", "I;16", "I") else "RGB")  # the first's
+            img = torchvision.transforms.functional.pil_to_tensor(img.convert(mode))
+        images.append(resize_uint8(img[None], images[0].shape[-1])[0] if images else img)
+    return torch.stack(images), torch.tensor(ds.targets), ds.classes
+
+
+def resize_uint8(x, size):
+    """uint8 images [N, C, H, W] -> [N, C, size, size] (bilinear, antialiased), in chunks."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    out = [F.interpolate(c.float(), size=(size, size), mode="bilinear", antialias=True)
+           for c in x.split(8192)]
+    return torch.cat(out).round().clamp(0, 255).to(torch.uint8)
+
+
+def write_atomic(path, write):
+    """write(tmp) to a temporary name, then rename it to `path`: a Ctrl-C, a kill or a full disk
+    never leaves half a file, and the previous version stays until the new one is whole."""
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{ext}"  # keep the extension: savefig and save_image read the format from it
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:  # Ctrl-C too: no temporary file is left behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        torch_write = "inline_container" in str(e) or "PytorchStreamWriter" in str(e)
+        if not (isinstance(e, OSError) or torch_write):  # torch.save's full disk: RuntimeError
+            raise  # any other exception is a bug, shown as one
+        reason = getattr(e, "strerror", None) or "is the disk full?"
+        raise UserError(f"could not write {path} ({reason}); its last version is kept") from e
+
+
+def write_json(path, obj):
+    write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(obj, indent=2)))
+
+
+def write_csv(path, rows):
+    """A list of dicts as CSV; the columns are their keys, in the order they first appear."""
+    buffer, columns = io.StringIO(), list(dict.fromkeys(k for row in rows for k in row))
+    writer = csv.DictWriter(buffer, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(buffer.getvalue()))
+
+
+FORMAT = 2  # a checkpoint of this project: one dict; earlier formats are refused by name
+
+
+def save_checkpoint(path, ckpt):
+    """One dict, written atomically: each module and optimizer as its state_dict, the other
+    values as they are, with the format and the random generators' state."""
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    saved = {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in ckpt.items()}
+    write_atomic(path, lambda tmp: torch.save(saved | {"format": FORMAT, "rng": rng}, tmp))
+
+
+def resume(path, ckpt, flags):
+    """Load the run saved at `path` into the modules and optimizers of `ckpt` (as given to
+    save_checkpoint) and restore the random generators; returns the saved dict, or None where
+    there is none yet. Refused in one line: a damaged file, an earlier format, and a run whose
+    defining flags (`flags`, name -> value) differ from the command's."""
+    if not os.path.exists(path):
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__}): damaged? Use another --out")
+    fmt = saved.get("format", 1) if isinstance(saved, dict) else "unknown"
+    if fmt != FORMAT:
+        raise UserError(f"{path} has checkpoint format {fmt}, not {FORMAT}: use another --out")
+    changed = [f"--{k.replace('_', '-')} {saved['flags'].get(k)!r} (now {v!r})"
+               for k, v in flags.items() if saved["flags"].get(k) != v]
+    if changed:
+        raise UserError(f"{path} is a run with other flags: {', '.join(changed)}; another --out?")
+    for key, obj in ckpt.items():
+        if hasattr(obj, "load_state_dict"):
+            obj.load_state_dict(saved[key])
+    torch.set_rng_state(saved["rng"]["cpu"])
+    if "cuda" in saved["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(saved["rng"]["cuda"].cpu())
+    return saved
+
+
+def stop_if_diverged(loss, where, flags):
+    """A run whose loss is not finite stops here, before it overwrites its last good checkpoint."""
+    if not math.isfinite(loss):
+        raise UserError(f"the training loss is {loss} at {where}; the run diverged (its last "
+                        f"good checkpoint is kept): lower {flags} and run again, another --out")
+
+
+def progress(name, done, total, seconds_each, text):
+    """One progress line: where the run is, what it measures, and the time left."""
+    eta = seconds_each * (total - done) / 60
+    print(f"{name} | {done}/{total} | {text} | ETA {eta:.1f} min", flush=True)
+
+
+def plot_lines(path, panels, width=4.5, dpi=100):
+    """Line plots side by side, one panel per (title, xlabel, ylabel, curves); curves maps a
+    label to (x, y) or (x, y, error bars). A title that ends in "(log)" gets a log y axis."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 3.4), squeeze=False)
+    for ax, (title, xlabel, ylabel, curves) in zip(axes[0], panels):
+        for label, (x, y, *err) in curves.items():
+            ax.errorbar(x, y, yerr=err[0] if err else None, marker=".", capsize=3, label=label)
+        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+        ax.set_yscale("log" if title.endswith("(log)") else "linear")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    save_figure(fig, path, dpi)
+
+
+def save_grid(path, images, nrow=8, value_range=None, scale=1):
+    """Images [N, C, H, W] as one grid PNG, each enlarged `scale` times; value_range=(lo, hi)
+    maps that range to black..white for all, None scales each image to its own range
+    (kernels, saliency maps)."""
+    big = F.interpolate(images.detach().float().cpu(), scale_factor=scale, mode="nearest")
+    grid = torchvision.utils.make_grid(big, nrow, max(2, scale // 2), normalize=True,
+                                       value_range=value_range, scale_each=value_range is None)
+    write_atomic(path, lambda tmp: torchvision.utils.save_image(grid, tmp))
+
+
+def save_figure(fig, path, dpi=100):
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi))
+    plt.close(fig)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help names each default once: a flag that is off or unset by default, or whose help
-    already says its default, gets no "(default: ...)" appended."""
+    """--help names each default once: a flag off or unset by default, or whose help already
+    says its default, gets no "(default: ...)" appended."""
 
     def _get_help_string(self, action):
         if action.default in (None, False, []) or "default" in (action.help or ""):
@@ -978,4 +924,4 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 if __name__ == "__main__":  # at the very end, so that the plumbing above is defined
-    main()
+    entry_point(main)

@@ -52,101 +52,60 @@ FREE_FLAGS = {"epochs", "seeds", "eval_every", "log_every", "curve_size", "devic
 
 # ----------------------------------------------------------------------------- config
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="Stage 3: train the paper's CNN on 100 CIFAR-10 images (10 per class), "
-                    "the baseline; optionally with AMP, or from a pretrained model.",
-        formatter_class=HelpFormatter)
-    p.add_argument("--data", default="cifar10",
-                   help="cifar10 (torchvision download) or PATH of an ImageFolder tree "
-                        "PATH/train/<class>/* and PATH/test/<class>/* (paper: cifar10)")
-    p.add_argument("--data-root", default="data", help="where torchvision datasets are downloaded")
-    p.add_argument("--per-class", type=int, default=10,
-                   help="training images per class (paper text: 10, i.e. 100 images)")
-    p.add_argument("--subset-seed", type=int, default=0, help="seed that draws the training images")
-    p.add_argument("--val-size", type=int, default=0, metavar="N",
-                   help="validation images drawn from the rest of the training split (this "
-                        "project; the paper has none: 0 = no validation split)")
-    p.add_argument("--test-limit", type=int, default=0,
-                   help="evaluate on only this many test images (0 = all 10,000)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0],
-                   help="one run per seed (init, batch order, augmentation)")
-    p.add_argument("--epochs", type=int, default=1000, help="epochs (paper text: 1000)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per step (paper text: 16)")
-    p.add_argument("--lr", type=float, default=2e-3,
-                   help="Adam learning rate (paper text: 2e-3; authors' notebook: 2e-4)")
-    p.add_argument("--weight-decay", type=float, default=1e-3,
-                   help="Adam weight decay (paper text: 1e-3; authors' notebook: 1e-4)")
-    p.add_argument("--betas", type=float, nargs=2, default=[0.5, 0.999],
-                   help="Adam betas (paper text and notebook: 0.5 0.999)")
-    p.add_argument("--no-augment", action="store_true",
-                   help="turn off random crop (padding 4) + flip (paper text: on; notebook: off)")
-    p.add_argument("--init-bank", default=None, metavar="BANK",
-                   help="initialize conv1 with kernels drawn from this bank (collect_kernels.py) "
-                        "instead of the default init: the 'bank as a starting point' control")
-    p.add_argument("--init-from", default=None, metavar="CKPT",
-                   help="start from a checkpoint of the paper's CNN (ours or the authors' "
-                        "layout); {seed} in the path becomes the run's seed (this project)")
-    p.add_argument("--transfer", nargs="+", choices=LAYERS, default=None, metavar="LAYER",
-                   help="layers copied from --init-from; convN brings its BatchNorm along, fc "
-                        "needs the same classes (default with --init-from: conv1 conv2 conv3 "
-                        "conv4, a new head)")
-    p.add_argument("--freeze", nargs="+", choices=LAYERS, default=[], metavar="LAYER",
-                   help="layers that do not train (their BatchNorm keeps its statistics: eval "
-                        "mode); conv1 conv2 conv3 conv4 = the linear probe")
-    p.add_argument("--probe-after", choices=LAYERS[:4], default=None, metavar="LAYER",
-                   help="the linear probe at a depth (seed 003's transfer lab, Q8): --init-from's "
-                        "network up to and including this block, frozen, average-pooled, a new "
-                        "linear head of its width; conv4 = the linear probe (default: none)")
-    p.add_argument("--amp-epsilon", type=float, default=None, metavar="EPS",
-                   help="turn on AMP with this radius of the perturbation ball (norm over all "
-                        "trained parameters); off by default (chosen values: docs/train_small.md)")
-    p.add_argument("--amp-inner-lr", type=float, default=1.0,
-                   help="AMP's inner (ascent) step size (the AMP authors' code: 1)")
-    p.add_argument("--amp-inner-steps", type=int, default=1,
-                   help="AMP's inner ascent steps per batch (the AMP authors' code: 1)")
-    p.add_argument("--eval-every", type=int, default=50,
-                   help="evaluate test accuracy every N epochs")
-    p.add_argument("--log-every", type=int, default=50, help="print a progress line every N epochs")
-    p.add_argument("--curve-size", type=int, default=2000, metavar="N",
-                   help="test images (a fixed random sample) behind the accuracy curve along the "
-                        "run; the last evaluation uses the whole test set; 0 = the whole set "
-                        "every time (this project: keeps evaluation under 15 %% of a run, "
-                        "docs/train_small.md)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="bf16: autocast forward passes (float32 weights and optimizer state); "
-                        "faster on CPUs with AVX512-BF16 / AMX and on recent GPUs, much slower "
-                        "on CPUs without native bf16 (this project: docs/train_small.md)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                   help="auto = cuda if available, else mps, else cpu")
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for torch (0 = torch's default)")
-    p.add_argument("--out", default="runs/small", help="output folder")
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter, description="Stage 3: the paper's "
+                                "CNN on 100 CIFAR-10 images; optionally AMP, or transfer.")
+    add = p.add_argument  # the source of each default in (...); the why: docs/defaults.md
+    add("--data", default="cifar10", help="cifar10 | PATH of an ImageFolder tree (paper)")
+    add("--data-root", default="data", help="where torchvision downloads datasets (ours)")
+    add("--per-class", type=int, default=10, help="training images per class (paper: 100 in all)")
+    add("--subset-seed", type=int, default=0, help="seed that draws the training images (ours)")
+    add("--val-size", type=int, default=0, metavar="N", help="validation images; 0 = none (ours)")
+    add("--test-limit", type=int, default=0, help="this many test images; 0 = all (ours)")
+    add("--seeds", type=int, nargs="+", default=[0], help="one run per seed (ours)")
+    add("--epochs", type=int, default=1000, help="epochs (paper)")
+    add("--batch-size", type=int, default=16, help="images per step (paper)")
+    add("--lr", type=float, default=2e-3, help="Adam's learning rate (paper; notebook: 2e-4)")
+    add("--weight-decay", type=float, default=1e-3, help="Adam's (paper; notebook: 1e-4)")
+    add("--betas", type=float, nargs=2, default=[0.5, 0.999], help="Adam's betas (paper)")
+    add("--no-augment", action="store_true", help="no crop + flip (paper: on; notebook: off)")
+    add("--init-bank", metavar="BANK", help="conv1 drawn from this collect_kernels.py bank (ours)")
+    add("--init-from", metavar="CKPT", help="start from this checkpoint; {seed}: the run's (ours)")
+    add("--transfer", nargs="+", choices=LAYERS, metavar="LAYER", help="copied: --init-from (ours)")
+    add("--freeze", nargs="+", choices=LAYERS, default=[], metavar="LAYER", help="fixed (ours)")
+    add("--probe-after", choices=LAYERS[:4], metavar="LAYER", help="probe after it (seed 003)")
+    add("--amp-epsilon", type=float, metavar="EPS", help="AMP with this radius (off; ours: 1)")
+    add("--amp-inner-lr", type=float, default=1.0, help="AMP's ascent step size (AMP's code)")
+    add("--amp-inner-steps", type=int, default=1, help="AMP's ascent steps a batch (AMP's code)")
+    add("--eval-every", type=int, default=50, help="evaluate every N epochs (ours)")
+    add("--log-every", type=int, default=50, help="a progress line every N epochs (ours)")
+    add("--curve-size", type=int, default=2000, metavar="N", help="test images mid-run (ours)")
+    add("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast (ours)")
+    add("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="(ours)")
+    add("--threads", type=int, default=0, help="CPU threads; 0 = torch's default (ours)")
+    add("--out", default="runs/small", help="folder of the runs' files (ours)")
     args = p.parse_args(argv)
-    for name in ("per_class", "epochs", "batch_size", "eval_every", "log_every", "amp_inner_steps"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.test_limit < 0 or args.val_size < 0 or args.curve_size < 0:
-        p.error("--test-limit, --val-size and --curve-size must be >= 0 (0 = all / none)")
-    if args.amp_epsilon is not None and not args.amp_epsilon >= 0:
-        p.error(f"--amp-epsilon must be >= 0, got {args.amp_epsilon}")
-    if not args.amp_inner_lr >= 0:
-        p.error(f"--amp-inner-lr must be >= 0, got {args.amp_inner_lr}")
-    if len(set(args.seeds)) != len(args.seeds):
-        p.error(f"--seeds has duplicates: {args.seeds}")
-    if set(args.freeze) == set(LAYERS):
-        p.error("--freeze names every layer, the head too: nothing would train")
-    if args.transfer is not None and args.init_from is None:
-        p.error("--transfer needs --init-from, the checkpoint to transfer from")
-    if args.init_from is not None and args.init_bank is not None:
-        p.error("--init-bank and --init-from both initialize the network: choose one")
-    if args.probe_after and (args.init_from is None or args.freeze or args.transfer):
-        p.error("--probe-after needs --init-from, and sets --transfer and --freeze itself "
-                "(conv1 conv2 conv3 conv4): leave them out")
-    if args.probe_after:
-        args = argparse.Namespace(**dict(vars(args), freeze=list(LAYERS[:4])))
-    if args.init_from is not None and args.transfer is None:
-        args = argparse.Namespace(**dict(vars(args), transfer=list(LAYERS[:4])))
-    return args
+    counts = ("per_class", "epochs", "batch_size", "eval_every", "log_every", "amp_inner_steps")
+    checks = [(vars(args)[k] < 1, f"--{k.replace('_', '-')} must be >= 1, got {vars(args)[k]}")
+              for k in counts] + [
+        (min(args.test_limit, args.val_size, args.curve_size) < 0,
+         "--test-limit, --val-size and --curve-size must be >= 0 (0 = all / none)"),
+        (args.amp_epsilon is not None and not args.amp_epsilon >= 0,
+         f"--amp-epsilon must be >= 0, got {args.amp_epsilon}"),
+        (not args.amp_inner_lr >= 0, f"--amp-inner-lr must be >= 0, got {args.amp_inner_lr}"),
+        (len(set(args.seeds)) != len(args.seeds), f"--seeds has duplicates: {args.seeds}"),
+        (set(args.freeze) == set(LAYERS), "--freeze names every layer: nothing would train"),
+        (args.transfer is not None and args.init_from is None, "--transfer needs --init-from"),
+        (args.init_from is not None and args.init_bank is not None,
+         "--init-bank and --init-from both initialize the network: choose one"),
+        (args.probe_after and (args.init_from is None or args.freeze or args.transfer),
+         "--probe-after needs --init-from, and sets --transfer and --freeze: leave them out")]
+    for failed, message in checks:
+        if failed:
+            p.error(message)
+    convs = list(LAYERS[:4])  # --probe-after freezes them all; --init-from transfers them
+    freeze = convs if args.probe_after else args.freeze
+    transfer = convs if args.init_from is not None and args.transfer is None else args.transfer
+    return argparse.Namespace(**dict(vars(args), freeze=freeze, transfer=transfer))
 
 
 # ----------------------------------------------------------------------------- model
@@ -172,7 +131,6 @@ class PaperCNN(nn.Module):
         x = F.relu(self.bn4(self.conv4(x)))
         return self.fc(x.mean(dim=(2, 3)))
 
-
 class Probe(PaperCNN):
     """The linear probe at a depth: the paper's CNN up to and including block `after` (conv,
     BatchNorm, ReLU), global average pooling, a linear head of that block's width. The later
@@ -196,7 +154,6 @@ def modules_of(layer):
     """A layer as --transfer / --freeze name it: convN with its BatchNorm bnN, or the head fc."""
     return [layer, layer.replace("conv", "bn")] if layer.startswith("conv") else [layer]
 
-
 def transfer(model, pretrained, layers):
     """Copy `layers` of a pretrained state_dict (weights, BatchNorm statistics) into the model."""
     for layer in layers:
@@ -206,20 +163,17 @@ def transfer(model, pretrained, layers):
                      if k.startswith(name + ".")}
             module.load_state_dict(state)
 
-
 def freeze(model, layers):
     """Frozen layers get no gradient; `train_mode` keeps their BatchNorm in eval mode."""
     for layer in layers:
         for name in modules_of(layer):
             getattr(model, name).requires_grad_(False)
 
-
 def train_mode(model, frozen):
     model.train()
     for layer in frozen:
         for name in modules_of(layer):
             getattr(model, name).eval()  # a frozen BatchNorm keeps its running statistics
-
 
 def initialize(model, seed, args):
     """The run's starting weights: PyTorch's init, conv1 from a bank, or a pretrained model."""
@@ -228,6 +182,24 @@ def initialize(model, seed, args):
     if args.init_from:
         transfer(model, init_checkpoint(args.init_from, seed, args.transfer, model), args.transfer)
     freeze(model, args.freeze)
+
+def init_checkpoint(pattern, seed, layers, model):
+    """The pretrained state_dict for `seed` ({seed} in the pattern), checked against the layers
+    it must give: the paper's CNN's shapes, and for fc the model's class count."""
+    path = os.path.expanduser(pattern.replace("{seed}", str(seed)))
+    if not os.path.exists(path):
+        raise UserError(f"--init-from {path!r} not found (for seed {seed})")
+    state, own = read_checkpoint(path)["model"], model.state_dict()
+    names = [name for layer in layers for name in modules_of(layer)]
+    for key in (k for k in own if k.split(".")[0] in names):
+        shape = tuple(state[key].shape) if key in state else None
+        if key.startswith("fc.") and shape not in (None, own[key].shape):
+            raise UserError(f"{path} has a head for {shape[0]} classes, not {own[key].shape[0]}; "
+                            f"leave fc out of --transfer (a new head is trained)")
+        if not key.startswith("fc.") and shape != own[key].shape:
+            raise UserError(f"{path} is not the paper's CNN: {key} is {shape}, expected "
+                            f"{tuple(own[key].shape)}")
+    return state
 
 
 # ----------------------------------------------------------------------------- AMP
@@ -250,7 +222,6 @@ def perturb_adversarially(params, loss_fn, epsilon, inner_lr, inner_steps):
                 d.mul_(shrink)
                 p.copy_(t + d)
     return theta, delta
-
 
 def train_step(model, optimizer, images, labels, args):
     """One optimizer step on a batch; with AMP the gradient is taken at theta + delta."""
@@ -283,13 +254,26 @@ def train(seed, args, data, device):
     initialize(model, seed, args)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                  weight_decay=args.weight_decay, betas=tuple(args.betas))
+    # TRY NOT TO MODIFY: the run as one dict, saved at every evaluation; an interrupted run
+    # resumes where it stopped, and a folder holding a run with other training flags is refused
     run_dir = os.path.join(args.out, f"seed{seed}")
-    start_epoch, history = resume_run(run_dir, model, optimizer, args, data["classes"])
-    train_x, train_y = data["train_x"], data["train_y"]
+    path = os.path.join(run_dir, "model.pt")
+    flags = {key: value for key, value in vars(args).items() if key not in FREE_FLAGS}
+    ckpt = {"model": model, "optimizer": optimizer, "arch": ARCH, "epoch": 0, "args": vars(args),
+            "history": {"train_loss": [], "eval_epoch": []}, "flags": flags, "seed": seed,
+            "classes": data["classes"], "dataset": args.data, **row_label(args)}
+    saved = resume(path, ckpt, flags)
+    if saved and saved["epoch"] > args.epochs:
+        raise UserError(f"{path} already has {saved['epoch']} epochs, more than --epochs "
+                        f"{args.epochs}; pass a larger --epochs or another --out")
+    if saved:
+        print(f"{run_dir}: resuming after epoch {saved['epoch']}")
+        ckpt.update(epoch=saved["epoch"], history=saved["history"])
+    history, train_x, train_y = ckpt["history"], data["train_x"], data["train_y"]
     n, bs = len(train_x), args.batch_size
     loss_sums = torch.zeros(args.epochs, device=device)  # per epoch, summed on the device
-    progress = Progress(f"seed {seed}", start_epoch, args.epochs, math.log(len(data["classes"])))
-    for epoch in range(start_epoch, args.epochs):
+    clock, clock_epoch = time.time(), ckpt["epoch"]
+    for epoch in range(ckpt["epoch"], args.epochs):
         train_mode(model, args.freeze)
         perm = torch.randperm(n, device=device)
         for i in range(0, n, bs):
@@ -300,9 +284,15 @@ def train(seed, args, data, device):
         done = epoch + 1
         if done % args.eval_every == 0 or done == args.epochs:  # evaluate, then checkpoint
             record_evaluation(history, model, data, done, loss_sums / n, args)
-            save_run(run_dir, model, optimizer, history, args, seed, data["classes"], done)
+            os.makedirs(run_dir, exist_ok=True)
+            save_checkpoint(path, dict(ckpt, epoch=done))  # weights, optimizer, RNGs, history
         if done % args.log_every == 0 or done == args.epochs:
-            progress.print(done, loss_sums[epoch] / n, history, stop_flags(args))
+            loss = (loss_sums[epoch] / n).item()  # one host sync per progress line
+            stop_if_diverged(loss, f"epoch {done}", stop_flags(args))
+            now = time.time()
+            seconds_each, clock, clock_epoch = (now - clock) / max(done - clock_epoch, 1), now, done
+            progress(f"seed {seed}", done, args.epochs, seconds_each,
+                     progress_text(loss, history, math.log(k), seconds_each, stop_flags(args)))
     write_run_outputs(run_dir, model, history, f"seed {seed}")
     return history
 
@@ -323,99 +313,58 @@ def stop_flags(args):
     return "--lr" + (" or --amp-epsilon" if args.amp_epsilon is not None else "")
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
-    warn_if_bf16_is_slow(args.precision, device)
-    t0 = time.time()
-    data = load_small_data(args, device)
-    check_inputs(args, len(data["classes"]))  # every input is checked before any run starts
-    print(f"data: {args.data} | {len(data['train_x'])} train images ({args.per_class} per class, "
-          f"subset seed {args.subset_seed}) / {len(data['val_x'])} val / {len(data['test_x'])} "
-          f"test | loaded in {time.time() - t0:.1f} s | device {device}")
-    os.makedirs(args.out, exist_ok=True)
-    histories = {seed: train(seed, args, data, device) for seed in args.seeds}
-    write_summary(args, histories)
+def progress_text(loss, history, chance, seconds_each, flags):
+    """Loss, the last accuracies and the speed; a warning when the loss is far above chance."""
+    accs = " ".join(f"{split} {history[f'{split}_acc'][-1]:.4f}"
+                    for split in ("train", "val", "test") if history.get(f"{split}_acc"))
+    warn = f" | loss above 2 x chance ({chance:.2f}): diverging? lower {flags}"
+    return (f"loss {loss:.4f} | acc {accs or '-'} | {seconds_each * 1000:6.1f} ms/epoch"
+            + (warn if loss > 2 * chance else ""))
 
 
-# ==== plumbing: the same in every script, checked by test_smoke.py; skip on a first read ====
-def check_inputs(args, num_classes):
-    """Bank and pretrained checkpoints, read once before anything trains: a mistake costs
-    nothing and overwrites nothing."""
-    if args.init_bank:
-        load_bank(args.init_bank, 7)
-    if args.init_from:
-        for seed in args.seeds:
-            init_checkpoint(args.init_from, seed, args.transfer, PaperCNN(num_classes))
+# ----------------------------------------------------------------------------- outputs
+def row_label(args):
+    """The run's row in collect_kernels.py --compare, stored in its checkpoint: a label and an
+    order key. Rows go from nothing transferred to the most: the baseline, AMP by ε, conv1 from
+    a bank, then the transfer runs by the layers transferred, frozen before trained at each."""
+    transfer, frozen = sorted(args.transfer or []), sorted(args.freeze)
+    parts = [transfer_recipe(args, transfer, frozen)] if transfer else []
+    if args.amp_epsilon is not None:
+        parts.append(f"AMP ε = {args.amp_epsilon:g}")
+    parts = (parts or ["baseline (λ = 0)"]) + (["conv1 from bank"] if args.init_bank else [])
+    if frozen and not transfer:
+        parts.append(f"frozen {layers_label(frozen)}")
+    if transfer:
+        order = [3, len(transfer), -len(frozen), 0.0]
+    elif args.init_bank:  # the kernel prior's rung, with train_advreg.py's bank-initialized runs
+        order = [2, True, 0, 0]
+    else:  # nothing transferred: the baseline, AMP by ε
+        order = [1, 0, 0, args.amp_epsilon] if args.amp_epsilon is not None else [0, 0, 0, 0.0]
+    return {"label": ", ".join(parts), "row_order": order}
 
 
-def init_checkpoint(pattern, seed, layers, model):
-    """The pretrained state_dict for `seed` ({seed} in the pattern), checked against the layers
-    it must give: the paper's CNN's shapes, and for fc the model's class count."""
-    path = os.path.expanduser(pattern.replace("{seed}", str(seed)))
-    if not os.path.exists(path):
-        raise SystemExit(f"error: --init-from {path!r} not found (for seed {seed})")
-    state = read_checkpoint(path)["model"]
-    own = model.state_dict()
-    for layer in layers:
-        for name in modules_of(layer):
-            for key in (k for k in own if k.startswith(name + ".")):
-                theirs = state.get(key)
-                if layer == "fc" and theirs is not None and theirs.shape != own[key].shape:
-                    raise SystemExit(f"error: {path} has a head for {state['fc.weight'].shape[0]}"
-                                     f" classes, not {own['fc.weight'].shape[0]}; leave fc out "
-                                     f"of --transfer (a new head is trained)")
-                if layer != "fc" and (theirs is None or theirs.shape != own[key].shape):
-                    raise SystemExit(f"error: {path} is not the paper's CNN: {key} is "
-                                     f"{None if theirs is None else tuple(theirs.shape)}, "
-                                     f"expected {tuple(own[key].shape)}")
-    return state
+def transfer_recipe(args, transfer, frozen):
+    """The known transfer recipes by name; any other by the layers transferred and frozen."""
+    convs = list(LAYERS[:4])
+    if args.probe_after not in (None, "conv4"):
+        return f"linear probe after {args.probe_after}"
+    if "fc" in transfer and os.path.basename(args.init_from) == "model.pt":  # probe, then tune
+        return "LP-FT"
+    if transfer == convs and frozen == convs:
+        return "linear probe (transfer conv1-4, frozen conv1-4)"
+    if transfer == convs and not frozen:
+        return "fine-tune (transfer conv1-4)"
+    return f"transfer {layers_label(transfer)}" + (f", frozen {layers_label(frozen)}"
+                                                   if frozen else "")
 
 
-def resume_run(run_dir, model, optimizer, args, classes):
-    """(first epoch to train, history): from the run's checkpoint, or a fresh start."""
-    path = os.path.join(run_dir, "model.pt")
-    ckpt = resume(path, {"model": model, "optimizer": optimizer}, run_flags(args, FREE_FLAGS),
-                  arch=ARCH, classes=classes)
-    if ckpt is None:
-        return 0, {"train_loss": [], "eval_epoch": []}
-    if ckpt["epoch"] > args.epochs:
-        raise SystemExit(f"error: {path} already has {ckpt['epoch']} epochs, more than --epochs "
-                         f"{args.epochs}; pass a larger --epochs or another --out")
-    print(f"{run_dir}: resuming after epoch {ckpt['epoch']}")
-    return ckpt["epoch"], ckpt["history"]
-
-
-def save_run(run_dir, model, optimizer, history, args, seed, classes, epoch):
-    os.makedirs(run_dir, exist_ok=True)
-    save_checkpoint(os.path.join(run_dir, "model.pt"), {"model": model, "optimizer": optimizer},
-                    arch=ARCH, epoch=epoch, history=history, args=vars(args),
-                    flags=run_flags(args, FREE_FLAGS), seed=seed, classes=classes,
-                    dataset=args.data)
-
-
-class Progress:
-    """One line every --log-every epochs: loss, last accuracy, speed and time left."""
-
-    def __init__(self, name, start_epoch, epochs, chance_loss):
-        self.name, self.epochs, self.chance = name, epochs, chance_loss
-        self.t, self.epoch = time.time(), start_epoch
-
-    def print(self, done, loss, history, flags):
-        secs = (time.time() - self.t) / max(done - self.epoch, 1)
-        self.t, self.epoch = time.time(), done
-        loss = loss.item()  # one host sync per progress line
-        stop_if_diverged(loss, f"epoch {done}", flags)
-        warn = f" | loss above 2 x chance ({self.chance:.2f}): diverging? lower {flags}" \
-            if loss > 2 * self.chance else ""
-        accs = " ".join(f"{split} {history[f'{split}_acc'][-1]:.4f}"
-                        for split in ("train", "val", "test") if history.get(f"{split}_acc"))
-        print(f"{self.name} | epoch {done:4d}/{self.epochs} | loss {loss:.4f} | acc "
-              f"{accs or '-'} | {secs * 1000:6.1f} ms/epoch | ETA "
-              f"{secs * (self.epochs - done) / 60:5.1f} min{warn}", flush=True)
-
+def layers_label(layers):
+    """["conv1", "conv2", "conv3"] -> "conv1-3"; ["conv1", "conv2"] -> "conv1+conv2"."""
+    numbers = [int(name[4:]) for name in layers if name[:4] == "conv" and name[4:].isdigit()]
+    if len(layers) >= 3 and len(numbers) == len(layers) \
+            and numbers == list(range(numbers[0], numbers[0] + len(numbers))):
+        return f"conv{numbers[0]}-{numbers[-1]}"
+    return "+".join(layers)
 
 def write_run_outputs(run_dir, model, history, title):
     """metrics.csv, Fig. 8 (test accuracy) and Fig. 6 (conv1's kernels) of one run."""
@@ -426,31 +375,25 @@ def write_run_outputs(run_dir, model, history, title):
         accs = {f"{s}_acc": f"{a[epoch]:.4f}" if epoch in a else "" for s, a in at.items()}
         rows.append({"epoch": epoch, "train_loss": f"{loss:.5f}", **accs})
     write_csv(os.path.join(run_dir, "metrics.csv"), rows)
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for split in at:
-        ax.plot(history["eval_epoch"], history[f"{split}_acc"], marker=".", label=split)
-    ax.set(xlabel="epoch", ylabel="accuracy", title=f"accuracy (Fig. 8: test) — {title}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    save_figure(fig, os.path.join(run_dir, "test_acc.png"))
-    save_kernel_grid(model.conv1.weight.detach().cpu().reshape(-1, 7, 7),
-                     os.path.join(run_dir, "kernels.png"))
+    curves = {split: (history["eval_epoch"], history[f"{split}_acc"]) for split in at}
+    plot_lines(os.path.join(run_dir, "test_acc.png"),
+               [(f"accuracy (Fig. 8: test) — {title}", "epoch", "accuracy", curves)])
+    save_grid(os.path.join(run_dir, "kernels.png"), model.conv1.weight.reshape(-1, 1, 7, 7),
+              nrow=16, scale=8)
 
 
 def write_summary(args, histories):
     """summary.json: final and best test accuracy per seed, their mean and std; the table."""
-    finals = {str(s): h["test_acc"][-1] for s, h in histories.items()}
+    def per_seed(split, pick=lambda accs: accs[-1]):
+        return {str(s): pick(h[split]) for s, h in histories.items() if split in h}
+
+    finals = per_seed("test_acc")
     accs = torch.tensor(list(finals.values()), dtype=torch.float64)
     std = accs.std().item() if len(accs) > 1 else 0.0
-    summary = {"dataset": args.data, "epochs": args.epochs, "init_bank": args.init_bank,
-               "init_from": args.init_from, "transfer": args.transfer, "freeze": args.freeze,
-               "probe_after": args.probe_after, "amp_epsilon": args.amp_epsilon,
-               "test_acc": finals,
-               "best_test_acc": {str(s): max(h["test_acc"]) for s, h in histories.items()},
-               "train_acc": {str(s): h["train_acc"][-1] for s, h in histories.items()},
-               "val_acc": {str(s): h["val_acc"][-1] for s, h in histories.items()
-                           if "val_acc" in h},
+    run = ("init_bank", "init_from", "transfer", "freeze", "probe_after", "amp_epsilon")
+    summary = {"dataset": args.data, "epochs": args.epochs, **{k: vars(args)[k] for k in run},
+               "test_acc": finals, "best_test_acc": per_seed("test_acc", max),
+               "train_acc": per_seed("train_acc"), "val_acc": per_seed("val_acc"),
                "mean": accs.mean().item(), "std": std}
     write_json(os.path.join(args.out, "summary.json"), summary)
     print("\nseed | final test acc | best test acc | train acc")
@@ -462,10 +405,70 @@ def write_summary(args, histories):
           f"{args.out}/summary.json")
 
 
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args)  # --threads, then --device
+    warn_if_bf16_is_slow(args.precision, device)
+    t0 = time.time()
+    data = load_small_data(args, device)
+    for seed in args.seeds:  # the bank and checkpoints, read before anything trains or is written
+        initialize(PaperCNN(len(data["classes"])), seed, args)
+    print(f"data: {args.data} | {len(data['train_x'])} train images ({args.per_class} per class, "
+          f"subset seed {args.subset_seed}) / {len(data['val_x'])} val / {len(data['test_x'])} "
+          f"test | loaded in {time.time() - t0:.1f} s | device {device}")
+    os.makedirs(args.out, exist_ok=True)
+    histories = {seed: train(seed, args, data, device) for seed in args.seeds}
+    write_summary(args, histories)
+
+
+# ----------------------------------------------------------------------------- data
+def as_cifar_images(images):
+    """uint8 [N, C, H, W] -> [N, 3, 32, 32], what the paper's CNN takes (gray -> RGB, resized)."""
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1).contiguous()
+    return resize_uint8(images, 32)
+
+def small_subset(labels, per_class, subset_seed):
+    """Indices of `per_class` images of every class, drawn at random by `subset_seed`."""
+    g = torch.Generator().manual_seed(subset_seed)
+    chosen = []
+    for c in labels.unique().tolist():
+        of_class = (labels == c).nonzero().flatten()
+        if len(of_class) < per_class:
+            raise UserError(f"class {c} has only {len(of_class)} training images, "
+                             f"--per-class is {per_class}")
+        chosen.append(of_class[torch.randperm(len(of_class), generator=g)[:per_class]])
+    return torch.cat(chosen)
+
+def load_small_data(args, device):
+    """The 100-image task, on the device: a dict of train_x/_y (--per-class images of every class,
+    drawn by --subset-seed), val_x/_y (--val-size other training images, never the subset: the
+    split for choosing what the paper does not fix), test_x/_y (the test split, or --test-limit of
+    it) and classes."""
+    train_x, train_y, classes = load_split(args.data, args.data_root, "train")
+    test_x, test_y, test_classes = load_split(args.data, args.data_root, "test")
+    if test_classes != classes:
+        raise UserError(f"train and test class folders differ: {classes} vs {test_classes}")
+    keep = small_subset(train_y, args.per_class, args.subset_seed)
+    rest = torch.ones(len(train_y), dtype=torch.bool)
+    rest[keep] = False
+    rest = rest.nonzero().flatten()
+    if args.val_size > len(rest):
+        raise UserError(f"--val-size {args.val_size} is more than the {len(rest)} training "
+                         f"images outside the {len(keep)} of the small subset")
+    g = torch.Generator().manual_seed(args.subset_seed + 1)
+    val = rest[torch.randperm(len(rest), generator=g)[:args.val_size]]
+    pick = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(0))
+    pick = pick[:args.test_limit or len(pick)]  # in random order: any first N are a fair sample
+    test_x, test_y = test_x[pick], test_y[pick]
+    data = {"train_x": train_x[keep], "train_y": train_y[keep], "val_x": train_x[val],
+            "val_y": train_y[val], "test_x": test_x, "test_y": test_y}
+    data = {k: (as_cifar_images(v) if k.endswith("_x") else v).to(device) for k, v in data.items()}
+    return dict(data, classes=classes)
+
 def normalize(images_uint8):
     """uint8 [0, 255] -> float, per-channel mean 0.5 / std 0.5 (paper), i.e. [-1, 1]."""
     return images_uint8.float().div_(127.5).sub_(1.0)
-
 
 def augment(images, pad=4):
     """Random crop with zero padding `pad` and random horizontal flip, for a whole uint8 batch.
@@ -486,7 +489,6 @@ def augment(images, pad=4):
     channel = torch.arange(c, device=dev).view(1, c, 1, 1)
     return padded[batch, channel, rows, cols]
 
-
 @torch.no_grad()
 def evaluate(model, images, labels, batch_size=1000):
     """Accuracy in [0, 1] of the model in eval mode (BatchNorm's running statistics); one host
@@ -500,14 +502,26 @@ def evaluate(model, images, labels, batch_size=1000):
     model.train(was_training)
     return correct.item() / max(len(images), 1)
 
+def accuracies(model, data, final, curve_size, precision):
+    """Accuracy on the training images, the validation split (if any) and the test set: all of
+    the test set at the run's end, its first `curve_size` images (a fixed random sample) before."""
+    out = {}
+    with autocast(precision, data["train_x"].device):
+        for split in ("train", "val", "test"):
+            x, y = data[f"{split}_x"], data[f"{split}_y"]
+            if split == "test" and curve_size and not final:
+                x, y = x[:curve_size], y[:curve_size]
+            if len(x):
+                out[f"{split}_acc"] = evaluate(model, x, y)
+    return out
 
+
+# ----------------------------------------------------------------------------- checkpoints, banks
 ARCH = "PaperCNN"  # stored in checkpoints; collect_kernels.py refuses anything else
-
 
 AUTHORS_LAYERS = {"features.0": "conv1", "features.1": "bn1", "features.3": "conv2",
                   "features.4": "bn2", "features.6": "conv3", "features.7": "bn3",
                   "features.9": "conv4", "features.10": "bn4", "classifier.2": "fc"}
-
 
 def read_checkpoint(path):
     """A checkpoint of the paper's CNN as a dict with "model" (our layer names) and provenance:
@@ -526,16 +540,15 @@ def read_checkpoint(path):
         ckpt = {"arch": ARCH, "model": model, "seed": int(seed) if seed else None,
                 "dataset": "cifar100 (the authors' models)", "format": "authors"}
     if not isinstance(ckpt, dict) or ckpt.get("arch") != ARCH or "model" not in ckpt:
-        raise SystemExit(f"error: {path} is not a checkpoint of the paper's CNN (corrupt or "
+        raise UserError(f"{path} is not a checkpoint of the paper's CNN (corrupt or "
                          f"another format); pretrain.py, train_small.py and train_advreg.py "
                          f"write them, and the authors' models/model1_seed*.pt are read too")
     return ckpt
 
-
 def load_bank(path, kernel_size=None):
     """A bank written by collect_kernels.py ("kernels" [N, k, k] as float), checked against k."""
     if not os.path.exists(path):
-        raise SystemExit(f"error: kernel bank {path!r} not found; make it with `python "
+        raise UserError(f"kernel bank {path!r} not found; make it with `python "
                          f"collect_kernels.py --checkpoints checkpoints/ --out "
                          f"{os.path.dirname(path) or '.'}`")
     try:
@@ -544,17 +557,16 @@ def load_bank(path, kernel_size=None):
         bank = None
     if not isinstance(bank, dict) or not isinstance(bank.get("kernels"), torch.Tensor) \
             or bank["kernels"].dim() != 3:
-        raise SystemExit(f"error: {path!r} is not a kernel bank (corrupt or another format); "
+        raise UserError(f"{path!r} is not a kernel bank (corrupt or another format); "
                          f"banks are written by collect_kernels.py")
     k = bank["kernels"].shape[-1]
     if kernel_size is not None and k != kernel_size:
-        raise SystemExit(f"error: bank {path!r} holds {k}x{k} kernels, but the layer it is for "
+        raise UserError(f"bank {path!r} holds {k}x{k} kernels, but the layer it is for "
                          f"has {kernel_size}x{kernel_size} kernels")
     if not torch.isfinite(bank["kernels"]).all():
-        raise SystemExit(f"error: bank {path!r} holds non-finite kernels (NaN or inf); collect "
+        raise UserError(f"bank {path!r} holds non-finite kernels (NaN or inf); collect "
                          f"it again from checkpoints of runs that did not diverge")
     return dict(bank, kernels=bank["kernels"].float())
-
 
 def init_conv1_from_bank(model, bank_kernels, seed):
     """Overwrite conv1's 64*3 kernels with kernels drawn at random from the bank."""
@@ -569,265 +581,11 @@ def init_conv1_from_bank(model, bank_kernels, seed):
         weight.copy_(bank_kernels[idx].reshape(weight.shape).to(weight.device))
 
 
-def kernel_grid(kernels, nrow=8, scale=8):
-    """[N, k, k] -> image [3, H, W] of the kernels, each scaled to its own range, enlarged."""
-    big = F.interpolate(kernels[:, None].float(), scale_factor=scale, mode="nearest")
-    return torchvision.utils.make_grid(big, nrow=nrow, padding=scale // 2, normalize=True,
-                                       scale_each=True, pad_value=1.0)
-
-
-def save_kernel_grid(kernels, path, nrow=16):
-    write_atomic(path, lambda tmp: torchvision.utils.save_image(kernel_grid(kernels, nrow), tmp))
-
-
-TORCHVISION_DATASETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "mnist": "MNIST"}
-
-
-@functools.lru_cache(maxsize=4)  # a run may read a split more than once: decode it once
-def load_split(data, root, split):
-    """One split ("train" or "test") as (uint8 images [N, C, H, W] at the data's own size, int64
-    labels [N], class names). `data` is a torchvision name (downloaded into `root`) or the path of
-    an ImageFolder tree data/{train,test}/<class>/<image>; grayscale trees (MNIST) stay 1-channel,
-    and an image of another size than the first is resized to it. Every image is decoded once here;
-    training then only indexes these tensors."""
-    if data in TORCHVISION_DATASETS:
-        try:
-            dataset_class = getattr(torchvision.datasets, TORCHVISION_DATASETS[data])
-            ds = dataset_class(root, train=split == "train", download=True)
-        except Exception as e:  # offline: URLError, RuntimeError, ... all mean "could not download"
-            raise SystemExit(f"error: could not download {data} into {root!r} ({type(e).__name__})."
-                             f" Offline? Pass an ImageFolder tree instead: --data PATH with "
-                             f"PATH/train/<class>/*.png and PATH/test/<class>/*.png")
-        x = torch.as_tensor(ds.data)
-        x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
-        return x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long), list(ds.classes)
-    if not os.path.isdir(data):
-        raise SystemExit(f"error: --data {data!r} is neither a known dataset "
-                         f"({', '.join(TORCHVISION_DATASETS)}) nor an existing folder")
-    folder = os.path.join(data, split)
-    try:  # ImageFolder finds the class folders (sorted) and the image files in them
-        ds = torchvision.datasets.ImageFolder(folder)
-    except (FileNotFoundError, OSError):
-        raise SystemExit(f"error: no images in {folder!r}; expected an ImageFolder tree "
-                         f"{data}/{split}/<class>/<image>.png")
-    print(f"decoding the {len(ds.samples)} images of {folder}", flush=True)
-    with PIL.Image.open(ds.samples[0][0]) as first:
-        mode = "L" if first.mode in ("L", "1", "I;16", "I") else "RGB"
-    images = []
-    for path, _ in ds.samples:
-        try:
-            with PIL.Image.open(path) as img:
-                img = torchvision.transforms.functional.pil_to_tensor(img.convert(mode))
-        except OSError as e:  # PIL's UnidentifiedImageError is one
-            raise SystemExit(f"error: cannot read image {path!r} ({type(e).__name__}): not an "
-                             f"image, or corrupt")
-        if images and img.shape != images[0].shape:
-            img = resize_uint8(img[None], images[0].shape[-1])[0]
-        images.append(img)
-    return torch.stack(images), torch.tensor(ds.targets), ds.classes
-
-
-def resize_uint8(x, size):
-    """uint8 images [N, C, H, W] -> [N, C, size, size] (bilinear, antialiased), in chunks."""
-    if x.shape[-1] == size and x.shape[-2] == size:
-        return x
-    out = [F.interpolate(c.float(), size=(size, size), mode="bilinear", antialias=True,
-                         align_corners=False) for c in x.split(8192)]
-    return torch.cat(out).round().clamp(0, 255).to(torch.uint8)
-
-
-def as_cifar_images(images):
-    """uint8 [N, C, H, W] -> [N, 3, 32, 32], what the paper's CNN takes (gray -> RGB, resized)."""
-    if images.shape[1] == 1:
-        images = images.expand(-1, 3, -1, -1).contiguous()
-    return resize_uint8(images, 32)
-
-
-def small_subset(labels, per_class, subset_seed):
-    """Indices of `per_class` images of every class, drawn at random by `subset_seed`."""
-    g = torch.Generator().manual_seed(subset_seed)
-    chosen = []
-    for c in labels.unique().tolist():
-        of_class = (labels == c).nonzero().flatten()
-        if len(of_class) < per_class:
-            raise SystemExit(f"error: class {c} has only {len(of_class)} training images, "
-                             f"--per-class is {per_class}")
-        chosen.append(of_class[torch.randperm(len(of_class), generator=g)[:per_class]])
-    return torch.cat(chosen)
-
-
-def load_small_data(args, device):
-    """The 100-image task, on the device: a dict of train_x/_y (--per-class images of every class,
-    drawn by --subset-seed), val_x/_y (--val-size other training images, never the subset: the
-    split for choosing what the paper does not fix), test_x/_y (the test split, or --test-limit of
-    it) and classes."""
-    train_x, train_y, classes = load_split(args.data, args.data_root, "train")
-    test_x, test_y, test_classes = load_split(args.data, args.data_root, "test")
-    if test_classes != classes:
-        raise SystemExit(f"error: train and test class folders differ: {classes} vs {test_classes}")
-    keep = small_subset(train_y, args.per_class, args.subset_seed)
-    rest = torch.ones(len(train_y), dtype=torch.bool)
-    rest[keep] = False
-    rest = rest.nonzero().flatten()
-    if args.val_size > len(rest):
-        raise SystemExit(f"error: --val-size {args.val_size} is more than the {len(rest)} training "
-                         f"images outside the {len(keep)} of the small subset")
-    g = torch.Generator().manual_seed(args.subset_seed + 1)
-    val = rest[torch.randperm(len(rest), generator=g)[:args.val_size]]
-    pick = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(0))
-    pick = pick[:args.test_limit or len(pick)]  # in random order: any first N are a fair sample
-    test_x, test_y = test_x[pick], test_y[pick]
-    data = {"train_x": train_x[keep], "train_y": train_y[keep], "val_x": train_x[val],
-            "val_y": train_y[val], "test_x": test_x, "test_y": test_y}
-    data = {k: (as_cifar_images(v) if k.endswith("_x") else v).to(device) for k, v in data.items()}
-    return dict(data, classes=classes)
-
-
-def pick_device(name):
-    """'auto' picks CUDA, then Apple's MPS, then the CPU; an explicit choice must be available."""
-    cuda = torch.cuda.is_available()
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        name = "cuda" if cuda else "mps" if mps else "cpu"
-    if (name == "cuda" and not cuda) or (name == "mps" and not mps):
-        raise SystemExit(f"error: --device {name} asked for, but torch cannot use it here "
-                         f"(try --device cpu)")
-    return torch.device(name)
-
-
-def state_of(obj):
-    """state_dict of a module or optimizer, or of each one in a dict of them."""
-    if isinstance(obj, dict):
-        return {name: o.state_dict() for name, o in obj.items()}
-    return obj.state_dict()
-
-
-def save_checkpoint(path, states, **fields):
-    """The state of every model and optimizer in `states` (name -> object, or name -> dict of
-    objects), the random generators' state (so batch order, augmentation and noise continue exactly
-    where they stopped) and the caller's fields, written atomically."""
-    ckpt = {name: state_of(obj) for name, obj in states.items()}
-    ckpt.update(fields, rng_cpu=torch.get_rng_state())
-    if torch.cuda.is_available():
-        ckpt["rng_cuda"] = torch.cuda.get_rng_state()
-    write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
-
-
-def resume(path, states, flags, **expected):
-    """Load the checkpoint at `path` into `states` (as save_checkpoint wrote them) and restore the
-    random generators; returns its dict, or None if there is none yet. One clear line instead, with
-    nothing loaded, for a damaged file, another program's (a field of `expected` differs: format,
-    architecture, classes) or a run made with other training flags (`flags`: name -> value, the
-    flags that change what a run computes; the checkpoint keeps its own under "flags")."""
-    if not os.path.exists(path):
-        return None
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"error: cannot read {path} ({type(e).__name__}): it is damaged or not a "
-                         f"checkpoint; delete it or use another --out")
-    if not isinstance(ckpt, dict) or any(ckpt.get(k) != v for k, v in expected.items()):
-        raise SystemExit(f"error: {path} is not a checkpoint of this run (another format, model "
-                         f"or dataset); use another --out or delete it")
-    saved = ckpt.get("flags") or {k: ckpt.get("args", {}).get(k) for k in flags}  # older: args
-    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {v!r})"
-               for k, v in flags.items() if saved.get(k) != v]
-    if changed:
-        raise SystemExit(f"error: {path} is a run with other flags: {', '.join(changed)}; use "
-                         f"another --out, or the same flags to resume it")
-    for name, obj in states.items():
-        if isinstance(obj, dict):
-            for key, o in obj.items():
-                o.load_state_dict(ckpt[name][key])
-        else:
-            obj.load_state_dict(ckpt[name])
-    torch.set_rng_state(ckpt["rng_cpu"])
-    if torch.cuda.is_available() and "rng_cuda" in ckpt:
-        torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu())
-    return ckpt
-
-
-def run_flags(args, free):
-    """The flags that define a run (stored in its checkpoint, compared on resume): every flag but
-    those in `free`, which cannot change what the run computes (--epochs, --threads, --device)."""
-    return {k: v for k, v in vars(args).items() if k not in free}
-
-
-def stop_if_diverged(loss, where, flags):
-    """A run whose loss is not finite stops here, before it overwrites its last good checkpoint."""
-    if not math.isfinite(loss):
-        raise SystemExit(f"error: the training loss is {loss} at {where}; the run diverged. Its "
-                         f"last good checkpoint is kept. Lower {flags} and run again with "
-                         f"another --out")
-
-
-def write_atomic(path, write):
-    """Write a file under a temporary name, then rename it: a Ctrl-C, a kill or a full disk never
-    leaves half a file, and the previous version stays until the new one is complete.
-    `write(tmp)` writes to the name it is given (torch.save, fig.savefig, ...)."""
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{ext}"  # keep the extension: savefig and save_image read the format from it
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        torch_write = any(s in str(e) for s in ("inline_container", "PytorchStreamWriter"))
-        if isinstance(e, RuntimeError) and not torch_write:
-            raise  # not a write error: a bug, shown as one
-        reason = getattr(e, "strerror", None) or "the write failed: is the disk full?"
-        raise SystemExit(f"error: could not write {path} ({reason}); its previous version, if "
-                         f"any, is kept")
-    except BaseException:  # Ctrl-C, SystemExit: no temporary file left behind
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_text(path, text):
-    write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(text))
-
-
-def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=2))
-
-
-def write_csv(path, rows):
-    """A list of dicts as CSV; the columns are their keys, in the order they first appear."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, list(dict.fromkeys(k for r in rows for k in r)),
-                            lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(path, buffer.getvalue())
-
-
-def save_figure(fig, path, dpi=100):
-    fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi))
-    plt.close(fig)
-
-
+# ----------------------------------------------------------------------------- precision
 def autocast(precision, device):
-    """--precision bf16: forward passes and losses in bfloat16 where torch's autocast deems it
-    safe; weights, gradients and optimizer state stay float32. fp32: a no-op."""
+    """bf16: forward passes in bfloat16 where autocast deems it safe; weights, gradients and
+    optimizer state stay float32. fp32: a no-op."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def cpu_has_native_bf16():
-    """Whether this CPU computes bfloat16 in hardware: AVX512-BF16 or AMX on x86, BF16 on Arm.
-    Without it torch emulates bf16, many times slower than fp32. Asks torch.cpu.get_capabilities
-    (torch 2.14 has it), else Linux's /proc/cpuinfo; True when neither can tell (no warning)."""
-    flags = {"avx512_bf16", "amx_bf16", "bf16", "sve_bf16"}
-    get_capabilities = getattr(torch.cpu, "get_capabilities", None)
-    if get_capabilities is not None:
-        capabilities = get_capabilities()
-        return any(capabilities.get(flag, False) for flag in flags)
-    try:
-        return bool(flags & set(pathlib.Path("/proc/cpuinfo").read_text().split()))
-    except OSError:
-        return True
 
 
 def warn_if_bf16_is_slow(precision, device):
@@ -838,23 +596,202 @@ def warn_if_bf16_is_slow(precision, device):
               "and use --precision fp32, the default", file=sys.stderr, flush=True)
 
 
-def accuracies(model, data, final, curve_size, precision):
-    """Accuracy on the training images, the validation split (if any) and the test set: all of
-    the test set at the run's end, its first `curve_size` images (a fixed random sample) before."""
-    out = {}
-    with autocast(precision, data["train_x"].device):
-        for split in ("train", "val", "test"):
-            x, y = data[f"{split}_x"], data[f"{split}_y"]
-            if split == "test" and curve_size and not final:
-                x, y = x[:curve_size], y[:curve_size]
-            if len(x):
-                out[f"{split}_acc"] = evaluate(model, x, y)
-    return out
+def cpu_has_native_bf16(flags=("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")):
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX on x86, BF16 on Arm):
+    torch.cpu.get_capabilities, else Linux's /proc/cpuinfo; True when neither can tell."""
+    if hasattr(torch.cpu, "get_capabilities"):
+        return any(torch.cpu.get_capabilities().get(flag, False) for flag in flags)
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    return not cpuinfo.exists() or bool(set(flags) & set(cpuinfo.read_text().split()))
+
+# ==== plumbing: the same block in every script, checked by test_smoke.py; skip on a first read ====
+class UserError(Exception):
+    """A mistake in the input (a flag, a file), or a run that cannot go on: one line, exit 1."""
+
+
+def entry_point(main, argv=None):
+    """Run main(argv). A UserError, a failed read or write (a full disk) or Ctrl-C ends the
+    program with one line and a non-zero exit, instead of a traceback."""
+    try:
+        main(argv)
+    except (UserError, OSError) as e:  # OSError: a file that could not be read, and why
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: every file written so far is whole; the same command resumes")
+
+
+def pick_device(args):
+    """--threads, then --device: 'auto' is CUDA, else Apple's MPS, else the CPU."""
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
+    ok = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    name = getattr(args, "device", "auto")
+    name = next(n for n in ("cuda", "mps", "cpu") if ok[n]) if name == "auto" else name
+    if not ok[name]:
+        raise UserError(f"--device {name}: torch cannot use it here (try --device cpu)")
+    return torch.device(name)
+
+
+TORCHVISION_DATASETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "mnist": "MNIST"}
+
+
+@functools.lru_cache(maxsize=4)  # a run may read a split more than once: decode it once
+def load_split(data, root, split):
+    """One split ("train" or "test") as (uint8 images [N, C, H, W], int64 labels [N], class
+    names): a torchvision name (downloaded into `root`) or an ImageFolder tree
+    data/{train,test}/<class>/<image>. Grayscale trees stay 1-channel; an image of another size
+    than the first is resized to it. Every image is decoded once, here."""
+    if data in TORCHVISION_DATASETS:
+        try:  # offline, any exception (URLError, RuntimeError, ...) means "no download"
+            ds = getattr(torchvision.datasets, TORCHVISION_DATASETS[data])(
+                root, train=split == "train", download=True)
+        except Exception as e:
+            raise UserError(f"could not download {data} ({type(e).__name__}); offline? Pass "
+                            f"--data PATH, an ImageFolder tree PATH/train/<class>/*")
+        x = torch.as_tensor(ds.data)  # [N, H, W] (MNIST) or [N, H, W, C]
+        x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
+        return x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long), list(ds.classes)
+    if not os.path.isdir(data):
+        raise UserError(f"--data {data!r}: neither {', '.join(TORCHVISION_DATASETS)} nor a folder")
+    # ImageFolder finds the class folders (sorted) and their images; a missing folder or a file
+    # that is not an image is an OSError, which entry_point prints as one line with its path
+    ds = torchvision.datasets.ImageFolder(os.path.join(data, split))
+    print(f"decoding the {len(ds.samples)} images of {data}/{split}", flush=True)
+    images, mode = [], None
+    for path, _ in ds.samples:
+        with PIL.Image.open(path) as img:
+            mode = mode or ("L" if img.mode in ("L", "1", "I;16", "I") else "RGB")  # the first's
+            img = torchvision.transforms.functional.pil_to_tensor(img.convert(mode))
+        images.append(resize_uint8(img[None], images[0].shape[-1])[0] if images else img)
+    return torch.stack(images), torch.tensor(ds.targets), ds.classes
+
+
+def resize_uint8(x, size):
+    """uint8 images [N, C, H, W] -> [N, C, size, size] (bilinear, antialiased), in chunks."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    out = [F.interpolate(c.float(), size=(size, size), mode="bilinear", antialias=True)
+           for c in x.split(8192)]
+    return torch.cat(out).round().clamp(0, 255).to(torch.uint8)
+
+
+def write_atomic(path, write):
+    """write(tmp) to a temporary name, then rename it to `path`: a Ctrl-C, a kill or a full disk
+    never leaves half a file, and the previous version stays until the new one is whole."""
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{ext}"  # keep the extension: savefig and save_image read the format from it
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:  # Ctrl-C too: no temporary file is left behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        torch_write = "inline_container" in str(e) or "PytorchStreamWriter" in str(e)
+        if not (isinstance(e, OSError) or torch_write):  # torch.save's full disk: RuntimeError
+            raise  # any other exception is a bug, shown as one
+        reason = getattr(e, "strerror", None) or "is the disk full?"
+        raise UserError(f"could not write {path} ({reason}); its last version is kept") from e
+
+
+def write_json(path, obj):
+    write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(obj, indent=2)))
+
+
+def write_csv(path, rows):
+    """A list of dicts as CSV; the columns are their keys, in the order they first appear."""
+    buffer, columns = io.StringIO(), list(dict.fromkeys(k for row in rows for k in row))
+    writer = csv.DictWriter(buffer, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(buffer.getvalue()))
+
+
+FORMAT = 2  # a checkpoint of this project: one dict; earlier formats are refused by name
+
+
+def save_checkpoint(path, ckpt):
+    """One dict, written atomically: each module and optimizer as its state_dict, the other
+    values as they are, with the format and the random generators' state."""
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    saved = {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in ckpt.items()}
+    write_atomic(path, lambda tmp: torch.save(saved | {"format": FORMAT, "rng": rng}, tmp))
+
+
+def resume(path, ckpt, flags):
+    """Load the run saved at `path` into the modules and optimizers of `ckpt` (as given to
+    save_checkpoint) and restore the random generators; returns the saved dict, or None where
+    there is none yet. Refused in one line: a damaged file, an earlier format, and a run whose
+    defining flags (`flags`, name -> value) differ from the command's."""
+    if not os.path.exists(path):
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__}): damaged? Use another --out")
+    fmt = saved.get("format", 1) if isinstance(saved, dict) else "unknown"
+    if fmt != FORMAT:
+        raise UserError(f"{path} has checkpoint format {fmt}, not {FORMAT}: use another --out")
+    changed = [f"--{k.replace('_', '-')} {saved['flags'].get(k)!r} (now {v!r})"
+               for k, v in flags.items() if saved["flags"].get(k) != v]
+    if changed:
+        raise UserError(f"{path} is a run with other flags: {', '.join(changed)}; another --out?")
+    for key, obj in ckpt.items():
+        if hasattr(obj, "load_state_dict"):
+            obj.load_state_dict(saved[key])
+    torch.set_rng_state(saved["rng"]["cpu"])
+    if "cuda" in saved["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(saved["rng"]["cuda"].cpu())
+    return saved
+
+
+def stop_if_diverged(loss, where, flags):
+    """A run whose loss is not finite stops here, before it overwrites its last good checkpoint."""
+    if not math.isfinite(loss):
+        raise UserError(f"the training loss is {loss} at {where}; the run diverged (its last "
+                        f"good checkpoint is kept): lower {flags} and run again, another --out")
+
+
+def progress(name, done, total, seconds_each, text):
+    """One progress line: where the run is, what it measures, and the time left."""
+    eta = seconds_each * (total - done) / 60
+    print(f"{name} | {done}/{total} | {text} | ETA {eta:.1f} min", flush=True)
+
+
+def plot_lines(path, panels, width=4.5, dpi=100):
+    """Line plots side by side, one panel per (title, xlabel, ylabel, curves); curves maps a
+    label to (x, y) or (x, y, error bars). A title that ends in "(log)" gets a log y axis."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 3.4), squeeze=False)
+    for ax, (title, xlabel, ylabel, curves) in zip(axes[0], panels):
+        for label, (x, y, *err) in curves.items():
+            ax.errorbar(x, y, yerr=err[0] if err else None, marker=".", capsize=3, label=label)
+        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+        ax.set_yscale("log" if title.endswith("(log)") else "linear")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    save_figure(fig, path, dpi)
+
+
+def save_grid(path, images, nrow=8, value_range=None, scale=1):
+    """Images [N, C, H, W] as one grid PNG, each enlarged `scale` times; value_range=(lo, hi)
+    maps that range to black..white for all, None scales each image to its own range
+    (kernels, saliency maps)."""
+    big = F.interpolate(images.detach().float().cpu(), scale_factor=scale, mode="nearest")
+    grid = torchvision.utils.make_grid(big, nrow, max(2, scale // 2), normalize=True,
+                                       value_range=value_range, scale_each=value_range is None)
+    write_atomic(path, lambda tmp: torchvision.utils.save_image(grid, tmp))
+
+
+def save_figure(fig, path, dpi=100):
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi))
+    plt.close(fig)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help names each default once: a flag that is off or unset by default, or whose help
-    already says its default, gets no "(default: ...)" appended."""
+    """--help names each default once: a flag off or unset by default, or whose help already
+    says its default, gets no "(default: ...)" appended."""
 
     def _get_help_string(self, action):
         if action.default in (None, False, []) or "default" in (action.help or ""):
@@ -863,4 +800,4 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 if __name__ == "__main__":  # at the very end, so that the plumbing above is defined
-    main()
+    entry_point(main)
