@@ -218,8 +218,12 @@ def compare(args):
     bank = load_bank(args.bank)
     layer, bank_kernels = bank["layer"], bank["kernels"]
     runs = finished_runs(args.compare, layer)
-    labels = configuration_labels([configuration_name(c) for _, c in runs], [c for _, c in runs])
+    names = [row_of(path, ckpt) for path, ckpt in runs]  # the rows their trainers stored
+    labels = configuration_labels(names, [ckpt for _, ckpt in runs])
     order = sorted(range(len(runs)), key=lambda i: labels[i][1])
+    # the references of the paired table: the first row (in the table's order) of each name
+    baseline, kernel_prior = (next((labels[i][0] for i in order if names[i][0] == name), None)
+                              for name in ("baseline (λ = 0)", "λ = 1"))
     runs = [(*runs[i], labels[i][0]) for i in order]  # (path, checkpoint, row), the table's order
     seen = microscope_inputs(args, runs) if args.test_data else None  # its checks, then writing
     bank_std = standardize_kernels(bank_kernels)
@@ -234,10 +238,6 @@ def compare(args):
                 "kernel_std": bank_kernels.std().item(),
                 "near_zero_share": near_zero_share(bank_kernels, bank_kernels)}
     groups = group_stats(rows)
-    # the references of the paired table: the first row (in the table's order) of each name
-    baseline, kernel_prior = (next((label for _, ckpt, label in runs
-                                    if configuration_name(ckpt)[0] == name), None)
-                              for name in ("baseline (λ = 0)", "λ = 1"))
     paired, paired_text = paired_table(rows, baseline, kernel_prior)
     os.makedirs(args.out, exist_ok=True)
     tables = {"compare.csv": rows, "compare.md": grouped_table(groups, rows, bank_row, args.bank),
@@ -292,64 +292,24 @@ METRICS = {  # the table's columns: a row's metric and its header
     "near_zero_share": "near-zero kernels", "d_real": "D(real)", "d_fake": "D(fake)"}
 
 
-# The table's rows: a row per configuration, named from the run's own fields.
-def configuration_name(ckpt):
-    """(readable name, order key) of the run a checkpoint comes from, read from its own fields.
-    Rows go from nothing transferred to the most: the baseline, AMP, the kernel prior (λ
-    ascending, then the bank-initialized runs), the transfer runs (train_small.py --init-from) by
-    the layers transferred, frozen before trained at each, then pretrained models."""
-    run_args = ckpt.get("args") or {}
-    transfer, freeze = layer_list(run_args.get("transfer")), layer_list(run_args.get("freeze"))
-    if "lam" in ckpt:  # train_advreg.py: each run knows its λ and whether conv1 came from a bank
-        bank_init, kind = bool(ckpt.get("bank_init")), (0, ckpt["lam"])
-        parts = ["baseline (λ = 0)" if ckpt["lam"] == 0 else f"λ = {ckpt['lam']:g}"]
-        layers = layer_list(run_args.get("layers")) or ["conv1"]
-        if ckpt["lam"] != 0 and layers != ["conv1"]:  # discriminators on more layers
-            parts.append(layers_label(layers))
-    else:
-        bank_init, kind = bool(run_args.get("init_bank")), (0, 0.0)
-        parts = [transfer_label(run_args, transfer, freeze)] if transfer else []
-        if run_args.get("amp_epsilon") is not None:  # train_small.py with AMP
-            kind = (1, run_args["amp_epsilon"])
-            parts.append(f"AMP ε = {run_args['amp_epsilon']:g}")
-        elif "amp_epsilon" not in run_args and "per_class" not in run_args:  # not train_small.py
-            kind = (2, 0.0)
-            parts.append(f"pretrained ({ckpt.get('dataset')})")
-        if not parts:
-            parts.append("baseline (λ = 0)")
-    if bank_init:
-        parts.append("conv1 from bank")
-    if freeze and not transfer:
-        parts.append(f"frozen {layers_label(freeze)}")
-    if transfer:
-        rung = (3, len(transfer), -len(freeze), 0.0)
-    elif kind[0] == 2:  # a pretrained model
-        rung = (4, 0, 0, 0.0)
-    elif bank_init or ckpt.get("lam", 0) > 0:  # the kernel prior
-        rung = (2, bank_init, 0, ckpt.get("lam", 0))
-    else:  # nothing transferred: the baseline, AMP by ε
-        rung = (kind[0], 0, 0, kind[1])
-    return ", ".join(parts), rung
-
-
-def transfer_label(run_args, transfer, freeze):
-    """The known transfer recipes by name; any other by the layers transferred and frozen."""
-    convs = list(CONV_SHAPES)
-    if run_args.get("probe_after") not in (None, "conv4"):  # train_small.py --probe-after
-        return f"linear probe after {run_args['probe_after']}"
-    from_small_run = os.path.basename(str(run_args.get("init_from"))) == "model.pt"
-    if "fc" in transfer and from_small_run:  # a train_small.py run's head too: probe, then tune
-        return "LP-FT"
-    if transfer == convs and freeze == convs:
-        return "linear probe (transfer conv1-4, frozen conv1-4)"
-    if transfer == convs and not freeze:
-        return "fine-tune (transfer conv1-4)"
-    return f"transfer {layers_label(transfer)}" + (f", frozen {layers_label(freeze)}"
-                                                   if freeze else "")
+# The table's rows: a row per configuration, as each run's trainer named it when it saved it.
+def row_of(path, ckpt):
+    """(label, order key) of a checkpoint's row, as its trainer stored them when it saved the
+    run ("label", "row_order": train_small.py, train_advreg.py, pretrain.py); the authors' models
+    are pretrained models. Rows go from nothing transferred to the most: the baseline, AMP, the
+    kernel prior (λ ascending, then the bank-initialized runs), the transfer runs by the layers
+    transferred, frozen before trained at each, then pretrained models. A checkpoint of an
+    earlier format, which stored no row, is refused."""
+    if ckpt.get("format") == "authors":
+        return f"pretrained ({ckpt['dataset']})", [4, 0, 0, 0.0]
+    if ckpt.get("format", 1) != FORMAT:
+        raise UserError(f"{path} has checkpoint format {ckpt.get('format', 1)}, not {FORMAT}: "
+                        f"it stores no row label; train it again with this version")
+    return ckpt["label"], ckpt["row_order"]
 
 
 def configuration_labels(names, ckpts):
-    """(label, order key) per checkpoint, from its configuration_name; where runs of the same name
+    """(label, order key) per checkpoint, from its row_of; where runs of the same name
     differ in a flag that defines a run (lr, weight decay, augmentation, epochs, init_from, ...),
     the name is followed by those flags' values, so that no table row mixes two configurations."""
     flags = [defining_flags(c) for c in ckpts]
@@ -369,16 +329,13 @@ NOT_DEFINING = {"seeds", "seed", "threads", "device", "out", "log_every", "eval_
 
 def defining_flags(ckpt):
     """The flags of the command that trained a checkpoint, but those that do not define a run.
-    An --init-from that names a run of this project (LP-FT starts from a probe's model.pt) counts
-    as what that run was, not as its folder, so that runs on several draws share a row."""
+    An --init-from that names a run of this project (LP-FT starts from a probe's model.pt) is
+    left out: the row label says what the run started from, and the runs on several draws of
+    the training images start from the probes of as many folders."""
     skip = NOT_DEFINING | ({"lam", "init_bank"} if "lam" in ckpt else set())
     flags = {k: v for k, v in (ckpt.get("args") or {}).items() if k not in skip}
-    source = os.path.expanduser(str(flags.get("init_from")))
-    source = source.replace("{seed}", str(ckpt.get("seed")))
-    if os.path.basename(source) == "model.pt" and os.path.exists(source):
-        run = read_checkpoint(source)
-        flags["init_from"] = " ".join([configuration_name(run)[0]] + [
-            flag_text(k, v) for k, v in sorted(defining_flags(run).items())])
+    if os.path.basename(str(flags.get("init_from"))) == "model.pt":
+        del flags["init_from"]
     return flags
 
 
@@ -391,22 +348,6 @@ def flag_text(name, value):
     elif isinstance(value, float):
         value = f"{value:g}"
     return f"{name.replace('_', ' ')} {'none' if value is None else value}"
-
-
-def layer_list(value):
-    """A layer-list flag as stored (a list, one name, None or []) as a sorted list of names."""
-    if not value:
-        return []
-    return sorted([value] if isinstance(value, str) else list(value))
-
-
-def layers_label(layers):
-    """["conv1", "conv2", "conv3"] -> "conv1-3"; ["conv1", "conv2"] -> "conv1+conv2"."""
-    numbers = [int(name[4:]) for name in layers if name[:4] == "conv" and name[4:].isdigit()]
-    if len(layers) >= 3 and len(numbers) == len(layers) \
-            and numbers == list(range(numbers[0], numbers[0] + len(numbers))):
-        return f"conv{numbers[0]}-{numbers[-1]}"
-    return "+".join(layers)
 
 
 # The grouped table and the paired differences.
