@@ -89,8 +89,13 @@ def kernels_of(weight):
 
 
 def collect(args):
-    """One bank per layer: every kernel of that layer in every checkpoint, with provenance."""
-    paths = find_checkpoints(args.checkpoints)
+    """One bank per layer: every kernel of that layer in every checkpoint (all *.pt of a folder,
+    or a glob), with provenance."""
+    spec = args.checkpoints
+    paths = sorted(glob.glob(os.path.join(spec, "*.pt") if os.path.isdir(spec) else spec))
+    if not paths:
+        raise UserError(f"no checkpoints match {spec!r}; run pretrain.py first (it writes "
+                        f"checkpoints/seed<N>.pt), or pass --checkpoints DIR_OR_GLOB")
     ckpts = [read_cnn_checkpoint(p, args.layers) for p in paths]  # every check before any write
     os.makedirs(args.out, exist_ok=True)
     print(f"{len(paths)} checkpoints: {', '.join(os.path.basename(p) for p in paths)}")
@@ -119,15 +124,6 @@ def collect(args):
 def random_sample(kernels, count, seed):
     g = torch.Generator().manual_seed(seed)
     return kernels[torch.randperm(len(kernels), generator=g)[:count]]
-
-
-def find_checkpoints(spec):
-    pattern = os.path.join(spec, "*.pt") if os.path.isdir(spec) else spec
-    paths = sorted(glob.glob(pattern))
-    if not paths:
-        raise UserError(f"no checkpoints match {spec!r}; run pretrain.py first (it writes "
-                        f"checkpoints/seed<N>.pt), or pass --checkpoints DIR_OR_GLOB")
-    return paths
 
 
 def read_cnn_checkpoint(path, layers):
@@ -392,10 +388,9 @@ def grouped_table(groups, rows, bank_row, bank_path):
     header = ["configuration", "runs", "subsets", "seeds"] + [METRICS[m] for m in metrics]
     k = bank_row["kernel_size"]
     return (f"Kernels of {bank_row['layer']} ({k}x{k}) against bank {bank_path}; mean ± std over "
-            f"the runs of each configuration (subsets: draws of the training images, "
-            f"--subset-seed; seeds: initialization seeds); train acc on the training images at "
-            f"the last evaluation; D outputs over the last 10% of iterations.\n\n"
-            + md_table(header, lines))
+            f"the runs of each configuration (subsets: draws of the training images, --subset-seed;"
+            f" seeds: initialization seeds); train acc on the training images at the last "
+            f"evaluation; D outputs over the last 10% of iterations.\n\n" + md_table(header, lines))
 
 
 def mean_std_cell(stat):
@@ -525,13 +520,11 @@ def plot_compare(args, panels, groups, rows, bank_row):
     save_grid(out("compare.png"), torch.stack(grids), nrow=6, value_range=(0, 1), scale=2)
     plot_pca(panels, out("compare_pca.png"))
     x, metric_panels = "row of compare.md", []
-    for metric, title in (("final_test_acc", "final test accuracy"),
-                          ("frechet_to_bank", "Frechet to bank"),
-                          ("low_freq_share", "low-frequency share")):
+    for metric in ("final_test_acc", "frechet_to_bank", "low_freq_share"):
         curves = {"mean ± std over its runs": curve(groups, metric)}
         if bank_row.get(metric) is not None:
             curves["bank"] = ([0, len(groups) - 1], [bank_row[metric]] * 2)
-        metric_panels.append((title, x, metric, curves))
+        metric_panels.append((METRICS[metric], x, metric, curves))
     plot_lines(out("compare_metrics.png"), metric_panels)
     prior = {c: g for c, g in groups.items() if c.startswith("λ = ") or "from bank" in c}
     ladder = {"every row": curve(groups, "final_test_acc"),
