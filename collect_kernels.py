@@ -6,7 +6,8 @@ pretrained models give 5 * 64 * 3 = 960 kernels of 7x7 (conv1) and 5 * 128 * 64 
 (conv2): the "real" data that stage 4's discriminator learns to tell from the classifier's own.
 With --compare, trained models' kernels are measured against a bank (Frechet distance, low-frequency
 share and near-zero kernels: numbers for what the paper shows as pictures), a table row per
-configuration.
+configuration. Three parts: 1. collecting the banks; 2. comparing runs (the kernel metrics, the
+tables, the paired intervals); 3. the microscope (attacks, saliency maps, class visualization).
 
 The paper's setting (after pretrain.py), and the authors' five published CIFAR-100 models:
     python collect_kernels.py --checkpoints checkpoints/ --layers conv1 conv2 --out kernels/
@@ -24,20 +25,22 @@ Reads:  checkpoints of the paper's CNN (pretrain.py's or the authors' model1_see
 Writes: <out>/<layer>_<k>x<k>.pt ("kernels" [N, k, k] and provenance: layer, kernel_size, sources,
         source_counts, seeds, test_acc, dataset, arch, format), <out>/<layer>_<k>x<k>_grid.png
         (Figure 3); with --compare, compare.csv (a row per checkpoint), compare.md (a row per
-        configuration), compare.png, compare_pca.png, compare_metrics.png, compare_ladder.png;
-        with --test-data, microscope.csv (accuracy under FGSM / PGD, a row per run),
-        microscope.md (a row per configuration), microscope_saliency.png, microscope_classes.png.
-Results: docs/collect_kernels.md
+        configuration), compare_paired.csv/.md, compare.png, compare_pca.png,
+        compare_metrics.png, compare_ladder.png, compare_subsets.png; with --test-data,
+        microscope.csv (accuracy under FGSM / PGD, a row per run), microscope.md (a row per
+        configuration), microscope_paired.csv/.md, microscope_saliency.png, microscope_classes.png.
+Results: docs/collect_kernels.md; the longer story of each flag's default: docs/defaults.md.
 """
 import argparse
 import csv
 import functools
 import glob
 import io
+import json
 import math
 import os
 import pathlib
-import textwrap
+import sys
 
 import matplotlib
 matplotlib.use("Agg")  # figures go to files; no display needed
@@ -51,66 +54,48 @@ import torchvision
 
 # ----------------------------------------------------------------------------- config
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="Stage 2: collect conv kernels of pretrained CNNs into banks (and Figure 3); "
-                    "or, with --compare, measure trained models' kernels against a bank.",
-        formatter_class=HelpFormatter)
-    p.add_argument("--checkpoints", default="checkpoints",
-                   help="folder of checkpoints (all *.pt in it) or a glob such as 'ckpts/seed*.pt'"
-                        "; pretrain.py's or the authors' model1_seed*.pt (this project: "
-                        "pretrain.py's --out)")
-    p.add_argument("--layers", nargs="+", default=["conv1", "conv2"],
-                   help=f"layers to collect, one bank each (paper text: conv1 7x7 and conv2 5x5); "
-                        f"allowed: {', '.join(CONV_SHAPES)}")
-    p.add_argument("--out", default="kernels", help="output folder (this project)")
-    p.add_argument("--grid-kernels", type=int, default=64,
-                   help="kernels shown in each figure grid (this project: docs/collect_kernels.md)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the random sample of kernels shown in the figures (this project)")
-    p.add_argument("--compare", nargs="+", metavar="CKPT", default=None,
-                   help="instead of collecting: checkpoints of trained models to compare with "
-                        "--bank")
-    p.add_argument("--bank", default="kernels/conv1_7x7.pt",
-                   help="bank used by --compare (this project: the conv1 bank of --out)")
-    p.add_argument("--test-data", default=None, metavar="PATH_OR_NAME",
-                   help="with --compare, the microscope: attack and explain every run on the test "
-                        "split of cifar10 (torchvision download) or of an ImageFolder tree "
-                        "PATH/test/<class>/* (this project: the data the runs trained on)")
-    p.add_argument("--data-root", default="data", help="where torchvision datasets are downloaded")
-    p.add_argument("--attack-images", type=int, default=200, metavar="N",
-                   help="test images attacked per model: a fixed random subset (seed 0, the "
-                        "order of train_small.py's test images) (this project: "
-                        "docs/collect_kernels.md#the-microscope has the cost)")
-    p.add_argument("--epsilons", type=float, nargs="+", default=[1, 2, 4], metavar="EPS",
-                   help="attack radii in units of 1/255, L-inf in pixel space [0, 1] (this "
-                        "project)")
-    p.add_argument("--pgd-steps", type=int, default=10,
-                   help="PGD steps, each of size 2.5 eps / steps, from the clean image, no random "
-                        "start (this project; the step size rule is Madry et al., 2018)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--checkpoints", default="checkpoints", help="folder of *.pt, or a glob (ours)")
+    p.add_argument("--layers", nargs="+", default=["conv1", "conv2"], help="one bank each (paper)")
+    p.add_argument("--out", default="kernels", help="output folder (ours)")
+    p.add_argument("--grid-kernels", type=int, default=64, help="kernels in a figure grid (ours)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the kernels shown (ours)")
+    p.add_argument("--compare", nargs="+", metavar="CKPT", help="trained runs to compare (ours)")
+    p.add_argument("--bank", default="kernels/conv1_7x7.pt", help="bank of --compare (ours)")
+    p.add_argument("--test-data", metavar="PATH_OR_NAME", help="the microscope's test data (ours)")
+    p.add_argument("--data-root", default="data", help="where torchvision downloads (ours)")
+    p.add_argument("--attack-images", type=int, default=200, help="test images per run (ours)")
+    p.add_argument("--epsilons", type=float, nargs="+", default=[1, 2, 4], help="radii /255 (ours)")
+    p.add_argument("--pgd-steps", type=int, default=10, help="of 2.5 eps / steps (Madry et al.)")
     args = p.parse_args(argv)
     unknown = [layer for layer in args.layers if layer not in CONV_SHAPES]
-    if unknown:
-        p.error(f"unknown layer(s) {unknown}; the paper's CNN has {', '.join(CONV_SHAPES)}")
-    if args.grid_kernels < 1:
-        p.error("--grid-kernels must be >= 1")
-    if args.test_data is not None and not args.compare:
-        p.error("--test-data is for --compare: the microscope looks at trained runs")
-    if args.attack_images < 1 or args.pgd_steps < 1:
-        p.error("--attack-images and --pgd-steps must be >= 1")
-    if not all(eps >= 0 for eps in args.epsilons):
-        p.error(f"--epsilons must be >= 0 (units of 1/255), got {args.epsilons}")
+    for failed, message in [
+        (unknown, f"unknown layer(s) {unknown}; the paper's CNN has {', '.join(CONV_SHAPES)}"),
+        (args.grid_kernels < 1, "--grid-kernels must be >= 1"),
+        (args.test_data and not args.compare, "--test-data is for --compare (trained runs)"),
+        (min(args.attack_images, args.pgd_steps) < 1, "--attack-images, --pgd-steps must be >= 1"),
+        (any(not eps >= 0 for eps in args.epsilons), f"--epsilons must be >= 0: {args.epsilons}"),
+    ]:
+        if failed:
+            p.error(message)
     return args
 
 
-# ----------------------------------------------------------------------------- collecting
+# ============================================================================= 1. the banks
+# Collecting the banks: every kernel of a layer in every pretrained model, with where it came from.
 def kernels_of(weight):
     """Every (out, in) slice of a conv weight as one kernel: [out, in, k, k] -> [out*in, k, k]."""
     return weight.reshape(-1, weight.shape[-2], weight.shape[-1])
 
 
 def collect(args):
-    """One bank per layer: every kernel of that layer in every checkpoint, with provenance."""
-    paths = find_checkpoints(args.checkpoints)
+    """One bank per layer: every kernel of that layer in every checkpoint (all *.pt of a folder,
+    or a glob), with provenance."""
+    spec = args.checkpoints
+    paths = sorted(glob.glob(os.path.join(spec, "*.pt") if os.path.isdir(spec) else spec))
+    if not paths:
+        raise UserError(f"no checkpoints match {spec!r}; run pretrain.py first (it writes "
+                        f"checkpoints/seed<N>.pt), or pass --checkpoints DIR_OR_GLOB")
     ckpts = [read_cnn_checkpoint(p, args.layers) for p in paths]  # every check before any write
     os.makedirs(args.out, exist_ok=True)
     print(f"{len(paths)} checkpoints: {', '.join(os.path.basename(p) for p in paths)}")
@@ -118,7 +103,7 @@ def collect(args):
     for layer in args.layers:
         per_source = [kernels_of(c["model"][f"{layer}.weight"].float()) for c in ckpts]
         kernels = torch.cat(per_source)
-        name = f"{layer}_{kernels.shape[-1]}x{kernels.shape[-1]}"
+        name = os.path.join(args.out, f"{layer}_{kernels.shape[-1]}x{kernels.shape[-1]}")
         bank = {"kernels": kernels, "layer": layer, "kernel_size": kernels.shape[-1],
                 "sources": [os.path.abspath(p) for p in paths],
                 "source_counts": [len(s) for s in per_source],
@@ -126,9 +111,9 @@ def collect(args):
                 "test_acc": [last(c.get("history", {}), "test_acc") for c in ckpts],
                 "dataset": ckpts[0].get("dataset"), "arch": ARCH,
                 "format": "authors" if ckpts[0].get("format") == "authors" else "pretrain.py"}
-        write_atomic(os.path.join(args.out, name + ".pt"), lambda tmp: torch.save(bank, tmp))
-        save_kernel_grid(random_sample(kernels, args.grid_kernels, args.seed),
-                         os.path.join(args.out, name + "_grid.png"), nrow=8)
+        write_atomic(name + ".pt", lambda tmp: torch.save(bank, tmp))
+        shown = random_sample(kernels, args.grid_kernels, args.seed)  # Figure 3
+        save_grid(name + "_grid.png", shown[:, None], nrow=8, scale=8)
         print(f"{layer:6} {str(list(kernels.shape)):>14} {kernels.mean().item():8.4f} "
               f"{kernels.std().item():7.4f} {kernels.flatten(1).norm(dim=1).mean().item():9.4f} "
               f"{low_freq_share(kernels):9.3f}")
@@ -136,7 +121,30 @@ def collect(args):
           f"Figure 3 grids (*_grid.png)")
 
 
-# ----------------------------------------------------------------------------- kernel metrics
+def random_sample(kernels, count, seed):
+    g = torch.Generator().manual_seed(seed)
+    return kernels[torch.randperm(len(kernels), generator=g)[:count]]
+
+
+def read_cnn_checkpoint(path, layers):
+    """A checkpoint's dict, after checking it holds the paper's CNN with the layers asked for."""
+    ckpt = read_checkpoint(path)
+    for layer in layers:
+        weight = ckpt["model"].get(f"{layer}.weight")
+        if weight is None or tuple(weight.shape) != CONV_SHAPES[layer]:
+            got = None if weight is None else tuple(weight.shape)
+            raise UserError(f"{path!r} has another architecture: {layer}.weight is {got}, "
+                            f"expected {CONV_SHAPES[layer]}")
+    return ckpt
+
+
+def last(history, key):
+    """The last value of a history's list `key`, or None where the run did not log it."""
+    values = history.get(key)
+    return values[-1] if values else None
+
+
+# ============================================================================= 2. comparing runs
 # Frechet distance: every kernel is standardized (zero mean, unit std over its k*k pixels: its
 # shape, not its scale), a Gaussian is fitted to each set of kernels in the k*k-dimensional space,
 # and the Frechet distance between the two Gaussians is reported. Lower = closer to the bank's
@@ -200,64 +208,104 @@ def bank_reference(bank):
     return sum(distances) / len(distances)
 
 
-# ----------------------------------------------------------------------------- the compare table
-def configuration_name(ckpt):
-    """(readable name, order key) of the run a checkpoint comes from, read from its own fields.
-    Rows go from nothing transferred to the most: the baseline, AMP, the kernel prior (λ
-    ascending, then the bank-initialized runs), the transfer runs (train_small.py --init-from) by
-    the layers transferred, frozen before trained at each, then pretrained models."""
-    run_args = ckpt.get("args") or {}
-    transfer, freeze = layer_list(run_args.get("transfer")), layer_list(run_args.get("freeze"))
-    if "lam" in ckpt:  # train_advreg.py: each run knows its λ and whether conv1 came from a bank
-        bank_init, kind = bool(ckpt.get("bank_init")), (0, ckpt["lam"])
-        parts = ["baseline (λ = 0)" if ckpt["lam"] == 0 else f"λ = {ckpt['lam']:g}"]
-        layers = layer_list(run_args.get("layers")) or ["conv1"]
-        if ckpt["lam"] != 0 and layers != ["conv1"]:  # discriminators on more layers
-            parts.append(layers_label(layers))
-    else:
-        bank_init, kind = bool(run_args.get("init_bank")), (0, 0.0)
-        parts = [transfer_label(run_args, transfer, freeze)] if transfer else []
-        if run_args.get("amp_epsilon") is not None:  # train_small.py with AMP
-            kind = (1, run_args["amp_epsilon"])
-            parts.append(f"AMP ε = {run_args['amp_epsilon']:g}")
-        elif "amp_epsilon" not in run_args and "per_class" not in run_args:  # not train_small.py
-            kind = (2, 0.0)
-            parts.append(f"pretrained ({ckpt.get('dataset')})")
-        if not parts:
-            parts.append("baseline (λ = 0)")
-    if bank_init:
-        parts.append("conv1 from bank")
-    if freeze and not transfer:
-        parts.append(f"frozen {layers_label(freeze)}")
-    if transfer:
-        rung = (3, len(transfer), -len(freeze), 0.0)
-    elif kind[0] == 2:  # a pretrained model
-        rung = (4, 0, 0, 0.0)
-    elif bank_init or ckpt.get("lam", 0) > 0:  # the kernel prior
-        rung = (2, bank_init, 0, ckpt.get("lam", 0))
-    else:  # nothing transferred: the baseline, AMP by ε
-        rung = (kind[0], 0, 0, kind[1])
-    return ", ".join(parts), rung
+def compare(args):
+    """--compare: every finished run's kernels against the bank; a table row per configuration,
+    and each row's difference to the baseline and to λ = 1 over matched runs."""
+    bank = load_bank(args.bank)
+    layer, bank_kernels = bank["layer"], bank["kernels"]
+    runs = finished_runs(args.compare, layer)
+    names = [row_of(path, ckpt) for path, ckpt in runs]  # the rows their trainers stored
+    labels = configuration_labels(names, [ckpt for _, ckpt in runs])
+    order = sorted(range(len(runs)), key=lambda i: labels[i][1])
+    # the references of the paired table: the first row (in the table's order) of each name
+    baseline, kernel_prior = (next((labels[i][0] for i in order if names[i][0] == name), None)
+                              for name in ("baseline (λ = 0)", "λ = 1"))
+    runs = [(*runs[i], labels[i][0]) for i in order]  # (path, checkpoint, row), the table's order
+    seen = microscope_inputs(args, runs) if args.test_data else None  # its checks, then writing
+    bank_std = standardize_kernels(bank_kernels)
+    rows, panels = [], {f"bank ({len(bank_kernels)} kernels)": bank_kernels}
+    for path, ckpt, label in runs:
+        row, kernels = checkpoint_row(path, ckpt, label, layer, bank_kernels, bank_std)
+        panels.setdefault(label, kernels)  # the first run of each configuration is shown
+        rows.append(row)
+    bank_row = {"model": f"bank ({len(bank.get('source_counts', [1]))} sources)", "layer": layer,
+                "kernel_size": bank_kernels.shape[-1], "frechet_to_bank": bank_reference(bank),
+                "low_freq_share": low_freq_share(bank_kernels),
+                "kernel_std": bank_kernels.std().item(),
+                "near_zero_share": near_zero_share(bank_kernels, bank_kernels)}
+    groups = group_stats(rows)
+    paired, paired_text = paired_table(rows, baseline, kernel_prior)
+    os.makedirs(args.out, exist_ok=True)
+    tables = {"compare.csv": rows, "compare.md": grouped_table(groups, rows, bank_row, args.bank),
+              "compare_paired.csv": paired, "compare_paired.md": paired_text}
+    write_tables(args.out, tables)
+    figures = plot_compare(args, list(panels.items()), groups, rows, bank_row)
+    print(f"wrote {args.out}/{', '.join([*tables, *figures])}")
+    if seen:
+        microscope(seen, args, baseline, kernel_prior)
 
 
-def transfer_label(run_args, transfer, freeze):
-    """The known transfer recipes by name; any other by the layers transferred and frozen."""
-    convs = list(CONV_SHAPES)
-    if run_args.get("probe_after") not in (None, "conv4"):  # train_small.py --probe-after
-        return f"linear probe after {run_args['probe_after']}"
-    from_small_run = os.path.basename(str(run_args.get("init_from"))) == "model.pt"
-    if "fc" in transfer and from_small_run:  # a train_small.py run's head too: probe, then tune
-        return "LP-FT"
-    if transfer == convs and freeze == convs:
-        return "linear probe (transfer conv1-4, frozen conv1-4)"
-    if transfer == convs and not freeze:
-        return "fine-tune (transfer conv1-4)"
-    return f"transfer {layers_label(transfer)}" + (f", frozen {layers_label(freeze)}"
-                                                   if freeze else "")
+def finished_runs(paths, layer):
+    """[(path, checkpoint)] of the runs that trained all their epochs; the others get a line."""
+    finished = []
+    for path in paths:
+        ckpt = read_cnn_checkpoint(path, [layer])
+        done = ckpt.get("epoch", ckpt.get("history", {}).get("epoch_done", 0))
+        asked = (ckpt.get("args") or {}).get("epochs", 0)
+        if done < asked:  # a run still training, or stopped
+            print(f"left out: {path} is unfinished (epoch {done} of {asked})")
+        else:
+            finished.append((path, ckpt))
+    if not finished:
+        raise UserError("none of the --compare checkpoints is a finished run")
+    return finished
+
+
+def checkpoint_row(path, ckpt, configuration, layer, bank_kernels, bank_std):
+    """Metrics of one trained model's kernels (and its accuracies and D outputs, where logged)."""
+    kernels = kernels_of(ckpt["model"][f"{layer}.weight"].float())
+    history = ckpt.get("history", {})
+    row = {"model": path, "configuration": configuration, "subset": subset_of(ckpt),
+           "seed": ckpt.get("seed"), "kernels": len(kernels),
+           "final_test_acc": last(history, "test_acc"),
+           "best_test_acc": max(history["test_acc"]) if history.get("test_acc") else None,
+           "final_train_acc": last(history, "train_acc"), "final_val_acc": last(history, "val_acc"),
+           "frechet_to_bank": frechet_distance(standardize_kernels(kernels), bank_std),
+           "low_freq_share": low_freq_share(kernels), "kernel_std": kernels.std().item(),
+           "near_zero_share": near_zero_share(kernels, bank_kernels)}
+    log = ckpt.get("log")
+    for name in ("d_real", "d_fake"):  # mean over the last 10% of iterations
+        column = log[-max(1, len(log) // 10):, LOG_COLUMNS.index(name)] if log is not None else None
+        value = None if column is None else column.mean().item()
+        row[name] = None if value is None or math.isnan(value) else value
+    return row, kernels
+
+
+METRICS = {  # the table's columns: a row's metric and its header
+    "final_test_acc": "final acc", "best_test_acc": "best acc", "final_train_acc": "train acc",
+    "final_val_acc": "val acc", "frechet_to_bank": "Frechet to bank",
+    "low_freq_share": "low-freq share", "kernel_std": "kernel std",
+    "near_zero_share": "near-zero kernels", "d_real": "D(real)", "d_fake": "D(fake)"}
+
+
+# The table's rows: a row per configuration, as each run's trainer named it when it saved it.
+def row_of(path, ckpt):
+    """(label, order key) of a checkpoint's row, as its trainer stored them when it saved the
+    run ("label", "row_order": train_small.py, train_advreg.py, pretrain.py); the authors' models
+    are pretrained models. Rows go from nothing transferred to the most: the baseline, AMP, the
+    kernel prior (λ ascending, then the bank-initialized runs), the transfer runs by the layers
+    transferred, frozen before trained at each, then pretrained models. A checkpoint of an
+    earlier format, which stored no row, is refused."""
+    if ckpt.get("format") == "authors":
+        return f"pretrained ({ckpt['dataset']})", [4, 0, 0, 0.0]
+    if ckpt.get("format", 1) != FORMAT:
+        raise UserError(f"{path} has checkpoint format {ckpt.get('format', 1)}, not {FORMAT}: "
+                        f"it stores no row label; train it again with this version")
+    return ckpt["label"], ckpt["row_order"]
 
 
 def configuration_labels(names, ckpts):
-    """(label, order key) per checkpoint, from its configuration_name; where runs of the same name
+    """(label, order key) per checkpoint, from its row_of; where runs of the same name
     differ in a flag that defines a run (lr, weight decay, augmentation, epochs, init_from, ...),
     the name is followed by those flags' values, so that no table row mixes two configurations."""
     flags = [defining_flags(c) for c in ckpts]
@@ -271,66 +319,89 @@ def configuration_labels(names, ckpts):
     return labels
 
 
-def checkpoint_row(path, ckpt, configuration, layer, bank_kernels, bank_std):
-    """Metrics of one trained model's kernels (and its accuracies and D outputs, where logged)."""
-    kernels = kernels_of(ckpt["model"][f"{layer}.weight"].float())
-    history = ckpt.get("history", {})
-    row = {"model": path, "configuration": configuration, "subset": subset_of(ckpt),
-           "seed": ckpt.get("seed"), "kernels": len(kernels),
-           "final_test_acc": last(history, "test_acc"),
-           "best_test_acc": max(history["test_acc"]) if history.get("test_acc") else None,
-           "final_train_acc": last(history, "train_acc"),
-           "final_val_acc": last(history, "val_acc"),
-           "frechet_to_bank": frechet_distance(standardize_kernels(kernels), bank_std),
-           "low_freq_share": low_freq_share(kernels), "kernel_std": kernels.std().item(),
-           "near_zero_share": near_zero_share(kernels, bank_kernels)}
-    log = ckpt.get("log")
-    for name in ("d_real", "d_fake"):  # mean over the last 10% of iterations
-        column = log[-max(1, len(log) // 10):, LOG_COLUMNS.index(name)] if log is not None else None
-        value = None if column is None else column.mean().item()
-        row[name] = None if value is None or math.isnan(value) else value
-    return row, kernels
+NOT_DEFINING = {"seeds", "seed", "threads", "device", "out", "log_every", "eval_every",
+                "data_root", "gif_every", "val_size", "quick", "evaluate", "subset_seed"}
 
 
-METRICS = ["final_test_acc", "best_test_acc", "final_train_acc", "final_val_acc",
-           "frechet_to_bank", "low_freq_share", "kernel_std", "near_zero_share", "d_real",
-           "d_fake"]
-HEADERS = ["final acc", "best acc", "train acc", "val acc", "Frechet to bank", "low-freq share",
-           "kernel std", "near-zero kernels", "D(real)", "D(fake)"]
+def defining_flags(ckpt):
+    """The flags of the command that trained a checkpoint, but those that do not define a run.
+    An --init-from that names a run of this project (LP-FT starts from a probe's model.pt) is
+    left out: the row label says what the run started from, and the runs on several draws of
+    the training images start from the probes of as many folders."""
+    skip = NOT_DEFINING | ({"lam", "init_bank"} if "lam" in ckpt else set())
+    flags = {k: v for k, v in (ckpt.get("args") or {}).items() if k not in skip}
+    if os.path.basename(str(flags.get("init_from"))) == "model.pt":
+        del flags["init_from"]
+    return flags
 
 
+def flag_text(name, value):
+    """A flag's value in a table label: "lr 0.01", "weight decay 0.0001", "no augmentation"."""
+    if name == "no_augment":
+        return "no augmentation" if value else "augmentation"
+    if isinstance(value, (list, tuple)):
+        value = " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    elif isinstance(value, float):
+        value = f"{value:g}"
+    return f"{name.replace('_', ' ')} {'none' if value is None else value}"
+
+
+# The grouped table and the paired differences.
 def group_stats(rows, metrics=METRICS):
     """{configuration: (runs, {metric: (mean, std) or None})} over the runs of each configuration,
     in the rows' order; a metric no run of the configuration logged is None."""
     groups = {}
     for config in dict.fromkeys(r["configuration"] for r in rows):
         group = [r for r in rows if r["configuration"] == config]
-        stats = {}
-        for m in metrics:
-            values = torch.tensor([r[m] for r in group if r[m] is not None], dtype=torch.float64)
-            std = values.std().item() if len(values) > 1 else 0.0
-            stats[m] = (values.mean().item(), std) if len(values) else None
-        groups[config] = (len(group), stats)
+        values = {m: [r[m] for r in group if r[m] is not None] for m in metrics}
+        groups[config] = (len(group), {m: mean_std(v) if v else None for m, v in values.items()})
     return groups
+
+
+def mean_std(values):
+    """Mean and sample standard deviation (0 for a single value)."""
+    values = torch.tensor(values, dtype=torch.float64)
+    return values.mean().item(), values.std().item() if len(values) > 1 else 0.0
 
 
 def subset_of(ckpt):
     """The seed that drew a run's training images (--subset-seed; runs saved before the flag
     existed drew with 0); None for a model that was not trained on a drawn subset."""
     run_args = ckpt.get("args") or {}
-    if "per_class" not in run_args:  # a pretrained model
-        return None
-    return run_args.get("subset_seed", 0)
+    return run_args.get("subset_seed", 0) if "per_class" in run_args else None  # None: pretrained
 
 
-def draw_counts(rows):
-    """{configuration: (subsets, seeds)}: how many draws of the training images and how many
-    seeds a row pools, so that a ± over several draws is never mistaken for one over seeds."""
-    counts = {}
-    for config in dict.fromkeys(r["configuration"] for r in rows):
+def grouped_table(groups, rows, bank_row, bank_path):
+    """compare.md: one row per configuration, mean ± std over its checkpoints, pooled over the
+    draws of the training images (subsets) and the seeds it holds, both counted beside it so that
+    a ± over several draws is never mistaken for one over seeds; "-" where no run has the value;
+    the val acc column only when some run has a validation split."""
+    metrics = [m for m in METRICS if m != "final_val_acc"
+               or any(stats[m] for _, stats in groups.values())]
+    lines = []
+    for config, (runs, stats) in groups.items():
         group = [r for r in rows if r["configuration"] == config]
-        counts[config] = (len({r["subset"] for r in group}), len({r["seed"] for r in group}))
-    return counts
+        lines.append([config, runs, len({r["subset"] for r in group}),
+                      len({r["seed"] for r in group})] + [mean_std_cell(stats[m]) for m in metrics])
+    lines.append([bank_row["model"], "", "", ""] + [
+        "-" if bank_row.get(m) is None else f"{bank_row[m]:.3f}" for m in metrics])
+    header = ["configuration", "runs", "subsets", "seeds"] + [METRICS[m] for m in metrics]
+    k = bank_row["kernel_size"]
+    return (f"Kernels of {bank_row['layer']} ({k}x{k}) against bank {bank_path}; mean ± std over "
+            f"the runs of each configuration (subsets: draws of the training images, --subset-seed;"
+            f" seeds: initialization seeds); train acc on the training images at the last "
+            f"evaluation; D outputs over the last 10% of iterations.\n\n" + md_table(header, lines))
+
+
+def mean_std_cell(stat):
+    return "-" if stat is None else f"{stat[0]:.3f} ± {stat[1]:.3f}"
+
+
+def md_table(header, rows, rule=None):
+    """A markdown table: the header's cells, the rule under it (default: every column
+    left-aligned), then each row's cells."""
+    lines = ["| " + " | ".join(map(str, cells)) + " |" for cells in [header, *rows]]
+    return "\n".join([lines[0], rule or "|---" * len(header) + "|", *lines[1:]]) + "\n"
 
 
 def t_quantile(p, df):
@@ -393,102 +464,111 @@ def reference_pairs(configs, baseline, kernel_prior):
                     if kernel_prior in configs and c not in (baseline, kernel_prior)]
 
 
-def paired_table(rows, groups, baseline, kernel_prior):
+def paired_cells(d):
+    """One paired difference as compare_paired.md's cells: the mean, its 95 % interval and
+    whether it shows a difference ("not shown": the interval holds 0); "-" where there are no
+    pairs, no interval for one pair."""
+    if d["mean"] is None or d["ci_low"] is None:
+        return ["-" if d["mean"] is None else f"{d['mean']:+.3f}", "-", ""]
+    reading = "not shown" if d["ci_low"] <= 0 <= d["ci_high"] else "shown"
+    return [f"{d['mean']:+.3f}", f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]", reading]
+
+
+def paired_table(rows, baseline, kernel_prior):
     """compare_paired.csv/.md: every row against the baseline and every other row against the
     kernel prior, over matched (subset, seed) pairs (reference_pairs)."""
+    configs = list(dict.fromkeys(r["configuration"] for r in rows))
     results = [paired_difference(rows, c, reference)
-               for c, reference in reference_pairs(list(groups), baseline, kernel_prior)]
-    lines = ["| configuration | against | pairs | subsets | difference | 95 % interval | reading |",
-             "|---|---|---:|---:|---:|---|---|"]
-    for r in results:
-        if r["mean"] is None:
-            cells = ["-", "-", ""]
-        elif r["ci_low"] is None:
-            cells = [f"{r['mean']:+.3f}", "-", ""]
+               for c, reference in reference_pairs(configs, baseline, kernel_prior)]
+    header = ["configuration", "against", "pairs", "subsets", "difference", "95 % interval",
+              "reading"]
+    lines = [[r["configuration"], r["against"], r["pairs"], r["subsets"], *paired_cells(r)]
+             for r in results]
+    return results, ("Final test accuracy, row minus reference, over the (subset, seed) pairs "
+                     "both have; 95 % interval: the pairs of each draw of the training images "
+                     "averaged, then a t interval over the draws (one draw only: t over its "
+                     "pairs); \"not shown\": the interval holds 0.\n\n"
+                     + md_table(header, lines, "|---|---|---:|---:|---:|---|---|"))
+
+
+def write_tables(folder, tables):
+    """Each {file name: content} into folder: a list of dicts as CSV, a text as it is (and on
+    the screen)."""
+    for name, content in tables.items():
+        path = os.path.join(folder, name)
+        if name.endswith(".csv"):
+            write_csv(path, content)
         else:
-            shown = "not shown" if r["ci_low"] <= 0 <= r["ci_high"] else "shown"
-            cells = [f"{r['mean']:+.3f}", f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]", shown]
-        lines.append(f"| {r['configuration']} | {r['against']} | {r['pairs']} | {r['subsets']} | "
-                     + " | ".join(cells) + " |")
-    text = ("Final test accuracy, row minus reference, over the (subset, seed) pairs both have; "
-            "95 % interval: the pairs of each draw of the training images averaged, then a t "
-            "interval over the draws (one draw only: t over its pairs); \"not shown\": the "
-            "interval holds 0.\n\n" + "\n".join(lines) + "\n")
-    return results, text
+            write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(content))
+            print(content)
 
 
-def grouped_table(groups, counts, bank_row, bank_path):
-    """compare.md: one row per configuration, mean ± std over its checkpoints (pooled over the
-    draws of the training images and the seeds it holds, counted beside it), "-" where none has
-    the value; the val acc column only when some run has a validation split."""
-    metrics = [m for m in METRICS if m != "final_val_acc"
-               or any(stats[m] for _, stats in groups.values())]
-    headers = [h for m, h in zip(METRICS, HEADERS) if m in metrics]
-    lines = ["| configuration | runs | subsets | seeds | " + " | ".join(headers) + " |",
-             "|---" * (4 + len(headers)) + "|"]
-    for config, (runs, stats) in groups.items():
-        cells = [f"{stats[m][0]:.3f} ± {stats[m][1]:.3f}" if stats[m] else "-" for m in metrics]
-        subsets, seeds = counts[config]
-        lines.append(f"| {config} | {runs} | {subsets} | {seeds} | " + " | ".join(cells) + " |")
-    bank_cells = [f"{bank_row[m]:.3f}" if bank_row.get(m) is not None else "-" for m in metrics]
-    lines.append(f"| {bank_row['model']} | | | | " + " | ".join(bank_cells) + " |")
-    k = bank_row["kernel_size"]
-    return (f"Kernels of {bank_row['layer']} ({k}x{k}) against bank {bank_path}; mean ± std over "
-            f"the runs of each configuration (subsets: draws of the training images, "
-            f"--subset-seed; seeds: initialization seeds); train acc on the training images at "
-            f"the last evaluation; D outputs over the last 10% of iterations.\n\n"
-            + "\n".join(lines) + "\n")
+def plot_compare(args, panels, groups, rows, bank_row):
+    """The table as figures, x = the rows in its order (from nothing transferred, through the
+    kernel prior, to more and more of a pretrained network): compare.png (--grid-kernels kernels
+    of the bank, then of each configuration's first run, 6 a row), compare_pca.png,
+    compare_metrics.png (accuracy and the two kernel metrics, the bank's own values as a line),
+    compare_ladder.png (final test accuracy, the kernel-prior rows again as a curve of their
+    own: a discriminator, or conv1 from the bank) and compare_subsets.png (each draw of the
+    training images, the mean over its seeds: does the order of the rows hold from draw to
+    draw?). Returns the files' names."""
+    out = functools.partial(os.path.join, args.out)
+    count = min([args.grid_kernels] + [len(kernels) for _, kernels in panels])
+    grids = [torchvision.utils.make_grid(random_sample(kernels, count, args.seed)[:, None], 8, 1,
+                                         normalize=True, scale_each=True, pad_value=1)
+             for _, kernels in panels]
+    save_grid(out("compare.png"), torch.stack(grids), nrow=6, value_range=(0, 1), scale=2)
+    plot_pca(panels, out("compare_pca.png"))
+    x, metric_panels = "row of compare.md", []
+    for metric in ("final_test_acc", "frechet_to_bank", "low_freq_share"):
+        curves = {"mean ± std over its runs": curve(groups, metric)}
+        if bank_row.get(metric) is not None:
+            curves["bank"] = ([0, len(groups) - 1], [bank_row[metric]] * 2)
+        metric_panels.append((METRICS[metric], x, metric, curves))
+    plot_lines(out("compare_metrics.png"), metric_panels)
+    prior = {c: g for c, g in groups.items() if c.startswith("λ = ") or "from bank" in c}
+    ladder = {"every row": curve(groups, "final_test_acc"),
+              "the kernel prior": curve(prior, "final_test_acc", groups)}
+    plot_lines(out("compare_ladder.png"), [("from nothing transferred to all", x,
+                                            "final test accuracy (mean ± std)", ladder)])
+    draws = {}
+    for subset in sorted({r["subset"] for r in rows if r["subset"] is not None}):
+        stats = group_stats([r for r in rows if r["subset"] == subset], ["final_test_acc"])
+        draws[f"subset {subset}"] = curve(stats, "final_test_acc", groups)[:2]
+    plot_lines(out("compare_subsets.png"), [("each draw of the training images (--subset-seed)",
+                                             x, "final test accuracy (mean over seeds)", draws)])
+    return ["compare.png", "compare_pca.png", "compare_metrics.png", "compare_ladder.png",
+            "compare_subsets.png"]
 
 
-def compare(args):
-    """--compare: every finished run's kernels against the bank; a table row per configuration,
-    and each row's difference to the baseline and to λ = 1 over matched runs."""
-    bank = load_bank(args.bank)
-    layer, bank_kernels = bank["layer"], bank["kernels"]
-    runs = finished_runs(args.compare, layer)
-    ckpts = [ckpt for _, ckpt in runs]
-    names = [configuration_name(c) for c in ckpts]
-    labels = configuration_labels(names, ckpts)
-    order = sorted(range(len(runs)), key=lambda i: labels[i][1])
-    seen = microscope_inputs(args, runs, labels, order) if args.test_data else None  # checks
-    bank_std = standardize_kernels(bank_kernels)
-    rows, panels = [], [(f"bank ({len(bank_kernels)} kernels)", bank_kernels)]
-    for i in order:
-        row, kernels = checkpoint_row(*runs[i], labels[i][0], layer, bank_kernels, bank_std)
-        if row["configuration"] not in [title for title, _ in panels]:  # its first run is shown
-            panels.append((row["configuration"], kernels))
-        rows.append(row)
-    bank_row = {"model": f"bank ({len(bank.get('source_counts', [1]))} sources)", "layer": layer,
-                "kernel_size": bank_kernels.shape[-1], "frechet_to_bank": bank_reference(bank),
-                "low_freq_share": low_freq_share(bank_kernels),
-                "kernel_std": bank_kernels.std().item(),
-                "near_zero_share": near_zero_share(bank_kernels, bank_kernels)}
-    groups = group_stats(rows)
-    table = grouped_table(groups, draw_counts(rows), bank_row, args.bank)
-    # the references of the paired table: the first row (in the table's order) of each name
-    baseline, kernel_prior = (next((labels[i][0] for i in order if names[i][0] == name), None)
-                              for name in ("baseline (λ = 0)", "λ = 1"))
-    paired, paired_text = paired_table(rows, groups, baseline, kernel_prior)
-    os.makedirs(args.out, exist_ok=True)
-    write_csv(os.path.join(args.out, "compare.csv"), rows)
-    write_text(os.path.join(args.out, "compare.md"), table)
-    write_csv(os.path.join(args.out, "compare_paired.csv"), paired)
-    write_text(os.path.join(args.out, "compare_paired.md"), paired_text)
-    print(table)
-    print(paired_text)
-    plot_kernel_panels(panels, args, os.path.join(args.out, "compare.png"))
-    plot_pca(panels, os.path.join(args.out, "compare_pca.png"))
-    plot_metrics(groups, bank_row, os.path.join(args.out, "compare_metrics.png"))
-    plot_ladder(groups, os.path.join(args.out, "compare_ladder.png"))
-    plot_subsets(rows, groups, os.path.join(args.out, "compare_subsets.png"))
-    print(f"wrote {args.out}/compare.csv, compare.md, compare_paired.csv, compare_paired.md, "
-          f"compare.png, compare_pca.png, compare_metrics.png, compare_ladder.png, "
-          f"compare_subsets.png")
-    if seen:
-        microscope(seen, args, baseline, kernel_prior)
+def curve(groups, metric, table=None):
+    """(x, mean, std) of a metric over the configurations of group_stats that have it; x is a
+    configuration's row in `table` (default: groups)."""
+    rows = list(table or groups)
+    shown = [(rows.index(c), stats[metric]) for c, (_, stats) in groups.items() if stats[metric]]
+    return [i for i, _ in shown], [m for _, (m, _) in shown], [s for _, (_, s) in shown]
 
 
-# ----------------------------------------------------------------------------- the microscope
+def plot_pca(panels, path):
+    """The kernels in the plane of the bank's two main directions of variation (PCA of the
+    standardized bank kernels): one panel per configuration, over the bank's kernels in grey."""
+    bank_std = standardize_kernels(panels[0][1])
+    mean = bank_std.mean(0)
+    _, _, v = torch.linalg.svd(bank_std - mean, full_matrices=False)
+    bank_xy = (bank_std - mean) @ v[:2].T
+    fig, axes = plt.subplots(1, len(panels) - 1, figsize=(3.4 * (len(panels) - 1), 3.6),
+                             squeeze=False, sharex=True, sharey=True)
+    for ax, (title, kernels) in zip(axes[0], panels[1:]):
+        xy = (standardize_kernels(kernels) - mean) @ v[:2].T
+        ax.scatter(bank_xy[:, 0], bank_xy[:, 1], s=5, color="0.75", label=panels[0][0])
+        ax.scatter(xy[:, 0], xy[:, 1], s=7, color="tab:red", label=title)
+        ax.set(xlabel="PC 1 of the bank's standardized kernels", ylabel="PC 2")
+        ax.legend(fontsize=7, loc="lower left")
+        ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
+# ============================================================================= 3. the microscope
 # Seed 003's visualization lab (2-b: saliency maps, adversarial examples, class visualization) on
 # the course's own CNNs, with the paper's claim as the question: when the kernel prior leaves the
 # accuracy where it was, does it change what a model looks at, or how easily it is fooled?
@@ -609,7 +689,7 @@ def robustness_row(model, x, y, epsilons, steps, batch_size=500):
     return {name: count / len(x) for name, count in correct.items()}
 
 
-def microscope_inputs(args, runs, labels, order):
+def microscope_inputs(args, runs):
     """The test images (a fixed subset of --attack-images) and the runs the microscope looks at,
     in the table's order, every check made before anything is written: the runs to attack (their
     classes are the test data's) and the pretrained models to visualize (no training history)."""
@@ -618,69 +698,60 @@ def microscope_inputs(args, runs, labels, order):
     pick = pick[:args.attack_images]  # train_small.py's test order: any first N a fair sample
     x, y = as_cifar_images(images[pick]).float() / 255, targets[pick]
     attacked, visualized = [], []
-    for i in order:
-        (path, ckpt), label = runs[i], labels[i][0]
-        cnn = trained_cnn(path, ckpt)
+    for path, ckpt, label in runs:  # the paper's CNN with each run's weights, all its layers
+        cnn = PaperCNN(len(ckpt["model"].get("fc.weight", [0])))
+        if {k: v.shape for k, v in ckpt["model"].items()} != {
+                k: v.shape for k, v in cnn.state_dict().items()}:
+            raise UserError(f"{path} holds another architecture than the paper's CNN (the "
+                            f"microscope needs all its layers: conv1-4, bn1-4, fc)")
+        cnn.load_state_dict(ckpt["model"])
         if "history" not in ckpt:  # the authors' models: the lab's class visualization
-            visualized.append((path, cnn))
+            visualized.append(cnn)
         if cnn.fc.out_features == len(classes):
             attacked.append((path, label, cnn, subset_of(ckpt), ckpt.get("seed")))
         elif "history" in ckpt:
-            raise SystemExit(f"error: {path} classifies {cnn.fc.out_features} classes, but "
-                             f"--test-data {args.test_data} has {len(classes)} class folders")
+            raise UserError(f"{path} classifies {cnn.fc.out_features} classes, but "
+                            f"--test-data {args.test_data} has {len(classes)} class folders")
         else:
             print(f"not attacked: {path} classifies {cnn.fc.out_features} classes, --test-data "
                   f"{len(classes)} (class visualization only)")
     return {"x": x, "y": y, "classes": classes, "attacked": attacked, "visualized": visualized}
 
 
-def trained_cnn(path, ckpt):
-    """The paper's CNN with a checkpoint's weights; another architecture is one clear line."""
-    try:
-        cnn = PaperCNN(ckpt["model"]["fc.weight"].shape[0])
-        cnn.load_state_dict(ckpt["model"])
-    except (KeyError, RuntimeError):
-        raise SystemExit(f"error: {path} holds another architecture than the paper's CNN (the "
-                         f"microscope needs all its layers: conv1-4, bn1-4, fc)")
-    return cnn
-
-
 def microscope(inputs, args, baseline, kernel_prior):
     """Accuracy under attack of every run (microscope.csv, a row per run; microscope.md, a row
     per configuration; microscope_paired.csv/.md, each row's difference to the baseline and to
-    λ = 1 over matched runs), the saliency maps of the first run of each configuration and the
-    class visualizations of the pretrained models."""
+    λ = 1 over matched runs), the saliency maps of the first run of each configuration and
+    microscope_classes.png: the class visualization of the first ten classes (columns) under
+    each pretrained model (rows, in the table's order)."""
     x, y = inputs["x"], inputs["y"]
-    rows = []
+    rows, written = [], []
     for path, label, cnn, subset, seed in inputs["attacked"]:
         accs = robustness_row(on_pixels(cnn), x, y, args.epsilons, args.pgd_steps)
         rows.append({"model": path, "configuration": label, "subset": subset, "seed": seed,
                      "images": len(x), **accs})
         print(f"attacked {path}: clean {accs['clean_acc']:.3f}, " + ", ".join(
             f"{k} {v:.3f}" for k, v in accs.items() if k != "clean_acc"), flush=True)
-    written = []
     if rows:
         table = microscope_table(rows, len(x), args)
         paired, paired_text = microscope_paired(rows, baseline, kernel_prior, args)
-        write_csv(os.path.join(args.out, "microscope.csv"), rows)
-        write_text(os.path.join(args.out, "microscope.md"), table)
-        write_csv(os.path.join(args.out, "microscope_paired.csv"), paired)
-        write_text(os.path.join(args.out, "microscope_paired.md"), paired_text)
-        print(table)
-        print(paired_text)
+        written = ["microscope.csv", "microscope.md", "microscope_paired.csv",
+                   "microscope_paired.md", "microscope_saliency.png"]
+        write_tables(args.out, dict(zip(written, [rows, table, paired, paired_text])))
         plot_saliency(inputs, os.path.join(args.out, "microscope_saliency.png"))
-        written += ["microscope.csv", "microscope.md", "microscope_paired.csv",
-                    "microscope_paired.md", "microscope_saliency.png"]
     if inputs["visualized"]:
-        plot_class_visualizations(inputs, os.path.join(args.out, "microscope_classes.png"))
+        classes = torch.arange(min(10, *(cnn.fc.out_features for cnn in inputs["visualized"])))
+        images = [class_visualization(on_pixels(cnn), classes) for cnn in inputs["visualized"]]
         written.append("microscope_classes.png")
+        save_grid(os.path.join(args.out, written[-1]), torch.cat(images), nrow=len(classes),
+                  value_range=(0, 1), scale=3)
     print(f"wrote {', '.join(f'{args.out}/{name}' for name in written)}")
 
 
 def attack_columns(rows, args):
-    """The accuracy columns of microscope.csv (clean, then each attack) and their headers."""
-    columns = [k for k in rows[0] if k not in ("model", "configuration", "subset", "seed",
-                                                "images")]
+    """The accuracy columns of microscope.csv (clean, then each attack, after the five columns
+    that say which run it is) and their headers."""
+    columns = list(rows[0])[5:]
     return columns, ["clean acc" if c == "clean_acc" else c.replace("_", " ").upper().replace(
         "PGD", f"PGD-{args.pgd_steps}") for c in columns]
 
@@ -688,15 +759,12 @@ def attack_columns(rows, args):
 def microscope_table(rows, images, args):
     """microscope.md: one row per configuration (in the rows' order), mean ± std over its runs."""
     columns, headers = attack_columns(rows, args)
-    lines = ["| configuration | runs | " + " | ".join(headers) + " |",
-             "|---" * (2 + len(headers)) + "|"]
-    for config, (runs, stats) in group_stats(rows, columns).items():
-        cells = [f"{stats[c][0]:.3f} ± {stats[c][1]:.3f}" for c in columns]
-        lines.append(f"| {config} | {runs} | " + " | ".join(cells) + " |")
+    lines = [[config, runs] + [mean_std_cell(stats[c]) for c in columns]
+             for config, (runs, stats) in group_stats(rows, columns).items()]
     return (f"Accuracy under attack on {images} test images of {args.test_data} (L-inf in pixel "
             f"space [0, 1], eps in units of 1/255; FGSM, and PGD with {args.pgd_steps} steps of "
             f"2.5 eps / {args.pgd_steps}); mean ± std over the runs of each configuration.\n\n"
-            + "\n".join(lines) + "\n")
+            + md_table(["configuration", "runs", *headers], lines))
 
 
 def microscope_paired(rows, baseline, kernel_prior, args):
@@ -705,82 +773,40 @@ def microscope_paired(rows, baseline, kernel_prior, args):
     accuracy under each attack; every row against the baseline, every other row against λ = 1."""
     columns, headers = attack_columns(rows, args)
     configs = list(dict.fromkeys(r["configuration"] for r in rows))
-    results, lines = [], ["| configuration | against | pairs | subsets | " + " | ".join(headers)
-                          + " |", "|---|---|---:|---:|" + "---|" * len(headers)]
+    results, lines = [], []
     for config, reference in reference_pairs(configs, baseline, kernel_prior):
         diffs = [paired_difference(rows, config, reference, metric) for metric in columns]
         results += [{"metric": metric, **d} for metric, d in zip(columns, diffs)]
-        cells = []
-        for d in diffs:
-            if d["ci_low"] is None:
-                cells.append("-" if d["mean"] is None else f"{d['mean']:+.3f}")
-            else:
-                shown = " not shown" if d["ci_low"] <= 0 <= d["ci_high"] else ""
-                cells.append(f"{d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]{shown}")
-        lines.append(f"| {config} | {reference} | {diffs[0]['pairs']} | {diffs[0]['subsets']} | "
-                     + " | ".join(cells) + " |")
-    text = ("Accuracy (clean and under attack), row minus reference, over the (subset, seed) "
-            "pairs both have; 95 % interval as in compare_paired.md (the pairs of each draw "
-            "averaged, then t over the draws); \"not shown\": the interval holds 0.\n\n"
-            + "\n".join(lines) + "\n")
-    return results, text
+        # one cell a metric: "+0.012 [-0.020, +0.044] not shown", "+0.012 [...]", "+0.012" or "-"
+        cells = [" ".join(c for c in paired_cells(d) if c not in ("-", "", "shown")) or "-"
+                 for d in diffs]
+        lines.append([config, reference, diffs[0]["pairs"], diffs[0]["subsets"], *cells])
+    header = ["configuration", "against", "pairs", "subsets", *headers]
+    return results, ("Accuracy (clean and under attack), row minus reference, over the (subset, "
+                     "seed) pairs both have; 95 % interval as in compare_paired.md (the pairs of "
+                     "each draw averaged, then t over the draws); \"not shown\": the interval "
+                     "holds 0.\n\n" + md_table(header, lines, "|---|---|---:|---:|"
+                                                 + "---|" * len(headers)))
 
 
 def plot_saliency(inputs, path, count=6):
-    """microscope_saliency.png: the first `count` test images (top row) and their saliency maps
-    under the first run of each configuration, a row each; each map scaled to its own maximum."""
-    x, y, classes = inputs["x"][:count], inputs["y"][:count], inputs["classes"]
+    """microscope_saliency.png: the first `count` test images (top row) and below them their
+    saliency maps under the first run of each configuration (a row each, in the table's order),
+    each map scaled to its own maximum and coloured black-red-yellow-white."""
+    x, y = inputs["x"][:count], inputs["y"][:count]
     firsts = {}
     for _, label, cnn, *_ in inputs["attacked"]:
         firsts.setdefault(label, cnn)
-    fig, axes = plt.subplots(1 + len(firsts), len(x), figsize=(1.6 * len(x) + 2.4,
-                             1.6 * (1 + len(firsts))), squeeze=False)
-    for j in range(len(x)):
-        axes[0][j].imshow(x[j].permute(1, 2, 0).numpy())
-        axes[0][j].set_title(classes[y[j]], fontsize=8)
-    for i, (label, cnn) in enumerate(firsts.items(), start=1):
+    grid = [x]
+    for cnn in firsts.values():
         maps = saliency(on_pixels(cnn), x, y)
-        for j in range(len(x)):
-            axes[i][j].imshow(maps[j].numpy(), cmap="hot")
-        axes[i][0].set_ylabel(textwrap.fill(label, 24), fontsize=7, rotation=0, ha="right",
-                              va="center")
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    save_figure(fig, path)
+        maps = (maps / maps.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]).numpy()
+        grid.append(torch.from_numpy(plt.cm.hot(maps)[..., :3]).permute(0, 3, 1, 2).float())
+    save_grid(path, torch.cat(grid), nrow=len(x), value_range=(0, 1), scale=4)
 
 
-def plot_class_visualizations(inputs, path, count=10):
-    """microscope_classes.png: class visualization of the first `count` classes (columns) under
-    each pretrained model (rows)."""
-    visualized = inputs["visualized"]
-    classes = torch.arange(min(count, min(c.fc.out_features for _, c in visualized)))
-    names = inputs["classes"] if len(inputs["classes"]) == visualized[0][1].fc.out_features \
-        else [f"class {c}" for c in classes.tolist()]
-    fig, axes = plt.subplots(len(visualized), len(classes), squeeze=False,
-                             figsize=(1.4 * len(classes) + 1.6, 1.5 * len(visualized)))
-    for i, (model_path, cnn) in enumerate(visualized):
-        images = class_visualization(on_pixels(cnn), classes)
-        for j, image in enumerate(images):
-            axes[i][j].imshow(image.permute(1, 2, 0).numpy())
-            axes[i][j].set_xticks([])
-            axes[i][j].set_yticks([])
-            if i == 0:
-                axes[i][j].set_title(names[j], fontsize=8)
-        axes[i][0].set_ylabel(os.path.basename(model_path), fontsize=7)
-    save_figure(fig, path)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    if args.compare:
-        compare(args)
-    else:
-        collect(args)
-
-
-# ==== plumbing: the same in every script, checked by test_smoke.py; skip on a first read ====
 # ----------------------------------------------------------------------------- checkpoints, banks
+# The paper's CNN as this project's scripts store it, and the authors' published layout.
 ARCH = "PaperCNN"  # stored in checkpoints; collect_kernels.py refuses anything else
 
 CONV_SHAPES = {"conv1": (64, 3, 7, 7), "conv2": (128, 64, 5, 5), "conv3": (128, 128, 5, 5),
@@ -810,54 +836,16 @@ def read_checkpoint(path):
         ckpt = {"arch": ARCH, "model": model, "seed": int(seed) if seed else None,
                 "dataset": "cifar100 (the authors' models)", "format": "authors"}
     if not isinstance(ckpt, dict) or ckpt.get("arch") != ARCH or "model" not in ckpt:
-        raise SystemExit(f"error: {path} is not a checkpoint of the paper's CNN (corrupt or "
+        raise UserError(f"{path} is not a checkpoint of the paper's CNN (corrupt or "
                          f"another format); pretrain.py, train_small.py and train_advreg.py "
                          f"write them, and the authors' models/model1_seed*.pt are read too")
     return ckpt
 
 
-def find_checkpoints(spec):
-    pattern = os.path.join(spec, "*.pt") if os.path.isdir(spec) else spec
-    paths = sorted(glob.glob(pattern))
-    if not paths:
-        raise SystemExit(f"error: no checkpoints match {spec!r}; run pretrain.py first (it writes "
-                         f"checkpoints/seed<N>.pt), or pass --checkpoints DIR_OR_GLOB")
-    return paths
-
-
-def read_cnn_checkpoint(path, layers):
-    """A checkpoint's dict, after checking it holds the paper's CNN with the layers asked for."""
-    ckpt = read_checkpoint(path)
-    for layer in layers:
-        weight = ckpt["model"].get(f"{layer}.weight")
-        if weight is None or tuple(weight.shape) != CONV_SHAPES[layer]:
-            got = None if weight is None else tuple(weight.shape)
-            raise SystemExit(f"error: {path!r} has another architecture: {layer}.weight is {got},"
-                             f" expected {CONV_SHAPES[layer]}")
-    return ckpt
-
-
-def finished_runs(paths, layer):
-    """[(path, checkpoint)] of the runs that trained all their epochs; the others get a line."""
-    finished = []
-    for path in paths:
-        ckpt = read_cnn_checkpoint(path, [layer])
-        history = ckpt.get("history", {})
-        done = ckpt.get("epoch", history.get("epoch_done", 0))
-        asked = (ckpt.get("args") or {}).get("epochs", 0)
-        if done < asked:  # a run still training, or stopped
-            print(f"left out: {path} is unfinished (epoch {done} of {asked})")
-        else:
-            finished.append((path, ckpt))
-    if not finished:
-        raise SystemExit("error: none of the --compare checkpoints is a finished run")
-    return finished
-
-
 def load_bank(path, kernel_size=None):
     """A bank written by collect_kernels.py ("kernels" [N, k, k] as float), checked against k."""
     if not os.path.exists(path):
-        raise SystemExit(f"error: kernel bank {path!r} not found; make it with `python "
+        raise UserError(f"kernel bank {path!r} not found; make it with `python "
                          f"collect_kernels.py --checkpoints checkpoints/ --out "
                          f"{os.path.dirname(path) or '.'}`")
     try:
@@ -866,127 +854,17 @@ def load_bank(path, kernel_size=None):
         bank = None
     if not isinstance(bank, dict) or not isinstance(bank.get("kernels"), torch.Tensor) \
             or bank["kernels"].dim() != 3:
-        raise SystemExit(f"error: {path!r} is not a kernel bank (corrupt or another format); "
+        raise UserError(f"{path!r} is not a kernel bank (corrupt or another format); "
                          f"banks are written by collect_kernels.py")
     k = bank["kernels"].shape[-1]
     if kernel_size is not None and k != kernel_size:
-        raise SystemExit(f"error: bank {path!r} holds {k}x{k} kernels, but the layer it is for "
+        raise UserError(f"bank {path!r} holds {k}x{k} kernels, but the layer it is for "
                          f"has {kernel_size}x{kernel_size} kernels")
     if not torch.isfinite(bank["kernels"]).all():
-        raise SystemExit(f"error: bank {path!r} holds non-finite kernels (NaN or inf); collect "
+        raise UserError(f"bank {path!r} holds non-finite kernels (NaN or inf); collect "
                          f"it again from checkpoints of runs that did not diverge")
     return dict(bank, kernels=bank["kernels"].float())
 
-
-def last(history, key):
-    """The last value of a history's list `key`, or None where the run did not log it."""
-    values = history.get(key)
-    return values[-1] if values else None
-
-
-# Flags that do not define a run: where it ran, how often it printed or evaluated, which seeds
-# its command line had, which draw of the training images it had (--subset-seed: a table row
-# pools the draws and counts them). train_advreg.py's --lam and --init-bank list a sweep: each of
-# its runs stores its own λ ("lam") and bank initialization ("bank_init").
-NOT_DEFINING = {"seeds", "seed", "threads", "device", "out", "log_every", "eval_every",
-                "data_root", "gif_every", "val_size", "quick", "evaluate", "subset_seed"}
-
-
-def defining_flags(ckpt):
-    """The flags of the command that trained a checkpoint, but those that do not define a run.
-    An --init-from that names a run of this project (LP-FT starts from a probe's model.pt) counts
-    as what that run was, not as its folder, so that runs on several draws share a row."""
-    skip = NOT_DEFINING | ({"lam", "init_bank"} if "lam" in ckpt else set())
-    flags = {k: v for k, v in (ckpt.get("args") or {}).items() if k not in skip}
-    source = os.path.expanduser(str(flags.get("init_from")))
-    source = source.replace("{seed}", str(ckpt.get("seed")))
-    if os.path.basename(source) == "model.pt" and os.path.exists(source):
-        run = read_checkpoint(source)
-        flags["init_from"] = " ".join([configuration_name(run)[0]] + [
-            flag_text(k, v) for k, v in sorted(defining_flags(run).items())])
-    return flags
-
-
-def flag_text(name, value):
-    """A flag's value in a table label: "lr 0.01", "weight decay 0.0001", "no augmentation"."""
-    if name == "no_augment":
-        return "no augmentation" if value else "augmentation"
-    if isinstance(value, (list, tuple)):
-        value = " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
-    elif isinstance(value, float):
-        value = f"{value:g}"
-    return f"{name.replace('_', ' ')} {'none' if value is None else value}"
-
-
-def layer_list(value):
-    """A layer-list flag as stored (a list, one name, None or []) as a sorted list of names."""
-    if not value:
-        return []
-    return sorted([value] if isinstance(value, str) else list(value))
-
-
-def layers_label(layers):
-    """["conv1", "conv2", "conv3"] -> "conv1-3"; ["conv1", "conv2"] -> "conv1+conv2"."""
-    numbers = [int(name[4:]) for name in layers if name[:4] == "conv" and name[4:].isdigit()]
-    if len(layers) >= 3 and len(numbers) == len(layers) \
-            and numbers == list(range(numbers[0], numbers[0] + len(numbers))):
-        return f"conv{numbers[0]}-{numbers[-1]}"
-    return "+".join(layers)
-
-
-# ----------------------------------------------------------------------------- test data
-TORCHVISION_DATASETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "mnist": "MNIST"}
-
-@functools.lru_cache(maxsize=4)  # a run may read a split more than once: decode it once
-def load_split(data, root, split):
-    """One split ("train" or "test") as (uint8 images [N, C, H, W] at the data's own size, int64
-    labels [N], class names). `data` is a torchvision name (downloaded into `root`) or the path of
-    an ImageFolder tree data/{train,test}/<class>/<image>; grayscale trees (MNIST) stay 1-channel,
-    and an image of another size than the first is resized to it. Every image is decoded once here;
-    training then only indexes these tensors."""
-    if data in TORCHVISION_DATASETS:
-        try:
-            dataset_class = getattr(torchvision.datasets, TORCHVISION_DATASETS[data])
-            ds = dataset_class(root, train=split == "train", download=True)
-        except Exception as e:  # offline: URLError, RuntimeError, ... all mean "could not download"
-            raise SystemExit(f"error: could not download {data} into {root!r} ({type(e).__name__})."
-                             f" Offline? Pass an ImageFolder tree instead: --data PATH with "
-                             f"PATH/train/<class>/*.png and PATH/test/<class>/*.png")
-        x = torch.as_tensor(ds.data)
-        x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
-        return x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long), list(ds.classes)
-    if not os.path.isdir(data):
-        raise SystemExit(f"error: --data {data!r} is neither a known dataset "
-                         f"({', '.join(TORCHVISION_DATASETS)}) nor an existing folder")
-    folder = os.path.join(data, split)
-    try:  # ImageFolder finds the class folders (sorted) and the image files in them
-        ds = torchvision.datasets.ImageFolder(folder)
-    except (FileNotFoundError, OSError):
-        raise SystemExit(f"error: no images in {folder!r}; expected an ImageFolder tree "
-                         f"{data}/{split}/<class>/<image>.png")
-    print(f"decoding the {len(ds.samples)} images of {folder}", flush=True)
-    with PIL.Image.open(ds.samples[0][0]) as first:
-        mode = "L" if first.mode in ("L", "1", "I;16", "I") else "RGB"
-    images = []
-    for path, _ in ds.samples:
-        try:
-            with PIL.Image.open(path) as img:
-                img = torchvision.transforms.functional.pil_to_tensor(img.convert(mode))
-        except OSError as e:  # PIL's UnidentifiedImageError is one
-            raise SystemExit(f"error: cannot read image {path!r} ({type(e).__name__}): not an "
-                             f"image, or corrupt")
-        if images and img.shape != images[0].shape:
-            img = resize_uint8(img[None], images[0].shape[-1])[0]
-        images.append(img)
-    return torch.stack(images), torch.tensor(ds.targets), ds.classes
-
-def resize_uint8(x, size):
-    """uint8 images [N, C, H, W] -> [N, C, size, size] (bilinear, antialiased), in chunks."""
-    if x.shape[-1] == size and x.shape[-2] == size:
-        return x
-    out = [F.interpolate(c.float(), size=(size, size), mode="bilinear", antialias=True,
-                         align_corners=False) for c in x.split(8192)]
-    return torch.cat(out).round().clamp(0, 255).to(torch.uint8)
 
 def as_cifar_images(images):
     """uint8 [N, C, H, W] -> [N, 3, 32, 32], what the paper's CNN takes (gray -> RGB, resized)."""
@@ -995,44 +873,188 @@ def as_cifar_images(images):
     return resize_uint8(images, 32)
 
 
+def main(argv=None):
+    args = parse_args(argv)
+    compare(args) if args.compare else collect(args)
 
-# ----------------------------------------------------------------------------- outputs
+
+# ==== plumbing: the same block in every script, checked by test_smoke.py; skip on a first read ====
+class UserError(Exception):
+    """A mistake in the input (a flag, a file), or a run that cannot go on: one line, exit 1."""
+
+
+def entry_point(main, argv=None):
+    """Run main(argv). A UserError, a failed read or write (a full disk) or Ctrl-C ends the
+    program with one line and a non-zero exit, instead of a traceback."""
+    try:
+        main(argv)
+    except (UserError, OSError) as e:  # OSError: a file that could not be read, and why
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: every file written so far is whole; the same command resumes")
+
+
+def pick_device(args):
+    """--threads, then --device: 'auto' is CUDA, else Apple's MPS, else the CPU."""
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
+    ok = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    name = getattr(args, "device", "auto")
+    name = next(n for n in ("cuda", "mps", "cpu") if ok[n]) if name == "auto" else name
+    if not ok[name]:
+        raise UserError(f"--device {name}: torch cannot use it here (try --device cpu)")
+    return torch.device(name)
+
+
+TORCHVISION_DATASETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "mnist": "MNIST"}
+
+
+@functools.lru_cache(maxsize=4)  # a run may read a split more than once: decode it once
+def load_split(data, root, split):
+    """One split ("train" or "test") as (uint8 images [N, C, H, W], int64 labels [N], class
+    names): a torchvision name (downloaded into `root`) or an ImageFolder tree
+    data/{train,test}/<class>/<image>. Grayscale trees stay 1-channel; an image of another size
+    than the first is resized to it. Every image is decoded once, here."""
+    if data in TORCHVISION_DATASETS:
+        try:  # offline, any exception (URLError, RuntimeError, ...) means "no download"
+            ds = getattr(torchvision.datasets, TORCHVISION_DATASETS[data])(
+                root, train=split == "train", download=True)
+        except Exception as e:
+            raise UserError(f"could not download {data} ({type(e).__name__}); offline? Pass "
+                            f"--data PATH, an ImageFolder tree PATH/train/<class>/*")
+        x = torch.as_tensor(ds.data)  # [N, H, W] (MNIST) or [N, H, W, C]
+        x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
+        return x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long), list(ds.classes)
+    if not os.path.isdir(data):
+        raise UserError(f"--data {data!r}: neither {', '.join(TORCHVISION_DATASETS)} nor a folder")
+    # ImageFolder finds the class folders (sorted) and their images; a missing folder or a file
+    # that is not an image is an OSError, which entry_point prints as one line with its path
+    ds = torchvision.datasets.ImageFolder(os.path.join(data, split))
+    print(f"decoding the {len(ds.samples)} images of {data}/{split}", flush=True)
+    images, mode = [], None
+    for path, _ in ds.samples:
+        with PIL.Image.open(path) as img:
+            mode = mode or ("L" if img.mode in ("L", "1", "I;16", "I") else "RGB")  # the first's
+            img = torchvision.transforms.functional.pil_to_tensor(img.convert(mode))
+        images.append(resize_uint8(img[None], images[0].shape[-1])[0] if images else img)
+    return torch.stack(images), torch.tensor(ds.targets), ds.classes
+
+
+def resize_uint8(x, size):
+    """uint8 images [N, C, H, W] -> [N, C, size, size] (bilinear, antialiased), in chunks."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    out = [F.interpolate(c.float(), size=(size, size), mode="bilinear", antialias=True)
+           for c in x.split(8192)]
+    return torch.cat(out).round().clamp(0, 255).to(torch.uint8)
+
+
 def write_atomic(path, write):
-    """Write a file under a temporary name, then rename it: a Ctrl-C, a kill or a full disk never
-    leaves half a file, and the previous version stays until the new one is complete.
-    `write(tmp)` writes to the name it is given (torch.save, fig.savefig, ...)."""
+    """write(tmp) to a temporary name, then rename it to `path`: a Ctrl-C, a kill or a full disk
+    never leaves half a file, and the previous version stays until the new one is whole."""
     root, ext = os.path.splitext(path)
     tmp = f"{root}.tmp{ext}"  # keep the extension: savefig and save_image read the format from it
     try:
         write(tmp)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+    except BaseException as e:  # Ctrl-C too: no temporary file is left behind
         if os.path.exists(tmp):
             os.remove(tmp)
-        torch_write = any(s in str(e) for s in ("inline_container", "PytorchStreamWriter"))
-        if isinstance(e, RuntimeError) and not torch_write:
-            raise  # not a write error: a bug, shown as one
-        reason = getattr(e, "strerror", None) or "the write failed: is the disk full?"
-        raise SystemExit(f"error: could not write {path} ({reason}); its previous version, if "
-                         f"any, is kept")
-    except BaseException:  # Ctrl-C, SystemExit: no temporary file left behind
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        torch_write = "inline_container" in str(e) or "PytorchStreamWriter" in str(e)
+        if not (isinstance(e, OSError) or torch_write):  # torch.save's full disk: RuntimeError
+            raise  # any other exception is a bug, shown as one
+        reason = getattr(e, "strerror", None) or "is the disk full?"
+        raise UserError(f"could not write {path} ({reason}); its last version is kept") from e
 
 
-def write_text(path, text):
-    write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(text))
+def write_json(path, obj):
+    write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(obj, indent=2)))
 
 
 def write_csv(path, rows):
     """A list of dicts as CSV; the columns are their keys, in the order they first appear."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, list(dict.fromkeys(k for r in rows for k in r)),
-                            lineterminator="\n")
+    buffer, columns = io.StringIO(), list(dict.fromkeys(k for row in rows for k in row))
+    writer = csv.DictWriter(buffer, columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    write_text(path, buffer.getvalue())
+    write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(buffer.getvalue()))
+
+
+FORMAT = 2  # a checkpoint of this project: one dict; earlier formats are refused by name
+
+
+def save_checkpoint(path, ckpt):
+    """One dict, written atomically: each module and optimizer as its state_dict, the other
+    values as they are, with the format and the random generators' state."""
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    saved = {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in ckpt.items()}
+    write_atomic(path, lambda tmp: torch.save(saved | {"format": FORMAT, "rng": rng}, tmp))
+
+
+def resume(path, ckpt, flags):
+    """Load the run saved at `path` into the modules and optimizers of `ckpt` (as given to
+    save_checkpoint) and restore the random generators; returns the saved dict, or None where
+    there is none yet. Refused in one line: a damaged file, an earlier format, and a run whose
+    defining flags (`flags`, name -> value) differ from the command's."""
+    if not os.path.exists(path):
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__}): damaged? Use another --out")
+    fmt = saved.get("format", 1) if isinstance(saved, dict) else "unknown"
+    if fmt != FORMAT:
+        raise UserError(f"{path} has checkpoint format {fmt}, not {FORMAT}: use another --out")
+    changed = [f"--{k.replace('_', '-')} {saved['flags'].get(k)!r} (now {v!r})"
+               for k, v in flags.items() if saved["flags"].get(k) != v]
+    if changed:
+        raise UserError(f"{path} is a run with other flags: {', '.join(changed)}; another --out?")
+    for key, obj in ckpt.items():
+        if hasattr(obj, "load_state_dict"):
+            obj.load_state_dict(saved[key])
+    torch.set_rng_state(saved["rng"]["cpu"])
+    if "cuda" in saved["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(saved["rng"]["cuda"].cpu())
+    return saved
+
+
+def stop_if_diverged(loss, where, flags):
+    """A run whose loss is not finite stops here, before it overwrites its last good checkpoint."""
+    if not math.isfinite(loss):
+        raise UserError(f"the training loss is {loss} at {where}; the run diverged (its last "
+                        f"good checkpoint is kept): lower {flags} and run again, another --out")
+
+
+def progress(name, done, total, seconds_each, text):
+    """One progress line: where the run is, what it measures, and the time left."""
+    eta = seconds_each * (total - done) / 60
+    print(f"{name} | {done}/{total} | {text} | ETA {eta:.1f} min", flush=True)
+
+
+def plot_lines(path, panels, width=4.5, dpi=100):
+    """Line plots side by side, one panel per (title, xlabel, ylabel, curves); curves maps a
+    label to (x, y) or (x, y, error bars). A title that ends in "(log)" gets a log y axis."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 3.4), squeeze=False)
+    for ax, (title, xlabel, ylabel, curves) in zip(axes[0], panels):
+        for label, (x, y, *err) in curves.items():
+            ax.errorbar(x, y, yerr=err[0] if err else None, marker=".", capsize=3, label=label)
+        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+        ax.set_yscale("log" if title.endswith("(log)") else "linear")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    save_figure(fig, path, dpi)
+
+
+def save_grid(path, images, nrow=8, value_range=None, scale=1):
+    """Images [N, C, H, W] as one grid PNG, each enlarged `scale` times; value_range=(lo, hi)
+    maps that range to black..white for all, None scales each image to its own range
+    (kernels, saliency maps)."""
+    big = F.interpolate(images.detach().float().cpu(), scale_factor=scale, mode="nearest")
+    grid = torchvision.utils.make_grid(big, nrow, max(2, scale // 2), normalize=True,
+                                       value_range=value_range, scale_each=value_range is None)
+    write_atomic(path, lambda tmp: torchvision.utils.save_image(grid, tmp))
 
 
 def save_figure(fig, path, dpi=100):
@@ -1041,125 +1063,9 @@ def save_figure(fig, path, dpi=100):
     plt.close(fig)
 
 
-def kernel_grid(kernels, nrow=8, scale=8):
-    """[N, k, k] -> image [3, H, W] of the kernels, each scaled to its own range, enlarged."""
-    big = F.interpolate(kernels[:, None].float(), scale_factor=scale, mode="nearest")
-    return torchvision.utils.make_grid(big, nrow=nrow, padding=scale // 2, normalize=True,
-                                       scale_each=True, pad_value=1.0)
-
-
-def save_kernel_grid(kernels, path, nrow=16):
-    write_atomic(path, lambda tmp: torchvision.utils.save_image(kernel_grid(kernels, nrow), tmp))
-
-
-def random_sample(kernels, count, seed):
-    g = torch.Generator().manual_seed(seed)
-    return kernels[torch.randperm(len(kernels), generator=g)[:count]]
-
-
-def plot_kernel_panels(panels, args, path):
-    """compare.png: a grid of --grid-kernels kernels of the bank and of each configuration, up
-    to 6 panels a row."""
-    cols = min(6, len(panels))
-    rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, (title, kernels) in zip(axes.flat, panels):
-        grid = kernel_grid(random_sample(kernels, args.grid_kernels, args.seed))
-        ax.imshow(grid.permute(1, 2, 0).numpy())
-        ax.set_title(textwrap.fill(title, 36), fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
-def plot_metrics(groups, bank_row, path):
-    """compare_metrics.png: accuracy and the two kernel metrics per configuration (mean ± std),
-    the bank's own values as dashed lines."""
-    panels = [("final_test_acc", "final test accuracy"), ("frechet_to_bank", "Frechet to bank"),
-              ("low_freq_share", "low-frequency share")]
-    fig, axes = plt.subplots(1, 3, figsize=(4 * 3, 3.8))
-    for ax, (metric, title) in zip(axes, panels):
-        shown = [(c, stats[metric]) for c, (_, stats) in groups.items() if stats[metric]]
-        ax.errorbar(range(len(shown)), [v[0] for _, v in shown], yerr=[v[1] for _, v in shown],
-                    fmt="o", capsize=3)
-        ax.set_xticks(range(len(shown)), [c for c, _ in shown], rotation=30, ha="right",
-                      fontsize=8)
-        if bank_row.get(metric) is not None:
-            ax.axhline(bank_row[metric], color="gray", ls="--", lw=0.8, label="bank")
-            ax.legend(fontsize=8)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    save_figure(fig, path)
-
-
-def plot_ladder(groups, path):
-    """compare_ladder.png: final test accuracy of every configuration, in the table's order (from
-    nothing transferred, through the kernel prior, to more and more of a pretrained network), mean
-    ± std over its runs; the kernel-prior rows (a discriminator, or conv1 from the bank) in red."""
-    shown = [(c, stats["final_test_acc"]) for c, (_, stats) in groups.items()
-             if stats["final_test_acc"]]
-    prior = [c.startswith("λ = ") or "from bank" in c for c, _ in shown]
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(shown)), 4.2))
-    ax.plot(range(len(shown)), [v[0] for _, v in shown], color="gray", lw=0.8)
-    for i, ((_, (mean, std)), is_prior) in enumerate(zip(shown, prior)):
-        ax.errorbar(i, mean, yerr=std, fmt="o", capsize=3, color="tab:red" if is_prior else "k")
-    ax.set_xticks(range(len(shown)), [c for c, _ in shown], rotation=30, ha="right", fontsize=8)
-    ax.set(ylabel="final test accuracy (mean ± std)")
-    ax.set_title("from nothing transferred to all (red: the kernel prior)", fontsize=10)
-    ax.grid(alpha=0.3)
-    save_figure(fig, path)
-
-
-def plot_subsets(rows, groups, path):
-    """compare_subsets.png: each row's final test accuracy on each draw of the training images
-    (mean over that draw's seeds), one line per draw across the rows in the table's order, so a
-    reader sees whether the order of the rows holds from draw to draw."""
-    configs = [c for c in groups if any(r["final_test_acc"] is not None for r in rows
-                                        if r["configuration"] == c)]
-    subsets = sorted({r["subset"] for r in rows if r["subset"] is not None})
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(configs)), 4.2))
-    for subset in subsets:
-        xs, ys = [], []
-        for x, config in enumerate(configs):
-            accs = [r["final_test_acc"] for r in rows if r["configuration"] == config
-                    and r["subset"] == subset and r["final_test_acc"] is not None]
-            if accs:
-                xs.append(x)
-                ys.append(sum(accs) / len(accs))
-        ax.plot(xs, ys, marker="o", lw=1, label=f"subset {subset}")
-    ax.set_xticks(range(len(configs)), configs, rotation=30, ha="right", fontsize=8)
-    ax.set(ylabel="final test accuracy (mean over seeds)")
-    ax.set_title("each draw of the training images (--subset-seed) across the rows", fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    save_figure(fig, path)
-
-
-def plot_pca(panels, path):
-    """The kernels in the plane of the bank's two main directions of variation (PCA of the
-    standardized bank kernels): one panel per configuration, over the bank's kernels in grey."""
-    bank_std = standardize_kernels(panels[0][1])
-    mean = bank_std.mean(0)
-    _, _, v = torch.linalg.svd(bank_std - mean, full_matrices=False)
-    bank_xy = (bank_std - mean) @ v[:2].T
-    fig, axes = plt.subplots(1, len(panels) - 1, figsize=(3.4 * (len(panels) - 1), 3.6),
-                             squeeze=False, sharex=True, sharey=True)
-    for ax, (title, kernels) in zip(axes[0], panels[1:]):
-        xy = (standardize_kernels(kernels) - mean) @ v[:2].T
-        ax.scatter(bank_xy[:, 0], bank_xy[:, 1], s=5, color="0.75", label=panels[0][0])
-        ax.scatter(xy[:, 0], xy[:, 1], s=7, color="tab:red", label=title)
-        ax.set(xlabel="PC 1 of the bank's standardized kernels", title=title)
-        ax.title.set_fontsize(9)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("PC 2")
-    axes[0][0].legend(fontsize=7, loc="lower left")
-    save_figure(fig, path)
-
-
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help names each default once: a flag that is off or unset by default, or whose help
-    already says its default, gets no "(default: ...)" appended."""
+    """--help names each default once: a flag off or unset by default, or whose help already
+    says its default, gets no "(default: ...)" appended."""
 
     def _get_help_string(self, action):
         if action.default in (None, False, []) or "default" in (action.help or ""):
@@ -1168,4 +1074,4 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 if __name__ == "__main__":  # at the very end, so that the plumbing above is defined
-    main()
+    entry_point(main)

@@ -356,25 +356,36 @@ def test_t_quantile_against_its_closed_forms():
     assert collect_kernels.t_quantile(0.975, 100000) == pytest.approx(1.959964, abs=1e-4)
 
 
+SMALL_ARGS = {"data": "d", "per_class": 10, "epochs": 5, "lr": 2e-3, "weight_decay": 1e-3,
+              "no_augment": False, "amp_epsilon": None, "init_bank": None, "init_from": None,
+              "transfer": None, "freeze": None, "val_size": 0, "seeds": [0, 1], "out": "o"}
+ADVREG_ARGS = {**SMALL_ARGS, "layers": ["conv1"], "lam": [0, 0.5, 1], "bank": ["b.pt"], "out": "p"}
+CONVS = ["conv1", "conv2", "conv3", "conv4"]
+STORED_ROWS = {  # a fake run's row label and order key, as its trainer stores them
+    "base": ("baseline (λ = 0)", [0, 0, 0, 0.0]), "amp": ("AMP ε = 0.3", [1, 0, 0, 0.3]),
+    "lam1": ("λ = 1", [2, False, 0, 1.0]), "lam05": ("λ = 0.5", [2, False, 0, 0.5]),
+    "two": ("λ = 1, conv1+conv2", [2, False, 0, 1.0]), "lpft": ("LP-FT", [3, 5, 0, 0.0]),
+    "bank_init": ("baseline (λ = 0), conv1 from bank", [2, True, 0, 0]),
+    "probe": ("linear probe (transfer conv1-4, frozen conv1-4)", [3, 4, -4, 0.0]),
+    "tune": ("fine-tune (transfer conv1-4)", [3, 4, 0, 0.0]),
+    "t1": ("transfer conv1", [3, 1, 0, 0.0]), "t12": ("transfer conv1+conv2", [3, 2, 0, 0.0]),
+    "t1f1": ("transfer conv1, frozen conv1", [3, 1, -1, 0.0])}
+
+
 def test_compare_pools_the_draws_and_pairs_runs_by_subset_and_seed(tmp_path):
     """Fake runs on 3 draws of the training images x 2 seeds. Catches: a configuration split
     into one row per draw (or merged without saying how many draws it holds), LP-FT runs split
     by the folder of the probe they start from, runs paired by seed alone (across draws), and
     an interval over the 6 pairs as if they were independent (the draws are the units)."""
     g = torch.Generator().manual_seed(0)
-    small = {"data": "d", "per_class": 10, "epochs": 5, "lr": 2e-3, "weight_decay": 1e-3,
-             "no_augment": False, "amp_epsilon": None, "init_bank": None, "init_from": None,
-             "transfer": None, "freeze": None, "val_size": 0, "out": "o"}
-    advreg = {"data": "d", "per_class": 10, "epochs": 5, "lr": 2e-3, "weight_decay": 1e-3,
-              "no_augment": False, "layers": ["conv1"], "init_bank": None, "bank": ["b.pt"],
-              "out": "p"}
-    convs = ["conv1", "conv2", "conv3", "conv4"]
+    small, advreg, convs = SMALL_ARGS, ADVREG_ARGS, CONVS
 
     def fake(path, args, subset, seed, acc, **fields):
-        ckpt = {"arch": "PaperCNN", "epoch": 5, "seed": seed,
+        ckpt = {"arch": "PaperCNN", "epoch": 5, "seed": seed, "format": 2,
                 "history": {"test_acc": [0.1, acc], "train_acc": [0.5, 1.0]},
                 "model": {"conv1.weight": torch.randn(64, 3, 7, 7, generator=g)},
                 "args": {**args, "subset_seed": subset, "seeds": [seed]}, **fields}
+        ckpt["label"], ckpt["row_order"] = STORED_ROWS[path.parent.parent.name]  # by its folder
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(ckpt, path)
         return str(path)
@@ -384,22 +395,17 @@ def test_compare_pools_the_draws_and_pairs_runs_by_subset_and_seed(tmp_path):
     paths = []
     for (k, s), acc in base.items():
         paths.append(fake(tmp_path / f"sub{k}/base/seed{s}/model.pt", small, k, s, acc))
-        probe = fake(tmp_path / f"sub{k}/probe/seed{s}/model.pt",
-                     {**small, "init_from": "models/model1_seed{seed}.pt", "transfer": convs,
-                      "freeze": convs, "lr": 2e-5}, k, s, 0.45)
-        paths.append(probe)
+        paths.append(fake(tmp_path / f"sub{k}/probe/seed{s}/model.pt",
+                          {**small, "init_from": "models/model1_seed{seed}.pt", "transfer": convs,
+                           "freeze": convs, "lr": 2e-5}, k, s, 0.45))
         paths.append(fake(tmp_path / f"sub{k}/lpft/seed{s}/model.pt",
-                          {**small, "init_from": str(tmp_path / f"sub{k}/probe/seed{{seed}}/"
-                                                                "model.pt"),
+                          {**small, "init_from": f"{tmp_path}/sub{k}/probe/seed{{seed}}/model.pt",
                            "transfer": convs + ["fc"], "lr": 2e-5}, k, s, 0.46))
         if (k, s) in amp_gain:  # the pair (2, 1) is missing: AMP pairs with 5 baseline runs
             paths.append(fake(tmp_path / f"sub{k}/amp/seed{s}/model.pt",
-                              {**small, "amp_epsilon": 1.0}, k, s, acc + amp_gain[k, s]))
-    lam1 = {0: 0.24, 1: 0.21, 2: 0.23}  # λ = 1 on draw 0 only, seeds 0-2
-    for s, acc in lam1.items():
-        advreg_ckpt = dict(lam=1.0, bank_init=False)
-        paths.append(fake(tmp_path / f"sub0/advreg/lam1_seed{s}/model.pt", advreg, 0, s, acc,
-                          **advreg_ckpt))
+                              {**small, "amp_epsilon": 0.3}, k, s, acc + amp_gain[k, s]))
+    for s, acc in {0: 0.24, 1: 0.21, 2: 0.23}.items():  # λ = 1 on draw 0 only, seeds 0-2
+        paths.append(fake(tmp_path / f"sub0/lam1/seed{s}/model.pt", advreg, 0, s, acc, lam=1.0))
     bank = str(tmp_path / "bank.pt")
     torch.save({"kernels": torch.randn(384, 7, 7, generator=g), "layer": "conv1",
                 "kernel_size": 7, "source_counts": [192, 192]}, bank)
@@ -408,12 +414,12 @@ def test_compare_pools_the_draws_and_pairs_runs_by_subset_and_seed(tmp_path):
 
     table = (out / "compare.md").read_text()
     assert "| baseline (λ = 0) | 6 | 3 | 2 | 0.250 ± 0.036 |" in table  # std of the six: 0.0358
-    assert "| AMP ε = 1 | 5 | 3 | 2 |" in table
+    assert "| AMP ε = 0.3 | 5 | 3 | 2 |" in table
     assert "| LP-FT | 6 | 3 | 2 | 0.460 ± 0.000 |" in table  # one row over the three probes
     assert "| λ = 1 | 3 | 1 | 3 |" in table
     with open(out / "compare_paired.csv") as f:
         paired = {(r["configuration"], r["against"]): r for r in csv.DictReader(f)}
-    amp = paired["AMP ε = 1", "baseline (λ = 0)"]
+    amp = paired["AMP ε = 0.3", "baseline (λ = 0)"]
     means = [0.02, 0.01, 0.05]  # AMP - baseline, per draw: (0.03 + 0.01) / 2, (0.02 + 0) / 2, 0.05
     m = sum(means) / 3
     half = ((2 * 0.975 - 1) / math.sqrt(2 * 0.975 * 0.025)  # t(0.975, df = 2), closed form
@@ -439,39 +445,31 @@ def test_compare_pools_the_draws_and_pairs_runs_by_subset_and_seed(tmp_path):
 
 
 def test_a_probe_after_a_shallower_block_has_a_row_of_its_own():
-    """Catches probes at different depths (train_small.py --probe-after) mixed in one row, which
-    happens when old probe checkpoints (no probe_after key) are compared beside new ones."""
-    convs = ["conv1", "conv2", "conv3", "conv4"]
-    probe = {"per_class": 10, "amp_epsilon": None, "init_from": "models/model1_seed{seed}.pt",
-             "transfer": convs, "freeze": convs}
-    name = collect_kernels.configuration_name
-    assert name({"args": {**probe, "probe_after": "conv2"}})[0] == "linear probe after conv2"
+    """Catches probes at different depths (train_small.py --probe-after) stored under one row
+    label, which mixes them in one row of collect_kernels.py --compare."""
+    def label(*flags):
+        args = train_small.parse_args(["--init-from", "models/model1_seed{seed}.pt", *flags])
+        return train_small.row_label(args)["label"]
+    assert label("--probe-after", "conv2") == "linear probe after conv2"
     full = "linear probe (transfer conv1-4, frozen conv1-4)"
-    assert name({"args": probe})[0] == name({"args": {**probe, "probe_after": "conv4"}})[0] == full
+    assert label("--freeze", *CONVS) == label("--probe-after", "conv4") == full
 
 
 def collect_compare_fake_runs(folder):
     """Tiny fake checkpoints of stage 3-4 runs (conv1 weights, history, args as train_small.py and
     train_advreg.py store them) and a two-source bank; returns (bank path, {run name: path})."""
-    small = {"data": "d", "per_class": 10, "epochs": 5, "lr": 2e-3, "weight_decay": 1e-3,
-             "no_augment": False, "amp_epsilon": None, "init_bank": None, "init_from": None,
-             "transfer": None, "freeze": None, "val_size": 0, "seeds": [0, 1], "out": "o"}
-    advreg = {"data": "d", "per_class": 10, "epochs": 5, "lr": 2e-3, "weight_decay": 1e-3,
-              "no_augment": False, "layers": ["conv1"], "lam": [0, 0.5, 1], "init_bank": None,
-              "bank": ["b.pt"], "seeds": [0], "out": "p"}
-    convs = ["conv1", "conv2", "conv3", "conv4"]
+    small, advreg, convs = SMALL_ARGS, ADVREG_ARGS, CONVS
     probe = {"init_from": "runs/probe/seed{seed}/model.pt"}
     authors = {"init_from": "models/model1_seed{seed}.pt"}
     runs = {  # name: (its own fields, args changed from train_small.py's, final accuracies)
         "base0": ({}, {}, (0.2, 0.9, None)), "base1": ({}, {}, (0.3, 1.0, None)),
         "adv_lam0": ({"lam": 0.0}, {}, (0.4, 0.8, None)),
         "base_lr": ({}, {"lr": 0.01}, (0.1, 0.5, None)),
-        "adv_lam1": ({"lam": 1.0}, {}, (0.3, 0.9, None)),
-        "adv_lam05": ({"lam": 0.5}, {}, (0.3, 0.9, None)),
-        "adv_two": ({"lam": 1.0}, {"layers": ["conv1", "conv2"]}, (0.3, 0.9, None)),
+        "lam1": ({"lam": 1.0}, {}, (0.3, 0.9, None)), "lam05": ({"lam": 0.5}, {}, (0.3, 0.9, None)),
+        "two": ({"lam": 1.0}, {"layers": ["conv1", "conv2"]}, (0.3, 0.9, None)),
         "amp": ({}, {"amp_epsilon": 0.3, "val_size": 50}, (0.3, 0.7, 0.5)),
         "bank_init": ({}, {"init_bank": "bank.pt"}, (0.3, 0.9, None)),
-        "lp_ft": ({}, {**probe, "transfer": convs + ["fc"]}, (0.6, 1.0, None)),
+        "lpft": ({}, {**probe, "transfer": convs + ["fc"]}, (0.6, 1.0, None)),
         "probe": ({}, {**authors, "transfer": convs, "freeze": convs}, (0.5, 0.9, None)),
         "tune": ({}, {**authors, "transfer": convs}, (0.55, 1.0, None)),
         "t1": ({}, {**authors, "transfer": ["conv1"]}, (0.3, 0.9, None)),
@@ -485,8 +483,9 @@ def collect_compare_fake_runs(folder):
         history = {"test_acc": [0.1, test_acc], "train_acc": [0.5, train_acc]}
         if val_acc is not None:
             history["val_acc"] = [0.2, val_acc]
-        ckpt = {"arch": "PaperCNN", "epoch": 5, "history": history,
+        ckpt = {"arch": "PaperCNN", "epoch": 5, "history": history, "format": 2,
                 "model": {"conv1.weight": torch.randn(64, 3, 7, 7, generator=g)}}
+        ckpt["label"], ckpt["row_order"] = STORED_ROWS.get(name, STORED_ROWS["base"])
         if "lam" in fields:  # train_advreg.py's: its λ and bank initialization, no "epoch"
             del ckpt["epoch"]
             history["epoch_done"] = 5
@@ -529,10 +528,9 @@ def test_collect_compare_labels_rows_and_accuracy_columns(tmp_path, capsys):
     assert base["train acc"] == "0.900 ± 0.100" and base["val acc"] == "-"
     assert rows["AMP ε = 0.3"]["val acc"] == "0.500 ± 0.000"
     assert rows["LP-FT"]["train acc"] == "1.000 ± 0.000"
-    assert rows["bank (2 sources)"]["train acc"] == "-"
-    assert rows["bank (2 sources)"]["near-zero kernels"] == "0.000"
-    with open(out / "compare.csv") as f:
-        csv_rows = list(csv.DictReader(f))
+    bank_row = rows["bank (2 sources)"]
+    assert (bank_row["train acc"], bank_row["near-zero kernels"]) == ("-", "0.000")
+    csv_rows = list(csv.DictReader(open(out / "compare.csv")))
     assert len(csv_rows) == len(paths) - 1  # one row per finished checkpoint
     amp = next(r for r in csv_rows if r["model"] == str(paths["amp"]))
     assert float(amp["final_train_acc"]) == 0.7 and float(amp["final_val_acc"]) == 0.5
@@ -544,6 +542,9 @@ def test_collect_compare_labels_rows_and_accuracy_columns(tmp_path, capsys):
     table = (tmp_path / "cmp2" / "compare.md").read_text()
     assert "| train acc |" in table and "val acc" not in table
     assert "| baseline (λ = 0) | 1 |" in table  # no flag differs: no suffix
+    torch.save({**load(paths["t1"]), "format": 1}, tmp_path / "old.pt")  # before rows were kept
+    assert "checkpoint format 1, not 2" in user_error(capsys, collect_kernels.main, "--compare",
+                                                      tmp_path / "old.pt", "--bank", bank)
 
 # ----------------------------------------------------------------------------- the microscope
 def microscope_cnn(classes=10):
@@ -659,14 +660,12 @@ def test_microscope_end_to_end_rows_figures_and_bad_input(tiny_data, pretrained,
     train_small.main([*common, "--seeds", "0", "1", "--out", str(tmp_path / "base")])
     train_small.main([*common, "--amp-epsilon", "0.1", "--seeds", "0", "1",
                       "--out", str(tmp_path / "amp")])
-    runs = sorted(str(p) for p in (tmp_path / "base").glob("seed*/model.pt"))
-    runs += sorted(str(p) for p in (tmp_path / "amp").glob("seed*/model.pt"))
+    runs = sorted(str(p) for p in tmp_path.glob("*/seed*/model.pt"))  # amp/, then base/
     runs += sorted(str(p) for p in authors_models.glob("*.pt"))
     out = tmp_path / "cmp"
     look = ["--bank", str(banks / "conv1_7x7.pt"), "--test-data", str(tiny_data)]
     collect_kernels.main(["--compare", *runs, *look, "--attack-images", "8", "--out", str(out)])
-    with open(out / "microscope.csv") as f:
-        rows = list(csv.DictReader(f))
+    rows = list(csv.DictReader(open(out / "microscope.csv")))
     assert sorted(r["model"] for r in rows) == sorted(runs)
     attacks = ["clean_acc", "fgsm_1/255", "fgsm_2/255", "fgsm_4/255", "pgd_1/255", "pgd_2/255",
                "pgd_4/255"]
@@ -1486,7 +1485,7 @@ FENCE = ("# ==== plumbing: the same in every script, checked by test_smoke.py; s
 
 # The rewrite (one shared block, one line per flag) moves one script at a time: the scripts named
 # here have the new fence and the same block below it; the others keep the old plumbing.
-MOVED = ("pretrain", "train_small", "train_advreg", "gan_labs")
+MOVED = ("pretrain", "collect_kernels", "train_small", "train_advreg", "gan_labs")
 BLOCK_FENCE = ("# ==== plumbing: the same block in every script, checked by test_smoke.py; skip on a "
                "first read ====")
 
