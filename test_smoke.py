@@ -210,38 +210,31 @@ def test_paper_cnn_has_the_papers_parameter_count():
 
 
 def test_copies_across_scripts_agree():
-    """No shared module: a helper written in several scripts (gan_labs.py too) is one copy."""
+    """No shared module: a helper written in several scripts is one copy, and the plumbing below
+    each script's one fence is the same block of at most 130 code lines."""
     sources = {m.__name__: inspect.getsource(m) for m in SCRIPTS}
-    moved = {name: source for name, source in sources.items() if name in MOVED}
-    assert differing_copies(moved) == {}  # the rewritten scripts among themselves
-    sources = {name: source for name, source in sources.items() if name not in MOVED}
     assert differing_copies(sources) == {}
-    models = [m.PaperCNN(10) for m in (pretrain, train_small, train_advreg)]  # one CNN, 3 copies
-    x = torch.randn(4, 3, 32, 32)
-    outputs = []
-    for m in models:
-        m.load_state_dict(models[0].state_dict())
-        outputs.append(m.eval()(x))
-    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
-    if MOVED:
-        return  # the checks below are of the old plumbing, while the rewrite is under way
     shared = collections.Counter(n for s in sources.values() for n in top_level_sources(s))
-    for name in ("PaperCNN", "load_split", "augment", "evaluate", "write_atomic", "pick_device",
-                 "save_checkpoint", "resume", "stop_if_diverged", "save_figure", "write_csv",
-                 "kernel_grid", "load_bank", "read_checkpoint", "frechet_distance", "kernels_of"):
+    for name in ("PaperCNN", "augment", "evaluate", "load_bank", "read_checkpoint",
+                 "frechet_distance", "kernels_of", "autocast", "write_atomic", "resume"):
         assert shared[name] > 1, name  # the mechanisms the copies guard really are shared
     # the check can fail: one changed character in one copy is found
     changed = dict(sources, train_small=sources["train_small"].replace(
         "a Ctrl-C, a kill or a full disk", "a Ctrl-C, a kill, a full disk"))
-    assert differing_copies(changed) == {"write_atomic": sorted(
-        m for m, s in sources.items() if "def write_atomic" in s)}
-    # the lesson first: one fence per script, and the plumbing below it
+    assert differing_copies(changed) == {"write_atomic": sorted(sources)}
+    # the lesson first: one fence per script, and the same block below it in all five
+    blocks = set()
     for module, source in sources.items():
         assert source.count(FENCE) == 1, module
-        fence = source.index(FENCE)
-        for name in ("write_atomic", "save_checkpoint", "resume", "load_split", "pick_device"):
-            if f"\ndef {name}(" in source:
-                assert source.index(f"\ndef {name}(") > fence, (module, name)
+        blocks.add(source[source.index(FENCE):])
+    assert len(blocks) == 1 and code_lines(blocks.pop()) <= 130
+    # the same CNN computes the same function in every copy
+    models = [m.PaperCNN(10) for m in (pretrain, train_small, train_advreg, collect_kernels)]
+    x = torch.randn(4, 3, 32, 32)
+    for m in models:
+        m.load_state_dict(models[0].state_dict())
+    outputs = [m.eval()(x) for m in models]
+    assert all(torch.equal(outputs[0], out) for out in outputs[1:])
 
 
 def test_augment_keeps_shapes_and_labels():
@@ -1480,14 +1473,8 @@ def user_error(capsys, main, *args):
 SCRIPTS = (pretrain, collect_kernels, train_small, train_advreg, gan_labs)
 
 
-FENCE = ("# ==== plumbing: the same in every script, checked by test_smoke.py; skip on a first "
-         "read ====")
-
-# The rewrite (one shared block, one line per flag) moves one script at a time: the scripts named
-# here have the new fence and the same block below it; the others keep the old plumbing.
-MOVED = ("pretrain", "collect_kernels", "train_small", "train_advreg", "gan_labs")
-BLOCK_FENCE = ("# ==== plumbing: the same block in every script, checked by test_smoke.py; skip on a "
-               "first read ====")
+FENCE = ("# ==== plumbing: the same block in every script, checked by test_smoke.py; skip on a "
+         "first read ====")
 
 
 def code_lines(source):
@@ -1501,16 +1488,6 @@ def code_lines(source):
             docstrings.update(range(body[0].lineno, body[0].end_lineno + 1))
     return sum(1 for i, line in enumerate(source.splitlines(), 1)
                if line.strip() and not line.strip().startswith("#") and i not in docstrings)
-
-
-def test_the_shared_block_is_one_text_of_at_most_130_code_lines():
-    blocks = {m.__name__: inspect.getsource(m) for m in SCRIPTS if m.__name__ in MOVED}
-    for name, source in blocks.items():
-        assert source.count(BLOCK_FENCE) == 1, name
-        blocks[name] = source[source.index(BLOCK_FENCE):]
-    assert len(set(blocks.values())) <= 1, sorted(blocks)
-    for name, block in blocks.items():
-        assert code_lines(block) <= 130, (name, code_lines(block))
 
 
 OWN = {"parse_args", "main", "train", "write_run_outputs", "finish_run", "FREE_FLAGS",
@@ -2336,8 +2313,8 @@ def test_gan_source_conventions():
     assert source.count("os.replace(") == 1 and "open(" not in source.replace("Image.open(", "")
     assert source.count("torch.load(") == source.count("weights_only=True") > 0
     assert max(map(len, source.splitlines())) <= 100
-    assert source.count(BLOCK_FENCE) == 1
-    lesson = source.split(BLOCK_FENCE)[0]
+    assert source.count(FENCE) == 1
+    lesson = source.split(FENCE)[0]
     for name in ("def write_atomic", "def save_checkpoint", "def resume", "def load_split"):
         assert name not in lesson, name
     # the only writes into args: fill_defaults, which parse_args calls
