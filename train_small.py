@@ -646,11 +646,12 @@ def load_split(data, root, split):
             ds = getattr(torchvision.datasets, TORCHVISION_DATASETS[data])(
                 root, train=split == "train", download=True)
         except Exception as e:
-            raise UserError(f"could not download {data} ({type(e).__name__}); offline? Pass "
-                            f"--data PATH, an ImageFolder tree PATH/train/<class>/*")
-        x = torch.as_tensor(ds.data)  # [N, H, W] (MNIST) or [N, H, W, C]
+            raise UserError(f"could not download {data} ({type(e).__name__}): offline? --data DIR")
+        y = torch.as_tensor(ds.targets, dtype=torch.long)
+        order = torch.sort(y, stable=True).indices  # class by class, as an ImageFolder tree is
+        x = torch.as_tensor(ds.data)[order]  # [N, H, W] (MNIST) or [N, H, W, C]
         x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
-        return x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long), list(ds.classes)
+        return x.contiguous(), y[order], list(ds.classes)
     if not os.path.isdir(data):
         raise UserError(f"--data {data!r}: neither {', '.join(TORCHVISION_DATASETS)} nor a folder")
     # ImageFolder finds the class folders (sorted) and their images; a missing folder or a file
@@ -678,8 +679,7 @@ def resize_uint8(x, size):
 def write_atomic(path, write):
     """write(tmp) to a temporary name, then rename it to `path`: a Ctrl-C, a kill or a full disk
     never leaves half a file, and the previous version stays until the new one is whole."""
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{ext}"  # keep the extension: savefig and save_image read the format from it
+    tmp = path + ".tmp" + os.path.splitext(path)[1]  # savefig reads the format from the end
     try:
         write(tmp)
         os.replace(tmp, path)
