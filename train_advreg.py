@@ -352,10 +352,7 @@ def evaluate_and_save(path, ckpt, log, done, data, d_gen, args, t_period):
                      f"epoch {done} of {os.path.basename(os.path.dirname(path))}",
                      "--lr (or --lam, --d-lr)")
     history["eval_epoch"].append(done)
-    final = done == args.epochs
-    for split, acc in accuracies(ckpt["model"], data, final, args.curve_size,
-                                 args.precision).items():
-        history.setdefault(split, []).append(acc)
+    accuracies(history, ckpt["model"], data, done == args.epochs, args.curve_size, args.precision)
     history["epoch_done"], history["seconds"] = done, history["seconds"] + time.time() - t_period
     log_table = torch.stack([log[c][:done * iters_per_epoch] for c in LOG_COLUMNS], 1)
     save_checkpoint(path, ckpt | {"epoch": done, "log": log_table.cpu(),
@@ -532,9 +529,7 @@ def load_small_data(args, device):
     if test_classes != classes:
         raise UserError(f"train and test class folders differ: {classes} vs {test_classes}")
     keep = small_subset(train_y, args.per_class, args.subset_seed)
-    rest = torch.ones(len(train_y), dtype=torch.bool)
-    rest[keep] = False
-    rest = rest.nonzero().flatten()
+    rest = torch.isin(torch.arange(len(train_y)), keep, invert=True).nonzero().flatten()
     if args.val_size > len(rest):
         raise UserError(f"--val-size {args.val_size} is more than the {len(rest)} training "
                          f"images outside the {len(keep)} of the small subset")
@@ -542,9 +537,8 @@ def load_small_data(args, device):
     val = rest[torch.randperm(len(rest), generator=g)[:args.val_size]]
     pick = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(0))
     pick = pick[:args.test_limit or len(pick)]  # in random order: any first N are a fair sample
-    test_x, test_y = test_x[pick], test_y[pick]
     data = {"train_x": train_x[keep], "train_y": train_y[keep], "val_x": train_x[val],
-            "val_y": train_y[val], "test_x": test_x, "test_y": test_y}
+            "val_y": train_y[val], "test_x": test_x[pick], "test_y": test_y[pick]}
     data = {k: (as_cifar_images(v) if k.endswith("_x") else v).to(device) for k, v in data.items()}
     return dict(data, classes=classes)
 
@@ -588,18 +582,17 @@ def evaluate(model, images, labels, batch_size=1000):
     return correct.item() / max(len(images), 1)
 
 
-def accuracies(model, data, final, curve_size, precision):
-    """Accuracy on the training images, the validation split (if any) and the test set: all of
-    the test set at the run's end, its first `curve_size` images (a fixed random sample) before."""
-    out = {}
+def accuracies(history, model, data, final, curve_size, precision):
+    """Append to `history` the accuracy on the training images ("train_acc"), the validation
+    split ("val_acc", if any) and the test set ("test_acc"): all of the test set at the run's end,
+    its first `curve_size` images (a fixed random sample) before."""
     with autocast(precision, data["train_x"].device):
         for split in ("train", "val", "test"):
             x, y = data[f"{split}_x"], data[f"{split}_y"]
             if split == "test" and curve_size and not final:
                 x, y = x[:curve_size], y[:curve_size]
             if len(x):
-                out[f"{split}_acc"] = evaluate(model, x, y)
-    return out
+                history.setdefault(f"{split}_acc", []).append(evaluate(model, x, y))
 
 
 # ----------------------------------------------------------------------------- kernels
