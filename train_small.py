@@ -271,6 +271,7 @@ def train(seed, args, data, device):
         ckpt.update(epoch=saved["epoch"], history=saved["history"])
     history, train_x, train_y = ckpt["history"], data["train_x"], data["train_y"]
     n, bs = len(train_x), args.batch_size
+    lower = "--lr" + (" or --amp-epsilon" if args.amp_epsilon is not None else "")  # if diverged
     loss_sums = torch.zeros(args.epochs, device=device)  # per epoch, summed on the device
     clock, clock_epoch = time.time(), ckpt["epoch"]
     for epoch in range(ckpt["epoch"], args.epochs):
@@ -283,32 +284,24 @@ def train(seed, args, data, device):
 
         done = epoch + 1
         if done % args.eval_every == 0 or done == args.epochs:  # evaluate, then checkpoint
-            record_evaluation(history, model, data, done, loss_sums / n, args)
+            # the losses since the last evaluation (a non-finite one stops the run), then the
+            # accuracies on the training images, the validation split and the test set
+            new_losses = (loss_sums / n)[len(history["train_loss"]):done].tolist()
+            stop_if_diverged(sum(new_losses), f"epoch {done}", lower)
+            history["train_loss"] += new_losses
+            history["eval_epoch"].append(done)
+            accuracies(history, model, data, done == args.epochs, args.curve_size, args.precision)
             os.makedirs(run_dir, exist_ok=True)
             save_checkpoint(path, dict(ckpt, epoch=done))  # weights, optimizer, RNGs, history
         if done % args.log_every == 0 or done == args.epochs:
             loss = (loss_sums[epoch] / n).item()  # one host sync per progress line
-            stop_if_diverged(loss, f"epoch {done}", stop_flags(args))
+            stop_if_diverged(loss, f"epoch {done}", lower)
             now = time.time()
             seconds_each, clock, clock_epoch = (now - clock) / max(done - clock_epoch, 1), now, done
             progress(f"seed {seed}", done, args.epochs, seconds_each,
-                     progress_text(loss, history, math.log(k), seconds_each, stop_flags(args)))
+                     progress_text(loss, history, math.log(k), seconds_each, lower))
     write_run_outputs(run_dir, model, history, f"seed {seed}")
     return history
-
-
-def record_evaluation(history, model, data, done, epoch_losses, args):
-    """The losses since the last evaluation (a non-finite one stops the run), then accuracy on
-    the training images, the validation split (if any) and the test set (see `accuracies`)."""
-    new_losses = epoch_losses[len(history["train_loss"]):done].tolist()
-    stop_if_diverged(sum(new_losses), f"epoch {done}", stop_flags(args))
-    history["train_loss"] += new_losses
-    history["eval_epoch"].append(done)
-    accuracies(history, model, data, done == args.epochs, args.curve_size, args.precision)
-
-
-def stop_flags(args):
-    return "--lr" + (" or --amp-epsilon" if args.amp_epsilon is not None else "")
 
 
 def progress_text(loss, history, chance, seconds_each, flags):
@@ -368,10 +361,9 @@ def write_run_outputs(run_dir, model, history, title):
     """metrics.csv, Fig. 8 (test accuracy) and Fig. 6 (conv1's kernels) of one run."""
     at = {split: dict(zip(history["eval_epoch"], history[f"{split}_acc"]))
           for split in ("train", "val", "test") if f"{split}_acc" in history}
-    rows = []
-    for epoch, loss in enumerate(history["train_loss"], start=1):
-        accs = {f"{s}_acc": f"{a[epoch]:.4f}" if epoch in a else "" for s, a in at.items()}
-        rows.append({"epoch": epoch, "train_loss": f"{loss:.5f}", **accs})
+    rows = [{"epoch": epoch, "train_loss": f"{loss:.5f}",
+             **{f"{s}_acc": f"{a[epoch]:.4f}" if epoch in a else "" for s, a in at.items()}}
+            for epoch, loss in enumerate(history["train_loss"], start=1)]
     write_csv(os.path.join(run_dir, "metrics.csv"), rows)
     curves = {split: (history["eval_epoch"], history[f"{split}_acc"]) for split in at}
     plot_lines(os.path.join(run_dir, "test_acc.png"),
@@ -399,8 +391,6 @@ def write_summary(args, histories):
         print(f"{s:>4} | {a:14.4f} | {summary['best_test_acc'][s]:13.4f} | "
               f"{summary['train_acc'][s]:.4f}")
     print(f"mean ± std over {len(accs)} seeds: {summary['mean']:.4f} ± {std:.4f}")
-    print(f"wrote {args.out}/seed<N>/{{model.pt,metrics.csv,test_acc.png,kernels.png}} and "
-          f"{args.out}/summary.json")
 
 
 def main(argv=None):
