@@ -294,31 +294,25 @@ def run_name(lam, seed, bank_init):
     return f"lam{lam:g}_seed{seed}" + ("_bankinit" if bank_init else "")
 
 
-def run_label(lam, bank_init, layers):
-    """The run's row in collect_kernels.py --compare's table, and the row's place there: the
-    baseline first, then λ ascending, then the runs whose conv1 came from a bank."""
-    parts = ["baseline (λ = 0)" if lam == 0 else f"λ = {lam:g}"]
-    if lam != 0 and sorted(layers) != ["conv1"]:  # discriminators on more layers
-        parts.append(layers_label(sorted(layers)))
-    if bank_init:
-        parts.append("conv1 from bank")
-    order = [2, bank_init, 0, lam] if bank_init or lam > 0 else [0, 0, 0, lam]
-    return ", ".join(parts), order
-
-
 def run_checkpoint(model, optimizer, discs, d_optimizers, lam, seed, bank_init, args, data):
     """What model.pt holds, one flat dict: the modules and optimizers ("d_conv1" and
-    "d_optimizer_conv1" for conv1's D), what the run is and its row label, its history and GIF
-    frames; at each save also "epoch", "log" (iterations x LOG_COLUMNS) and "rng_d" (the
-    generator of D's batches)."""
-    label, row_order = run_label(lam, bank_init, args.layers)
+    "d_optimizer_conv1" for conv1's D), what the run is, its history and GIF frames, and its row
+    label in collect_kernels.py --compare's table with the row's place there (the baseline first,
+    then λ ascending, then the runs whose conv1 came from a bank); at each save also "epoch",
+    "log" (iterations x LOG_COLUMNS) and "rng_d" (the generator of D's batches)."""
+    label = ["baseline (λ = 0)" if lam == 0 else f"λ = {lam:g}"]
+    if lam != 0 and sorted(args.layers) != ["conv1"]:  # discriminators on more layers
+        label.append(layers_label(sorted(args.layers)))
+    if bank_init:
+        label.append("conv1 from bank")
     return {"model": model, "optimizer": optimizer,
             **{f"d_{layer}": disc for layer, disc in discs.items()},
             **{f"d_optimizer_{layer}": d_opt for layer, d_opt in d_optimizers.items()},
-            "arch": ARCH, "lam": lam, "seed": seed, "bank_init": bank_init, "label": label,
-            "row_order": row_order, "classes": data["classes"], "dataset": args.data,
-            "args": vars(args), "flags": {k: v for k, v in vars(args).items()
-                                          if k not in FREE_FLAGS},
+            "arch": ARCH, "lam": lam, "seed": seed, "bank_init": bank_init,
+            "label": ", ".join(label),
+            "row_order": [2, bank_init, 0, lam] if bank_init or lam > 0 else [0, 0, 0, lam],
+            "classes": data["classes"], "dataset": args.data, "args": vars(args),
+            "flags": {k: v for k, v in vars(args).items() if k not in FREE_FLAGS},
             "history": {"eval_epoch": [], "test_acc": [], "epoch_done": 0, "seconds": 0.0},
             "frames": []}
 
@@ -399,26 +393,22 @@ def finish_run(path, ckpt, log, banks):
     return summary
 
 
-def write_metrics_csv(path, log, history):
-    """One row per iteration: the losses and D outputs; the accuracies where it was evaluated."""
+def write_run_outputs(run_dir, model, log, history, banks, title):
+    """metrics.csv and the paper's figures of one run: Fig. 4 (the losses, per iteration and
+    their moving average), Fig. 5 (D's mean outputs; 0.5: D cannot tell), Fig. 9 (accuracy),
+    Fig. 7 / 10 (the kernels of conv1 and of every regularized layer)."""
+    # metrics.csv: one row per iteration, the losses and D outputs; the accuracies where it was
+    # evaluated
     iters_per_epoch = len(log["cls_loss"]) // max(history["epoch_done"], 1)
     at_iteration = [e * iters_per_epoch for e in history["eval_epoch"]]
     acc_at = {s: dict(zip(at_iteration, history[f"{s}_acc"]))
               for s in ("train", "val", "test") if f"{s}_acc" in history}
     columns = [log[name].tolist() for name in LOG_COLUMNS]
-    rows = []
-    for i, row in enumerate(zip(*columns), start=1):
-        rows.append({"iteration": i, "epoch": (i - 1) // iters_per_epoch + 1,
-                     **{c: f"{v:.5f}" for c, v in zip(LOG_COLUMNS, row)},
-                     **{f"{s}_acc": f"{a[i]:.4f}" if i in a else "" for s, a in acc_at.items()}})
-    write_csv(path, rows)
-
-
-def write_run_outputs(run_dir, model, log, history, banks, title):
-    """metrics.csv and the paper's figures of one run: Fig. 4 (the losses, per iteration and
-    their moving average), Fig. 5 (D's mean outputs; 0.5: D cannot tell), Fig. 9 (accuracy),
-    Fig. 7 / 10 (the kernels of conv1 and of every regularized layer)."""
-    write_metrics_csv(os.path.join(run_dir, "metrics.csv"), log, history)
+    rows = [{"iteration": i, "epoch": (i - 1) // iters_per_epoch + 1,
+             **{c: f"{v:.5f}" for c, v in zip(LOG_COLUMNS, row)},
+             **{f"{s}_acc": f"{a[i]:.4f}" if i in a else "" for s, a in acc_at.items()}}
+            for i, row in enumerate(zip(*columns), start=1)]
+    write_csv(os.path.join(run_dir, "metrics.csv"), rows)
     iters = list(range(1, len(log["cls_loss"]) + 1))
     window = max(1, len(iters) // 100) | 1
     average = {c: (iters, smooth(log[c], window)) for c in LOG_COLUMNS}
