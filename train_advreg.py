@@ -234,7 +234,7 @@ def discriminator_step(discs, d_optimizers, banks, d_fakes, lam, args, d_gen):
 # ----------------------------------------------------------------------------- training
 def train(lam, seed, bank_init, args, data, banks, device):
     """One run of Algorithm 1; it resumes after the last evaluation of its checkpoint, where
-    there is one. Returns its summary."""
+    there is one."""
     name = run_name(lam, seed, bank_init)
     path = os.path.join(args.out, name, "model.pt")
     torch.manual_seed(seed)
@@ -287,7 +287,7 @@ def train(lam, seed, bank_init, args, data, banks, device):
             t_log, logged = time.time(), done
             text = recent(log, ckpt["history"], done, iters_per_epoch, lam)
             progress(name, done, args.epochs, secs, f"{text} | {secs * 1000:.0f} ms/epoch")
-    return finish_run(path, ckpt, log, banks)
+    finish_run(path, ckpt, log, banks)
 
 
 def run_name(lam, seed, bank_init):
@@ -370,7 +370,7 @@ def recent(log, history, done, iters_per_epoch, lam):
 def finish_run(path, ckpt, log, banks):
     """The run's figures, metrics.csv and summary.json (with the kernel metrics of each
     regularized layer against its bank: Fréchet distance of the standardized kernels, the
-    low-frequency share); returns the summary."""
+    low-frequency share)."""
     run_dir, model, history = os.path.dirname(path), ckpt["model"], ckpt["history"]
     log = {c: v.cpu() for c, v in log.items()}
     write_run_outputs(run_dir, model, log, history, banks, f"{ckpt['label']}, seed {ckpt['seed']}")
@@ -390,7 +390,6 @@ def finish_run(path, ckpt, log, banks):
                                                        standardize_kernels(bank.cpu()))
         summary[f"{layer}_low_freq"] = low_freq_share(kernels)
     write_json(os.path.join(run_dir, "summary.json"), summary)
-    return summary
 
 
 def write_run_outputs(run_dir, model, log, history, banks, title):
