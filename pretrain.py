@@ -135,8 +135,7 @@ def train(seed, args, data, device):
     if saved:
         print(f"seed {seed}: resuming from {path} after epoch {saved['epoch']} of {args.epochs}")
         ckpt.update(epoch=saved["epoch"], history=saved["history"])
-    history = ckpt["history"]
-    n = len(train_x)
+    history, n = ckpt["history"], len(train_x)
     for epoch in range(ckpt["epoch"] + 1, args.epochs + 1):
         t0 = time.time()
         loss_sum = torch.zeros((), device=device)  # summed on the device: one host sync an epoch
