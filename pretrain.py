@@ -66,13 +66,13 @@ def parse_args(argv=None):
     if args.quick:  # the quick budget, as if given last on the command line
         argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
         args = p.parse_args(argv + "--epochs 2 --train-limit 2000 --test-limit 1000".split())
-    for failed, message in [
-            (args.epochs < 1, f"--epochs must be >= 1, got {args.epochs}"),
-            (args.batch_size < 1, f"--batch-size must be >= 1, got {args.batch_size}"),
-            (args.eval_every < 1, f"--eval-every must be >= 1, got {args.eval_every}"),
-            (min(args.train_limit, args.test_limit) < 0,
-             "--train-limit and --test-limit must be >= 0 (0 = all)"),
-            (len(set(args.seeds)) != len(args.seeds), f"--seeds has duplicates: {args.seeds}")]:
+    counts = ("epochs", "batch_size", "eval_every")
+    checks = [(vars(args)[k] < 1, f"--{k.replace('_', '-')} must be >= 1, got {vars(args)[k]}")
+              for k in counts] + [
+        (min(args.train_limit, args.test_limit) < 0,
+         "--train-limit and --test-limit must be >= 0 (0 = all)"),
+        (len(set(args.seeds)) != len(args.seeds), f"--seeds has duplicates: {args.seeds}")]
+    for failed, message in checks:
         if failed:
             p.error(message)
     return args
@@ -135,8 +135,7 @@ def train(seed, args, data, device):
     if saved:
         print(f"seed {seed}: resuming from {path} after epoch {saved['epoch']} of {args.epochs}")
         ckpt.update(epoch=saved["epoch"], history=saved["history"])
-    history = ckpt["history"]
-    n = len(train_x)
+    history, n = ckpt["history"], len(train_x)
     for epoch in range(ckpt["epoch"] + 1, args.epochs + 1):
         t0 = time.time()
         loss_sum = torch.zeros((), device=device)  # summed on the device: one host sync an epoch
@@ -161,8 +160,7 @@ def train(seed, args, data, device):
             test_acc = f"{history['test_acc'][-1]:.4f}"
         secs = time.time() - t0
         history["epoch_seconds"].append(secs)
-        ckpt["epoch"] = epoch
-        save_checkpoint(path, ckpt)  # weights, optimizer, random generators, history
+        save_checkpoint(path, ckpt | {"epoch": epoch})  # weights, optimizer, RNGs, history
         progress(f"seed {seed} epoch", epoch, args.epochs, secs,
                  f"loss {history['train_loss'][-1]:.4f} | test acc {test_acc} | "
                  f"{secs:.1f} s/epoch | {n / secs:.0f} img/s")
@@ -170,19 +168,13 @@ def train(seed, args, data, device):
 
 
 # ----------------------------------------------------------------------------- outputs
-def write_pretraining_summary(histories, args):
-    """summary.json (final and best test accuracy per seed, mean ± std) and the table printed."""
-    finals = {str(s): h["test_acc"][-1] for s, h in histories.items()}
-    mean, std = mean_std(list(finals.values()))
-    summary = {"dataset": args.data, "epochs": args.epochs, "test_acc": finals,
-               "best_test_acc": {str(s): max(h["test_acc"]) for s, h in histories.items()},
-               "mean": mean, "std": std}
-    write_json(os.path.join(args.out, "summary.json"), summary)
-    print("\nseed | final test acc")
-    for s, a in finals.items():
-        print(f"{s:>4} | {a:.4f}")
-    print(f"mean ± std over {len(finals)} seeds: {mean:.4f} ± {std:.4f}")
-    print(f"wrote {args.out}/seed<N>.pt, summary.json, training_curves.png")
+def write_accuracies(path, accs, what, **extra):
+    """Test accuracies (name -> accuracy), their mean and sample std (0 for one) into a JSON
+    file with `extra`, and the line that says them."""
+    values = torch.tensor(list(accs.values()), dtype=torch.float64)
+    mean, std = values.mean().item(), values.std().item() if len(values) > 1 else 0.0
+    print(f"mean ± std over {len(accs)} {what}: {mean:.4f} ± {std:.4f}")
+    write_json(path, {**extra, "test_acc": accs, "mean": mean, "std": std})
 
 
 def plot_training_curves(histories, path):
@@ -209,17 +201,9 @@ def evaluate_checkpoints(args, device):
         model.load_state_dict(state)
         accs[path] = evaluate(model, test_x, test_y)
         print(f"{path}: test accuracy {accs[path]:.4f} on {len(test_x)} images of {args.data}")
-    mean, std = mean_std(list(accs.values()))
-    print(f"mean ± std over {len(accs)} checkpoints: {mean:.4f} ± {std:.4f}")
     os.makedirs(args.out, exist_ok=True)
-    result = {"data": args.data, "images": len(test_x), "test_acc": accs, "mean": mean, "std": std}
-    write_json(os.path.join(args.out, "evaluation.json"), result)
-
-
-def mean_std(values):
-    """Mean and sample standard deviation (0 for a single value)."""
-    values = torch.tensor(values, dtype=torch.float64)
-    return values.mean().item(), values.std().item() if len(values) > 1 else 0.0
+    write_accuracies(os.path.join(args.out, "evaluation.json"), accs, "checkpoints",
+                     data=args.data, images=len(test_x))
 
 
 def main(argv=None):
@@ -234,7 +218,13 @@ def main(argv=None):
     for seed in args.seeds:
         histories[seed] = train(seed, args, data, device)
         plot_training_curves(histories, os.path.join(args.out, "training_curves.png"))
-    write_pretraining_summary(histories, args)
+    finals = {str(s): h["test_acc"][-1] for s, h in histories.items()}
+    print("\nseed | final test acc")
+    for s, a in finals.items():
+        print(f"{s:>4} | {a:.4f}")
+    best = {str(s): max(h["test_acc"]) for s, h in histories.items()}
+    write_accuracies(os.path.join(args.out, "summary.json"), finals, "seeds",
+                     dataset=args.data, epochs=args.epochs, best_test_acc=best)
 
 
 # ----------------------------------------------------------------------------- data
@@ -242,20 +232,19 @@ def load_pretraining_data(args, device):
     """(train_x, train_y, test_x, test_y, classes), the whole dataset on the device as uint8
     [N, 3, 32, 32] (CIFAR: 150 MB), so no data loader is needed."""
     t0 = time.time()
-    train_x, train_y, classes = load_split(args.data, args.data_root, "train")
-    test_x, test_y, test_classes = load_split(args.data, args.data_root, "test")
-    if test_classes != classes:
-        raise UserError(f"train and test class folders differ: {classes} vs {test_classes}")
-    if args.train_limit:  # a fixed random subset, the same for every seed
-        keep = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))
-        train_x, train_y = train_x[keep[:args.train_limit]], train_y[keep[:args.train_limit]]
-    if args.test_limit:
-        keep = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(0))
-        test_x, test_y = test_x[keep[:args.test_limit]], test_y[keep[:args.test_limit]]
-    train_x, test_x = as_cifar_images(train_x), as_cifar_images(test_x)
-    print(f"data: {args.data} | {len(train_x)} train / {len(test_x)} test images | "
-          f"{len(classes)} classes | loaded in {time.time() - t0:.1f} s | device {device}")
-    return (*(t.to(device) for t in (train_x, train_y, test_x, test_y)), classes)
+    data, classes = [], {}
+    for split, limit in (("train", args.train_limit), ("test", args.test_limit)):
+        images, labels, classes[split] = load_split(args.data, args.data_root, split)
+        if limit:  # a fixed random subset (the same for every seed), in a random order
+            keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+            images, labels = images[keep[:limit]], labels[keep[:limit]]
+        data += [as_cifar_images(images), labels]
+    if classes["test"] != classes["train"]:
+        raise UserError(f"train and test class folders differ: {classes['train']} vs "
+                        f"{classes['test']}")
+    print(f"data: {args.data} | {len(data[0])} train / {len(data[2])} test images | "
+          f"{len(classes['train'])} classes | loaded in {time.time() - t0:.1f} s | device {device}")
+    return (*(t.to(device) for t in data), classes["train"])
 
 
 # ----------------------- shared: the same text in train_small.py and train_advreg.py (tested)

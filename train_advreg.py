@@ -234,7 +234,7 @@ def discriminator_step(discs, d_optimizers, banks, d_fakes, lam, args, d_gen):
 # ----------------------------------------------------------------------------- training
 def train(lam, seed, bank_init, args, data, banks, device):
     """One run of Algorithm 1; it resumes after the last evaluation of its checkpoint, where
-    there is one. Returns its summary."""
+    there is one."""
     name = run_name(lam, seed, bank_init)
     path = os.path.join(args.out, name, "model.pt")
     torch.manual_seed(seed)
@@ -287,38 +287,32 @@ def train(lam, seed, bank_init, args, data, banks, device):
             t_log, logged = time.time(), done
             text = recent(log, ckpt["history"], done, iters_per_epoch, lam)
             progress(name, done, args.epochs, secs, f"{text} | {secs * 1000:.0f} ms/epoch")
-    return finish_run(path, ckpt, log, banks)
+    finish_run(path, ckpt, log, banks)
 
 
 def run_name(lam, seed, bank_init):
     return f"lam{lam:g}_seed{seed}" + ("_bankinit" if bank_init else "")
 
 
-def run_label(lam, bank_init, layers):
-    """The run's row in collect_kernels.py --compare's table, and the row's place there: the
-    baseline first, then λ ascending, then the runs whose conv1 came from a bank."""
-    parts = ["baseline (λ = 0)" if lam == 0 else f"λ = {lam:g}"]
-    if lam != 0 and sorted(layers) != ["conv1"]:  # discriminators on more layers
-        parts.append(layers_label(sorted(layers)))
-    if bank_init:
-        parts.append("conv1 from bank")
-    order = [2, bank_init, 0, lam] if bank_init or lam > 0 else [0, 0, 0, lam]
-    return ", ".join(parts), order
-
-
 def run_checkpoint(model, optimizer, discs, d_optimizers, lam, seed, bank_init, args, data):
     """What model.pt holds, one flat dict: the modules and optimizers ("d_conv1" and
-    "d_optimizer_conv1" for conv1's D), what the run is and its row label, its history and GIF
-    frames; at each save also "epoch", "log" (iterations x LOG_COLUMNS) and "rng_d" (the
-    generator of D's batches)."""
-    label, row_order = run_label(lam, bank_init, args.layers)
+    "d_optimizer_conv1" for conv1's D), what the run is, its history and GIF frames, and its row
+    label in collect_kernels.py --compare's table with the row's place there (the baseline first,
+    then λ ascending, then the runs whose conv1 came from a bank); at each save also "epoch",
+    "log" (iterations x LOG_COLUMNS) and "rng_d" (the generator of D's batches)."""
+    label = ["baseline (λ = 0)" if lam == 0 else f"λ = {lam:g}"]
+    if lam != 0 and sorted(args.layers) != ["conv1"]:  # discriminators on more layers
+        label.append(layers_label(sorted(args.layers)))
+    if bank_init:
+        label.append("conv1 from bank")
     return {"model": model, "optimizer": optimizer,
             **{f"d_{layer}": disc for layer, disc in discs.items()},
             **{f"d_optimizer_{layer}": d_opt for layer, d_opt in d_optimizers.items()},
-            "arch": ARCH, "lam": lam, "seed": seed, "bank_init": bank_init, "label": label,
-            "row_order": row_order, "classes": data["classes"], "dataset": args.data,
-            "args": vars(args), "flags": {k: v for k, v in vars(args).items()
-                                          if k not in FREE_FLAGS},
+            "arch": ARCH, "lam": lam, "seed": seed, "bank_init": bank_init,
+            "label": ", ".join(label),
+            "row_order": [2, bank_init, 0, lam] if bank_init or lam > 0 else [0, 0, 0, lam],
+            "classes": data["classes"], "dataset": args.data, "args": vars(args),
+            "flags": {k: v for k, v in vars(args).items() if k not in FREE_FLAGS},
             "history": {"eval_epoch": [], "test_acc": [], "epoch_done": 0, "seconds": 0.0},
             "frames": []}
 
@@ -352,10 +346,7 @@ def evaluate_and_save(path, ckpt, log, done, data, d_gen, args, t_period):
                      f"epoch {done} of {os.path.basename(os.path.dirname(path))}",
                      "--lr (or --lam, --d-lr)")
     history["eval_epoch"].append(done)
-    final = done == args.epochs
-    for split, acc in accuracies(ckpt["model"], data, final, args.curve_size,
-                                 args.precision).items():
-        history.setdefault(split, []).append(acc)
+    accuracies(history, ckpt["model"], data, done == args.epochs, args.curve_size, args.precision)
     history["epoch_done"], history["seconds"] = done, history["seconds"] + time.time() - t_period
     log_table = torch.stack([log[c][:done * iters_per_epoch] for c in LOG_COLUMNS], 1)
     save_checkpoint(path, ckpt | {"epoch": done, "log": log_table.cpu(),
@@ -379,7 +370,7 @@ def recent(log, history, done, iters_per_epoch, lam):
 def finish_run(path, ckpt, log, banks):
     """The run's figures, metrics.csv and summary.json (with the kernel metrics of each
     regularized layer against its bank: Fréchet distance of the standardized kernels, the
-    low-frequency share); returns the summary."""
+    low-frequency share)."""
     run_dir, model, history = os.path.dirname(path), ckpt["model"], ckpt["history"]
     log = {c: v.cpu() for c, v in log.items()}
     write_run_outputs(run_dir, model, log, history, banks, f"{ckpt['label']}, seed {ckpt['seed']}")
@@ -399,29 +390,24 @@ def finish_run(path, ckpt, log, banks):
                                                        standardize_kernels(bank.cpu()))
         summary[f"{layer}_low_freq"] = low_freq_share(kernels)
     write_json(os.path.join(run_dir, "summary.json"), summary)
-    return summary
-
-
-def write_metrics_csv(path, log, history):
-    """One row per iteration: the losses and D outputs; the accuracies where it was evaluated."""
-    iters_per_epoch = len(log["cls_loss"]) // max(history["epoch_done"], 1)
-    at_iteration = [e * iters_per_epoch for e in history["eval_epoch"]]
-    acc_at = {s: dict(zip(at_iteration, history[f"{s}_acc"]))
-              for s in ("train", "val", "test") if f"{s}_acc" in history}
-    columns = [log[name].tolist() for name in LOG_COLUMNS]
-    rows = []
-    for i, row in enumerate(zip(*columns), start=1):
-        rows.append({"iteration": i, "epoch": (i - 1) // iters_per_epoch + 1,
-                     **{c: f"{v:.5f}" for c, v in zip(LOG_COLUMNS, row)},
-                     **{f"{s}_acc": f"{a[i]:.4f}" if i in a else "" for s, a in acc_at.items()}})
-    write_csv(path, rows)
 
 
 def write_run_outputs(run_dir, model, log, history, banks, title):
     """metrics.csv and the paper's figures of one run: Fig. 4 (the losses, per iteration and
     their moving average), Fig. 5 (D's mean outputs; 0.5: D cannot tell), Fig. 9 (accuracy),
     Fig. 7 / 10 (the kernels of conv1 and of every regularized layer)."""
-    write_metrics_csv(os.path.join(run_dir, "metrics.csv"), log, history)
+    # metrics.csv: one row per iteration, the losses and D outputs; the accuracies where it was
+    # evaluated
+    iters_per_epoch = len(log["cls_loss"]) // max(history["epoch_done"], 1)
+    at_iteration = [e * iters_per_epoch for e in history["eval_epoch"]]
+    acc_at = {s: dict(zip(at_iteration, history[f"{s}_acc"]))
+              for s in ("train", "val", "test") if f"{s}_acc" in history}
+    columns = [log[name].tolist() for name in LOG_COLUMNS]
+    rows = [{"iteration": i, "epoch": (i - 1) // iters_per_epoch + 1,
+             **{c: f"{v:.5f}" for c, v in zip(LOG_COLUMNS, row)},
+             **{f"{s}_acc": f"{a[i]:.4f}" if i in a else "" for s, a in acc_at.items()}}
+            for i, row in enumerate(zip(*columns), start=1)]
+    write_csv(os.path.join(run_dir, "metrics.csv"), rows)
     iters = list(range(1, len(log["cls_loss"]) + 1))
     window = max(1, len(iters) // 100) | 1
     average = {c: (iters, smooth(log[c], window)) for c in LOG_COLUMNS}
@@ -532,9 +518,7 @@ def load_small_data(args, device):
     if test_classes != classes:
         raise UserError(f"train and test class folders differ: {classes} vs {test_classes}")
     keep = small_subset(train_y, args.per_class, args.subset_seed)
-    rest = torch.ones(len(train_y), dtype=torch.bool)
-    rest[keep] = False
-    rest = rest.nonzero().flatten()
+    rest = torch.isin(torch.arange(len(train_y)), keep, invert=True).nonzero().flatten()
     if args.val_size > len(rest):
         raise UserError(f"--val-size {args.val_size} is more than the {len(rest)} training "
                          f"images outside the {len(keep)} of the small subset")
@@ -542,9 +526,8 @@ def load_small_data(args, device):
     val = rest[torch.randperm(len(rest), generator=g)[:args.val_size]]
     pick = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(0))
     pick = pick[:args.test_limit or len(pick)]  # in random order: any first N are a fair sample
-    test_x, test_y = test_x[pick], test_y[pick]
     data = {"train_x": train_x[keep], "train_y": train_y[keep], "val_x": train_x[val],
-            "val_y": train_y[val], "test_x": test_x, "test_y": test_y}
+            "val_y": train_y[val], "test_x": test_x[pick], "test_y": test_y[pick]}
     data = {k: (as_cifar_images(v) if k.endswith("_x") else v).to(device) for k, v in data.items()}
     return dict(data, classes=classes)
 
@@ -588,18 +571,17 @@ def evaluate(model, images, labels, batch_size=1000):
     return correct.item() / max(len(images), 1)
 
 
-def accuracies(model, data, final, curve_size, precision):
-    """Accuracy on the training images, the validation split (if any) and the test set: all of
-    the test set at the run's end, its first `curve_size` images (a fixed random sample) before."""
-    out = {}
+def accuracies(history, model, data, final, curve_size, precision):
+    """Append to `history` the accuracy on the training images ("train_acc"), the validation
+    split ("val_acc", if any) and the test set ("test_acc"): all of the test set at the run's end,
+    its first `curve_size` images (a fixed random sample) before."""
     with autocast(precision, data["train_x"].device):
         for split in ("train", "val", "test"):
             x, y = data[f"{split}_x"], data[f"{split}_y"]
             if split == "test" and curve_size and not final:
                 x, y = x[:curve_size], y[:curve_size]
             if len(x):
-                out[f"{split}_acc"] = evaluate(model, x, y)
-    return out
+                history.setdefault(f"{split}_acc", []).append(evaluate(model, x, y))
 
 
 # ----------------------------------------------------------------------------- kernels

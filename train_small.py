@@ -52,8 +52,7 @@ FREE_FLAGS = {"epochs", "seeds", "eval_every", "log_every", "curve_size", "devic
 
 # ----------------------------------------------------------------------------- config
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(formatter_class=HelpFormatter, description="Stage 3: the paper's "
-                                "CNN on 100 CIFAR-10 images; optionally AMP, or transfer.")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     add = p.add_argument  # the source of each default in (...); the why: docs/defaults.md
     add("--data", default="cifar10", help="cifar10 | PATH of an ImageFolder tree (paper)")
     add("--data-root", default="data", help="where torchvision downloads datasets (ours)")
@@ -271,6 +270,7 @@ def train(seed, args, data, device):
         ckpt.update(epoch=saved["epoch"], history=saved["history"])
     history, train_x, train_y = ckpt["history"], data["train_x"], data["train_y"]
     n, bs = len(train_x), args.batch_size
+    lower = "--lr" + (" or --amp-epsilon" if args.amp_epsilon is not None else "")  # if diverged
     loss_sums = torch.zeros(args.epochs, device=device)  # per epoch, summed on the device
     clock, clock_epoch = time.time(), ckpt["epoch"]
     for epoch in range(ckpt["epoch"], args.epochs):
@@ -283,34 +283,24 @@ def train(seed, args, data, device):
 
         done = epoch + 1
         if done % args.eval_every == 0 or done == args.epochs:  # evaluate, then checkpoint
-            record_evaluation(history, model, data, done, loss_sums / n, args)
+            # the losses since the last evaluation (a non-finite one stops the run), then the
+            # accuracies on the training images, the validation split and the test set
+            new_losses = (loss_sums / n)[len(history["train_loss"]):done].tolist()
+            stop_if_diverged(sum(new_losses), f"epoch {done}", lower)
+            history["train_loss"] += new_losses
+            history["eval_epoch"].append(done)
+            accuracies(history, model, data, done == args.epochs, args.curve_size, args.precision)
             os.makedirs(run_dir, exist_ok=True)
             save_checkpoint(path, dict(ckpt, epoch=done))  # weights, optimizer, RNGs, history
         if done % args.log_every == 0 or done == args.epochs:
             loss = (loss_sums[epoch] / n).item()  # one host sync per progress line
-            stop_if_diverged(loss, f"epoch {done}", stop_flags(args))
+            stop_if_diverged(loss, f"epoch {done}", lower)
             now = time.time()
             seconds_each, clock, clock_epoch = (now - clock) / max(done - clock_epoch, 1), now, done
             progress(f"seed {seed}", done, args.epochs, seconds_each,
-                     progress_text(loss, history, math.log(k), seconds_each, stop_flags(args)))
+                     progress_text(loss, history, math.log(k), seconds_each, lower))
     write_run_outputs(run_dir, model, history, f"seed {seed}")
     return history
-
-
-def record_evaluation(history, model, data, done, epoch_losses, args):
-    """The losses since the last evaluation (a non-finite one stops the run), then accuracy on
-    the training images, the validation split (if any) and the test set (see `accuracies`)."""
-    new_losses = epoch_losses[len(history["train_loss"]):done].tolist()
-    stop_if_diverged(sum(new_losses), f"epoch {done}", stop_flags(args))
-    history["train_loss"] += new_losses
-    history["eval_epoch"].append(done)
-    final = done == args.epochs
-    for split, acc in accuracies(model, data, final, args.curve_size, args.precision).items():
-        history.setdefault(split, []).append(acc)
-
-
-def stop_flags(args):
-    return "--lr" + (" or --amp-epsilon" if args.amp_epsilon is not None else "")
 
 
 def progress_text(loss, history, chance, seconds_each, flags):
@@ -370,10 +360,9 @@ def write_run_outputs(run_dir, model, history, title):
     """metrics.csv, Fig. 8 (test accuracy) and Fig. 6 (conv1's kernels) of one run."""
     at = {split: dict(zip(history["eval_epoch"], history[f"{split}_acc"]))
           for split in ("train", "val", "test") if f"{split}_acc" in history}
-    rows = []
-    for epoch, loss in enumerate(history["train_loss"], start=1):
-        accs = {f"{s}_acc": f"{a[epoch]:.4f}" if epoch in a else "" for s, a in at.items()}
-        rows.append({"epoch": epoch, "train_loss": f"{loss:.5f}", **accs})
+    rows = [{"epoch": epoch, "train_loss": f"{loss:.5f}",
+             **{f"{s}_acc": f"{a[epoch]:.4f}" if epoch in a else "" for s, a in at.items()}}
+            for epoch, loss in enumerate(history["train_loss"], start=1)]
     write_csv(os.path.join(run_dir, "metrics.csv"), rows)
     curves = {split: (history["eval_epoch"], history[f"{split}_acc"]) for split in at}
     plot_lines(os.path.join(run_dir, "test_acc.png"),
@@ -401,8 +390,6 @@ def write_summary(args, histories):
         print(f"{s:>4} | {a:14.4f} | {summary['best_test_acc'][s]:13.4f} | "
               f"{summary['train_acc'][s]:.4f}")
     print(f"mean ± std over {len(accs)} seeds: {summary['mean']:.4f} ± {std:.4f}")
-    print(f"wrote {args.out}/seed<N>/{{model.pt,metrics.csv,test_acc.png,kernels.png}} and "
-          f"{args.out}/summary.json")
 
 
 def main(argv=None):
@@ -450,9 +437,7 @@ def load_small_data(args, device):
     if test_classes != classes:
         raise UserError(f"train and test class folders differ: {classes} vs {test_classes}")
     keep = small_subset(train_y, args.per_class, args.subset_seed)
-    rest = torch.ones(len(train_y), dtype=torch.bool)
-    rest[keep] = False
-    rest = rest.nonzero().flatten()
+    rest = torch.isin(torch.arange(len(train_y)), keep, invert=True).nonzero().flatten()
     if args.val_size > len(rest):
         raise UserError(f"--val-size {args.val_size} is more than the {len(rest)} training "
                          f"images outside the {len(keep)} of the small subset")
@@ -460,9 +445,8 @@ def load_small_data(args, device):
     val = rest[torch.randperm(len(rest), generator=g)[:args.val_size]]
     pick = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(0))
     pick = pick[:args.test_limit or len(pick)]  # in random order: any first N are a fair sample
-    test_x, test_y = test_x[pick], test_y[pick]
     data = {"train_x": train_x[keep], "train_y": train_y[keep], "val_x": train_x[val],
-            "val_y": train_y[val], "test_x": test_x, "test_y": test_y}
+            "val_y": train_y[val], "test_x": test_x[pick], "test_y": test_y[pick]}
     data = {k: (as_cifar_images(v) if k.endswith("_x") else v).to(device) for k, v in data.items()}
     return dict(data, classes=classes)
 
@@ -502,18 +486,17 @@ def evaluate(model, images, labels, batch_size=1000):
     model.train(was_training)
     return correct.item() / max(len(images), 1)
 
-def accuracies(model, data, final, curve_size, precision):
-    """Accuracy on the training images, the validation split (if any) and the test set: all of
-    the test set at the run's end, its first `curve_size` images (a fixed random sample) before."""
-    out = {}
+def accuracies(history, model, data, final, curve_size, precision):
+    """Append to `history` the accuracy on the training images ("train_acc"), the validation
+    split ("val_acc", if any) and the test set ("test_acc"): all of the test set at the run's end,
+    its first `curve_size` images (a fixed random sample) before."""
     with autocast(precision, data["train_x"].device):
         for split in ("train", "val", "test"):
             x, y = data[f"{split}_x"], data[f"{split}_y"]
             if split == "test" and curve_size and not final:
                 x, y = x[:curve_size], y[:curve_size]
             if len(x):
-                out[f"{split}_acc"] = evaluate(model, x, y)
-    return out
+                history.setdefault(f"{split}_acc", []).append(evaluate(model, x, y))
 
 
 # ----------------------------------------------------------------------------- checkpoints, banks
