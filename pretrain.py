@@ -44,6 +44,7 @@ import torchvision
 # ----------------------------------------------------------------------------- config
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    p.register("type", None, os.path.expanduser)  # a string flag (a path): ~ expanded
     add = p.add_argument  # the source of each default in (...); the why: docs/defaults.md
     add("--data", default="cifar100", help="cifar100 | cifar10 | an ImageFolder PATH (paper)")
     add("--data-root", default="data", help="where torchvision downloads datasets (ours)")

@@ -713,6 +713,20 @@ def test_microscope_end_to_end_rows_figures_and_bad_input(tiny_data, pretrained,
     assert "another architecture" in said and not (tmp_path / "c4").exists()
 
 
+@pytest.mark.parametrize("module, argv", [
+    (pretrain, ["--data", "~/d", "--out", "~/o", "--evaluate", "~/a.pt", "~/b.pt"]),
+    (train_small, ["--data", "~/d", "--init-from", "~/m{seed}.pt", "--out", "~/o"]),
+    (train_advreg, ["--data", "~/d", "--bank", "~/b.pt", "--init-bank", "~/i.pt"])])
+def test_a_quoted_tilde_in_a_path_flag_is_the_home_folder(module, argv):
+    """bash leaves ~ as it is inside quotes (T="--data ~/data/cifar10" in the docs): every path
+    flag expands it (catches a path read as given: "neither cifar10 ... nor a folder")."""
+    args, home = vars(module.parse_args(argv)), os.path.expanduser("~")
+    for flag, value in zip(argv[::2], argv[1::2]):
+        got = args[flag[2:].replace("-", "_")]
+        got = got[0] if isinstance(got, list) else got
+        assert got == home + value[1:], (flag, got)
+
+
 def test_bad_input_gives_one_clear_error(tiny_data, pretrained, tmp_path, capsys):
     ckpts, banks = pretrained
     said = user_error(capsys, pretrain.main, "--data", "imagenet", "--out", tmp_path / "o")

@@ -60,6 +60,7 @@ FREE_FLAGS = {"epochs", "eval_every", "log_every", "gif_every", "curve_size", "d
 # ----------------------------------------------------------------------------- config
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    p.register("type", None, os.path.expanduser)  # a string flag (a path): ~ expanded
     add = p.add_argument  # the source of each default in (...); the why: docs/defaults.md
     add("--bank", nargs="+", default=["kernels/conv1_7x7.pt"], help="a bank per layer (ours)")
     add("--layers", nargs="+", default=["conv1"], choices=CONV_SHAPES, help="a D each (paper)")

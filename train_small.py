@@ -53,6 +53,7 @@ FREE_FLAGS = {"epochs", "seeds", "eval_every", "log_every", "curve_size", "devic
 # ----------------------------------------------------------------------------- config
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.register("type", None, os.path.expanduser)  # a string flag (a path): ~ expanded
     add = p.add_argument  # the source of each default in (...); the why: docs/defaults.md
     add("--data", default="cifar10", help="cifar10 | PATH of an ImageFolder tree (paper)")
     add("--data-root", default="data", help="where torchvision downloads datasets (ours)")
