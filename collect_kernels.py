@@ -252,11 +252,10 @@ def checkpoint_row(path, ckpt, configuration, layer, bank_kernels, bank_std):
            "frechet_to_bank": frechet_distance(standardize_kernels(kernels), bank_std),
            "low_freq_share": low_freq_share(kernels), "kernel_std": kernels.std().item(),
            "near_zero_share": near_zero_share(kernels, bank_kernels)}
-    log = ckpt.get("log")
+    log = ckpt.get("log", torch.full((1, len(LOG_COLUMNS)), math.nan))  # no D: no D outputs
     for name in ("d_real", "d_fake"):  # mean over the last 10% of iterations
-        column = log[-max(1, len(log) // 10):, LOG_COLUMNS.index(name)] if log is not None else None
-        value = None if column is None else column.mean().item()
-        row[name] = None if value is None or math.isnan(value) else value
+        value = log[-max(1, len(log) // 10):, LOG_COLUMNS.index(name)].mean().item()
+        row[name] = None if math.isnan(value) else value
     return row, kernels
 
 
@@ -703,7 +702,7 @@ def microscope_inputs(args, runs):
         else:
             print(f"not attacked: {path} classifies {cnn.fc.out_features} classes, --test-data "
                   f"{len(classes)} (class visualization only)")
-    return {"x": x, "y": y, "classes": classes, "attacked": attacked, "visualized": visualized}
+    return {"x": x, "y": y, "attacked": attacked, "visualized": visualized}
 
 
 def microscope(inputs, args, baseline, kernel_prior):
@@ -713,8 +712,9 @@ def microscope(inputs, args, baseline, kernel_prior):
     microscope_classes.png: the class visualization of the first ten classes (columns) under
     each pretrained model (rows, in the table's order)."""
     x, y = inputs["x"], inputs["y"]
-    rows, written = [], []
+    rows, written, firsts = [], [], {}
     for path, label, cnn, subset, seed in inputs["attacked"]:
+        firsts.setdefault(label, cnn)  # the first run of each configuration: its saliency maps
         accs = robustness_row(on_pixels(cnn), x, y, args.epsilons, args.pgd_steps)
         rows.append({"model": path, "configuration": label, "subset": subset, "seed": seed,
                      "images": len(x), **accs})
@@ -728,7 +728,7 @@ def microscope(inputs, args, baseline, kernel_prior):
                                microscope_table(rows, len(x), columns, headers, args),
                                *microscope_paired(rows, columns, headers, baseline, kernel_prior))
         written.append("microscope_saliency.png")
-        plot_saliency(inputs, os.path.join(args.out, written[-1]))
+        plot_saliency(x, y, firsts.values(), os.path.join(args.out, written[-1]))
     if inputs["visualized"]:
         classes = torch.arange(min(10, *(cnn.fc.out_features for cnn in inputs["visualized"])))
         images = [class_visualization(on_pixels(cnn), classes) for cnn in inputs["visualized"]]
@@ -768,16 +768,13 @@ def microscope_paired(rows, columns, headers, baseline, kernel_prior):
                                                  + "---|" * len(headers)))
 
 
-def plot_saliency(inputs, path, count=6):
+def plot_saliency(x, y, cnns, path, count=6):
     """microscope_saliency.png: the first `count` test images (top row) and below them their
     saliency maps under the first run of each configuration (a row each, in the table's order),
     each map scaled to its own maximum and coloured black-red-yellow-white."""
-    x, y = inputs["x"][:count], inputs["y"][:count]
-    firsts = {}
-    for _, label, cnn, *_ in inputs["attacked"]:
-        firsts.setdefault(label, cnn)
+    x, y = x[:count], y[:count]
     grid = [x]
-    for cnn in firsts.values():
+    for cnn in cnns:
         maps = saliency(on_pixels(cnn), x, y)
         maps = (maps / maps.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]).numpy()
         grid.append(torch.from_numpy(plt.cm.hot(maps)[..., :3]).permute(0, 3, 1, 2).float())
