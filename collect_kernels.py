@@ -277,7 +277,7 @@ def table_runs(paths, layer):
     differ in a flag that defines a run (lr, weight decay, augmentation, epochs, init_from, ...),
     the name is followed by those flags' values, so that no table row mixes two configurations.
     A checkpoint of an earlier format, which stored no row, is refused."""
-    runs, names = [], []
+    runs = []
     for path in paths:
         ckpt = read_cnn_checkpoint(path, [layer])
         done = ckpt.get("epoch", ckpt.get("history", {}).get("epoch_done", 0))
@@ -286,19 +286,26 @@ def table_runs(paths, layer):
             print(f"left out: {path} is unfinished (epoch {done} of {asked})")
             continue
         if ckpt.get("format") == "authors":
-            names.append((f"pretrained ({ckpt['dataset']})", [4, 0, 0, 0.0]))
+            name, key = f"pretrained ({ckpt['dataset']})", [4, 0, 0, 0.0]
         elif ckpt.get("format", 1) != FORMAT:
             raise UserError(f"{path} has checkpoint format {ckpt.get('format', 1)}, not "
                             f"{FORMAT}: it stores no row label; train it again with this version")
         else:
-            names.append((ckpt["label"], ckpt["row_order"]))
-        runs.append((path, ckpt))
+            name, key = ckpt["label"], ckpt["row_order"]
+        # the flags that define the run: its command's, but those in NOT_DEFINING. An --init-from
+        # that names a run of this project (LP-FT starts from a probe's model.pt) is left out: the
+        # row label says what the run started from, and the runs on several draws of the training
+        # images start from the probes of as many folders.
+        skip = NOT_DEFINING | ({"lam", "init_bank"} if "lam" in ckpt else set())
+        flags = {k: v for k, v in (ckpt.get("args") or {}).items() if k not in skip}
+        if os.path.basename(str(flags.get("init_from"))) == "model.pt":
+            del flags["init_from"]
+        runs.append((path, ckpt, name, key, flags))
     if not runs:
         raise UserError("none of the --compare checkpoints is a finished run")
-    flags = [defining_flags(ckpt) for _, ckpt in runs]
     table = []
-    for (path, ckpt), (name, key), own in zip(runs, names, flags):
-        same_name = [f for (n, _), f in zip(names, flags) if n == name]
+    for path, ckpt, name, key, own in runs:
+        same_name = [flags for *_, n, _, flags in runs if n == name]
         differing = [k for k in own if all(k in f for f in same_name)
                      and any(f[k] != own[k] for f in same_name)]
         label = ", ".join([name] + [flag_text(k, own[k]) for k in differing])
@@ -306,20 +313,9 @@ def table_runs(paths, layer):
     return [run for _, run in sorted(table, key=lambda t: t[0])]
 
 
+# Flags that do not define a run: two runs that differ only in these share a table row.
 NOT_DEFINING = {"seeds", "seed", "threads", "device", "out", "log_every", "eval_every",
                 "data_root", "gif_every", "val_size", "quick", "evaluate", "subset_seed"}
-
-
-def defining_flags(ckpt):
-    """The flags of the command that trained a checkpoint, but those that do not define a run.
-    An --init-from that names a run of this project (LP-FT starts from a probe's model.pt) is
-    left out: the row label says what the run started from, and the runs on several draws of
-    the training images start from the probes of as many folders."""
-    skip = NOT_DEFINING | ({"lam", "init_bank"} if "lam" in ckpt else set())
-    flags = {k: v for k, v in (ckpt.get("args") or {}).items() if k not in skip}
-    if os.path.basename(str(flags.get("init_from"))) == "model.pt":
-        del flags["init_from"]
-    return flags
 
 
 def flag_text(name, value):
@@ -476,18 +472,15 @@ def paired_table(rows, baseline, kernel_prior):
 
 
 def write_tables(folder, stem, rows, table, paired, paired_text):
-    """<stem>.csv (a row per run), <stem>.md (a row per configuration), <stem>_paired.csv and
-    <stem>_paired.md into folder: a list of dicts as CSV, a text as it is (and on the screen).
-    Returns the files' names."""
-    names = [f"{stem}.csv", f"{stem}.md", f"{stem}_paired.csv", f"{stem}_paired.md"]
-    for name, content in zip(names, [rows, table, paired, paired_text]):
-        path = os.path.join(folder, name)
-        if name.endswith(".csv"):
-            write_csv(path, content)
-        else:
-            write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(content))
-            print(content)
-    return names
+    """<stem>.csv (a row per run), <stem>.md (a row per configuration, also on the screen),
+    <stem>_paired.csv and <stem>_paired.md (also on the screen) into folder; returns their
+    names."""
+    write_csv(os.path.join(folder, f"{stem}.csv"), rows)
+    write_csv(os.path.join(folder, f"{stem}_paired.csv"), paired)
+    for name, text in ((f"{stem}.md", table), (f"{stem}_paired.md", paired_text)):
+        write_atomic(os.path.join(folder, name), lambda tmp: pathlib.Path(tmp).write_text(text))
+        print(text)
+    return [f"{stem}.csv", f"{stem}.md", f"{stem}_paired.csv", f"{stem}_paired.md"]
 
 
 def plot_compare(args, panels, groups, rows, bank_row):
@@ -667,8 +660,7 @@ def robustness_row(model, x, y, epsilons, steps, batch_size=500):
     for e in epsilons:
         attacks[f"pgd_{e:g}/255"] = functools.partial(pgd, model, eps=e / 255, steps=steps)
     correct = dict.fromkeys(attacks, 0)
-    for i in range(0, len(x), batch_size):
-        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+    for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
         for name, attack in attacks.items():
             x_adv = attack(xb, yb)
             with torch.no_grad():
