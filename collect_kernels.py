@@ -213,18 +213,14 @@ def compare(args):
     and each row's difference to the baseline and to λ = 1 over matched runs."""
     bank = load_bank(args.bank)
     layer, bank_kernels = bank["layer"], bank["kernels"]
-    runs = finished_runs(args.compare, layer)
-    names = [row_of(path, ckpt) for path, ckpt in runs]  # the rows their trainers stored
-    labels = configuration_labels(names, [ckpt for _, ckpt in runs])
-    order = sorted(range(len(runs)), key=lambda i: labels[i][1])
+    runs = table_runs(args.compare, layer)  # (path, checkpoint, row, name), the table's order
     # the references of the paired table: the first row (in the table's order) of each name
-    baseline, kernel_prior = (next((labels[i][0] for i in order if names[i][0] == name), None)
+    baseline, kernel_prior = (next((row for *_, row, n in runs if n == name), None)
                               for name in ("baseline (λ = 0)", "λ = 1"))
-    runs = [(*runs[i], labels[i][0]) for i in order]  # (path, checkpoint, row), the table's order
     seen = microscope_inputs(args, runs) if args.test_data else None  # its checks, then writing
     bank_std = standardize_kernels(bank_kernels)
     rows, panels = [], {f"bank ({len(bank_kernels)} kernels)": bank_kernels}
-    for path, ckpt, label in runs:
+    for path, ckpt, label, _ in runs:
         row, kernels = checkpoint_row(path, ckpt, label, layer, bank_kernels, bank_std)
         panels.setdefault(label, kernels)  # the first run of each configuration is shown
         rows.append(row)
@@ -234,31 +230,14 @@ def compare(args):
                 "kernel_std": bank_kernels.std().item(),
                 "near_zero_share": near_zero_share(bank_kernels, bank_kernels)}
     groups = group_stats(rows)
-    paired, paired_text = paired_table(rows, baseline, kernel_prior)
     os.makedirs(args.out, exist_ok=True)
-    tables = {"compare.csv": rows, "compare.md": grouped_table(groups, rows, bank_row, args.bank),
-              "compare_paired.csv": paired, "compare_paired.md": paired_text}
-    write_tables(args.out, tables)
+    table = grouped_table(groups, rows, bank_row, args.bank)
+    tables = write_tables(args.out, "compare", rows, table,
+                          *paired_table(rows, baseline, kernel_prior))
     figures = plot_compare(args, list(panels.items()), groups, rows, bank_row)
     print(f"wrote {args.out}/{', '.join([*tables, *figures])}")
     if seen:
         microscope(seen, args, baseline, kernel_prior)
-
-
-def finished_runs(paths, layer):
-    """[(path, checkpoint)] of the runs that trained all their epochs; the others get a line."""
-    finished = []
-    for path in paths:
-        ckpt = read_cnn_checkpoint(path, [layer])
-        done = ckpt.get("epoch", ckpt.get("history", {}).get("epoch_done", 0))
-        asked = (ckpt.get("args") or {}).get("epochs", 0)
-        if done < asked:  # a run still training, or stopped
-            print(f"left out: {path} is unfinished (epoch {done} of {asked})")
-        else:
-            finished.append((path, ckpt))
-    if not finished:
-        raise UserError("none of the --compare checkpoints is a finished run")
-    return finished
 
 
 def checkpoint_row(path, ckpt, configuration, layer, bank_kernels, bank_std):
@@ -273,11 +252,10 @@ def checkpoint_row(path, ckpt, configuration, layer, bank_kernels, bank_std):
            "frechet_to_bank": frechet_distance(standardize_kernels(kernels), bank_std),
            "low_freq_share": low_freq_share(kernels), "kernel_std": kernels.std().item(),
            "near_zero_share": near_zero_share(kernels, bank_kernels)}
-    log = ckpt.get("log")
+    log = ckpt.get("log", torch.full((1, len(LOG_COLUMNS)), math.nan))  # no D: no D outputs
     for name in ("d_real", "d_fake"):  # mean over the last 10% of iterations
-        column = log[-max(1, len(log) // 10):, LOG_COLUMNS.index(name)] if log is not None else None
-        value = None if column is None else column.mean().item()
-        row[name] = None if value is None or math.isnan(value) else value
+        value = log[-max(1, len(log) // 10):, LOG_COLUMNS.index(name)].mean().item()
+        row[name] = None if math.isnan(value) else value
     return row, kernels
 
 
@@ -289,61 +267,64 @@ METRICS = {  # the table's columns: a row's metric and its header
 
 
 # The table's rows: a row per configuration, as each run's trainer named it when it saved it.
-def row_of(path, ckpt):
-    """(label, order key) of a checkpoint's row, as its trainer stored them when it saved the
+def table_runs(paths, layer):
+    """[(path, checkpoint, row label, name)] of the runs that trained all their epochs (the others
+    get a line), in the table's order. The name is the row its trainer stored when it saved the
     run ("label", "row_order": train_small.py, train_advreg.py, pretrain.py); the authors' models
     are pretrained models. Rows go from nothing transferred to the most: the baseline, AMP, the
     kernel prior (λ ascending, then the bank-initialized runs), the transfer runs by the layers
-    transferred, frozen before trained at each, then pretrained models. A checkpoint of an
-    earlier format, which stored no row, is refused."""
-    if ckpt.get("format") == "authors":
-        return f"pretrained ({ckpt['dataset']})", [4, 0, 0, 0.0]
-    if ckpt.get("format", 1) != FORMAT:
-        raise UserError(f"{path} has checkpoint format {ckpt.get('format', 1)}, not {FORMAT}: "
-                        f"it stores no row label; train it again with this version")
-    return ckpt["label"], ckpt["row_order"]
-
-
-def configuration_labels(names, ckpts):
-    """(label, order key) per checkpoint, from its row_of; where runs of the same name
+    transferred, frozen before trained at each, then pretrained models. Where runs of one name
     differ in a flag that defines a run (lr, weight decay, augmentation, epochs, init_from, ...),
-    the name is followed by those flags' values, so that no table row mixes two configurations."""
-    flags = [defining_flags(c) for c in ckpts]
-    labels = []
-    for (name, key), own in zip(names, flags):
-        same_name = [f for (n, _), f in zip(names, flags) if n == name]
+    the name is followed by those flags' values, so that no table row mixes two configurations.
+    A checkpoint of an earlier format, which stored no row, is refused."""
+    runs = []
+    for path in paths:
+        ckpt = read_cnn_checkpoint(path, [layer])
+        done = ckpt.get("epoch", ckpt.get("history", {}).get("epoch_done", 0))
+        asked = (ckpt.get("args") or {}).get("epochs", 0)
+        if done < asked:  # a run still training, or stopped
+            print(f"left out: {path} is unfinished (epoch {done} of {asked})")
+            continue
+        if ckpt.get("format") == "authors":
+            name, key = f"pretrained ({ckpt['dataset']})", [4, 0, 0, 0.0]
+        elif ckpt.get("format", 1) != FORMAT:
+            raise UserError(f"{path} has checkpoint format {ckpt.get('format', 1)}, not "
+                            f"{FORMAT}: it stores no row label; train it again with this version")
+        else:
+            name, key = ckpt["label"], ckpt["row_order"]
+        # the flags that define the run: its command's, but those in NOT_DEFINING. An --init-from
+        # that names a run of this project (LP-FT starts from a probe's model.pt) is left out: the
+        # row label says what the run started from, and the runs on several draws of the training
+        # images start from the probes of as many folders.
+        skip = NOT_DEFINING | ({"lam", "init_bank"} if "lam" in ckpt else set())
+        flags = {k: v for k, v in (ckpt.get("args") or {}).items() if k not in skip}
+        if os.path.basename(str(flags.get("init_from"))) == "model.pt":
+            del flags["init_from"]
+        runs.append((path, ckpt, name, key, flags))
+    if not runs:
+        raise UserError("none of the --compare checkpoints is a finished run")
+    table = []
+    for path, ckpt, name, key, own in runs:
+        same_name = [flags for *_, n, _, flags in runs if n == name]
         differing = [k for k in own if all(k in f for f in same_name)
                      and any(f[k] != own[k] for f in same_name)]
         label = ", ".join([name] + [flag_text(k, own[k]) for k in differing])
-        labels.append((label, (*key, label)))
-    return labels
+        table.append(((*key, label), (path, ckpt, label, name)))
+    return [run for _, run in sorted(table, key=lambda t: t[0])]
 
 
+# Flags that do not define a run: two runs that differ only in these share a table row.
 NOT_DEFINING = {"seeds", "seed", "threads", "device", "out", "log_every", "eval_every",
                 "data_root", "gif_every", "val_size", "quick", "evaluate", "subset_seed"}
-
-
-def defining_flags(ckpt):
-    """The flags of the command that trained a checkpoint, but those that do not define a run.
-    An --init-from that names a run of this project (LP-FT starts from a probe's model.pt) is
-    left out: the row label says what the run started from, and the runs on several draws of
-    the training images start from the probes of as many folders."""
-    skip = NOT_DEFINING | ({"lam", "init_bank"} if "lam" in ckpt else set())
-    flags = {k: v for k, v in (ckpt.get("args") or {}).items() if k not in skip}
-    if os.path.basename(str(flags.get("init_from"))) == "model.pt":
-        del flags["init_from"]
-    return flags
 
 
 def flag_text(name, value):
     """A flag's value in a table label: "lr 0.01", "weight decay 0.0001", "no augmentation"."""
     if name == "no_augment":
         return "no augmentation" if value else "augmentation"
-    if isinstance(value, (list, tuple)):
-        value = " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
-    elif isinstance(value, float):
-        value = f"{value:g}"
-    return f"{name.replace('_', ' ')} {'none' if value is None else value}"
+    values = value if isinstance(value, (list, tuple)) else [value]
+    text = " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+    return f"{name.replace('_', ' ')} {'none' if value is None else text}"
 
 
 # The grouped table and the paired differences.
@@ -438,12 +419,11 @@ def paired_difference(rows, config, reference, metric="final_test_acc"):
     by_subset = {}
     for (subset, _), d in sorted(pairs.items()):
         by_subset.setdefault(subset, []).append(d)
-    subsets = list(by_subset)
     per_subset = [sum(ds) / len(ds) for ds in by_subset.values()]
-    values = per_subset if len(subsets) > 1 else list(pairs.values())
+    values = per_subset if len(per_subset) > 1 else list(pairs.values())
     result = {"configuration": config, "against": reference, "pairs": len(pairs),
-              "subsets": len(subsets), "mean": None, "ci_low": None, "ci_high": None,
-              "interval": "t over subsets" if len(subsets) > 1 else "t over pairs, one draw"}
+              "subsets": len(per_subset), "mean": None, "ci_low": None, "ci_high": None,
+              "interval": "t over subsets" if len(per_subset) > 1 else "t over pairs, one draw"}
     if len(values) > 1:
         n = len(values)
         mean = sum(values) / n
@@ -455,10 +435,11 @@ def paired_difference(rows, config, reference, metric="final_test_acc"):
     return result
 
 
-def reference_pairs(configs, baseline, kernel_prior):
+def reference_pairs(rows, baseline, kernel_prior):
     """The (row, reference) pairs of the paired tables: every row against the baseline, every
     other row against the kernel prior (λ = 1, the paper's); a reference that no run has is left
     out."""
+    configs = list(dict.fromkeys(r["configuration"] for r in rows))
     pairs = [(c, baseline) for c in configs if baseline in configs and c != baseline]
     return pairs + [(c, kernel_prior) for c in configs
                     if kernel_prior in configs and c not in (baseline, kernel_prior)]
@@ -477,9 +458,8 @@ def paired_cells(d):
 def paired_table(rows, baseline, kernel_prior):
     """compare_paired.csv/.md: every row against the baseline and every other row against the
     kernel prior, over matched (subset, seed) pairs (reference_pairs)."""
-    configs = list(dict.fromkeys(r["configuration"] for r in rows))
     results = [paired_difference(rows, c, reference)
-               for c, reference in reference_pairs(configs, baseline, kernel_prior)]
+               for c, reference in reference_pairs(rows, baseline, kernel_prior)]
     header = ["configuration", "against", "pairs", "subsets", "difference", "95 % interval",
               "reading"]
     lines = [[r["configuration"], r["against"], r["pairs"], r["subsets"], *paired_cells(r)]
@@ -491,16 +471,16 @@ def paired_table(rows, baseline, kernel_prior):
                      + md_table(header, lines, "|---|---|---:|---:|---:|---|---|"))
 
 
-def write_tables(folder, tables):
-    """Each {file name: content} into folder: a list of dicts as CSV, a text as it is (and on
-    the screen)."""
-    for name, content in tables.items():
-        path = os.path.join(folder, name)
-        if name.endswith(".csv"):
-            write_csv(path, content)
-        else:
-            write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(content))
-            print(content)
+def write_tables(folder, stem, rows, table, paired, paired_text):
+    """<stem>.csv (a row per run), <stem>.md (a row per configuration, also on the screen),
+    <stem>_paired.csv and <stem>_paired.md (also on the screen) into folder; returns their
+    names."""
+    write_csv(os.path.join(folder, f"{stem}.csv"), rows)
+    write_csv(os.path.join(folder, f"{stem}_paired.csv"), paired)
+    for name, text in ((f"{stem}.md", table), (f"{stem}_paired.md", paired_text)):
+        write_atomic(os.path.join(folder, name), lambda tmp: pathlib.Path(tmp).write_text(text))
+        print(text)
+    return [f"{stem}.csv", f"{stem}.md", f"{stem}_paired.csv", f"{stem}_paired.md"]
 
 
 def plot_compare(args, panels, groups, rows, bank_row):
@@ -680,8 +660,7 @@ def robustness_row(model, x, y, epsilons, steps, batch_size=500):
     for e in epsilons:
         attacks[f"pgd_{e:g}/255"] = functools.partial(pgd, model, eps=e / 255, steps=steps)
     correct = dict.fromkeys(attacks, 0)
-    for i in range(0, len(x), batch_size):
-        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+    for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
         for name, attack in attacks.items():
             x_adv = attack(xb, yb)
             with torch.no_grad():
@@ -698,7 +677,7 @@ def microscope_inputs(args, runs):
     pick = pick[:args.attack_images]  # train_small.py's test order: any first N a fair sample
     x, y = as_cifar_images(images[pick]).float() / 255, targets[pick]
     attacked, visualized = [], []
-    for path, ckpt, label in runs:  # the paper's CNN with each run's weights, all its layers
+    for path, ckpt, label, _ in runs:  # the paper's CNN with each run's weights, all its layers
         cnn = PaperCNN(len(ckpt["model"].get("fc.weight", [0])))
         if {k: v.shape for k, v in ckpt["model"].items()} != {
                 k: v.shape for k, v in cnn.state_dict().items()}:
@@ -715,7 +694,7 @@ def microscope_inputs(args, runs):
         else:
             print(f"not attacked: {path} classifies {cnn.fc.out_features} classes, --test-data "
                   f"{len(classes)} (class visualization only)")
-    return {"x": x, "y": y, "classes": classes, "attacked": attacked, "visualized": visualized}
+    return {"x": x, "y": y, "attacked": attacked, "visualized": visualized}
 
 
 def microscope(inputs, args, baseline, kernel_prior):
@@ -725,20 +704,23 @@ def microscope(inputs, args, baseline, kernel_prior):
     microscope_classes.png: the class visualization of the first ten classes (columns) under
     each pretrained model (rows, in the table's order)."""
     x, y = inputs["x"], inputs["y"]
-    rows, written = [], []
+    rows, written, firsts = [], [], {}
     for path, label, cnn, subset, seed in inputs["attacked"]:
+        firsts.setdefault(label, cnn)  # the first run of each configuration: its saliency maps
         accs = robustness_row(on_pixels(cnn), x, y, args.epsilons, args.pgd_steps)
         rows.append({"model": path, "configuration": label, "subset": subset, "seed": seed,
                      "images": len(x), **accs})
         print(f"attacked {path}: clean {accs['clean_acc']:.3f}, " + ", ".join(
             f"{k} {v:.3f}" for k, v in accs.items() if k != "clean_acc"), flush=True)
-    if rows:
-        table = microscope_table(rows, len(x), args)
-        paired, paired_text = microscope_paired(rows, baseline, kernel_prior, args)
-        written = ["microscope.csv", "microscope.md", "microscope_paired.csv",
-                   "microscope_paired.md", "microscope_saliency.png"]
-        write_tables(args.out, dict(zip(written, [rows, table, paired, paired_text])))
-        plot_saliency(inputs, os.path.join(args.out, "microscope_saliency.png"))
+    if rows:  # the accuracy columns: clean, then each attack, after the five that name the run
+        columns = list(rows[0])[5:]
+        headers = ["clean acc" if c == "clean_acc" else c.replace("_", " ").upper().replace(
+            "PGD", f"PGD-{args.pgd_steps}") for c in columns]
+        written = write_tables(args.out, "microscope", rows,
+                               microscope_table(rows, len(x), columns, headers, args),
+                               *microscope_paired(rows, columns, headers, baseline, kernel_prior))
+        written.append("microscope_saliency.png")
+        plot_saliency(x, y, firsts.values(), os.path.join(args.out, written[-1]))
     if inputs["visualized"]:
         classes = torch.arange(min(10, *(cnn.fc.out_features for cnn in inputs["visualized"])))
         images = [class_visualization(on_pixels(cnn), classes) for cnn in inputs["visualized"]]
@@ -748,17 +730,8 @@ def microscope(inputs, args, baseline, kernel_prior):
     print(f"wrote {', '.join(f'{args.out}/{name}' for name in written)}")
 
 
-def attack_columns(rows, args):
-    """The accuracy columns of microscope.csv (clean, then each attack, after the five columns
-    that say which run it is) and their headers."""
-    columns = list(rows[0])[5:]
-    return columns, ["clean acc" if c == "clean_acc" else c.replace("_", " ").upper().replace(
-        "PGD", f"PGD-{args.pgd_steps}") for c in columns]
-
-
-def microscope_table(rows, images, args):
+def microscope_table(rows, images, columns, headers, args):
     """microscope.md: one row per configuration (in the rows' order), mean ± std over its runs."""
-    columns, headers = attack_columns(rows, args)
     lines = [[config, runs] + [mean_std_cell(stats[c]) for c in columns]
              for config, (runs, stats) in group_stats(rows, columns).items()]
     return (f"Accuracy under attack on {images} test images of {args.test_data} (L-inf in pixel "
@@ -767,14 +740,12 @@ def microscope_table(rows, images, args):
             + md_table(["configuration", "runs", *headers], lines))
 
 
-def microscope_paired(rows, baseline, kernel_prior, args):
+def microscope_paired(rows, columns, headers, baseline, kernel_prior):
     """microscope_paired.csv/.md: the compare step's paired differences (paired_difference: the
     runs matched by (subset, seed), the interval over the draws) for the clean accuracy and the
     accuracy under each attack; every row against the baseline, every other row against λ = 1."""
-    columns, headers = attack_columns(rows, args)
-    configs = list(dict.fromkeys(r["configuration"] for r in rows))
     results, lines = [], []
-    for config, reference in reference_pairs(configs, baseline, kernel_prior):
+    for config, reference in reference_pairs(rows, baseline, kernel_prior):
         diffs = [paired_difference(rows, config, reference, metric) for metric in columns]
         results += [{"metric": metric, **d} for metric, d in zip(columns, diffs)]
         # one cell a metric: "+0.012 [-0.020, +0.044] not shown", "+0.012 [...]", "+0.012" or "-"
@@ -789,16 +760,13 @@ def microscope_paired(rows, baseline, kernel_prior, args):
                                                  + "---|" * len(headers)))
 
 
-def plot_saliency(inputs, path, count=6):
+def plot_saliency(x, y, cnns, path, count=6):
     """microscope_saliency.png: the first `count` test images (top row) and below them their
     saliency maps under the first run of each configuration (a row each, in the table's order),
     each map scaled to its own maximum and coloured black-red-yellow-white."""
-    x, y = inputs["x"][:count], inputs["y"][:count]
-    firsts = {}
-    for _, label, cnn, *_ in inputs["attacked"]:
-        firsts.setdefault(label, cnn)
+    x, y = x[:count], y[:count]
     grid = [x]
-    for cnn in firsts.values():
+    for cnn in cnns:
         maps = saliency(on_pixels(cnn), x, y)
         maps = (maps / maps.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]).numpy()
         grid.append(torch.from_numpy(plt.cm.hot(maps)[..., :3]).permute(0, 3, 1, 2).float())
