@@ -55,21 +55,25 @@ import torchvision
 # ----------------------------------------------------------------------------- config
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
-    p.add_argument("--checkpoints", default="checkpoints", help="folder of *.pt, or a glob (ours)")
-    p.add_argument("--layers", nargs="+", default=["conv1", "conv2"], help="one bank each (paper)")
-    p.add_argument("--out", default="kernels", help="output folder (ours)")
-    p.add_argument("--grid-kernels", type=int, default=64, help="kernels in a figure grid (ours)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the kernels shown (ours)")
-    p.add_argument("--compare", nargs="+", metavar="CKPT", help="trained runs to compare (ours)")
-    p.add_argument("--bank", default="kernels/conv1_7x7.pt", help="bank of --compare (ours)")
-    p.add_argument("--test-data", metavar="PATH_OR_NAME", help="the microscope's test data (ours)")
-    p.add_argument("--data-root", default="data", help="where torchvision downloads (ours)")
-    p.add_argument("--attack-images", type=int, default=200, help="test images per run (ours)")
-    p.add_argument("--epsilons", type=float, nargs="+", default=[1, 2, 4], help="radii /255 (ours)")
-    p.add_argument("--pgd-steps", type=int, default=10, help="of 2.5 eps / steps (Madry et al.)")
+    p.register("type", None, os.path.expanduser)  # a string flag (a path): ~ expanded
+    add = p.add_argument  # the source of each default in (...); the why: docs/defaults.md
+    add("--checkpoints", default="checkpoints", help="folder of *.pt, or a glob: banks (ours)")
+    add("--layers", nargs="+", default=["conv1", "conv2"], help="one bank each (paper)")
+    add("--out", default="kernels", help="output folder (ours)")
+    add("--grid-kernels", type=int, default=64, help="kernels in a figure grid (ours)")
+    add("--seed", type=int, default=0, help="seed of the kernels shown (ours)")
+    add("--compare", nargs="+", metavar="CKPT", help="trained runs: the kernel metrics' tables")
+    add("--bank", default="kernels/conv1_7x7.pt", help="bank of --compare (ours)")
+    add("--test-data", help="the microscope: FGSM / PGD accuracy, saliency maps, class images")
+    add("--data-root", default="data", help="where torchvision downloads (ours)")
+    add("--attack-images", type=int, default=200, help="test images per run (ours)")
+    add("--epsilons", type=float, nargs="+", default=[1, 2, 4], help="radii /255 (ours)")
+    add("--pgd-steps", type=int, default=10, help="of 2.5 eps / steps (Madry et al.)")
     args = p.parse_args(argv)
     unknown = [layer for layer in args.layers if layer not in CONV_SHAPES]
+    missing = [path for path in args.compare or [] if not os.path.isfile(path)]
     for failed, message in [
+        (missing, f"--compare {' '.join(missing)}: no such file (a pattern that matched none?)"),
         (unknown, f"unknown layer(s) {unknown}; the paper's CNN has {', '.join(CONV_SHAPES)}"),
         (args.grid_kernels < 1, "--grid-kernels must be >= 1"),
         (args.test_data and not args.compare, "--test-data is for --compare (trained runs)"),

@@ -538,6 +538,8 @@ def test_collect_compare_labels_rows_and_accuracy_columns(tmp_path, capsys):
     torch.save({**load(paths["t1"]), "format": 1}, tmp_path / "old.pt")  # before rows were kept
     assert "checkpoint format 1, not 2" in user_error(capsys, collect_kernels.main, "--compare",
                                                       tmp_path / "old.pt", "--bank", bank)
+    said = user_error(capsys, collect_kernels.main, "--compare", tmp_path / "no/*/model.pt")
+    assert "no/*/model.pt: no such file (a pattern that matched none?)" in said  # not "corrupt"
 
 # ----------------------------------------------------------------------------- the microscope
 def microscope_cnn(classes=10):
@@ -716,7 +718,8 @@ def test_microscope_end_to_end_rows_figures_and_bad_input(tiny_data, pretrained,
 @pytest.mark.parametrize("module, argv", [
     (pretrain, ["--data", "~/d", "--out", "~/o", "--evaluate", "~/a.pt", "~/b.pt"]),
     (train_small, ["--data", "~/d", "--init-from", "~/m{seed}.pt", "--out", "~/o"]),
-    (train_advreg, ["--data", "~/d", "--bank", "~/b.pt", "--init-bank", "~/i.pt"])])
+    (train_advreg, ["--data", "~/d", "--bank", "~/b.pt", "--init-bank", "~/i.pt"]),
+    (collect_kernels, ["--checkpoints", "~/c", "--bank", "~/b.pt", "--out", "~/o"])])
 def test_a_quoted_tilde_in_a_path_flag_is_the_home_folder(module, argv):
     """bash leaves ~ as it is inside quotes (T="--data ~/data/cifar10" in the docs): every path
     flag expands it (catches a path read as given: "neither cifar10 ... nor a folder")."""
