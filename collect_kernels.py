@@ -925,7 +925,7 @@ def resize_uint8(x, size):
 def write_atomic(path, write):
     """write(tmp) to a temporary name, then rename it to `path`: a Ctrl-C, a kill or a full disk
     never leaves half a file, and the previous version stays until the new one is whole."""
-    tmp = path + ".tmp" + os.path.splitext(path)[1]  # savefig reads the format from the end
+    tmp = f"{path}.tmp{os.path.splitext(path)[1]}"  # savefig reads the format from the end
     try:
         write(tmp)
         os.replace(tmp, path)
