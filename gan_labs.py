@@ -113,8 +113,9 @@ def add_lab_flags(p, lab):
                        help="BN after D's conv1 (default: on, seed 003; off at 64 px)")
     if lab == "cdcgan":
         p.add_argument("--no-label-in-d", action="store_true", help="D sees x only (default: x, y)")
+    if lab == "vanilla":
+        p.add_argument("--d-dropout", type=float, help="dropout after D's layers (seed 004)")
     if lab in ("vanilla", "wgan"):
-        p.add_argument("--d-dropout", type=float, help="MLP D's (default: 0.3, seed 004; wgan: 0)")
         p.add_argument("--g-bn", action="store_true", help="BN in the MLP G (default: off)")
     if lab == "wgan":
         p.add_argument("--constraint", choices=["clip", "gp", "none"], default="gp",
@@ -122,6 +123,7 @@ def add_lab_flags(p, lab):
         p.add_argument("--critic", dest="discriminator", choices=["conv", "mlp"],
                        help="4 strided convs, or vanilla's D (seed 004)")
         p.add_argument("--generator", choices=["dcgan", "mlp"], help="DCGAN's or vanilla's (ours)")
+        p.add_argument("--d-dropout", type=float, help="--critic mlp's (default: 0.0, WGAN-GP)")
         p.add_argument("--clip", type=float, default=0.01, help="c of the clipping (WGAN)")
         p.add_argument("--gp-lambda", type=float, default=10.0, help="penalty weight (WGAN-GP)")
         p.add_argument("--n-critic", dest="g_every", type=int, metavar="N",
