@@ -756,7 +756,7 @@ def save_run(path, nets, args, epoch, history, wall):
                                   "command": " ".join(["python"] + sys.argv)})
 
 
-def write_summary(args, device, wall, history, extra):
+def save_summary(args, device, wall, history, extra):
     """summary.json: how the run ran (the same keys for every lab and DANN), then its own keys."""
     write_json(os.path.join(args.out, "summary.json"), {
         "lab": args.lab, "command": " ".join(["python"] + sys.argv), "device": str(device),
@@ -828,7 +828,7 @@ def save_outputs(args, g, history, wall, metrics, classes, channels, k, device):
     if metrics:
         write_csv(os.path.join(args.out, "eval.csv"), metrics)
     last = history[-10:]
-    write_summary(args, device, wall, history, {
+    save_summary(args, device, wall, history, {
         "s_per_iter": round(sum(r["s_per_iter"] for r in last) / max(len(last), 1), 4),
         "final": history[-1] if history else {}, "metrics": metrics,
         "args": dict(vars(args), classes=classes, channels=channels)})
@@ -1192,7 +1192,7 @@ def save_dann_outputs(args, net, data, history, wall, device):
     ax.legend(markerscale=4)
     save_figure(fig, os.path.join(args.out, "features.png"))
     last = history[-1] if history else dann_accuracies(net, data)
-    write_summary(args, device, wall, history, {
+    save_summary(args, device, wall, history, {
         "adapt": not args.no_adapt, "method": dann_method(args),
         "pseudo_labels": data.get("pseudo_stats"), "source_acc": last["source_acc"],
         "target_acc": last["target_acc"], "domain_acc": last["domain_acc"],
