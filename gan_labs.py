@@ -704,7 +704,7 @@ def train(args, x_train, y_train, k, device):
     g, d = (net.to(device, memory_format=layout) for net in build_models(args, x_train.shape[1], k))
     opt_g, opt_d = make_optimizers(args, g, d)
     nets = {"g": g, "d": d, "opt_g": opt_g, "opt_d": opt_d}
-    path, start, history, wall = resume_run(args, nets)
+    path, start, history, wall = start_run(args, nets)
     n_g, n_d = (sum(p.numel() for p in net.parameters()) for net in (g, d))
     print(f"{args.lab}: {len(x_train)} images {tuple(x_train.shape[1:])}, G {n_g:,} / D {n_d:,} "
           f"parameters, {device}, out {args.out}", flush=True)
@@ -738,7 +738,7 @@ def train(args, x_train, y_train, k, device):
     return g, history, wall
 
 
-def resume_run(args, nets):
+def start_run(args, nets):
     """The run in --out resumed into `nets` (refused if a training flag changed), or a new one:
     (its checkpoint's path, the epochs done, the history, the train wall time so far)."""
     path = os.path.join(args.out, "checkpoint.pt")
@@ -1051,7 +1051,7 @@ def train_dann(args, data, n_classes, device):
     torch.manual_seed(args.seed)
     net = DANN(n_classes).to(device)
     opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum)
-    path, start, history, wall = resume_run(args, {"net": net, "opt": opt})
+    path, start, history, wall = start_run(args, {"net": net, "opt": opt})
     (x_s, y_s), x_t = data["source"], data["target"]
     n, iters = args.batch_size, len(x_s) // args.batch_size
     for epoch in range(start, args.epochs):
