@@ -60,12 +60,11 @@ SUBCOMMANDS = {**LABS, "dann": "DANN (Ganin et al., 2016), seed 003's domain-ada
 LAB_DEFAULTS = {
     "dcgan": dict(batch_size=128, beta1=0.5, lr=2e-4, init="dcgan", g_every=1,
                   generator="dcgan", discriminator="dcgan"),
-    "cdcgan": dict(batch_size=128, beta1=0.5, lr=2e-4, init="dcgan", g_every=1,
-                   generator="dcgan", discriminator="dcgan"),
     "vanilla": dict(batch_size=128, beta1=0.5, lr=2e-4, init="default", g_every=1, d_dropout=0.3,
                     generator="mlp", discriminator="mlp"),
     "wgan": dict(batch_size=64, beta1=0.0, lr=1e-4, init="default", g_every=5, d_dropout=0.0,
                  generator="dcgan", discriminator="conv", train_only=None)}
+LAB_DEFAULTS["cdcgan"] = LAB_DEFAULTS["dcgan"]  # DCGAN's nets and settings, with the labels
 WGAN_CLIP_LR = 5e-5  # WGAN Alg. 1, with RMSProp
 LR_HELP = "(default: 2e-4, DCGAN; wgan: 1e-4, WGAN-GP, or 5e-5 with --constraint clip, WGAN)"
 CLASSIFIER_SIZE = 32  # the metric network sees every image at 32x32, whatever the lab's size
@@ -170,22 +169,17 @@ def parse_args(argv=None):
             p.add_argument("--epochs", type=int, default=2, help="a cached one is reused (ours)")
     args = parser.parse_args(argv)
     p = sub.choices[args.lab]
+    fill_defaults(p, args)
     for bad, message in range_checks(args):
         if bad:
             p.error(message)
-    fill_defaults(p, args)
     return args
-
-
-def image_size(args):
-    """--image-size, else 32 with a DCGAN net (seed 003) and 28 without (seed 004's 784 inputs)."""
-    return args.image_size or (32 if "dcgan" in (args.generator, args.discriminator) else 28)
 
 
 def range_checks(args):
     """(condition, message): a flag out of range, or flags that do not go together."""
     get, lab = vars(args).get, args.lab in LABS
-    size = image_size(args) if lab else 32
+    size = get("image_size", 32)
     lambdas = [flag for flag, on in (("--no-adapt", get("no_adapt")), ("--no-reversal",
                get("no_reversal")), ("--lam", get("lam") is not None), ("--pseudo-labels",
                bool(get("pseudo_labels")))) if on]
@@ -220,7 +214,8 @@ def fill_defaults(p, args):
         if args.lab == "dann":
             args.out = args.out or default_out(p, args)
         return
-    size = image_size(args)
+    # --image-size: 32 with a DCGAN net (seed 003), else 28 (seed 004's 784 inputs)
+    size = args.image_size or (32 if "dcgan" in (args.generator, args.discriminator) else 28)
     lr = WGAN_CLIP_LR if getattr(args, "constraint", "") == "clip" else LAB_DEFAULTS[args.lab]["lr"]
     derived = {"ngf": 64 if size == 64 else 32, "ndf": 64 if size == 64 else 32, "lr_g": lr,
                "lr_d": lr} | ({"first_bn": size != 64} if hasattr(args, "first_bn") else {})
@@ -231,19 +226,14 @@ def fill_defaults(p, args):
     args.image_size = size
 
 
-def free_flags(lab):
-    """The flags a run may change when it resumes; DANN's schedules run over all --epochs."""
-    return RUN_FLAGS - {"epochs"} if lab == "dann" else RUN_FLAGS
-
-
 def default_out(p, args, derived=None):
     """runs/gan/<data>/<lab>, then each flag that differs from the lab's default (derived: the
     defaults that depend on other flags)."""
     name, derived = args.lab, derived or {}
-    for key, value in vars(args).items():
+    for key, value in training_flags(args).items():
         default = derived.get(key, p.get_default(key))
         value = default if value is None and key in derived else value
-        if key not in free_flags(args.lab) | {"lab", "data"} and value != default:
+        if key not in ("lab", "data") and value != default:
             if isinstance(value, str) and os.sep in value:  # a path: its last part
                 value = os.path.basename(os.path.normpath(value))
             name += "_" + key.replace("_", "-") + ("" if value is True else f"-{value}")
@@ -251,8 +241,10 @@ def default_out(p, args, derived=None):
 
 
 def training_flags(args):
-    """The flags that change what a run computes: a checkpoint made with others is not resumed."""
-    return {k: v for k, v in vars(args).items() if k not in free_flags(args.lab)}
+    """The flags that change what a run computes: a checkpoint made with others is not resumed.
+    DANN's schedules run over all --epochs: its --epochs is one of them."""
+    free = RUN_FLAGS - {"epochs"} if args.lab == "dann" else RUN_FLAGS
+    return {k: v for k, v in vars(args).items() if k not in free}
 
 
 
@@ -712,16 +704,12 @@ def train(args, x_train, y_train, k, device):
     g, d = (net.to(device, memory_format=layout) for net in build_models(args, x_train.shape[1], k))
     opt_g, opt_d = make_optimizers(args, g, d)
     nets = {"g": g, "d": d, "opt_g": opt_g, "opt_d": opt_d}
-    path = os.path.join(args.out, "checkpoint.pt")
-    saved = resume(path, nets, training_flags(args)) or {"epoch": 0, "history": [], "wall_s": 0}
-    start, history, wall = saved["epoch"], saved["history"], saved["wall_s"]
-    if start:
-        print(f"resuming {args.lab} from {path} after epoch {start}")
-    os.makedirs(args.out, exist_ok=True)
+    path, start, history, wall = start_run(args, nets)
     n_g, n_d = (sum(p.numel() for p in net.parameters()) for net in (g, d))
     print(f"{args.lab}: {len(x_train)} images {tuple(x_train.shape[1:])}, G {n_g:,} / D {n_d:,} "
           f"parameters, {device}, out {args.out}", flush=True)
-    aug = diff_augmenter(args.diffaug)  # the identity without --diffaug
+    policy = [name for name in args.diffaug.split(",") if name]  # DiffAugment's, on D's inputs
+    aug = functools.partial(diff_augment, policy=policy) if policy else identity
     n, iters = args.batch_size, len(x_train) // args.batch_size  # no partial batch: BN comparable
     for epoch in range(start, args.epochs):
         t0 = t_log = time.time()
@@ -744,12 +732,36 @@ def train(args, x_train, y_train, k, device):
         save_samples(g, args, epoch + 1, k, device)
         write_csv(os.path.join(args.out, "metrics.csv"), history)
         plot_lines(os.path.join(args.out, "curves.png"), curve_panels(history, args.lab))
-        save_checkpoint(path, nets | {"lab": args.lab, "epoch": epoch + 1, "history": history,
-                                      "flags": training_flags(args), "wall_s": wall,
-                                      "command": " ".join(["python"] + sys.argv)})
+        save_run(path, nets, args, epoch + 1, history, wall)
     if start >= args.epochs:
         print(f"{path} already holds {start} epochs; writing the outputs again")
     return g, history, wall
+
+
+def start_run(args, nets):
+    """The run in --out resumed into `nets` (refused if a training flag changed), or a new one:
+    (its checkpoint's path, the epochs done, the history, the train wall time so far)."""
+    path = os.path.join(args.out, "checkpoint.pt")
+    saved = resume(path, nets, training_flags(args)) or {"epoch": 0, "history": [], "wall_s": 0}
+    if saved["epoch"]:
+        print(f"resuming {args.lab} from {path} after epoch {saved['epoch']}")
+    os.makedirs(args.out, exist_ok=True)
+    return path, saved["epoch"], saved["history"], saved["wall_s"]
+
+
+def save_run(path, nets, args, epoch, history, wall):
+    """The checkpoint of a GAN lab's or DANN's run: its nets, optimizers, history and flags."""
+    save_checkpoint(path, nets | {"lab": args.lab, "epoch": epoch, "history": history,
+                                  "flags": training_flags(args), "wall_s": wall,
+                                  "command": " ".join(["python"] + sys.argv)})
+
+
+def save_summary(args, device, wall, history, extra):
+    """summary.json: how the run ran (the same keys for every lab and DANN), then its own keys."""
+    write_json(os.path.join(args.out, "summary.json"), {
+        "lab": args.lab, "command": " ".join(["python"] + sys.argv), "device": str(device),
+        "threads": torch.get_num_threads(), "train_wall_s": round(wall, 1),
+        "iterations": history[-1]["iter"] if history else 0, "epochs": args.epochs} | extra)
 
 
 def accumulate(sums, out):
@@ -816,19 +828,11 @@ def save_outputs(args, g, history, wall, metrics, classes, channels, k, device):
     if metrics:
         write_csv(os.path.join(args.out, "eval.csv"), metrics)
     last = history[-10:]
-    write_json(os.path.join(args.out, "summary.json"), run_summary(args, device, wall, history) | {
+    save_summary(args, device, wall, history, {
         "s_per_iter": round(sum(r["s_per_iter"] for r in last) / max(len(last), 1), 4),
         "final": history[-1] if history else {}, "metrics": metrics,
         "args": dict(vars(args), classes=classes, channels=channels)})
     print(f"wrote {args.out}/ (train wall time {wall:.0f} s)")
-
-
-def run_summary(args, device, wall, history):
-    """What every run's summary.json says of how it ran."""
-    return {"lab": args.lab, "command": " ".join(["python"] + sys.argv),
-            "device": str(device), "threads": torch.get_num_threads(),
-            "train_wall_s": round(wall, 1),
-            "iterations": history[-1]["iter"] if history else 0, "epochs": args.epochs}
 
 
 # ----------------------------------------------------------------------------- memorization
@@ -914,12 +918,11 @@ def save_memorization(out, shown, near_f, near_p, x_train, d_fake, d_test):
     q = torch.tensor([0.05, 0.5, 0.95])
     stats = {name: dict(zip(("p05", "median", "p95"), d.quantile(q).tolist()), mean=d.mean().item())
              for name, d in (("samples", d_fake), ("test", d_test))}
-    summary = {"n": len(d_fake), "space": "metric network features (128-d)", **stats,
-               "median_ratio": stats["samples"]["median"] / stats["test"]["median"],
-               "share_of_samples_below_test_p05": (d_fake < stats["test"]["p05"]).double()
-               .mean().item(),
-               "nearest_of_shown": {"features": near_f[1].tolist(), "pixels": near_p[1].tolist()}}
-    write_json(os.path.join(out, "memorization.json"), summary)
+    write_json(os.path.join(out, "memorization.json"), {
+        "n": len(d_fake), "space": "metric network features (128-d)", **stats,
+        "median_ratio": stats["samples"]["median"] / stats["test"]["median"],
+        "share_of_samples_below_test_p05": (d_fake < stats["test"]["p05"]).double().mean().item(),
+        "nearest_of_shown": {"features": near_f[1].tolist(), "pixels": near_p[1].tolist()}})
     print(f"[memorization] median distance to the training set: samples "
           f"{stats['samples']['median']:.4g}, test images {stats['test']['median']:.4g}; "
           f"wrote {out}/memorization.png, nn_distances.png, memorization.json")
@@ -1048,13 +1051,9 @@ def train_dann(args, data, n_classes, device):
     torch.manual_seed(args.seed)
     net = DANN(n_classes).to(device)
     opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum)
-    path = os.path.join(args.out, "checkpoint.pt")
-    saved = resume(path, {"net": net, "opt": opt}, training_flags(args)) or {
-        "epoch": 0, "history": [], "wall_s": 0}
-    start, history, wall = saved["epoch"], saved["history"], saved["wall_s"]
+    path, start, history, wall = start_run(args, {"net": net, "opt": opt})
     (x_s, y_s), x_t = data["source"], data["target"]
     n, iters = args.batch_size, len(x_s) // args.batch_size
-    os.makedirs(args.out, exist_ok=True)
     for epoch in range(start, args.epochs):
         t0, sums = time.time(), {}
         perm_s, perm_t = (torch.randperm(len(x), device=device) for x in (x_s, x_t))
@@ -1073,9 +1072,7 @@ def train_dann(args, data, n_classes, device):
         history.append(dann_row(args, net, data, sums, epoch + 1, (epoch + 1) * iters, lam, lr,
                                 (time.time() - t0) / iters))
         write_csv(os.path.join(args.out, "metrics.csv"), history)
-        save_checkpoint(path, {"net": net, "opt": opt, "lab": "dann", "epoch": epoch + 1,
-                               "history": history, "flags": training_flags(args),
-                               "wall_s": wall, "command": " ".join(["python"] + sys.argv)})
+        save_run(path, {"net": net, "opt": opt}, args, epoch + 1, history, wall)
     return net, history, wall
 
 
@@ -1084,9 +1081,8 @@ def load_dann_data(args, device):
     or the same splits' digits blended with crops of --target-patches' training images (one fixed
     target set for every run: its own random generator). The target's training labels are
     dropped here: only its test labels are kept, to evaluate."""
-    (xs, ys, classes), (xs_test, ys_test, _) = (load_split(args.data, args.data_root, split)
-                                                for split in ("train", "test"))
-    xs, xs_test = resize_uint8(xs, 28), resize_uint8(xs_test, 28)
+    (xs, ys, classes), (xs_test, ys_test, _) = (load_data(args.data, args.data_root, split, 28,
+                                                          "cpu") for split in ("train", "test"))
     if args.target:
         (x_t, _, t_classes), (x_t_test, y_t_test, _) = (
             load_split(args.target, args.data_root, split) for split in ("train", "test"))
@@ -1196,7 +1192,7 @@ def save_dann_outputs(args, net, data, history, wall, device):
     ax.legend(markerscale=4)
     save_figure(fig, os.path.join(args.out, "features.png"))
     last = history[-1] if history else dann_accuracies(net, data)
-    write_json(os.path.join(args.out, "summary.json"), run_summary(args, device, wall, history) | {
+    save_summary(args, device, wall, history, {
         "adapt": not args.no_adapt, "method": dann_method(args),
         "pseudo_labels": data.get("pseudo_stats"), "source_acc": last["source_acc"],
         "target_acc": last["target_acc"], "domain_acc": last["domain_acc"],
@@ -1206,12 +1202,6 @@ def save_dann_outputs(args, net, data, history, wall, device):
 
 
 # ----------------------------------------------------------------------------- DiffAugment
-def diff_augmenter(policies):
-    """The DiffAugment function of --diffaug's comma-separated policies (identity for none)."""
-    policy = [p for p in policies.split(",") if p]
-    return functools.partial(diff_augment, policy=policy) if policy else identity
-
-
 def diff_augment(x, policy):
     """DiffAugment (Zhao et al., 2020): random translation (1/8 of the side, zero fill), cutout
     (a square of half the side) and colour jitter, differentiable in x: G learns through it."""
@@ -1307,11 +1297,12 @@ def main(argv=None):
     elif args.lab == "classifier":
         channels = load_split(args.data, args.data_root, "train")[0].shape[1]
         print(f"classifier {metric_net(args, channels, device)[1]}")
-    else:  # a GAN lab: train (or resume), then the metrics and the run's outputs
+    else:
         run_lab(args, device)
 
 
 def run_lab(args, device):
+    """A GAN lab: train (or resume), then the metrics and the run's outputs."""
     x_train, y_train, classes = load_data(args.data, args.data_root, "train", args.image_size,
                                           device)
     if len(x_train) < args.batch_size:
