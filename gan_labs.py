@@ -157,6 +157,7 @@ def parse_args(argv=None):
     for name, what in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=what, description=f"gan_labs.py {name}: {what}.",
                            formatter_class=HelpFormatter)
+        p.register("type", None, os.path.expanduser)  # a string flag (a path): ~ expanded
         add_common_flags(p, name)
         if name in LABS:
             add_lab_flags(p, name)

@@ -719,12 +719,15 @@ def test_microscope_end_to_end_rows_figures_and_bad_input(tiny_data, pretrained,
     (pretrain, ["--data", "~/d", "--out", "~/o", "--evaluate", "~/a.pt", "~/b.pt"]),
     (train_small, ["--data", "~/d", "--init-from", "~/m{seed}.pt", "--out", "~/o"]),
     (train_advreg, ["--data", "~/d", "--bank", "~/b.pt", "--init-bank", "~/i.pt"]),
-    (collect_kernels, ["--checkpoints", "~/c", "--bank", "~/b.pt", "--out", "~/o"])])
+    (collect_kernels, ["--checkpoints", "~/c", "--bank", "~/b.pt", "--out", "~/o"]),
+    (gan_labs, ["dann", "--data", "~/d", "--target-patches", "~/t", "--out", "~/o"]),
+    (gan_labs, ["memorization", "--run", "~/r"])])
 def test_a_quoted_tilde_in_a_path_flag_is_the_home_folder(module, argv):
     """bash leaves ~ as it is inside quotes (T="--data ~/data/cifar10" in the docs): every path
     flag expands it (catches a path read as given: "neither cifar10 ... nor a folder")."""
     args, home = vars(module.parse_args(argv)), os.path.expanduser("~")
-    for flag, value in zip(argv[::2], argv[1::2]):
+    flags = argv if argv[0].startswith("--") else argv[1:]  # after gan_labs.py's subcommand
+    for flag, value in zip(flags[::2], flags[1::2]):
         got = args[flag[2:].replace("-", "_")]
         got = got[0] if isinstance(got, list) else got
         assert got == home + value[1:], (flag, got)
