@@ -212,6 +212,19 @@ def bank_reference(bank):
     return sum(distances) / len(distances)
 
 
+def bank_floors(bank_kernels, count, draws=30):
+    """The Frechet distance's floors for `count` kernels: `draws` seeded random draws of that many
+    bank kernels, each against the whole bank (in-sample) and against the rest (out-of-sample),
+    as (mean, std) each. A run's distance is read against them, not against 0."""
+    g, inside, outside = torch.Generator().manual_seed(0), [], []
+    for _ in range(draws):
+        perm = torch.randperm(len(bank_kernels), generator=g)
+        drawn = standardize_kernels(bank_kernels[perm[:count]])
+        inside.append(frechet_distance(drawn, standardize_kernels(bank_kernels)))
+        outside.append(frechet_distance(drawn, standardize_kernels(bank_kernels[perm[count:]])))
+    return mean_std(inside), mean_std(outside)
+
+
 def compare(args):
     """--compare: every finished run's kernels against the bank; a table row per configuration,
     and each row's difference to the baseline and to λ = 1 over matched runs."""
@@ -236,6 +249,11 @@ def compare(args):
     groups = group_stats(rows)
     os.makedirs(args.out, exist_ok=True)
     table = grouped_table(groups, rows, bank_row, args.bank)
+    if rows[0]["kernels"] < len(bank_kernels):  # the floors of the Frechet distance
+        inside, outside = bank_floors(bank_kernels, rows[0]["kernels"])
+        table += (f"\nThe Fréchet distance's floors for {rows[0]['kernels']} kernels (30 draws of "
+                  f"that many bank kernels): against the whole bank {mean_std_cell(inside)}, "
+                  f"against the rest of it {mean_std_cell(outside)}.\n")
     tables = write_tables(args.out, "compare", rows, table,
                           *paired_table(rows, baseline, kernel_prior))
     figures = plot_compare(args, list(panels.items()), groups, rows, bank_row)

@@ -523,6 +523,19 @@ def test_collect_compare_labels_rows_and_accuracy_columns(tmp_path, capsys):
     assert rows["LP-FT"]["train acc"] == "1.000 ± 0.000"
     bank_row = rows["bank (2 sources)"]
     assert (bank_row["train acc"], bank_row["near-zero kernels"]) == ("-", "0.000")
+    # the Frechet distance's floors: 30 seeded draws of a run's count of bank kernels, each
+    # against the whole bank and against the rest (catches the in- and out-of-sample floors
+    # swapped, the draws not seeded, the rest's statistics taken from the whole bank)
+    kernels, std = load(bank)["kernels"].float(), collect_kernels.standardize_kernels
+    g, floors = torch.Generator().manual_seed(0), ([], [])
+    for _ in range(30):
+        perm = torch.randperm(len(kernels), generator=g)
+        for floor, reference in zip(floors, (kernels, kernels[perm[192:]])):
+            floor.append(collect_kernels.frechet_distance(std(kernels[perm[:192]]), std(reference)))
+    inside, outside = (torch.tensor(f, dtype=torch.float64) for f in floors)
+    assert (f"for 192 kernels (30 draws of that many bank kernels): against the whole bank "
+            f"{inside.mean():.3f} ± {inside.std():.3f}, against the rest of it "
+            f"{outside.mean():.3f} ± {outside.std():.3f}.") in " ".join(lines)
     csv_rows = list(csv.DictReader(open(out / "compare.csv")))
     assert len(csv_rows) == len(paths) - 1  # one row per finished checkpoint
     amp = next(r for r in csv_rows if r["model"] == str(paths["amp"]))
