@@ -212,16 +212,15 @@ def bank_reference(bank):
     return sum(distances) / len(distances)
 
 
-def bank_floors(bank_kernels, count, draws=30):
+def bank_floors(bank_std, count, draws=30):
     """The Frechet distance's floors for `count` kernels: `draws` seeded random draws of that many
-    bank kernels, each against the whole bank (in-sample) and against the rest (out-of-sample),
-    as (mean, std) each. A run's distance is read against them, not against 0."""
+    (standardized) bank kernels, each against the whole bank (in-sample) and against the rest
+    (out-of-sample), as (mean, std) each. A run's distance is read against them, not against 0."""
     g, inside, outside = torch.Generator().manual_seed(0), [], []
     for _ in range(draws):
-        perm = torch.randperm(len(bank_kernels), generator=g)
-        drawn = standardize_kernels(bank_kernels[perm[:count]])
-        inside.append(frechet_distance(drawn, standardize_kernels(bank_kernels)))
-        outside.append(frechet_distance(drawn, standardize_kernels(bank_kernels[perm[count:]])))
+        perm = torch.randperm(len(bank_std), generator=g)
+        inside.append(frechet_distance(bank_std[perm[:count]], bank_std))
+        outside.append(frechet_distance(bank_std[perm[:count]], bank_std[perm[count:]]))
     return mean_std(inside), mean_std(outside)
 
 
@@ -250,7 +249,7 @@ def compare(args):
     os.makedirs(args.out, exist_ok=True)
     table = grouped_table(groups, rows, bank_row, args.bank)
     if rows[0]["kernels"] < len(bank_kernels):  # the floors of the Frechet distance
-        inside, outside = bank_floors(bank_kernels, rows[0]["kernels"])
+        inside, outside = bank_floors(bank_std, rows[0]["kernels"])  # per kernel: indexable
         table += (f"\nThe Fréchet distance's floors for {rows[0]['kernels']} kernels (30 draws of "
                   f"that many bank kernels): against the whole bank {mean_std_cell(inside)}, "
                   f"against the rest of it {mean_std_cell(outside)}.\n")
