@@ -3551,3 +3551,40 @@ def test_gan_cdcgan_nets_read_their_labels():
         with torch.no_grad():
             assert (g(z, y0) - g(z, y1)).flatten(1).abs().amax(1).min() > 0
             assert (d(x, y0) != d(x, y1)).all() == d_reads
+
+
+def test_compare_reads_a_transferred_conv1_against_the_bank_without_its_source(tiny_data,
+                                                                              tmp_path):
+    """A bank of three sources, each a Gaussian of kernels around its own pattern; a run whose
+    conv1 is source 1's (--init-from, frozen) gets "Frechet to bank w/o its source": its kernels
+    against sources 0 and 2 only (found by the file's hash, kept in the run and the bank), far
+    above its in-sample distance to the whole bank; a run from scratch gets none (catches the
+    wrong source left out, none left out, the hash not matched)."""
+    sources, convs = tmp_path / "sources", []
+    sources.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(3):
+        net = pretrain.PaperCNN(10)
+        with torch.no_grad():
+            net.conv1.weight.copy_(3 * torch.randn(7, 7, generator=g)
+                                   + torch.randn(64, 3, 7, 7, generator=g))
+        convs.append(net.conv1.weight.detach().reshape(-1, 7, 7))
+        torch.save({"arch": "PaperCNN", "model": net.state_dict()}, sources / f"m_seed{i}.pt")
+    collect_kernels.main(["--checkpoints", str(sources), "--layers", "conv1", "--out",
+                          str(tmp_path / "bank")])
+    common = ["--data", str(tiny_data), "--per-class", "2", "--epochs", "1", "--seeds", "1"]
+    train_small.main(common + ["--init-from", str(sources / "m_seed{seed}.pt"), "--transfer",
+                               "conv1", "--freeze", "conv1", "--out", str(tmp_path / "t")])
+    train_small.main(common + ["--out", str(tmp_path / "b")])
+    collect_kernels.main(["--compare", str(tmp_path / "t/seed1/model.pt"),
+                          str(tmp_path / "b/seed1/model.pt"), "--bank",
+                          str(tmp_path / "bank/conv1_7x7.pt"), "--out", str(tmp_path / "cmp")])
+    with open(tmp_path / "cmp" / "compare.csv") as f:
+        scratch, transferred = list(csv.DictReader(f))  # the table's order: baseline first
+    assert transferred["configuration"] == "transfer conv1, frozen conv1"
+    std = collect_kernels.standardize_kernels
+    want = collect_kernels.frechet_distance(std(convs[1]), std(torch.cat([convs[0], convs[2]])))
+    assert float(transferred["frechet_without_source"]) == pytest.approx(want, rel=1e-6)
+    assert want > 1.4 * float(transferred["frechet_to_bank"])  # in-sample: much closer
+    assert scratch["frechet_without_source"] == ""
+    assert "Frechet to bank w/o its source" in (tmp_path / "cmp" / "compare.md").read_text()
