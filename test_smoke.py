@@ -2869,9 +2869,12 @@ def test_gan_bf16_runs_finish_and_write_their_outputs(lab, gan_common, tmp_path,
 
 # ----------------------------------------------------------------------------- front page and flags
 import argparse  # noqa: E402  (this part's own imports)
+import fnmatch  # noqa: E402
 import glob  # noqa: E402
 import pathlib  # noqa: E402
 import shlex  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
 
 BF16_SCRIPTS = (pretrain, train_small, train_advreg, gan_labs)  # the scripts with --precision
 SLOW_BF16 = "warning: this CPU has no native bf16"
@@ -3130,6 +3133,93 @@ def test_readme_and_docs_commands_use_only_flags_that_help_lists():
     assert [w.split(":")[0] for w in undefined_flags_in_prose(said, accepted)] == ["--data",
                                                                                    "--seed"]
     assert undefined_flags_in_prose("The trainers take `--precison bf16`.", accepted)
+
+
+def shell_commands(text, home="/home/student"):
+    """Every `python SCRIPT ...` that a page's code blocks run, as bash expands it: the blocks
+    run in order in one bash, with `python` a function that prints its words, nothing on PATH
+    (no other program runs) and HOME a fixed folder; [(block number, words)]."""
+    script = ['python() { printf "%s\x1f" "@@$BLOCK" "$@"; printf "\n"; }', 'nohup() { "$@"; }']
+    blocks = re.findall(r"^```([^\n]*)\n(.*?)^```", text, re.S | re.M)
+    for i, (info, body) in enumerate(blocks):
+        if info.strip() in ("", "bash", "sh"):
+            script.append(f"BLOCK={i}; read -r -d '' BODY <<'END_OF_BLOCK_{i}'\n{body}"
+                          f"END_OF_BLOCK_{i}\neval \"$BODY\" 2>/dev/null")
+    proc = subprocess.run([shutil.which("bash"), "-c", "\n".join(script)], capture_output=True,
+                          text=True, env={"HOME": home, "PATH": ""}, cwd=tempfile.mkdtemp(),
+                          timeout=60)
+    words = [line.split("\x1f")[:-1] for line in proc.stdout.splitlines()]
+    return [(int(w[0][2:]), w[1:]) for w in words if w and w[0].startswith("@@")]
+
+
+def path_values(parser, words):
+    """(flag, value) of every path flag (a string flag without choices) that a command's words
+    give, as argparse reads them; and the command's --out (or its default)."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        found, parsed = [], parser.parse_args(words)
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if subparsers:
+        parser = subparsers[0].choices[words[0]]
+    for action in parser._actions:
+        dest = getattr(parsed, action.dest, None)
+        if (action.option_strings and action.type is None and action.choices is None
+                and action.nargs != 0 and dest and action.dest not in ("layers", "diffaug")
+                and any(w.split("=")[0] in action.option_strings for w in words)):
+            found += [(action.option_strings[-1], v) for v in ([dest] if isinstance(dest, str)
+                                                                else dest)]
+    return found, getattr(parsed, "out", None)
+
+
+def misplaced_paths(pages, home="/home/student"):
+    """Each documented command that its parser refuses (a placeholder such as `--seed S`), and
+    each path flag's value that is neither a dataset name, nor under $HOME, nor under the --out
+    of a documented command (a misspelt variable, which bash expands to nothing; a path that no
+    command makes); --out, --data-root and --cache-dir name outputs and are not checked."""
+    parsers = {m.__name__ + ".py": parser_of(m) for m in SCRIPTS}
+    datasets = set(train_small.TORCHVISION_DATASETS)
+    commands, outs, wrong = [], [], []
+    for page, text in pages.items():
+        for block, words in shell_commands(text, home):
+            script = os.path.basename(words[0]) if words else ""
+            if script in parsers:
+                try:
+                    with pytest.MonkeyPatch.context() as mp:  # the scripts expand ~ themselves
+                        mp.setenv("HOME", home)
+                        values, out = path_values(parsers[script], words[1:])
+                except SystemExit:
+                    wrong.append(f"{page} block {block}: {script} does not parse: {words[1:]}")
+                    continue
+                commands.append((page, block, script, values))
+                outs += [out] if out else []
+    for page, block, script, values in commands:
+        for flag, value in values:
+            if flag in ("--out", "--data-root", "--cache-dir") or value in datasets \
+                    or value.startswith(home + "/"):
+                continue
+            parts = value.split("/")
+            if not any(len(o.split("/")) <= len(parts) and all(
+                    fnmatch.fnmatch(p, q) or fnmatch.fnmatch(q, p)
+                    for p, q in zip(parts, o.rstrip("/").split("/"))) for o in outs):
+                wrong.append(f"{page} block {block}: {script} {flag} {value}: no command makes it")
+    return wrong
+
+
+def test_docs_command_blocks_run_as_written_in_bash():
+    """The code blocks of README.md and docs/*.md, run by bash (their assignments and loops
+    expanded as a user's shell does, no program run): every command parses (types, choices),
+    and every path it reads is a dataset name, under $HOME, or made by a documented command.
+    The check can fail: a misspelt variable, a placeholder and a path nothing makes are found
+    (a `~` inside quotes is fine: bash leaves it, and every path flag expands it)."""
+    pages = {os.path.basename(p): open(p).read() for p in front_pages()}
+    assert sum(len(shell_commands(t)) for t in pages.values()) >= 150
+    assert misplaced_paths(pages) == []
+    planted = {'T="--data $HOEM/data/cifar10 --seeds 0"\npython train_small.py $T --out runs/x':
+               "train_small.py --data /data/cifar10: no command makes it",
+               "python gan_labs.py dcgan --seed S --out runs/g": "gan_labs.py does not parse",
+               "python train_advreg.py --bank kernels/nowhere.pt": "train_advreg.py --bank"}
+    for block, said in planted.items():
+        found = misplaced_paths({"page": f"```\n{block}\n```\n"})
+        assert len(found) == 1 and said in found[0], (block, found)
 
 
 class FakeTorchvisionSet:
