@@ -3678,3 +3678,23 @@ def test_compare_reads_a_transferred_conv1_against_the_bank_without_its_source(t
     assert want > 1.4 * float(transferred["frechet_to_bank"])  # in-sample: much closer
     assert scratch["frechet_without_source"] == ""
     assert "Frechet to bank w/o its source" in (tmp_path / "cmp" / "compare.md").read_text()
+
+
+def test_gan_memorization_check_samples_g_at_its_fixed_z_and_labels(gan_data):
+    """memorization_check asks G for the 64 samples of the seed's fixed z (labels 0, 1, ..., k-1
+    in turn, for the cDCGAN), then for n samples of the seed + 4 stream: read back from a G that
+    records what it is given (catches an unseeded z, a lost label)."""
+    x = gan_labs.load_data(str(gan_data), "data", "train", 32, torch.device("cpu"))[0]
+    calls = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, z, y=None):
+            calls.append((z.clone(), y))
+            return gan_labs.to_float(x[:len(z)].repeat(3, 1, 1, 1)[:len(z)])
+    torch.manual_seed(0)
+    net = gan_labs.metric_classifier(1, GAN_CLASSES)
+    gan_labs.memorization_check(Recorder(), net, x, x[:20], 7, 3, 5, 20)
+    (z_shown, y_shown), (z_n, y_n) = calls
+    assert torch.equal(z_shown, torch.randn(64, 7, generator=torch.Generator().manual_seed(5)))
+    assert torch.equal(z_n, torch.randn(20, 7, generator=torch.Generator().manual_seed(9)))
+    assert torch.equal(y_shown, torch.arange(64) % 3) and torch.equal(y_n, torch.arange(20) % 3)
