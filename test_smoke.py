@@ -186,9 +186,17 @@ def test_authors_models_give_a_bank_and_an_accuracy(authors_models, tiny_data, t
     assert torch.equal(bank["kernels"][192:], seed1.reshape(-1, 7, 7))
     assert bank["format"] == "authors" and bank["seeds"] == [0, 1]
     paths = sorted(str(p) for p in authors_models.glob("*.pt"))
+    (tmp_path / "ev").mkdir()  # an existing folder is fine: a new evaluation overwrites
     pretrain.main(["--evaluate", *paths, "--data", str(tiny_data), "--out", str(tmp_path / "ev")])
-    assert "mean ± std over 2 checkpoints" in capsys.readouterr().out
-    accs = json.loads((tmp_path / "ev" / "evaluation.json").read_text())["test_acc"]
+    said = capsys.readouterr().out
+    evaluation = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    accs = evaluation["test_acc"]
+    assert (evaluation["data"], evaluation["images"]) == (str(tiny_data), 50)
+    values = torch.tensor([accs[p] for p in paths], dtype=torch.float64)
+    assert evaluation["mean"] == pytest.approx(values.mean().item())
+    assert evaluation["std"] == pytest.approx(values.std().item())  # sample std, n - 1
+    assert f"mean ± std over 2 checkpoints: {values.mean():.4f} ± {values.std():.4f}" in said
+    assert all(f"{p}: test accuracy {accs[p]:.4f} on 50 images" in said for p in paths)
     # the expected numbers, from the authors' own nn.Sequential and images read here
     test = torchvision.datasets.ImageFolder(tiny_data / "test")
     images = torch.stack([pil_to_tensor(test.loader(p)) for p, _ in test.samples])
