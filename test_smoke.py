@@ -179,6 +179,7 @@ def test_authors_models_give_a_bank_and_an_accuracy(authors_models, tiny_data, t
     """In-process (the pretrained fixture runs both scripts as subprocesses). Catches: the authors'
     layer names mapped to the wrong layers (e.g. bn2 <-> bn3, both 128 wide), a bank that is not
     their conv1 weights, --evaluate's accuracy not the model's."""
+    (tmp_path / "bank").mkdir()  # into an existing folder too
     collect_kernels.main(["--checkpoints", str(authors_models), "--layers", "conv1",
                           "--out", str(tmp_path / "bank")])
     bank = load(tmp_path / "bank" / "conv1_7x7.pt")
