@@ -2796,7 +2796,7 @@ def test_gan_dann_end_to_end_with_and_without_adaptation(gan_dann_runs):
             assert float(r["lambda"]) == pytest.approx(lam, rel=1e-6)
             assert float(r["lr"]) == pytest.approx(0.01 / (1 + 10 * p) ** 0.75, rel=1e-6)
         summary = json.loads((out / "summary.json").read_text())
-        assert summary["adapt"] == (name == "adapt")
+        assert summary["adapt"] == (name == "adapt") and summary["train_wall_s"] > 0
         for key in ("source_acc", "target_acc", "domain_acc"):
             assert 0 <= summary[key] <= 1 and summary[key] == float(rows[-1][key])
     adapt, no_adapt = (gan_ckpt(gan_dann_runs / n)["net"] for n in ("adapt", "no_adapt"))
@@ -3707,3 +3707,57 @@ def test_gan_memorization_check_samples_g_at_its_fixed_z_and_labels(gan_data):
     assert torch.equal(z_shown, torch.randn(64, 7, generator=torch.Generator().manual_seed(5)))
     assert torch.equal(z_n, torch.randn(20, 7, generator=torch.Generator().manual_seed(9)))
     assert torch.equal(y_shown, torch.arange(64) % 3) and torch.equal(y_n, torch.arange(20) % 3)
+
+
+def test_row_labels_name_the_transfer_recipes_and_layer_ranges():
+    """The row labels --compare prints, from a run's flags: the fine-tune is not the probe, three
+    or more consecutive convs read as a range, two as a sum."""
+    def label(**flags):
+        args = dict(transfer=None, freeze=[], amp_epsilon=None, init_bank=None, probe_after=None,
+                    init_from=None)
+        return train_small.row_label(argparse.Namespace(**(args | flags)))["label"]
+    convs = ["conv1", "conv2", "conv3", "conv4"]
+    common = dict(init_from="m_seed{seed}.pt", transfer=convs)
+    assert label(**common) == "fine-tune (transfer conv1-4)"
+    assert label(**common, freeze=convs) == "linear probe (transfer conv1-4, frozen conv1-4)"
+    assert label(init_from="m.pt", transfer=convs[1:], freeze=convs[1:]) == \
+        "transfer conv2-4, frozen conv2-4"
+    assert label(init_from="m.pt", transfer=convs[:2]) == "transfer conv1+conv2"
+    assert train_small.layers_label(["conv1", "conv3", "conv4"]) == "conv1+conv3+conv4"
+
+
+def test_conv1_from_a_small_bank_draws_with_replacement_by_seed():
+    """A bank of fewer than 192 kernels: each of conv1's 64 x 3 kernels is one of the bank's,
+    drawn with replacement, the same for the same seed and another for another seed."""
+    bank = torch.randn(50, 7, 7)
+    weights = []
+    for seed in (3, 3, 4):
+        model = train_small.PaperCNN(10)
+        train_small.init_conv1_from_bank(model, bank, seed)
+        weights.append(model.conv1.weight.detach().reshape(-1, 7, 7))
+    assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
+    found = [[i for i in range(50) if torch.equal(k, bank[i])] for k in weights[0]]
+    assert all(len(f) == 1 for f in found) and len({f[0] for f in found}) < 50 < 192
+
+
+def test_gray_images_become_three_equal_channels_at_32_pixels():
+    """as_cifar_images: a gray batch (MNIST's 28 x 28) becomes RGB with three equal channels at
+    the paper's CNN's 32 x 32; an RGB batch of that size stays as it is."""
+    gray = torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8)
+    rgb = pretrain.as_cifar_images(gray)
+    assert rgb.shape == (5, 3, 32, 32) and rgb.dtype == torch.uint8
+    assert torch.equal(rgb[:, 0], rgb[:, 1]) and torch.equal(rgb[:, 1], rgb[:, 2])
+    colour = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    assert torch.equal(pretrain.as_cifar_images(colour), colour)
+
+
+def test_gan_accuracy_counts_the_predictions_that_match():
+    """gan_labs.accuracy: 1 against the network's own predictions, 0 against any other label,
+    3/8 where three of eight match."""
+    torch.manual_seed(0)
+    net = gan_labs.metric_classifier(1, 10).eval()
+    x = torch.randint(0, 256, (8, 1, 32, 32), dtype=torch.uint8)
+    predicted = gan_labs.features(net, x, logits=True).argmax(1)
+    wrong = (predicted + 1) % 10
+    assert gan_labs.accuracy(net, x, predicted) == 1.0 and gan_labs.accuracy(net, x, wrong) == 0
+    assert gan_labs.accuracy(net, x, torch.cat([predicted[:3], wrong[3:]])) == 3 / 8
