@@ -444,24 +444,20 @@ def metric_classifier(channels, n_classes):
 
 
 def metric_net(args, channels, device):
-    """The cached metric network of --data (trained on first use) and its path, or one line."""
+    """The cached metric network of --data and its path, or one line; on first use it is trained
+    on the data's own labels and saved there."""
     key = re.sub(r"\W+", "_", os.path.abspath(args.data) if os.path.isdir(args.data) else args.data)
     path = os.path.join(args.cache_dir, f"classifier_{key.strip('_')}.pt")
-    if not os.path.exists(path):
-        print(f"training the metric classifier -> {path}")
-        return train_classifier(args, device, path), path
-    try:  # a cache file, not a run: whatever holds the classifier of images with these channels
-        saved = torch.load(path, map_location=device, weights_only=True)
-        net = metric_classifier(channels, len(saved["classes"])).to(device)
-        net.load_state_dict(saved["state"])
-    except Exception as e:
-        raise UserError(f"{path} is not a metric classifier of {channels}-channel images "
-                        f"({type(e).__name__}); delete it to train a new one")
-    return net, path
-
-
-def train_classifier(args, device, path):
-    """The metric network, trained once on the data's own labels and saved at `path`."""
+    if os.path.exists(path):
+        try:  # a cache file, not a run: whatever holds the classifier of images with these channels
+            saved = torch.load(path, map_location=device, weights_only=True)
+            net = metric_classifier(channels, len(saved["classes"])).to(device)
+            net.load_state_dict(saved["state"])
+        except Exception as e:
+            raise UserError(f"{path} is not a metric classifier of {channels}-channel images "
+                            f"({type(e).__name__}); delete it to train a new one")
+        return net, path
+    print(f"training the metric classifier -> {path}")
     x, y, classes = load_data(args.data, args.data_root, "train", CLASSIFIER_SIZE, device)
     x_test, y_test, _ = load_data(args.data, args.data_root, "test", CLASSIFIER_SIZE, device)
     torch.manual_seed(args.seed)
@@ -480,7 +476,7 @@ def train_classifier(args, device, path):
     os.makedirs(args.cache_dir, exist_ok=True)
     save_checkpoint(path, {"state": net, "channels": x.shape[1], "classes": classes,
                            "test_acc": acc})
-    return net
+    return net, path
 
 
 def accuracy(net, x, y):
@@ -532,10 +528,12 @@ def precision_recall(real, fake, k=3):
 
 
 @torch.no_grad()
-def evaluate_gan(args, g, net, k, device):
+def evaluate_gan(args, g, k, channels, device):
     """FID / precision / recall of generated vs real test images, and train vs test as the floor,
-    in the feature space of the metric network `net`. The class shares show mode collapse: a GAN
-    that drops a digit has a share near 0 for it. k: the cDCGAN's labels (0: none)."""
+    in the feature space of the metric network. The class shares show mode collapse: a GAN that
+    drops a digit has a share near 0 for it. k: the cDCGAN's labels (0: none)."""
+    net, path = metric_net(args, channels, device)
+    print(f"[evaluate] feature net {path}")
     x_test, y_test, classes = load_data(args.data, args.data_root, "test", CLASSIFIER_SIZE, device)
     x_train = load_data(args.data, args.data_root, "train", CLASSIFIER_SIZE, device)[0]
     n = min(args.eval_samples, len(x_test), len(x_train))
@@ -549,10 +547,9 @@ def evaluate_gan(args, g, net, k, device):
         f, pred = features(net, x), features(net, x, logits=True).argmax(1)
         p, r = precision_recall(f_test, f)
         share = torch.bincount(pred, minlength=len(classes)).double() / n
-        rows.append({"comparison": name, "n": n, "fid": round(frechet_distance(f, f_test), 4),
-                     "precision": round(p, 4), "recall": round(r, 4),
-                     "class_share_min": round(share.min().item(), 4),
-                     "class_share_max": round(share.max().item(), 4)})
+        row = {"fid": frechet_distance(f, f_test), "precision": p, "recall": r,
+               "class_share_min": share.min().item(), "class_share_max": share.max().item()}
+        rows.append({"comparison": name, "n": n} | {key: round(v, 4) for key, v in row.items()})
         if y is not None and name.startswith("generated"):  # does the classifier read y back?
             rows[-1]["cond_acc"] = round((pred == y.cpu()).double().mean().item(), 4)
     rows[1]["classifier_test_acc"] = round(accuracy(net, x_test, y_test), 4)
@@ -668,9 +665,9 @@ def lipschitz_bound(critic):
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             sigma = torch.linalg.matrix_norm(m.weight.flatten(1), ord=2)
             product = product * sigma
-            overlap = 1
-            if isinstance(m, nn.Conv2d):  # patches per pixel: ceil(kh/sh) * ceil(kw/sw)
-                overlap = math.prod(math.ceil(k / s) for k, s in zip(m.kernel_size, m.stride))
+            # a convolution's patches per pixel: ceil(kh/sh) * ceil(kw/sw); a linear layer's: 1
+            overlap = math.prod(math.ceil(k / s) for k, s in zip(getattr(m, "kernel_size", ()),
+                                                                 getattr(m, "stride", ())))
             bound = bound * sigma * math.sqrt(overlap)
     return product, bound
 
@@ -715,12 +712,11 @@ def train(args, x_train, y_train, k, device):
     for epoch in range(start, args.epochs):
         t0 = t_log = time.time()
         sums, perm = {}, torch.randperm(len(x_train), device=device)
-        for i in range(iters):
+        for i, idx in enumerate(perm[:iters * n].split(n)):
             step = epoch * iters + i + 1
-            idx = perm[i * n:(i + 1) * n]
             real, y_real = to_float(x_train[idx]), y_train[idx]
-            update_g = step % args.g_every == 0  # --g-every / --n-critic: G steps are rarer
-            update_g = update_g and args.train_only != "d"  # --train-only: one net stays at init
+            # --g-every / --n-critic: G steps are rarer; --train-only d: G stays at its init
+            update_g = step % args.g_every == 0 and args.train_only != "d"
             with autocast(args.precision, device):  # a no-op unless --precision bf16
                 out = play(args, g, d, opt_g, opt_d, real, y_real, k, aug, update_g, device)
             accumulate(sums, out)
@@ -731,7 +727,6 @@ def train(args, x_train, y_train, k, device):
                 sums, t_log = {}, time.time()
         wall += time.time() - t0
         save_samples(g, args, epoch + 1, k, device)
-        write_csv(os.path.join(args.out, "metrics.csv"), history)
         plot_lines(os.path.join(args.out, "curves.png"), curve_panels(history, args.lab))
         save_run(path, nets, args, epoch + 1, history, wall)
     if start >= args.epochs:
@@ -751,7 +746,9 @@ def start_run(args, nets):
 
 
 def save_run(path, nets, args, epoch, history, wall):
-    """The checkpoint of a GAN lab's or DANN's run: its nets, optimizers, history and flags."""
+    """metrics.csv and the checkpoint of a GAN lab's or DANN's run: its nets, optimizers, history
+    and flags."""
+    write_csv(os.path.join(args.out, "metrics.csv"), history)
     save_checkpoint(path, nets | {"lab": args.lab, "epoch": epoch, "history": history,
                                   "flags": training_flags(args), "wall_s": wall,
                                   "command": " ".join(["python"] + sys.argv)})
@@ -785,11 +782,9 @@ def log_row(args, d, sums, step, epoch, seconds, steps):
                              "--lr-d / --lr-g" + fix)
     if args.lab == "wgan":  # lip_product: prod ||W_i||_2 reshaped; lip_bound: x conv overlap
         row["lip_product"], row["lip_bound"] = (t.item() for t in lipschitz_bound(d))
-    row["s_per_iter"] = seconds
-    progress(f"{args.lab} epoch {math.ceil(epoch)}/{args.epochs}", step, steps, seconds,
-             " ".join(f"{k} {v:.3g}" for k, v in row.items() if k not in ("iter", "epoch",
-                                                                          "s_per_iter")))
-    return row
+    text = " ".join(f"{k} {v:.3g}" for k, v in row.items() if k not in ("iter", "epoch"))
+    progress(f"{args.lab} epoch {math.ceil(epoch)}/{args.epochs}", step, steps, seconds, text)
+    return row | {"s_per_iter": seconds}
 
 
 def curve_panels(history, lab):
@@ -828,10 +823,10 @@ def save_outputs(args, g, history, wall, metrics, classes, channels, k, device):
                   value_range=(-1, 1))
     if metrics:
         write_csv(os.path.join(args.out, "eval.csv"), metrics)
-    last = history[-10:]
+    last = history[-10:]  # never empty: every epoch logs a row
     save_summary(args, device, wall, history, {
-        "s_per_iter": round(sum(r["s_per_iter"] for r in last) / max(len(last), 1), 4),
-        "final": history[-1] if history else {}, "metrics": metrics,
+        "s_per_iter": round(sum(r["s_per_iter"] for r in last) / len(last), 4),
+        "final": history[-1], "metrics": metrics,
         "args": dict(vars(args), classes=classes, channels=channels)})
     print(f"wrote {args.out}/ (train wall time {wall:.0f} s)")
 
@@ -895,12 +890,11 @@ def check_memorization(args, device):
     g = build_models(run, x_train.shape[1], k)[0].to(device)
     g.load_state_dict(saved["g"])
     net = metric_net(run, x_train.shape[1], device)[0]
-    shown, near_f, near_p, d_fake, d_test = memorization_check(
-        g, net, x_train, x_test, run.nz, k, run.seed, min(args.eval_samples, len(x_test)))
-    save_memorization(args.run, shown, near_f, near_p, x_train, d_fake, d_test)
+    save_memorization(args.run, x_train, *memorization_check(
+        g, net, x_train, x_test, run.nz, k, run.seed, min(args.eval_samples, len(x_test))))
 
 
-def save_memorization(out, shown, near_f, near_p, x_train, d_fake, d_test):
+def save_memorization(out, x_train, shown, near_f, near_p, d_fake, d_test):
     """memorization.png: two columns of 32 rows, each a sample, its 3 nearest training images in
     feature space and its 3 nearest in pixel space; nn_distances.png; memorization.json."""
     tiles = []
@@ -1058,11 +1052,10 @@ def train_dann(args, data, n_classes, device):
     for epoch in range(start, args.epochs):
         t0, sums = time.time(), {}
         perm_s, perm_t = (torch.randperm(len(x), device=device) for x in (x_s, x_t))
-        for i in range(iters):
+        for i, idx_s in enumerate(perm_s[:iters * n].split(n)):
             p = (epoch * iters + i) / (args.epochs * iters)  # training progress, 0 -> 1
             lr, lam = dann_schedules(p, args.lr, args.lr_alpha, args.lr_beta, args.gamma)
             lam = adaptation_weight(args, lam)
-            idx_s = perm_s[i * n:(i + 1) * n]
             idx_t = perm_t[(i * n + torch.arange(n, device=device)) % len(x_t)]
             y_t = data["target_pseudo"][idx_t] if "target_pseudo" in data else None
             with autocast(args.precision, device):  # a no-op unless --precision bf16
@@ -1070,9 +1063,16 @@ def train_dann(args, data, n_classes, device):
                                 to_float(x_t[idx_t]), lam, lr, y_t)
             accumulate(sums, out)
         wall += time.time() - t0
-        history.append(dann_row(args, net, data, sums, epoch + 1, (epoch + 1) * iters, lam, lr,
-                                (time.time() - t0) / iters))
-        write_csv(os.path.join(args.out, "metrics.csv"), history)
+        # one row an epoch: the schedules at its last step, the means of its steps, the accuracies
+        step, s_per_iter = (epoch + 1) * iters, (time.time() - t0) / iters
+        row = {"epoch": epoch + 1, "iter": step, "lambda": lam, "lr": lr}
+        for key, (total, count) in sums.items():
+            row["train_" + key if key == "domain_acc" else key] = (total / count).item()
+        stop_if_diverged(row["loss_y"] + row["loss_d"], f"epoch {epoch + 1}", "--lr")
+        row.update(dann_accuracies(net, data))
+        text = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "iter"))
+        progress(f"dann, {dann_method(args)}", epoch + 1, args.epochs, s_per_iter * iters, text)
+        history.append(row | {"s_per_iter": s_per_iter})
         save_run(path, {"net": net, "opt": opt}, args, epoch + 1, history, wall)
     return net, history, wall
 
@@ -1165,18 +1165,6 @@ def dann_accuracies(net, data):
     return acc
 
 
-def dann_row(args, net, data, sums, epoch, step, lam, lr, s_per_iter):
-    row = {"epoch": epoch, "iter": step, "lambda": lam, "lr": lr}
-    for key, (total, count) in sums.items():
-        row["train_" + key if key == "domain_acc" else key] = (total / count).item()
-    stop_if_diverged(row["loss_y"] + row["loss_d"], f"epoch {epoch}", "--lr")
-    row.update(dann_accuracies(net, data), s_per_iter=s_per_iter)
-    progress(f"dann, {dann_method(args)}", epoch, args.epochs, s_per_iter * step / epoch,
-             " ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "iter",
-                                                                           "s_per_iter")))
-    return row
-
-
 @torch.no_grad()
 def save_dann_outputs(args, net, data, history, wall, device):
     """features.png (the features of 1000 source and 1000 target test images, projected on their
@@ -1192,12 +1180,11 @@ def save_dann_outputs(args, net, data, history, wall, device):
     ax.set(title=f"G_f features, PCA ({dann_method(args)})", xlabel="PC 1", ylabel="PC 2")
     ax.legend(markerscale=4)
     save_figure(fig, os.path.join(args.out, "features.png"))
-    last = history[-1] if history else dann_accuracies(net, data)
+    last = history[-1]  # never empty: every epoch logs a row
     save_summary(args, device, wall, history, {
         "adapt": not args.no_adapt, "method": dann_method(args),
-        "pseudo_labels": data.get("pseudo_stats"), "source_acc": last["source_acc"],
-        "target_acc": last["target_acc"], "domain_acc": last["domain_acc"],
-        "s_per_iter": history[-1]["s_per_iter"] if history else None, "args": vars(args)})
+        "pseudo_labels": data.get("pseudo_stats")} | {key: last[key] for key in (
+            "source_acc", "target_acc", "domain_acc", "s_per_iter")} | {"args": vars(args)})
     print(f"[dann] source accuracy {last['source_acc']:.4f}, target accuracy "
           f"{last['target_acc']:.4f}; wrote {args.out}/ (train wall time {wall:.0f} s)")
 
@@ -1220,17 +1207,15 @@ def diff_augment(x, policy):
         elif name == "translation":
             s = int(h * 0.125 + 0.5)
             ty, tx = torch.randint(-s, s + 1, (2, n, 1, 1), device=dev)
-            gy, gx = torch.meshgrid(torch.arange(h, device=dev), torch.arange(w, device=dev),
-                                    indexing="ij")
-            gy, gx = (gy + ty + 1).clamp(0, h + 1), (gx + tx + 1).clamp(0, w + 1)
+            gy = (torch.arange(h, device=dev)[:, None] + ty + 1).clamp(0, h + 1)  # n x h x 1
+            gx = (torch.arange(w, device=dev) + tx + 1).clamp(0, w + 1)  # n x 1 x w
             x = F.pad(x, [1, 1, 1, 1]).permute(0, 2, 3, 1)[rows, gy, gx].permute(0, 3, 1, 2)
         elif name == "cutout":
             ch, cw = int(h * 0.5 + 0.5), int(w * 0.5 + 0.5)
             oy = torch.randint(0, h + (1 - ch % 2), (n, 1, 1), device=dev)
             ox = torch.randint(0, w + (1 - cw % 2), (n, 1, 1), device=dev)
-            gy, gx = torch.meshgrid(torch.arange(ch, device=dev), torch.arange(cw, device=dev),
-                                    indexing="ij")
-            gy, gx = (gy + oy - ch // 2).clamp(0, h - 1), (gx + ox - cw // 2).clamp(0, w - 1)
+            gy = (torch.arange(ch, device=dev)[:, None] + oy - ch // 2).clamp(0, h - 1)
+            gx = (torch.arange(cw, device=dev) + ox - cw // 2).clamp(0, w - 1)
             mask = torch.ones(n, h, w, device=dev)
             mask[rows, gy, gx] = 0
             x = x * mask.unsqueeze(1)
@@ -1298,25 +1283,16 @@ def main(argv=None):
     elif args.lab == "classifier":
         channels = load_split(args.data, args.data_root, "train")[0].shape[1]
         print(f"classifier {metric_net(args, channels, device)[1]}")
-    else:
-        run_lab(args, device)
-
-
-def run_lab(args, device):
-    """A GAN lab: train (or resume), then the metrics and the run's outputs."""
-    x_train, y_train, classes = load_data(args.data, args.data_root, "train", args.image_size,
-                                          device)
-    if len(x_train) < args.batch_size:
-        raise UserError(f"{len(x_train)} training images, fewer than --batch-size "
-                        f"{args.batch_size}")
-    k = len(classes) if args.lab == "cdcgan" else 0
-    g, history, wall = train(args, x_train, y_train, k, device)
-    metrics = []
-    if args.eval_samples > 0:
-        net, path = metric_net(args, x_train.shape[1], device)
-        print(f"[evaluate] feature net {path}")
-        metrics = evaluate_gan(args, g, net, k, device)
-    save_outputs(args, g, history, wall, metrics, classes, x_train.shape[1], k, device)
+    else:  # a GAN lab: train (or resume), then the metrics and the run's outputs
+        x_train, y_train, classes = load_data(args.data, args.data_root, "train",
+                                              args.image_size, device)
+        if len(x_train) < args.batch_size:
+            raise UserError(f"{len(x_train)} training images, fewer than --batch-size "
+                            f"{args.batch_size}")
+        k, channels = (len(classes) if args.lab == "cdcgan" else 0), x_train.shape[1]
+        g, history, wall = train(args, x_train, y_train, k, device)
+        metrics = evaluate_gan(args, g, k, channels, device) if args.eval_samples > 0 else []
+        save_outputs(args, g, history, wall, metrics, classes, channels, k, device)
 
 
 # ==== plumbing: the same block in every script, checked by test_smoke.py; skip on a first read ====
