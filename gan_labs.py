@@ -73,81 +73,82 @@ RUN_FLAGS = {"out", "epochs", "data_root", "cache_dir", "device", "threads", "ev
              "log_every"}
 
 
-def add_common_flags(p, name):
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                   help="auto: cuda, else mps, else cpu")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: 0, torch's)")
-    p.add_argument("--data-root", default="data", help="torchvision's folder of the datasets")
+def add_flags(p, name):
+    """Subcommand `name`'s flags, one line each: `on` lists the subcommands that take a flag (all,
+    unless it says). A GAN lab's own defaults are its row of LAB_DEFAULTS. The order of the flags
+    is the order of their names in a run folder's name: a new flag goes at the end."""
+    def add(flag, on=SUBCOMMANDS, **options):
+        if name in on:
+            p.add_argument(flag, **options)
+    add("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+        help="auto: cuda, else mps, else cpu")
+    add("--threads", type=int, default=0, help="CPU threads (default: 0, torch's)")
+    add("--data-root", default="data", help="torchvision's folder of the datasets")
     if name != "dann":
-        p.add_argument("--cache-dir", default="runs/gan/cache", help="the metric networks' folder")
+        add("--cache-dir", default="runs/gan/cache", help="the metric networks' folder")
+    add("--run", ("memorization",), required=True, help="a GAN lab's run folder (default: none)")
+    add("--eval-samples", ("memorization",), type=int, default=10000, help="images compared (ours)")
     if name != "memorization":  # the memorization check reads both from the run's checkpoint
-        p.add_argument("--data", default="mnist", help="mnist | cifar10 | PATH (seed 003)")
-        p.add_argument("--seed", type=int, default=0, help="init, batches, noise (default: 0)")
-
-
-def add_lab_flags(p, lab):
-    """A GAN lab's flags; its own defaults come from its row of LAB_DEFAULTS."""
-    p.add_argument("--out", default="", help="run folder (default: runs/gan/<data>/<lab>_<flags>)")
-    p.add_argument("--epochs", type=int, default=5, help="passes over the training set (seed 003)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16 (ours)")
-    p.add_argument("--image-size", type=int, help="pixels (default: 32 DCGAN nets, 28 MLP)")
-    p.add_argument("--batch-size", type=int, help="images per step (seed 003; wgan: WGAN-GP)")
-    p.add_argument("--nz", type=int, default=100, help="size of z (DCGAN paper)")
-    p.add_argument("--ngf", type=int, help="DCGAN G's width (default: 32, seed 003; 64 at 64 px)")
-    p.add_argument("--ndf", type=int, help="DCGAN D's width (default: 32, seed 003; 64 at 64 px)")
-    p.add_argument("--lr-g", type=float, help="G's learning rate " + LR_HELP)
-    p.add_argument("--lr-d", type=float, help="D's learning rate " + LR_HELP)
-    p.add_argument("--beta1", type=float, help="Adam's (default: %(default)s, DCGAN / WGAN-GP)")
-    p.add_argument("--init", choices=["dcgan", "default", "weight-norm"],
-                   help="DCGAN's N(0, 0.02), PyTorch's, or weight norm (default: %(default)s)")
-    p.add_argument("--diffaug", default="", help="DiffAugment policies (default: none; ours)")
-    p.add_argument("--log-every", type=int, default=25, help="D steps per metrics.csv row (ours)")
-    p.add_argument("--eval-samples", type=int, default=10000, help="FID, P, R images (ours)")
-    if lab != "wgan":
-        p.add_argument("--g-loss", default="non-saturating", help="G's loss (DCGAN paper)",
-                       choices=["non-saturating", "saturating"])
-        p.add_argument("--g-every", type=int, metavar="N", help="G steps 1 in N; counts D steps")
-        p.add_argument("--train-only", choices=["d", "g"], help="Q1: d or g learns (default: both)")
-    if lab in ("dcgan", "cdcgan"):
-        p.add_argument("--first-bn", action=argparse.BooleanOptionalAction,
-                       help="BN after D's conv1 (default: on, seed 003; off at 64 px)")
-    if lab == "cdcgan":
-        p.add_argument("--no-label-in-d", action="store_true", help="D sees x only (default: x, y)")
-    if lab == "vanilla":
-        p.add_argument("--d-dropout", type=float, help="dropout after D's layers (seed 004)")
-    if lab in ("vanilla", "wgan"):
-        p.add_argument("--g-bn", action="store_true", help="BN in the MLP G (default: off)")
-    if lab == "wgan":
-        p.add_argument("--constraint", choices=["clip", "gp", "none"], default="gp",
-                       help="keeps the critic Lipschitz: clip, penalty (WGAN-GP)")
-        p.add_argument("--critic", dest="discriminator", choices=["conv", "mlp"],
-                       help="4 strided convs, or vanilla's D (seed 004)")
-        p.add_argument("--generator", choices=["dcgan", "mlp"], help="DCGAN's or vanilla's (ours)")
-        p.add_argument("--d-dropout", type=float, help="--critic mlp's (default: 0.0, WGAN-GP)")
-        p.add_argument("--clip", type=float, default=0.01, help="c of the clipping (WGAN)")
-        p.add_argument("--gp-lambda", type=float, default=10.0, help="penalty weight (WGAN-GP)")
-        p.add_argument("--n-critic", dest="g_every", type=int, metavar="N",
-                       help="one G step every N critic steps; counts D steps (WGAN)")
-    p.set_defaults(**{k: v for k, v in LAB_DEFAULTS[lab].items() if k != "lr"})
-
-
-def add_dann_flags(p):
-    p.add_argument("--out", default="", help="run folder (default: runs/gan/<data>/dann_<flags>)")
-    p.add_argument("--target-patches", default="cifar10", help="crops for backgrounds (ours)")
-    p.add_argument("--target", default="", help="a ready target set: PATH (default: built)")
-    p.add_argument("--no-adapt", action="store_true", help="lambda = 0 (default: DANN)")
-    p.add_argument("--no-reversal", action="store_true", help="Q1: no reversal (default: off)")
-    p.add_argument("--lam", type=float, help="Q3: a fixed lambda (default: the paper's lambda_p)")
-    p.add_argument("--pseudo-labels", default="", metavar="RUN", help="Q4 (default: none)")
-    p.add_argument("--threshold", type=float, default=0.95, help="pseudo-labels' (FixMatch)")
-    p.add_argument("--epochs", type=int, default=10, help="passes over the source images (ours)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per domain a step (ours)")
-    p.add_argument("--lr", type=float, default=0.01, help="mu_0 of mu_p (DANN paper)")
-    p.add_argument("--lr-alpha", type=float, default=10.0, help="alpha of mu_p (DANN paper)")
-    p.add_argument("--lr-beta", type=float, default=0.75, help="beta of mu_p (DANN paper)")
-    p.add_argument("--gamma", type=float, default=10.0, help="gamma of lambda_p (DANN paper)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (DANN paper)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16 (ours)")
+        add("--data", default="mnist", help="mnist | cifar10 | PATH (seed 003)")
+        add("--seed", type=int, default=0, help="init, batches, noise (default: 0)")
+    add("--epochs", ("classifier",), type=int, default=2, help="a cached one is reused (ours)")
+    # the GAN labs; bce: the labs that play bce_step
+    bce = ("dcgan", "cdcgan", "vanilla")
+    add("--out", LABS, default="", help="run folder (default: runs/gan/<data>/<lab>_<flags>)")
+    add("--epochs", LABS, type=int, default=5, help="passes over the training set (seed 003)")
+    add("--precision", LABS, default="fp32", choices=["fp32", "bf16"], help="bf16 (ours)")
+    add("--image-size", LABS, type=int, help="pixels (default: 32 DCGAN nets, 28 MLP)")
+    add("--batch-size", LABS, type=int, help="images per step (seed 003; wgan: WGAN-GP)")
+    add("--nz", LABS, type=int, default=100, help="size of z (DCGAN paper)")
+    add("--ngf", LABS, type=int, help="DCGAN G's width (default: 32, seed 003; 64 at 64 px)")
+    add("--ndf", LABS, type=int, help="DCGAN D's width (default: 32, seed 003; 64 at 64 px)")
+    add("--lr-g", LABS, type=float, help="G's learning rate " + LR_HELP)
+    add("--lr-d", LABS, type=float, help="D's learning rate " + LR_HELP)
+    add("--beta1", LABS, type=float, help="Adam's (default: %(default)s, DCGAN / WGAN-GP)")
+    add("--init", LABS, choices=["dcgan", "default", "weight-norm"],
+        help="DCGAN's N(0, 0.02), PyTorch's, or weight norm (default: %(default)s)")
+    add("--diffaug", LABS, default="", help="DiffAugment policies (default: none; ours)")
+    add("--log-every", LABS, type=int, default=25, help="D steps per metrics.csv row (ours)")
+    add("--eval-samples", LABS, type=int, default=10000, help="FID, P, R images (ours)")
+    add("--g-loss", bce, default="non-saturating", choices=["non-saturating", "saturating"],
+        help="G's loss (DCGAN paper)")
+    add("--g-every", bce, type=int, metavar="N", help="G steps 1 in N; counts D steps")
+    add("--train-only", bce, choices=["d", "g"], help="Q1: d or g learns (default: both)")
+    add("--first-bn", ("dcgan", "cdcgan"), action=argparse.BooleanOptionalAction,
+        help="BN after D's conv1 (default: on, seed 003; off at 64 px)")
+    add("--no-label-in-d", ("cdcgan",), action="store_true", help="D sees x only (default: x, y)")
+    add("--d-dropout", ("vanilla",), type=float, help="dropout after D's layers (seed 004)")
+    add("--g-bn", ("vanilla", "wgan"), action="store_true", help="BN in the MLP G (default: off)")
+    add("--constraint", ("wgan",), choices=["clip", "gp", "none"], default="gp",
+        help="keeps the critic Lipschitz: clip, penalty (WGAN-GP)")
+    add("--critic", ("wgan",), dest="discriminator", choices=["conv", "mlp"],
+        help="4 strided convs, or vanilla's D (seed 004)")
+    add("--generator", ("wgan",), choices=["dcgan", "mlp"], help="DCGAN's or vanilla's (ours)")
+    add("--d-dropout", ("wgan",), type=float, help="--critic mlp's (default: 0.0, WGAN-GP)")
+    add("--clip", ("wgan",), type=float, default=0.01, help="c of the clipping (WGAN)")
+    add("--gp-lambda", ("wgan",), type=float, default=10.0, help="penalty weight (WGAN-GP)")
+    add("--n-critic", ("wgan",), dest="g_every", type=int, metavar="N",
+        help="one G step every N critic steps; counts D steps (WGAN)")
+    # DANN
+    dann = ("dann",)
+    add("--out", dann, default="", help="run folder (default: runs/gan/<data>/dann_<flags>)")
+    add("--target-patches", dann, default="cifar10", help="crops for backgrounds (ours)")
+    add("--target", dann, default="", help="a ready target set: PATH (default: built)")
+    add("--no-adapt", dann, action="store_true", help="lambda = 0 (default: DANN)")
+    add("--no-reversal", dann, action="store_true", help="Q1: no reversal (default: off)")
+    add("--lam", dann, type=float, help="Q3: a fixed lambda (default: the paper's lambda_p)")
+    add("--pseudo-labels", dann, default="", metavar="RUN", help="Q4 (default: none)")
+    add("--threshold", dann, type=float, default=0.95, help="pseudo-labels' (FixMatch)")
+    add("--epochs", dann, type=int, default=10, help="passes over the source images (ours)")
+    add("--batch-size", dann, type=int, default=64, help="images per domain a step (ours)")
+    add("--lr", dann, type=float, default=0.01, help="mu_0 of mu_p (DANN paper)")
+    add("--lr-alpha", dann, type=float, default=10.0, help="alpha of mu_p (DANN paper)")
+    add("--lr-beta", dann, type=float, default=0.75, help="beta of mu_p (DANN paper)")
+    add("--gamma", dann, type=float, default=10.0, help="gamma of lambda_p (DANN paper)")
+    add("--momentum", dann, type=float, default=0.9, help="SGD momentum (DANN paper)")
+    add("--precision", dann, default="fp32", choices=["fp32", "bf16"], help="bf16 (ours)")
+    if name in LABS:
+        p.set_defaults(**{k: v for k, v in LAB_DEFAULTS[name].items() if k != "lr"})
 
 
 def parse_args(argv=None):
@@ -158,16 +159,7 @@ def parse_args(argv=None):
         p = sub.add_parser(name, help=what, description=f"gan_labs.py {name}: {what}.",
                            formatter_class=HelpFormatter)
         p.register("type", None, os.path.expanduser)  # a string flag (a path): ~ expanded
-        add_common_flags(p, name)
-        if name in LABS:
-            add_lab_flags(p, name)
-        elif name == "dann":
-            add_dann_flags(p)
-        elif name == "memorization":
-            p.add_argument("--run", required=True, help="a GAN lab's run folder (default: none)")
-            p.add_argument("--eval-samples", type=int, default=10000, help="images compared (ours)")
-        else:
-            p.add_argument("--epochs", type=int, default=2, help="a cached one is reused (ours)")
+        add_flags(p, name)
     args = parser.parse_args(argv)
     p = sub.choices[args.lab]
     fill_defaults(p, args)
