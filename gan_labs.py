@@ -80,21 +80,19 @@ def add_flags(p, name):
     def add(flag, on=SUBCOMMANDS, **options):
         if name in on:
             p.add_argument(flag, **options)
-    add("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-        help="auto: cuda, else mps, else cpu")
+    add("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="cuda, mps or cpu")
     add("--threads", type=int, default=0, help="CPU threads (default: 0, torch's)")
     add("--data-root", default="data", help="torchvision's folder of the datasets")
     if name != "dann":
         add("--cache-dir", default="runs/gan/cache", help="the metric networks' folder")
     add("--run", ("memorization",), required=True, help="a GAN lab's run folder (default: none)")
-    add("--eval-samples", ("memorization",), type=int, default=10000, help="images compared (ours)")
     if name != "memorization":  # the memorization check reads both from the run's checkpoint
         add("--data", default="mnist", help="mnist | cifar10 | PATH (seed 003)")
         add("--seed", type=int, default=0, help="init, batches, noise (default: 0)")
     add("--epochs", ("classifier",), type=int, default=2, help="a cached one is reused (ours)")
+    add("--out", (*LABS, "dann"), default="", help="(default: runs/gan/<data>/<lab>_<flags>)")
     # the GAN labs; bce: the labs that play bce_step
     bce = ("dcgan", "cdcgan", "vanilla")
-    add("--out", LABS, default="", help="run folder (default: runs/gan/<data>/<lab>_<flags>)")
     add("--epochs", LABS, type=int, default=5, help="passes over the training set (seed 003)")
     add("--precision", LABS, default="fp32", choices=["fp32", "bf16"], help="bf16 (ours)")
     add("--image-size", LABS, type=int, help="pixels (default: 32 DCGAN nets, 28 MLP)")
@@ -105,11 +103,10 @@ def add_flags(p, name):
     add("--lr-g", LABS, type=float, help="G's learning rate " + LR_HELP)
     add("--lr-d", LABS, type=float, help="D's learning rate " + LR_HELP)
     add("--beta1", LABS, type=float, help="Adam's (default: %(default)s, DCGAN / WGAN-GP)")
-    add("--init", LABS, choices=["dcgan", "default", "weight-norm"],
-        help="DCGAN's N(0, 0.02), PyTorch's, or weight norm (default: %(default)s)")
+    add("--init", LABS, choices=["dcgan", "default", "weight-norm"], help="(DCGAN paper; ours)")
     add("--diffaug", LABS, default="", help="DiffAugment policies (default: none; ours)")
     add("--log-every", LABS, type=int, default=25, help="D steps per metrics.csv row (ours)")
-    add("--eval-samples", LABS, type=int, default=10000, help="FID, P, R images (ours)")
+    add("--eval-samples", (*LABS, "memorization"), type=int, default=10000, help="images (ours)")
     add("--g-loss", bce, default="non-saturating", choices=["non-saturating", "saturating"],
         help="G's loss (DCGAN paper)")
     add("--g-every", bce, type=int, metavar="N", help="G steps 1 in N; counts D steps")
@@ -119,19 +116,15 @@ def add_flags(p, name):
     add("--no-label-in-d", ("cdcgan",), action="store_true", help="D sees x only (default: x, y)")
     add("--d-dropout", ("vanilla",), type=float, help="dropout after D's layers (seed 004)")
     add("--g-bn", ("vanilla", "wgan"), action="store_true", help="BN in the MLP G (default: off)")
-    add("--constraint", ("wgan",), choices=["clip", "gp", "none"], default="gp",
-        help="keeps the critic Lipschitz: clip, penalty (WGAN-GP)")
-    add("--critic", ("wgan",), dest="discriminator", choices=["conv", "mlp"],
-        help="4 strided convs, or vanilla's D (seed 004)")
+    add("--constraint", ("wgan",), choices=["clip", "gp", "none"], default="gp", help="(WGAN-GP)")
+    add("--critic", ("wgan",), dest="discriminator", choices=["conv", "mlp"], help="(seed 004)")
     add("--generator", ("wgan",), choices=["dcgan", "mlp"], help="DCGAN's or vanilla's (ours)")
     add("--d-dropout", ("wgan",), type=float, help="--critic mlp's (default: 0.0, WGAN-GP)")
     add("--clip", ("wgan",), type=float, default=0.01, help="c of the clipping (WGAN)")
     add("--gp-lambda", ("wgan",), type=float, default=10.0, help="penalty weight (WGAN-GP)")
-    add("--n-critic", ("wgan",), dest="g_every", type=int, metavar="N",
-        help="one G step every N critic steps; counts D steps (WGAN)")
+    add("--n-critic", ("wgan",), dest="g_every", type=int, metavar="N", help="per G step (WGAN)")
     # DANN
     dann = ("dann",)
-    add("--out", dann, default="", help="run folder (default: runs/gan/<data>/dann_<flags>)")
     add("--target-patches", dann, default="cifar10", help="crops for backgrounds (ours)")
     add("--target", dann, default="", help="a ready target set: PATH (default: built)")
     add("--no-adapt", dann, action="store_true", help="lambda = 0 (default: DANN)")
@@ -176,8 +169,7 @@ def range_checks(args):
     lambdas = [flag for flag, on in (("--no-adapt", get("no_adapt")), ("--no-reversal",
                get("no_reversal")), ("--lam", get("lam") is not None), ("--pseudo-labels",
                bool(get("pseudo_labels")))) if on]
-    bad_policies = set(filter(None, get("diffaug", "").split(","))) - {"translation", "cutout",
-                                                                       "color"}
+    bad_policies = set(get("diffaug", "").split(",")) - {"", "translation", "cutout", "color"}
     counts = ("epochs", "batch_size", "nz", "ngf", "ndf", "log_every", "g_every")
     return [(get(k) is not None and get(k) < 1, f"--{k.replace('_', '-')} must be >= 1, got "
              f"{get(k)}" + (" (--n-critic)" if k == "g_every" else "")) for k in counts] + [
@@ -519,8 +511,7 @@ def precision_recall(real, fake, k=3):
     return coverage(fake, real, knn_radii(real, k)), coverage(real, fake, knn_radii(fake, k))
 
 
-@torch.no_grad()
-def evaluate_gan(args, g, k, channels, device):
+def evaluate_gan(args, g, k, channels, device):  # sample and features run without autograd
     """FID / precision / recall of generated vs real test images, and train vs test as the floor,
     in the feature space of the metric network. The class shares show mode collapse: a GAN that
     drops a digit has a share near 0 for it. k: the cDCGAN's labels (0: none)."""
@@ -680,9 +671,8 @@ def play(args, g, d, opt_g, opt_d, real, y_real, k, aug, update_g, device):
         return out
     y_fake = torch.randint(0, k, (n,), device=device) if k else None
     z = torch.randn(n, args.nz, device=device)
-    return bce_step(g, d, opt_g, opt_d, real, z, y_real, y_fake, aug,
-                    update_d=args.train_only != "g", update_g=update_g,
-                    saturating=args.g_loss == "saturating")
+    return bce_step(g, d, opt_g, opt_d, real, z, y_real, y_fake, aug, update_g=update_g,
+                    update_d=args.train_only != "g", saturating=args.g_loss == "saturating")
 
 
 def train(args, x_train, y_train, k, device):
@@ -815,9 +805,8 @@ def save_outputs(args, g, history, wall, metrics, classes, channels, k, device):
                   value_range=(-1, 1))
     if metrics:
         write_csv(os.path.join(args.out, "eval.csv"), metrics)
-    last = history[-10:]  # never empty: every epoch logs a row
-    save_summary(args, device, wall, history, {
-        "s_per_iter": round(sum(r["s_per_iter"] for r in last) / len(last), 4),
+    save_summary(args, device, wall, history, {  # history: never empty, every epoch logs a row
+        "s_per_iter": round(sum(r["s_per_iter"] for r in history[-10:]) / len(history[-10:]), 4),
         "final": history[-1], "metrics": metrics,
         "args": dict(vars(args), classes=classes, channels=channels)})
     print(f"wrote {args.out}/ (train wall time {wall:.0f} s)")
