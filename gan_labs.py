@@ -204,10 +204,10 @@ def fill_defaults(p, args):
     lr = WGAN_CLIP_LR if getattr(args, "constraint", "") == "clip" else LAB_DEFAULTS[args.lab]["lr"]
     derived = {"ngf": 64 if size == 64 else 32, "ndf": 64 if size == 64 else 32, "lr_g": lr,
                "lr_d": lr} | ({"first_bn": size != 64} if hasattr(args, "first_bn") else {})
-    args.out = args.out or default_out(p, args, derived)
     for name, value in derived.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    args.out = args.out or default_out(p, args, derived)
     args.image_size = size
 
 
@@ -217,7 +217,6 @@ def default_out(p, args, derived=None):
     name, derived = args.lab, derived or {}
     for key, value in training_flags(args).items():
         default = derived.get(key, p.get_default(key))
-        value = default if value is None and key in derived else value
         if key not in ("lab", "data") and value != default:
             if isinstance(value, str) and os.sep in value:  # a path: its last part
                 value = os.path.basename(os.path.normpath(value))
@@ -458,8 +457,7 @@ def metric_net(args, channels, device):
         acc = accuracy(net, x_test, y_test)
         progress("classifier", epoch + 1, epochs, time.time() - t0, f"test accuracy {acc:.4f}")
     os.makedirs(args.cache_dir, exist_ok=True)
-    save_checkpoint(path, {"state": net, "channels": x.shape[1], "classes": classes,
-                           "test_acc": acc})
+    save_checkpoint(path, {"state": net, "channels": channels, "classes": classes, "test_acc": acc})
     return net, path
 
 
