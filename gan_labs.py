@@ -124,22 +124,21 @@ def add_flags(p, name):
     add("--gp-lambda", ("wgan",), type=float, default=10.0, help="penalty weight (WGAN-GP)")
     add("--n-critic", ("wgan",), dest="g_every", type=int, metavar="N", help="per G step (WGAN)")
     # DANN
-    dann = ("dann",)
-    add("--target-patches", dann, default="cifar10", help="crops for backgrounds (ours)")
-    add("--target", dann, default="", help="a ready target set: PATH (default: built)")
-    add("--no-adapt", dann, action="store_true", help="lambda = 0 (default: DANN)")
-    add("--no-reversal", dann, action="store_true", help="Q1: no reversal (default: off)")
-    add("--lam", dann, type=float, help="Q3: a fixed lambda (default: the paper's lambda_p)")
-    add("--pseudo-labels", dann, default="", metavar="RUN", help="Q4 (default: none)")
-    add("--threshold", dann, type=float, default=0.95, help="pseudo-labels' (FixMatch)")
-    add("--epochs", dann, type=int, default=10, help="passes over the source images (ours)")
-    add("--batch-size", dann, type=int, default=64, help="images per domain a step (ours)")
-    add("--lr", dann, type=float, default=0.01, help="mu_0 of mu_p (DANN paper)")
-    add("--lr-alpha", dann, type=float, default=10.0, help="alpha of mu_p (DANN paper)")
-    add("--lr-beta", dann, type=float, default=0.75, help="beta of mu_p (DANN paper)")
-    add("--gamma", dann, type=float, default=10.0, help="gamma of lambda_p (DANN paper)")
-    add("--momentum", dann, type=float, default=0.9, help="SGD momentum (DANN paper)")
-    add("--precision", dann, default="fp32", choices=["fp32", "bf16"], help="bf16 (ours)")
+    add("--target-patches", ("dann",), default="cifar10", help="crops for backgrounds (ours)")
+    add("--target", ("dann",), default="", help="a ready target set: PATH (default: built)")
+    add("--no-adapt", ("dann",), action="store_true", help="lambda = 0 (default: DANN)")
+    add("--no-reversal", ("dann",), action="store_true", help="Q1: no reversal (default: off)")
+    add("--lam", ("dann",), type=float, help="Q3: a fixed lambda (default: the paper's lambda_p)")
+    add("--pseudo-labels", ("dann",), default="", metavar="RUN", help="Q4 (default: none)")
+    add("--threshold", ("dann",), type=float, default=0.95, help="pseudo-labels' (FixMatch)")
+    add("--epochs", ("dann",), type=int, default=10, help="passes over the source images (ours)")
+    add("--batch-size", ("dann",), type=int, default=64, help="images per domain a step (ours)")
+    add("--lr", ("dann",), type=float, default=0.01, help="mu_0 of mu_p (DANN paper)")
+    add("--lr-alpha", ("dann",), type=float, default=10.0, help="alpha of mu_p (DANN paper)")
+    add("--lr-beta", ("dann",), type=float, default=0.75, help="beta of mu_p (DANN paper)")
+    add("--gamma", ("dann",), type=float, default=10.0, help="gamma of lambda_p (DANN paper)")
+    add("--momentum", ("dann",), type=float, default=0.9, help="SGD momentum (DANN paper)")
+    add("--precision", ("dann",), default="fp32", choices=["fp32", "bf16"], help="bf16 (ours)")
     if name in LABS:
         p.set_defaults(**{k: v for k, v in LAB_DEFAULTS[name].items() if k != "lr"})
 
@@ -1263,13 +1262,11 @@ def main(argv=None):
         channels = load_split(args.data, args.data_root, "train")[0].shape[1]
         print(f"classifier {metric_net(args, channels, device)[1]}")
     else:  # a GAN lab: train (or resume), then the metrics and the run's outputs
-        x_train, y_train, classes = load_data(args.data, args.data_root, "train",
-                                              args.image_size, device)
-        if len(x_train) < args.batch_size:
-            raise UserError(f"{len(x_train)} training images, fewer than --batch-size "
-                            f"{args.batch_size}")
-        k, channels = (len(classes) if args.lab == "cdcgan" else 0), x_train.shape[1]
-        g, history, wall = train(args, x_train, y_train, k, device)
+        x, y, classes = load_data(args.data, args.data_root, "train", args.image_size, device)
+        if len(x) < args.batch_size:  # x, y: the training images and their labels
+            raise UserError(f"{len(x)} training images, fewer than --batch-size {args.batch_size}")
+        k, channels = (len(classes) if args.lab == "cdcgan" else 0), x.shape[1]
+        g, history, wall = train(args, x, y, k, device)
         metrics = evaluate_gan(args, g, k, channels, device) if args.eval_samples > 0 else []
         save_outputs(args, g, history, wall, metrics, classes, channels, k, device)
 
