@@ -1065,8 +1065,8 @@ def load_dann_data(args, device):
     if args.target:
         (x_t, _, t_classes), (x_t_test, y_t_test, _) = (
             load_split(args.target, args.data_root, split) for split in ("train", "test"))
-        if x_t.shape[-2:] != xs.shape[-2:] or x_t_test.shape[-2:] != xs.shape[-2:] or \
-                t_classes != classes:  # one input size (28 x 28), one label classifier
+        # one input size (28 x 28) in both splits, one label classifier
+        if {x_t.shape[-2:], x_t_test.shape[-2:]} != {xs.shape[-2:]} or t_classes != classes:
             raise UserError(f"--target {args.target} has {x_t.shape[-2]}x{x_t.shape[-1]} images, "
                             f"the source 28x28 (classes {t_classes}, the source's {classes})")
     else:
