@@ -508,12 +508,10 @@ def precision_recall(real, fake, k=3):
     return coverage(fake, real, knn_radii(real, k)), coverage(real, fake, knn_radii(fake, k))
 
 
-def evaluate_gan(args, g, k, channels, device):  # sample and features run without autograd
+def evaluate_gan(args, g, net, k, device):  # sample and features run without autograd
     """FID / precision / recall of generated vs real test images, and train vs test as the floor,
-    in the feature space of the metric network. The class shares show mode collapse: a GAN that
-    drops a digit has a share near 0 for it. k: the cDCGAN's labels (0: none)."""
-    net, path = metric_net(args, channels, device)
-    print(f"[evaluate] feature net {path}")
+    in the feature space of the metric network `net`. The class shares show mode collapse: a GAN
+    that drops a digit has a share near 0 for it. k: the cDCGAN's labels (0: none)."""
     x_test, y_test, classes = load_data(args.data, args.data_root, "test", CLASSIFIER_SIZE, device)
     x_train = load_data(args.data, args.data_root, "train", CLASSIFIER_SIZE, device)[0]
     n = min(args.eval_samples, len(x_test), len(x_train))
@@ -1267,7 +1265,11 @@ def main(argv=None):
             raise UserError(f"{len(x)} training images, fewer than --batch-size {args.batch_size}")
         k, channels = (len(classes) if args.lab == "cdcgan" else 0), x.shape[1]
         g, history, wall = train(args, x, y, k, device)
-        metrics = evaluate_gan(args, g, k, channels, device) if args.eval_samples > 0 else []
+        metrics = []
+        if args.eval_samples > 0:
+            net, path = metric_net(args, channels, device)
+            print(f"[evaluate] feature net {path}")
+            metrics = evaluate_gan(args, g, net, k, device)
         save_outputs(args, g, history, wall, metrics, classes, channels, k, device)
 
 
