@@ -73,81 +73,74 @@ RUN_FLAGS = {"out", "epochs", "data_root", "cache_dir", "device", "threads", "ev
              "log_every"}
 
 
-def add_common_flags(p, name):
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                   help="auto: cuda, else mps, else cpu")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: 0, torch's)")
-    p.add_argument("--data-root", default="data", help="torchvision's folder of the datasets")
+def add_flags(p, name):
+    """Subcommand `name`'s flags, one line each: `on` lists the subcommands that take a flag (all,
+    unless it says). A GAN lab's own defaults are its row of LAB_DEFAULTS. The order of the flags
+    is the order of their names in a run folder's name: a new flag goes at the end."""
+    def add(flag, on=SUBCOMMANDS, **options):
+        if name in on:
+            p.add_argument(flag, **options)
+    add("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="cuda, mps or cpu")
+    add("--threads", type=int, default=0, help="CPU threads (default: 0, torch's)")
+    add("--data-root", default="data", help="torchvision's folder of the datasets")
     if name != "dann":
-        p.add_argument("--cache-dir", default="runs/gan/cache", help="the metric networks' folder")
+        add("--cache-dir", default="runs/gan/cache", help="the metric networks' folder")
+    add("--run", ("memorization",), required=True, help="a GAN lab's run folder (default: none)")
     if name != "memorization":  # the memorization check reads both from the run's checkpoint
-        p.add_argument("--data", default="mnist", help="mnist | cifar10 | PATH (seed 003)")
-        p.add_argument("--seed", type=int, default=0, help="init, batches, noise (default: 0)")
-
-
-def add_lab_flags(p, lab):
-    """A GAN lab's flags; its own defaults come from its row of LAB_DEFAULTS."""
-    p.add_argument("--out", default="", help="run folder (default: runs/gan/<data>/<lab>_<flags>)")
-    p.add_argument("--epochs", type=int, default=5, help="passes over the training set (seed 003)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16 (ours)")
-    p.add_argument("--image-size", type=int, help="pixels (default: 32 DCGAN nets, 28 MLP)")
-    p.add_argument("--batch-size", type=int, help="images per step (seed 003; wgan: WGAN-GP)")
-    p.add_argument("--nz", type=int, default=100, help="size of z (DCGAN paper)")
-    p.add_argument("--ngf", type=int, help="DCGAN G's width (default: 32, seed 003; 64 at 64 px)")
-    p.add_argument("--ndf", type=int, help="DCGAN D's width (default: 32, seed 003; 64 at 64 px)")
-    p.add_argument("--lr-g", type=float, help="G's learning rate " + LR_HELP)
-    p.add_argument("--lr-d", type=float, help="D's learning rate " + LR_HELP)
-    p.add_argument("--beta1", type=float, help="Adam's (default: %(default)s, DCGAN / WGAN-GP)")
-    p.add_argument("--init", choices=["dcgan", "default", "weight-norm"],
-                   help="DCGAN's N(0, 0.02), PyTorch's, or weight norm (default: %(default)s)")
-    p.add_argument("--diffaug", default="", help="DiffAugment policies (default: none; ours)")
-    p.add_argument("--log-every", type=int, default=25, help="D steps per metrics.csv row (ours)")
-    p.add_argument("--eval-samples", type=int, default=10000, help="FID, P, R images (ours)")
-    if lab != "wgan":
-        p.add_argument("--g-loss", default="non-saturating", help="G's loss (DCGAN paper)",
-                       choices=["non-saturating", "saturating"])
-        p.add_argument("--g-every", type=int, metavar="N", help="G steps 1 in N; counts D steps")
-        p.add_argument("--train-only", choices=["d", "g"], help="Q1: d or g learns (default: both)")
-    if lab in ("dcgan", "cdcgan"):
-        p.add_argument("--first-bn", action=argparse.BooleanOptionalAction,
-                       help="BN after D's conv1 (default: on, seed 003; off at 64 px)")
-    if lab == "cdcgan":
-        p.add_argument("--no-label-in-d", action="store_true", help="D sees x only (default: x, y)")
-    if lab == "vanilla":
-        p.add_argument("--d-dropout", type=float, help="dropout after D's layers (seed 004)")
-    if lab in ("vanilla", "wgan"):
-        p.add_argument("--g-bn", action="store_true", help="BN in the MLP G (default: off)")
-    if lab == "wgan":
-        p.add_argument("--constraint", choices=["clip", "gp", "none"], default="gp",
-                       help="keeps the critic Lipschitz: clip, penalty (WGAN-GP)")
-        p.add_argument("--critic", dest="discriminator", choices=["conv", "mlp"],
-                       help="4 strided convs, or vanilla's D (seed 004)")
-        p.add_argument("--generator", choices=["dcgan", "mlp"], help="DCGAN's or vanilla's (ours)")
-        p.add_argument("--d-dropout", type=float, help="--critic mlp's (default: 0.0, WGAN-GP)")
-        p.add_argument("--clip", type=float, default=0.01, help="c of the clipping (WGAN)")
-        p.add_argument("--gp-lambda", type=float, default=10.0, help="penalty weight (WGAN-GP)")
-        p.add_argument("--n-critic", dest="g_every", type=int, metavar="N",
-                       help="one G step every N critic steps; counts D steps (WGAN)")
-    p.set_defaults(**{k: v for k, v in LAB_DEFAULTS[lab].items() if k != "lr"})
-
-
-def add_dann_flags(p):
-    p.add_argument("--out", default="", help="run folder (default: runs/gan/<data>/dann_<flags>)")
-    p.add_argument("--target-patches", default="cifar10", help="crops for backgrounds (ours)")
-    p.add_argument("--target", default="", help="a ready target set: PATH (default: built)")
-    p.add_argument("--no-adapt", action="store_true", help="lambda = 0 (default: DANN)")
-    p.add_argument("--no-reversal", action="store_true", help="Q1: no reversal (default: off)")
-    p.add_argument("--lam", type=float, help="Q3: a fixed lambda (default: the paper's lambda_p)")
-    p.add_argument("--pseudo-labels", default="", metavar="RUN", help="Q4 (default: none)")
-    p.add_argument("--threshold", type=float, default=0.95, help="pseudo-labels' (FixMatch)")
-    p.add_argument("--epochs", type=int, default=10, help="passes over the source images (ours)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per domain a step (ours)")
-    p.add_argument("--lr", type=float, default=0.01, help="mu_0 of mu_p (DANN paper)")
-    p.add_argument("--lr-alpha", type=float, default=10.0, help="alpha of mu_p (DANN paper)")
-    p.add_argument("--lr-beta", type=float, default=0.75, help="beta of mu_p (DANN paper)")
-    p.add_argument("--gamma", type=float, default=10.0, help="gamma of lambda_p (DANN paper)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (DANN paper)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16 (ours)")
+        add("--data", default="mnist", help="mnist | cifar10 | PATH (seed 003)")
+        add("--seed", type=int, default=0, help="init, batches, noise (default: 0)")
+    add("--epochs", ("classifier",), type=int, default=2, help="a cached one is reused (ours)")
+    add("--out", (*LABS, "dann"), default="", help="(default: runs/gan/<data>/<lab>_<flags>)")
+    # the GAN labs; bce: the labs that play bce_step
+    bce = ("dcgan", "cdcgan", "vanilla")
+    add("--epochs", LABS, type=int, default=5, help="passes over the training set (seed 003)")
+    add("--precision", LABS, default="fp32", choices=["fp32", "bf16"], help="bf16 (ours)")
+    add("--image-size", LABS, type=int, help="pixels (default: 32 DCGAN nets, 28 MLP)")
+    add("--batch-size", LABS, type=int, help="images per step (seed 003; wgan: WGAN-GP)")
+    add("--nz", LABS, type=int, default=100, help="size of z (DCGAN paper)")
+    add("--ngf", LABS, type=int, help="DCGAN G's width (default: 32, seed 003; 64 at 64 px)")
+    add("--ndf", LABS, type=int, help="DCGAN D's width (default: 32, seed 003; 64 at 64 px)")
+    add("--lr-g", LABS, type=float, help="G's learning rate " + LR_HELP)
+    add("--lr-d", LABS, type=float, help="D's learning rate " + LR_HELP)
+    add("--beta1", LABS, type=float, help="Adam's (default: %(default)s, DCGAN / WGAN-GP)")
+    add("--init", LABS, choices=["dcgan", "default", "weight-norm"], help="(DCGAN paper; ours)")
+    add("--diffaug", LABS, default="", help="DiffAugment policies (default: none; ours)")
+    add("--log-every", LABS, type=int, default=25, help="D steps per metrics.csv row (ours)")
+    add("--eval-samples", (*LABS, "memorization"), type=int, default=10000, help="images (ours)")
+    add("--g-loss", bce, default="non-saturating", choices=["non-saturating", "saturating"],
+        help="G's loss (DCGAN paper)")
+    add("--g-every", bce, type=int, metavar="N", help="G steps 1 in N; counts D steps")
+    add("--train-only", bce, choices=["d", "g"], help="Q1: d or g learns (default: both)")
+    add("--first-bn", ("dcgan", "cdcgan"), action=argparse.BooleanOptionalAction,
+        help="BN after D's conv1 (default: on, seed 003; off at 64 px)")
+    add("--no-label-in-d", ("cdcgan",), action="store_true", help="D sees x only (default: x, y)")
+    add("--d-dropout", ("vanilla",), type=float, help="dropout after D's layers (seed 004)")
+    add("--g-bn", ("vanilla", "wgan"), action="store_true", help="BN in the MLP G (default: off)")
+    add("--constraint", ("wgan",), choices=["clip", "gp", "none"], default="gp", help="(WGAN-GP)")
+    add("--critic", ("wgan",), dest="discriminator", choices=["conv", "mlp"], help="(seed 004)")
+    add("--generator", ("wgan",), choices=["dcgan", "mlp"], help="DCGAN's or vanilla's (ours)")
+    add("--d-dropout", ("wgan",), type=float, help="--critic mlp's (default: 0.0, WGAN-GP)")
+    add("--clip", ("wgan",), type=float, default=0.01, help="c of the clipping (WGAN)")
+    add("--gp-lambda", ("wgan",), type=float, default=10.0, help="penalty weight (WGAN-GP)")
+    add("--n-critic", ("wgan",), dest="g_every", type=int, metavar="N", help="per G step (WGAN)")
+    # DANN
+    add("--target-patches", ("dann",), default="cifar10", help="crops for backgrounds (ours)")
+    add("--target", ("dann",), default="", help="a ready target set: PATH (default: built)")
+    add("--no-adapt", ("dann",), action="store_true", help="lambda = 0 (default: DANN)")
+    add("--no-reversal", ("dann",), action="store_true", help="Q1: no reversal (default: off)")
+    add("--lam", ("dann",), type=float, help="Q3: a fixed lambda (default: the paper's lambda_p)")
+    add("--pseudo-labels", ("dann",), default="", metavar="RUN", help="Q4 (default: none)")
+    add("--threshold", ("dann",), type=float, default=0.95, help="pseudo-labels' (FixMatch)")
+    add("--epochs", ("dann",), type=int, default=10, help="passes over the source images (ours)")
+    add("--batch-size", ("dann",), type=int, default=64, help="images per domain a step (ours)")
+    add("--lr", ("dann",), type=float, default=0.01, help="mu_0 of mu_p (DANN paper)")
+    add("--lr-alpha", ("dann",), type=float, default=10.0, help="alpha of mu_p (DANN paper)")
+    add("--lr-beta", ("dann",), type=float, default=0.75, help="beta of mu_p (DANN paper)")
+    add("--gamma", ("dann",), type=float, default=10.0, help="gamma of lambda_p (DANN paper)")
+    add("--momentum", ("dann",), type=float, default=0.9, help="SGD momentum (DANN paper)")
+    add("--precision", ("dann",), default="fp32", choices=["fp32", "bf16"], help="bf16 (ours)")
+    if name in LABS:
+        p.set_defaults(**{k: v for k, v in LAB_DEFAULTS[name].items() if k != "lr"})
 
 
 def parse_args(argv=None):
@@ -158,16 +151,7 @@ def parse_args(argv=None):
         p = sub.add_parser(name, help=what, description=f"gan_labs.py {name}: {what}.",
                            formatter_class=HelpFormatter)
         p.register("type", None, os.path.expanduser)  # a string flag (a path): ~ expanded
-        add_common_flags(p, name)
-        if name in LABS:
-            add_lab_flags(p, name)
-        elif name == "dann":
-            add_dann_flags(p)
-        elif name == "memorization":
-            p.add_argument("--run", required=True, help="a GAN lab's run folder (default: none)")
-            p.add_argument("--eval-samples", type=int, default=10000, help="images compared (ours)")
-        else:
-            p.add_argument("--epochs", type=int, default=2, help="a cached one is reused (ours)")
+        add_flags(p, name)
     args = parser.parse_args(argv)
     p = sub.choices[args.lab]
     fill_defaults(p, args)
@@ -184,8 +168,7 @@ def range_checks(args):
     lambdas = [flag for flag, on in (("--no-adapt", get("no_adapt")), ("--no-reversal",
                get("no_reversal")), ("--lam", get("lam") is not None), ("--pseudo-labels",
                bool(get("pseudo_labels")))) if on]
-    bad_policies = set(filter(None, get("diffaug", "").split(","))) - {"translation", "cutout",
-                                                                       "color"}
+    bad_policies = set(get("diffaug", "").split(",")) - {"", "translation", "cutout", "color"}
     counts = ("epochs", "batch_size", "nz", "ngf", "ndf", "log_every", "g_every")
     return [(get(k) is not None and get(k) < 1, f"--{k.replace('_', '-')} must be >= 1, got "
              f"{get(k)}" + (" (--n-critic)" if k == "g_every" else "")) for k in counts] + [
@@ -220,10 +203,10 @@ def fill_defaults(p, args):
     lr = WGAN_CLIP_LR if getattr(args, "constraint", "") == "clip" else LAB_DEFAULTS[args.lab]["lr"]
     derived = {"ngf": 64 if size == 64 else 32, "ndf": 64 if size == 64 else 32, "lr_g": lr,
                "lr_d": lr} | ({"first_bn": size != 64} if hasattr(args, "first_bn") else {})
-    args.out = args.out or default_out(p, args, derived)
     for name, value in derived.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    args.out = args.out or default_out(p, args, derived)
     args.image_size = size
 
 
@@ -233,7 +216,6 @@ def default_out(p, args, derived=None):
     name, derived = args.lab, derived or {}
     for key, value in training_flags(args).items():
         default = derived.get(key, p.get_default(key))
-        value = default if value is None and key in derived else value
         if key not in ("lab", "data") and value != default:
             if isinstance(value, str) and os.sep in value:  # a path: its last part
                 value = os.path.basename(os.path.normpath(value))
@@ -444,24 +426,20 @@ def metric_classifier(channels, n_classes):
 
 
 def metric_net(args, channels, device):
-    """The cached metric network of --data (trained on first use) and its path, or one line."""
+    """The cached metric network of --data and its path, or one line; on first use it is trained
+    on the data's own labels and saved there."""
     key = re.sub(r"\W+", "_", os.path.abspath(args.data) if os.path.isdir(args.data) else args.data)
     path = os.path.join(args.cache_dir, f"classifier_{key.strip('_')}.pt")
-    if not os.path.exists(path):
-        print(f"training the metric classifier -> {path}")
-        return train_classifier(args, device, path), path
-    try:  # a cache file, not a run: whatever holds the classifier of images with these channels
-        saved = torch.load(path, map_location=device, weights_only=True)
-        net = metric_classifier(channels, len(saved["classes"])).to(device)
-        net.load_state_dict(saved["state"])
-    except Exception as e:
-        raise UserError(f"{path} is not a metric classifier of {channels}-channel images "
-                        f"({type(e).__name__}); delete it to train a new one")
-    return net, path
-
-
-def train_classifier(args, device, path):
-    """The metric network, trained once on the data's own labels and saved at `path`."""
+    if os.path.exists(path):
+        try:  # a cache file, not a run: whatever holds the classifier of images with these channels
+            saved = torch.load(path, map_location=device, weights_only=True)
+            net = metric_classifier(channels, len(saved["classes"])).to(device)
+            net.load_state_dict(saved["state"])
+        except Exception as e:
+            raise UserError(f"{path} is not a metric classifier of {channels}-channel images "
+                            f"({type(e).__name__}); delete it to train a new one")
+        return net, path
+    print(f"training the metric classifier -> {path}")
     x, y, classes = load_data(args.data, args.data_root, "train", CLASSIFIER_SIZE, device)
     x_test, y_test, _ = load_data(args.data, args.data_root, "test", CLASSIFIER_SIZE, device)
     torch.manual_seed(args.seed)
@@ -478,9 +456,8 @@ def train_classifier(args, device, path):
         acc = accuracy(net, x_test, y_test)
         progress("classifier", epoch + 1, epochs, time.time() - t0, f"test accuracy {acc:.4f}")
     os.makedirs(args.cache_dir, exist_ok=True)
-    save_checkpoint(path, {"state": net, "channels": x.shape[1], "classes": classes,
-                           "test_acc": acc})
-    return net
+    save_checkpoint(path, {"state": net, "channels": channels, "classes": classes, "test_acc": acc})
+    return net, path
 
 
 def accuracy(net, x, y):
@@ -531,8 +508,7 @@ def precision_recall(real, fake, k=3):
     return coverage(fake, real, knn_radii(real, k)), coverage(real, fake, knn_radii(fake, k))
 
 
-@torch.no_grad()
-def evaluate_gan(args, g, net, k, device):
+def evaluate_gan(args, g, net, k, device):  # sample and features run without autograd
     """FID / precision / recall of generated vs real test images, and train vs test as the floor,
     in the feature space of the metric network `net`. The class shares show mode collapse: a GAN
     that drops a digit has a share near 0 for it. k: the cDCGAN's labels (0: none)."""
@@ -549,10 +525,9 @@ def evaluate_gan(args, g, net, k, device):
         f, pred = features(net, x), features(net, x, logits=True).argmax(1)
         p, r = precision_recall(f_test, f)
         share = torch.bincount(pred, minlength=len(classes)).double() / n
-        rows.append({"comparison": name, "n": n, "fid": round(frechet_distance(f, f_test), 4),
-                     "precision": round(p, 4), "recall": round(r, 4),
-                     "class_share_min": round(share.min().item(), 4),
-                     "class_share_max": round(share.max().item(), 4)})
+        row = {"fid": frechet_distance(f, f_test), "precision": p, "recall": r,
+               "class_share_min": share.min().item(), "class_share_max": share.max().item()}
+        rows.append({"comparison": name, "n": n} | {key: round(v, 4) for key, v in row.items()})
         if y is not None and name.startswith("generated"):  # does the classifier read y back?
             rows[-1]["cond_acc"] = round((pred == y.cpu()).double().mean().item(), 4)
     rows[1]["classifier_test_acc"] = round(accuracy(net, x_test, y_test), 4)
@@ -668,9 +643,9 @@ def lipschitz_bound(critic):
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             sigma = torch.linalg.matrix_norm(m.weight.flatten(1), ord=2)
             product = product * sigma
-            overlap = 1
-            if isinstance(m, nn.Conv2d):  # patches per pixel: ceil(kh/sh) * ceil(kw/sw)
-                overlap = math.prod(math.ceil(k / s) for k, s in zip(m.kernel_size, m.stride))
+            # a convolution's patches per pixel: ceil(kh/sh) * ceil(kw/sw); a linear layer's: 1
+            overlap = math.prod(math.ceil(k / s) for k, s in zip(getattr(m, "kernel_size", ()),
+                                                                 getattr(m, "stride", ())))
             bound = bound * sigma * math.sqrt(overlap)
     return product, bound
 
@@ -691,9 +666,8 @@ def play(args, g, d, opt_g, opt_d, real, y_real, k, aug, update_g, device):
         return out
     y_fake = torch.randint(0, k, (n,), device=device) if k else None
     z = torch.randn(n, args.nz, device=device)
-    return bce_step(g, d, opt_g, opt_d, real, z, y_real, y_fake, aug,
-                    update_d=args.train_only != "g", update_g=update_g,
-                    saturating=args.g_loss == "saturating")
+    return bce_step(g, d, opt_g, opt_d, real, z, y_real, y_fake, aug, update_g=update_g,
+                    update_d=args.train_only != "g", saturating=args.g_loss == "saturating")
 
 
 def train(args, x_train, y_train, k, device):
@@ -715,12 +689,11 @@ def train(args, x_train, y_train, k, device):
     for epoch in range(start, args.epochs):
         t0 = t_log = time.time()
         sums, perm = {}, torch.randperm(len(x_train), device=device)
-        for i in range(iters):
+        for i, idx in enumerate(perm[:iters * n].split(n)):
             step = epoch * iters + i + 1
-            idx = perm[i * n:(i + 1) * n]
             real, y_real = to_float(x_train[idx]), y_train[idx]
-            update_g = step % args.g_every == 0  # --g-every / --n-critic: G steps are rarer
-            update_g = update_g and args.train_only != "d"  # --train-only: one net stays at init
+            # --g-every / --n-critic: G steps are rarer; --train-only d: G stays at its init
+            update_g = step % args.g_every == 0 and args.train_only != "d"
             with autocast(args.precision, device):  # a no-op unless --precision bf16
                 out = play(args, g, d, opt_g, opt_d, real, y_real, k, aug, update_g, device)
             accumulate(sums, out)
@@ -731,7 +704,6 @@ def train(args, x_train, y_train, k, device):
                 sums, t_log = {}, time.time()
         wall += time.time() - t0
         save_samples(g, args, epoch + 1, k, device)
-        write_csv(os.path.join(args.out, "metrics.csv"), history)
         plot_lines(os.path.join(args.out, "curves.png"), curve_panels(history, args.lab))
         save_run(path, nets, args, epoch + 1, history, wall)
     if start >= args.epochs:
@@ -751,7 +723,9 @@ def start_run(args, nets):
 
 
 def save_run(path, nets, args, epoch, history, wall):
-    """The checkpoint of a GAN lab's or DANN's run: its nets, optimizers, history and flags."""
+    """metrics.csv and the checkpoint of a GAN lab's or DANN's run: its nets, optimizers, history
+    and flags."""
+    write_csv(os.path.join(args.out, "metrics.csv"), history)
     save_checkpoint(path, nets | {"lab": args.lab, "epoch": epoch, "history": history,
                                   "flags": training_flags(args), "wall_s": wall,
                                   "command": " ".join(["python"] + sys.argv)})
@@ -785,11 +759,9 @@ def log_row(args, d, sums, step, epoch, seconds, steps):
                              "--lr-d / --lr-g" + fix)
     if args.lab == "wgan":  # lip_product: prod ||W_i||_2 reshaped; lip_bound: x conv overlap
         row["lip_product"], row["lip_bound"] = (t.item() for t in lipschitz_bound(d))
-    row["s_per_iter"] = seconds
-    progress(f"{args.lab} epoch {math.ceil(epoch)}/{args.epochs}", step, steps, seconds,
-             " ".join(f"{k} {v:.3g}" for k, v in row.items() if k not in ("iter", "epoch",
-                                                                          "s_per_iter")))
-    return row
+    text = " ".join(f"{k} {v:.3g}" for k, v in row.items() if k not in ("iter", "epoch"))
+    progress(f"{args.lab} epoch {math.ceil(epoch)}/{args.epochs}", step, steps, seconds, text)
+    return row | {"s_per_iter": seconds}
 
 
 def curve_panels(history, lab):
@@ -828,10 +800,9 @@ def save_outputs(args, g, history, wall, metrics, classes, channels, k, device):
                   value_range=(-1, 1))
     if metrics:
         write_csv(os.path.join(args.out, "eval.csv"), metrics)
-    last = history[-10:]
-    save_summary(args, device, wall, history, {
-        "s_per_iter": round(sum(r["s_per_iter"] for r in last) / max(len(last), 1), 4),
-        "final": history[-1] if history else {}, "metrics": metrics,
+    save_summary(args, device, wall, history, {  # history: never empty, every epoch logs a row
+        "s_per_iter": round(sum(r["s_per_iter"] for r in history[-10:]) / len(history[-10:]), 4),
+        "final": history[-1], "metrics": metrics,
         "args": dict(vars(args), classes=classes, channels=channels)})
     print(f"wrote {args.out}/ (train wall time {wall:.0f} s)")
 
@@ -895,12 +866,11 @@ def check_memorization(args, device):
     g = build_models(run, x_train.shape[1], k)[0].to(device)
     g.load_state_dict(saved["g"])
     net = metric_net(run, x_train.shape[1], device)[0]
-    shown, near_f, near_p, d_fake, d_test = memorization_check(
-        g, net, x_train, x_test, run.nz, k, run.seed, min(args.eval_samples, len(x_test)))
-    save_memorization(args.run, shown, near_f, near_p, x_train, d_fake, d_test)
+    save_memorization(args.run, x_train, *memorization_check(
+        g, net, x_train, x_test, run.nz, k, run.seed, min(args.eval_samples, len(x_test))))
 
 
-def save_memorization(out, shown, near_f, near_p, x_train, d_fake, d_test):
+def save_memorization(out, x_train, shown, near_f, near_p, d_fake, d_test):
     """memorization.png: two columns of 32 rows, each a sample, its 3 nearest training images in
     feature space and its 3 nearest in pixel space; nn_distances.png; memorization.json."""
     tiles = []
@@ -1058,11 +1028,10 @@ def train_dann(args, data, n_classes, device):
     for epoch in range(start, args.epochs):
         t0, sums = time.time(), {}
         perm_s, perm_t = (torch.randperm(len(x), device=device) for x in (x_s, x_t))
-        for i in range(iters):
+        for i, idx_s in enumerate(perm_s[:iters * n].split(n)):
             p = (epoch * iters + i) / (args.epochs * iters)  # training progress, 0 -> 1
             lr, lam = dann_schedules(p, args.lr, args.lr_alpha, args.lr_beta, args.gamma)
             lam = adaptation_weight(args, lam)
-            idx_s = perm_s[i * n:(i + 1) * n]
             idx_t = perm_t[(i * n + torch.arange(n, device=device)) % len(x_t)]
             y_t = data["target_pseudo"][idx_t] if "target_pseudo" in data else None
             with autocast(args.precision, device):  # a no-op unless --precision bf16
@@ -1070,9 +1039,16 @@ def train_dann(args, data, n_classes, device):
                                 to_float(x_t[idx_t]), lam, lr, y_t)
             accumulate(sums, out)
         wall += time.time() - t0
-        history.append(dann_row(args, net, data, sums, epoch + 1, (epoch + 1) * iters, lam, lr,
-                                (time.time() - t0) / iters))
-        write_csv(os.path.join(args.out, "metrics.csv"), history)
+        # one row an epoch: the schedules at its last step, the means of its steps, the accuracies
+        step, s_per_iter = (epoch + 1) * iters, (time.time() - t0) / iters
+        row = {"epoch": epoch + 1, "iter": step, "lambda": lam, "lr": lr}
+        for key, (total, count) in sums.items():
+            row["train_" + key if key == "domain_acc" else key] = (total / count).item()
+        stop_if_diverged(row["loss_y"] + row["loss_d"], f"epoch {epoch + 1}", "--lr")
+        row.update(dann_accuracies(net, data))
+        text = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "iter"))
+        progress(f"dann, {dann_method(args)}", epoch + 1, args.epochs, s_per_iter * iters, text)
+        history.append(row | {"s_per_iter": s_per_iter})
         save_run(path, {"net": net, "opt": opt}, args, epoch + 1, history, wall)
     return net, history, wall
 
@@ -1087,8 +1063,8 @@ def load_dann_data(args, device):
     if args.target:
         (x_t, _, t_classes), (x_t_test, y_t_test, _) = (
             load_split(args.target, args.data_root, split) for split in ("train", "test"))
-        if x_t.shape[-2:] != xs.shape[-2:] or x_t_test.shape[-2:] != xs.shape[-2:] or \
-                t_classes != classes:  # one input size (28 x 28), one label classifier
+        # one input size (28 x 28) in both splits, one label classifier
+        if {x_t.shape[-2:], x_t_test.shape[-2:]} != {xs.shape[-2:]} or t_classes != classes:
             raise UserError(f"--target {args.target} has {x_t.shape[-2]}x{x_t.shape[-1]} images, "
                             f"the source 28x28 (classes {t_classes}, the source's {classes})")
     else:
@@ -1165,18 +1141,6 @@ def dann_accuracies(net, data):
     return acc
 
 
-def dann_row(args, net, data, sums, epoch, step, lam, lr, s_per_iter):
-    row = {"epoch": epoch, "iter": step, "lambda": lam, "lr": lr}
-    for key, (total, count) in sums.items():
-        row["train_" + key if key == "domain_acc" else key] = (total / count).item()
-    stop_if_diverged(row["loss_y"] + row["loss_d"], f"epoch {epoch}", "--lr")
-    row.update(dann_accuracies(net, data), s_per_iter=s_per_iter)
-    progress(f"dann, {dann_method(args)}", epoch, args.epochs, s_per_iter * step / epoch,
-             " ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "iter",
-                                                                           "s_per_iter")))
-    return row
-
-
 @torch.no_grad()
 def save_dann_outputs(args, net, data, history, wall, device):
     """features.png (the features of 1000 source and 1000 target test images, projected on their
@@ -1192,12 +1156,11 @@ def save_dann_outputs(args, net, data, history, wall, device):
     ax.set(title=f"G_f features, PCA ({dann_method(args)})", xlabel="PC 1", ylabel="PC 2")
     ax.legend(markerscale=4)
     save_figure(fig, os.path.join(args.out, "features.png"))
-    last = history[-1] if history else dann_accuracies(net, data)
+    last = history[-1]  # never empty: every epoch logs a row
     save_summary(args, device, wall, history, {
         "adapt": not args.no_adapt, "method": dann_method(args),
-        "pseudo_labels": data.get("pseudo_stats"), "source_acc": last["source_acc"],
-        "target_acc": last["target_acc"], "domain_acc": last["domain_acc"],
-        "s_per_iter": history[-1]["s_per_iter"] if history else None, "args": vars(args)})
+        "pseudo_labels": data.get("pseudo_stats")} | {key: last[key] for key in (
+            "source_acc", "target_acc", "domain_acc", "s_per_iter")} | {"args": vars(args)})
     print(f"[dann] source accuracy {last['source_acc']:.4f}, target accuracy "
           f"{last['target_acc']:.4f}; wrote {args.out}/ (train wall time {wall:.0f} s)")
 
@@ -1220,17 +1183,15 @@ def diff_augment(x, policy):
         elif name == "translation":
             s = int(h * 0.125 + 0.5)
             ty, tx = torch.randint(-s, s + 1, (2, n, 1, 1), device=dev)
-            gy, gx = torch.meshgrid(torch.arange(h, device=dev), torch.arange(w, device=dev),
-                                    indexing="ij")
-            gy, gx = (gy + ty + 1).clamp(0, h + 1), (gx + tx + 1).clamp(0, w + 1)
+            gy = (torch.arange(h, device=dev)[:, None] + ty + 1).clamp(0, h + 1)  # n x h x 1
+            gx = (torch.arange(w, device=dev) + tx + 1).clamp(0, w + 1)  # n x 1 x w
             x = F.pad(x, [1, 1, 1, 1]).permute(0, 2, 3, 1)[rows, gy, gx].permute(0, 3, 1, 2)
         elif name == "cutout":
             ch, cw = int(h * 0.5 + 0.5), int(w * 0.5 + 0.5)
             oy = torch.randint(0, h + (1 - ch % 2), (n, 1, 1), device=dev)
             ox = torch.randint(0, w + (1 - cw % 2), (n, 1, 1), device=dev)
-            gy, gx = torch.meshgrid(torch.arange(ch, device=dev), torch.arange(cw, device=dev),
-                                    indexing="ij")
-            gy, gx = (gy + oy - ch // 2).clamp(0, h - 1), (gx + ox - cw // 2).clamp(0, w - 1)
+            gy = (torch.arange(ch, device=dev)[:, None] + oy - ch // 2).clamp(0, h - 1)
+            gx = (torch.arange(cw, device=dev) + ox - cw // 2).clamp(0, w - 1)
             mask = torch.ones(n, h, w, device=dev)
             mask[rows, gy, gx] = 0
             x = x * mask.unsqueeze(1)
@@ -1298,25 +1259,18 @@ def main(argv=None):
     elif args.lab == "classifier":
         channels = load_split(args.data, args.data_root, "train")[0].shape[1]
         print(f"classifier {metric_net(args, channels, device)[1]}")
-    else:
-        run_lab(args, device)
-
-
-def run_lab(args, device):
-    """A GAN lab: train (or resume), then the metrics and the run's outputs."""
-    x_train, y_train, classes = load_data(args.data, args.data_root, "train", args.image_size,
-                                          device)
-    if len(x_train) < args.batch_size:
-        raise UserError(f"{len(x_train)} training images, fewer than --batch-size "
-                        f"{args.batch_size}")
-    k = len(classes) if args.lab == "cdcgan" else 0
-    g, history, wall = train(args, x_train, y_train, k, device)
-    metrics = []
-    if args.eval_samples > 0:
-        net, path = metric_net(args, x_train.shape[1], device)
-        print(f"[evaluate] feature net {path}")
-        metrics = evaluate_gan(args, g, net, k, device)
-    save_outputs(args, g, history, wall, metrics, classes, x_train.shape[1], k, device)
+    else:  # a GAN lab: train (or resume), then the metrics and the run's outputs
+        x, y, classes = load_data(args.data, args.data_root, "train", args.image_size, device)
+        if len(x) < args.batch_size:  # x, y: the training images and their labels
+            raise UserError(f"{len(x)} training images, fewer than --batch-size {args.batch_size}")
+        k, channels = (len(classes) if args.lab == "cdcgan" else 0), x.shape[1]
+        g, history, wall = train(args, x, y, k, device)
+        metrics = []
+        if args.eval_samples > 0:
+            net, path = metric_net(args, channels, device)
+            print(f"[evaluate] feature net {path}")
+            metrics = evaluate_gan(args, g, net, k, device)
+        save_outputs(args, g, history, wall, metrics, classes, channels, k, device)
 
 
 # ==== plumbing: the same block in every script, checked by test_smoke.py; skip on a first read ====
