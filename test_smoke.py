@@ -205,7 +205,7 @@ def test_authors_models_give_a_bank_and_an_accuracy(authors_models, tiny_data, t
         assert accs[path] == pytest.approx(expected)
 
 
-def test_paper_cnn_has_the_papers_parameter_count():
+def test_ex01_paper_cnn_has_the_papers_parameter_count():
     assert sum(p.numel() for p in pretrain.PaperCNN(100).parameters()) == 945_572
 
 
@@ -337,7 +337,7 @@ def test_pretrain_full_disk_gives_one_line_and_keeps_the_checkpoint(tiny_data, t
     assert not list(tmp_path.glob("*.tmp*"))
 
 
-def test_t_quantile_against_its_closed_forms():
+def test_ex11_t_quantile_against_its_closed_forms():
     """Catches a wrong density constant, too few Simpson steps or a bisection that stops early:
     Student's t has closed-form quantiles for df = 1 (Cauchy) and df = 2, and tends to the
     normal's 1.95996 at 97.5 %."""
@@ -365,7 +365,7 @@ STORED_ROWS = {  # a fake run's row label and order key, as its trainer stores t
     "t1f1": ("transfer conv1, frozen conv1", [3, 1, -1, 0.0])}
 
 
-def test_compare_pools_the_draws_and_pairs_runs_by_subset_and_seed(tmp_path):
+def test_ex11_compare_pools_the_draws_and_pairs_runs_by_subset_and_seed(tmp_path):
     """Fake runs on 3 draws of the training images x 2 seeds. Catches: a configuration split
     into one row per draw (or merged without saying how many draws it holds), LP-FT runs split
     by the folder of the probe they start from, runs paired by seed alone (across draws), and
@@ -582,7 +582,7 @@ def plain_loss_gradient(reference, x, y):
     return loss.item(), x.grad
 
 
-def test_fgsm_step_is_the_sign_step_and_raises_the_loss():
+def test_ex12_fgsm_step_is_the_sign_step_and_raises_the_loss():
     """Catches: a sign flip (the step lowers the loss), no clamp to [0, 1], the CNN not in eval
     mode or not fed the training normalization (another gradient than the reference's)."""
     cnn, reference = microscope_cnn()
@@ -595,7 +595,7 @@ def test_fgsm_step_is_the_sign_step_and_raises_the_loss():
     assert plain_loss_gradient(reference, x_adv, y)[0] > loss
 
 
-def test_epsilon_zero_changes_nothing():
+def test_ex12_epsilon_zero_changes_nothing():
     """eps = 0: the attacked images are the images, and every accuracy is the clean eval-mode
     accuracy (here 0.5 exactly: half the labels are the eval-mode predictions). Catches: the CNN
     in train mode (batch statistics: other predictions), a wrong count."""
@@ -611,7 +611,7 @@ def test_epsilon_zero_changes_nothing():
     assert accs == {"clean_acc": 0.5, "fgsm_0/255": 0.5, "pgd_0/255": 0.5}
 
 
-def test_pgd_stays_in_the_eps_ball_and_in_the_image_range():
+def test_ex12_pgd_stays_in_the_eps_ball_and_in_the_image_range():
     """Catches: no projection onto the eps ball (10 steps of 2.5 eps / 10 go 2.5 eps far), no
     clamp to [0, 1], a step that lowers the loss."""
     cnn, reference = microscope_cnn()
@@ -623,7 +623,7 @@ def test_pgd_stays_in_the_eps_ball_and_in_the_image_range():
     assert plain_loss_gradient(reference, x_adv, y)[0] > plain_loss_gradient(reference, x, y)[0]
 
 
-def test_saliency_map_is_the_class_score_gradient_with_the_inputs_shape():
+def test_ex13_saliency_map_is_the_class_score_gradient_with_the_inputs_shape():
     """|d S_y / d x|, max over the colour channels, against plain torch. Catches: the loss's
     gradient instead of the class score's, a sum or mean over channels, another class, train
     mode."""
@@ -831,7 +831,7 @@ def amp_setup():
     return model, loss_fn, images, labels
 
 
-def test_amp_perturbation_stays_in_the_ball_and_ascends():
+def test_ex09_amp_perturbation_stays_in_the_ball_and_ascends():
     """delta is not zero: it sits on the ball's surface (the projection is active for these
     small radii) and one ascent step strictly raises the loss (catches a no-op perturbation)."""
     model, loss_fn, _, _ = amp_setup()
@@ -850,7 +850,7 @@ def test_amp_perturbation_stays_in_the_ball_and_ascends():
                 p.copy_(t)
 
 
-def test_amp_with_epsilon_zero_is_the_plain_update():
+def test_ex09_amp_with_epsilon_zero_is_the_plain_update():
     """The whole state: parameters, optimizer state, and BatchNorm's running statistics, which
     AMP's inner forward pass updates once more (as the AMP authors' code does): equal to a plain
     step whose batch went through the network once before (catches any change of the step)."""
@@ -1109,10 +1109,10 @@ def algorithm1_batch():
     return model, disc, images, torch.randint(0, 10, (8,)), torch.Generator().manual_seed(0)
 
 
-def test_generator_loss_reaches_conv1_only():
+def test_ex02_ex03_generator_loss_reaches_conv1_only():
     """The generator loss's gradient reaches the regularized layer, not another one, nor D (D's
     forward and both steps' values: test_kernel_discriminator_is_the_notebooks_network and
-    test_algorithm1_iteration_at_lambda_half_is_the_papers_step)."""
+    test_ex02_ex03_ex04_ex05_algorithm1_iteration_at_lambda_half_is_the_papers_step)."""
     model, disc, _, _, g = algorithm1_batch()
     fakes = train_advreg.sample_fakes(model, {"conv1": disc}, 64, g)
     d_fakes = train_advreg.judge({"conv1": disc}, fakes, "standardized")
@@ -1123,7 +1123,7 @@ def test_generator_loss_reaches_conv1_only():
     assert all(p.grad is None for p in disc.parameters())  # the generator step does not train D
 
 
-def test_frechet_distance_and_low_frequency_share():
+def test_ex07_ex08_frechet_distance_and_low_frequency_share():
     torch.manual_seed(0)
     kernels = torch.randn(2000, 7, 7)
     flat = collect_kernels.standardize_kernels(kernels)
@@ -1161,7 +1161,8 @@ def assert_same_update(before, after, expected, rel=1e-4):
         assert torch.allclose(move, want, rtol=0, atol=rel * scale + 1e-12), (key, scale)
 
 
-def test_algorithm1_iteration_at_lambda_half_is_the_papers_step(tiny_data, tmp_path):
+def test_ex02_ex03_ex04_ex05_algorithm1_iteration_at_lambda_half_is_the_papers_step(tiny_data,
+                                                                                    tmp_path):
     """One iteration of train_advreg.py (10 images, batch 10, lambda = 0.5) against the paper's
     Algorithm 1 written here: the classifier's Adam gets the gradient of
     cls_loss + lam * (-log D(fake)), D's Adam the gradient of
@@ -1225,7 +1226,7 @@ def test_algorithm1_iteration_at_lambda_half_is_the_papers_step(tiny_data, tmp_p
     assert ckpt["log"][0, 2].item() == pytest.approx(disc_loss.item(), rel=1e-5)  # disc_loss
 
 
-def test_amp_step_takes_the_gradient_at_theta_plus_delta_and_steps_from_theta():
+def test_ex09_amp_step_takes_the_gradient_at_theta_plus_delta_and_steps_from_theta():
     """train_small.train_step with epsilon > 0 (one inner step) against AMP written here: delta =
     inner_lr * grad L(theta), projected onto ||delta|| <= epsilon; the outer gradient is taken at
     theta + delta and applied (here by SGD) to theta. Catches the outer gradient taken at theta,
@@ -1281,7 +1282,7 @@ def test_kernel_discriminator_is_the_notebooks_network():
     assert torch.allclose(disc(kernels), expected[:, 0], rtol=1e-4, atol=1e-6)
 
 
-def test_standardization_is_per_kernel():
+def test_ex06_standardization_is_per_kernel():
     """collect_kernels.standardize_kernels and D's standardized input: each kernel minus its own
     mean, over its own (unbiased) std, with another scale and shift per kernel. Catches the mean
     or std taken over the whole bank (a global rescaling would pass a test of one scale)."""
@@ -1308,7 +1309,7 @@ def gaussian_samples(mean, cov, n, seed):
     return z @ torch.linalg.cholesky(cov).T + mean
 
 
-def test_frechet_distance_of_gaussians_with_full_covariances_is_the_closed_form():
+def test_ex07_frechet_distance_of_gaussians_with_full_covariances_is_the_closed_form():
     """Two 4-d Gaussians, non-commuting full covariances (two 2x2 blocks, then one common
     rotation, which leaves the distance unchanged), means that differ in every coordinate. For a
     2x2 block, tr (C_a C_b)^1/2 = sqrt(tr(C_a C_b) + 2 sqrt(det C_a det C_b)). Both copies (stage 4
@@ -1334,7 +1335,7 @@ def test_frechet_distance_of_gaussians_with_full_covariances_is_the_closed_form(
         assert module.frechet_distance(b, a) == pytest.approx(closed, rel=1e-9)
 
 
-def test_low_frequency_share_of_cosines_and_a_constant():
+def test_ex08_low_frequency_share_of_cosines_and_a_constant():
     """7x7 cosines of known DFT, frequencies (fy, fx) in cycles per 7 pixels: (0, 1) has radius
     1/7 <= 0.25 cycles/pixel (low), (2, 0) and (2, 1) have 2/7 and sqrt(5)/7 > 0.25 (high).
     Kernel 1 = 3 cos(0, 1) + cos(2, 0) + 5: share 9/10 (the constant adds nothing); kernel 2 =
@@ -1417,7 +1418,7 @@ def test_init_bank_reaches_conv1_in_both_trainers_and_each_seed_draws_its_own(ti
 @pytest.mark.parametrize("layers,frozen,label", [
     (["conv2"], [], "transfer conv2"), (["conv1", "conv3"], ["conv1"], "transfer conv1+conv3, "
      "frozen conv1"), (["conv1", "conv2", "conv3", "conv4", "fc"], [], "LP-FT")])
-def test_transfer_copies_exactly_the_named_layers(layers, frozen, label, tmp_path):
+def test_ex10_transfer_copies_exactly_the_named_layers(layers, frozen, label, tmp_path):
     """train_small.initialize from the flags, as train() calls it, from a checkpoint whose every
     tensor differs from a fresh init: each named layer (convN with its BatchNorm's weights and
     statistics; fc, the head, for LP-FT from a probe) equals the checkpoint's, every other tensor
@@ -1695,7 +1696,7 @@ def test_lambda_zero_is_the_baseline_of_train_small(tiny_data, tmp_path):
     assert (adv["label"], adv["row_order"]) == ("baseline (λ = 0)", [0, 0, 0, 0.0])  # its row
 
 
-def test_one_d_pass_on_the_fakes_gives_the_three_pass_losses_and_gradients():
+def test_ex02_ex03_ex04_one_d_pass_on_the_fakes_gives_the_three_pass_losses_and_gradients():
     """D(G(z)) is computed once and serves both the generator loss and D's fake term. On a fixed
     batch, losses and the gradients of classifier and D equal those of the three-pass step (the
     generator loss through a frozen D, then D on real and on detached fakes): catches a reuse that
@@ -2043,7 +2044,7 @@ def gan_check_run(out, bce=True, size=32, channels=1):
     gen, floor = gan_read_csv(out / "eval.csv")
     assert gen["comparison"].startswith("generated") and floor["comparison"].startswith("train")
     for r in (gen, floor):
-        assert math.isfinite(float(r["fid"]))  # its value: test_gan_frechet_distance
+        assert math.isfinite(float(r["fid"]))  # its value: test_ex07_gan_frechet_distance
         assert 0 <= float(r["precision"]) <= 1 and 0 <= float(r["recall"]) <= 1
         # (min <= 1/n <= max holds for any shares that sum to 1; this catches swapped columns)
         assert 0 <= float(r["class_share_min"]) <= float(r["class_share_max"]) <= 1
@@ -2068,7 +2069,7 @@ def dann_batch():
     return x_s, torch.arange(8) % 3, x_t
 
 
-def test_gan_dann_without_reversal_features_get_the_label_plus_the_domain_gradient():
+def test_ex16_gan_dann_without_reversal_features_get_the_label_plus_the_domain_gradient():
     """Seed 003 Q1 and Q3: --no-reversal is lambda = -1 in the layer, so G_f's step is the label
     gradient PLUS the domain gradient; with the layer (lambda = 0.4) it is the label gradient
     minus 0.4 times it. Both computed here in plain torch, without the reversal layer (catches a
@@ -2123,7 +2124,7 @@ def test_gan_dann_lambda_flags_reach_the_step(flags, want, gan_data, tiny_data, 
         want, "no reversal")
 
 
-def test_gan_pseudo_labels_keep_only_confident_predictions():
+def test_ex16_gan_pseudo_labels_keep_only_confident_predictions():
     """A hand-made net whose softmax is known: only rows above the threshold keep a label, their
     argmax; the others get -1 (catches a reversed comparison, or the wrong class kept)."""
     logits = torch.tensor([[4.0, 0, 0], [0, 0, 1], [0, 5, 0], [2, 2, 0], [0, 0, 9]])
@@ -2511,9 +2512,9 @@ def test_gan_saturated_d_gives_a_finite_loss_and_gradient():
     assert torch.isnan(torch.autograd.grad(naive.sum(), logits)[0]).any()
 
 
-def test_gan_gradient_penalty_zero_for_unit_norm_linear_critic():
+def test_ex15_gan_gradient_penalty_zero_for_unit_norm_linear_critic():
     """The penalty's lambda and its "- 1" (a linear critic's gradient is the same at every
-    point, so this cannot see where the interpolates lie: test_gan_wgan_steps_are_the_papers
+    point, so this cannot see where the interpolates lie: test_ex15_gan_wgan_steps_are_the_papers
     checks that with a tanh critic)."""
     torch.manual_seed(0)
     real, fake = torch.randn(64, 1, 8, 8), torch.randn(64, 1, 8, 8)
@@ -2527,7 +2528,7 @@ def test_gan_gradient_penalty_zero_for_unit_norm_linear_critic():
     assert gp == pytest.approx(40.0, rel=1e-4)
 
 
-def test_gan_gradient_penalty_reaches_the_critic():
+def test_ex15_gan_gradient_penalty_reaches_the_critic():
     critic = gan_labs.conv_critic(1, 32)
     real, fake = torch.randn(4, 1, 32, 32), torch.randn(4, 1, 32, 32)
     gp = gan_labs.gradient_penalty(critic, real, fake, 10.0)
@@ -2535,7 +2536,7 @@ def test_gan_gradient_penalty_reaches_the_critic():
     assert gp.item() > 0 and critic[0].weight.grad.abs().sum() > 0
 
 
-def test_gan_clip_weights():
+def test_ex15_gan_clip_weights():
     critic = gan_labs.conv_critic(1, 32)
     gan_labs.clip_weights(critic, 0.01)
     assert all(p.abs().max() <= 0.01 for p in critic.parameters())
@@ -2581,7 +2582,7 @@ def test_gan_reshaped_norm_is_not_a_conv_bound_but_the_overlap_factor_is():
     assert product.item() < op_norm <= bound.item()
 
 
-def test_gan_frechet_distance():
+def test_ex07_gan_frechet_distance():
     torch.manual_seed(0)
     a = torch.randn(2000, 8) * torch.linspace(0.5, 2, 8)
     assert abs(gan_labs.frechet_distance(a, a)) < 1e-6
@@ -2711,7 +2712,7 @@ def test_gan_memorization_subcommand(case, gan_dcgan_run, gan_common, tmp_path, 
 
 
 # ----------------------------------------------------------------------------- DANN
-def test_gan_gradient_reversal_is_identity_forward_and_minus_lambda_backward():
+def test_ex16_gan_gradient_reversal_is_identity_forward_and_minus_lambda_backward():
     x = torch.randn(5, 7, requires_grad=True)
     out = gan_labs.GradientReversal.apply(x, 0.3)
     assert torch.equal(out, x)
@@ -2728,7 +2729,7 @@ def test_gan_dann_schedules():
 
 
 @pytest.mark.parametrize("lam", [0.0, 1.0])
-def test_gan_dann_step_lambda_zero_is_the_source_only_update(lam):
+def test_ex16_gan_dann_step_lambda_zero_is_the_source_only_update(lam):
     """With lambda = 0 the domain loss trains only the domain classifier: the features and the
     label classifier take the same step as with the label loss alone (catches --no-adapt leaking
     the domain gradient into the features); with lambda = 1 the features' step differs."""
@@ -3224,7 +3225,7 @@ def gan_aug(x):
 
 
 @pytest.mark.parametrize("case", ["dcgan", "cdcgan", "diffaug_saturating"])
-def test_gan_bce_step_is_the_gan_game(case):
+def test_ex14_gan_bce_step_is_the_gan_game(case):
     """gan_labs.bce_step against Goodfellow et al.'s Alg. 1 (k = 1) written here: D descends
     -log D(x) - log(1 - D(G(z))) on real and detached fakes, then G descends -log D(G(z))
     (saturating: log(1 - D(G(z)))) through the UPDATED D, on the same fakes; the cDCGAN's labels
@@ -3270,7 +3271,7 @@ def gan_smooth_critic():
 
 
 @pytest.mark.parametrize("constraint", ["gp", "clip"])
-def test_gan_wgan_steps_are_the_papers(constraint):
+def test_ex15_gan_wgan_steps_are_the_papers(constraint):
     """wgan_critic_step against WGAN-GP's Alg. 1 lines 4-9 (the critic descends D(G(z)) - D(x) +
     10 (||grad D(x_hat)|| - 1)^2 at x_hat = e x + (1 - e) G(z), e ~ U[0, 1] per sample) or WGAN's
     lines 3-7 (the same without the penalty, then every weight clipped to [-c, c]), and
@@ -3312,7 +3313,7 @@ def test_gan_wgan_steps_are_the_papers(constraint):
     gan_assert_same_nets(g, g_ref, start_g)
 
 
-def test_gan_dann_step_features_get_the_label_gradient_minus_lambda_domain_gradient():
+def test_ex16_gan_dann_step_features_get_the_label_gradient_minus_lambda_domain_gradient():
     """dann_step (SGD, lambda = 0.7, the step's lr 0.05 over the optimizer's 1.0) against the
     DANN paper's update written here: G_f moves by -lr (dL_y/dtheta_f - lambda dL_d/dtheta_f),
     G_y by -lr dL_y/dtheta_y, G_d by -lr dL_d/dtheta_d, with L_d the logistic loss of source = 0,
