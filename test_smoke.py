@@ -2868,6 +2868,503 @@ def test_gan_bf16_runs_finish_and_write_their_outputs(lab, gan_common, tmp_path,
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
 
 
+# ----------------------------------------------------------------------------- the exercises
+# docs/exercises.md: each exercise is a function (or a few) a student writes, graded by the
+# tests whose names carry its tag: `python -m pytest -q -k ex07 test_smoke.py`. The handout and
+# the grade are this file's command line (pytest takes no options of ours without a conftest.py):
+#     python test_smoke.py handout --out DIR [--exercises ex03 ex07 | --lab NAME]
+#     python test_smoke.py grade [DIR]
+# The proof that each exercise can be graded (its emptied function fails, the reference passes,
+# each typical wrong answer fails) is a test, skipped unless asked for:
+#     EXERCISE_PROOF=1 python -m pytest -q -s -k proof test_smoke.py
+import argparse  # noqa: E402  (this part's own imports)
+import re  # noqa: E402
+import shutil  # noqa: E402
+
+Exercise = collections.namedtuple("Exercise", "tag title lab functions wrong")
+# functions: (script, name) pairs, "Class.method" for a method; (script, name, (first, last))
+# empties only the statements from the one starting with `first` to the one starting with `last`. A
+# function that several scripts share (the same text) is emptied in each of them.
+# wrong: (what, ((file, old text, new text), ...)): a typical wrong answer, planted by the proof;
+# the old text occurs exactly once in its file.
+CNN_COPIES = ("pretrain.py", "train_small.py", "train_advreg.py", "collect_kernels.py")
+FRECHET_COPIES = ("collect_kernels.py", "train_advreg.py", "gan_labs.py")
+KERNEL_COPIES = ("collect_kernels.py", "train_advreg.py")
+
+
+def in_every(files, old, new):
+    """The same replacement in every copy of a shared function."""
+    return tuple((name, old, new) for name in files)
+
+
+EXERCISES = (
+    Exercise("ex01", "the paper's CNN", "paper", (("pretrain.py", "PaperCNN.__init__"),
+                                                  ("pretrain.py", "PaperCNN.forward")), (
+        ("a bias in conv1 (BatchNorm follows it: the paper has none)", in_every(
+            CNN_COPIES, "nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)",
+            "nn.Conv2d(3, 64, 7, stride=2, padding=3)")),
+        ("conv2 without padding", in_every(
+            CNN_COPIES, "nn.Conv2d(64, 128, 5, stride=2, padding=2, bias=False)",
+            "nn.Conv2d(64, 128, 5, stride=2, padding=0, bias=False)")),
+        ("no ReLU after the second block", in_every(
+            CNN_COPIES, "x = F.relu(self.bn2(self.conv2(x)))", "x = self.bn2(self.conv2(x))")),
+        ("global max pooling instead of the average", in_every(
+            CNN_COPIES, "(self.conv4(x)))\n        return self.fc(x.mean(dim=(2, 3)))",
+            "(self.conv4(x)))\n        return self.fc(x.amax(dim=(2, 3)))")))),
+    Exercise("ex02", "G(z) = z and D(G(z))", "paper", (("train_advreg.py", "sample_fakes"),
+                                                       ("train_advreg.py", "judge")), (
+        ("the fakes detached from conv1 (the generator loss then trains nothing)", (
+            ("train_advreg.py", "kernels = kernels_of(getattr(model, layer).weight)\n        pick",
+             "kernels = kernels_of(getattr(model, layer).weight.detach())\n        pick"),)),
+        ("the kernels drawn with torch's global generator, not D's own", (
+            ("train_advreg.py", "torch.randperm(len(kernels), generator=d_gen, device=",
+             "torch.randperm(len(kernels), device="),)),
+        ("D shown the raw kernels, not standardized ones", (
+            ("train_advreg.py", "disc(to_d_input(fakes[layer], d_input))",
+             "disc(fakes[layer][:, None])"),)))),
+    Exercise("ex03", "the generator loss", "paper", (("train_advreg.py", "generator_loss"),), (
+        ("the saturating loss log(1 - D(G(z)))", (
+            ("train_advreg.py", "return sum((bce(d_fake, 1.0) for",
+             "return sum((-bce(d_fake, 0.0) for"),)),
+        ("the fakes' target 0, D's own (the generator helps D)", (
+            ("train_advreg.py", "return sum((bce(d_fake, 1.0) for",
+             "return sum((bce(d_fake, 0.0) for"),)))),
+    Exercise("ex04", "D's step", "paper", (("train_advreg.py", "discriminator_step"),), (
+        ("the labels swapped (bank 0, fakes 1)", (
+            ("train_advreg.py", "disc_loss = lam * (bce(d_real, 1.0) + bce(d_fake, 0.0))",
+             "disc_loss = lam * (bce(d_real, 0.0) + bce(d_fake, 1.0))"),)),
+        ("D's loss without lam", (
+            ("train_advreg.py", "disc_loss = lam * (bce(d_real, 1.0) + bce(d_fake, 0.0))",
+             "disc_loss = bce(d_real, 1.0) + bce(d_fake, 0.0)"),)),
+        ("D's loss differentiated into the classifier too", (
+            ("train_advreg.py", "disc_loss.backward(inputs=list(disc.parameters()))",
+             "disc_loss.backward()"),)))),
+    Exercise("ex05", "Algorithm 1, one iteration", "paper", (
+        ("train_advreg.py", "train", ("with autocast(args.precision, device):",
+                                      "optimizer.step()")),), (
+        ("the classifier step on cls_loss - lam * reg_loss", (
+            ("train_advreg.py", "(cls_loss + lam * reg_loss).backward(",
+             "(cls_loss - lam * reg_loss).backward("),)),
+        ("the classifier step without lam", (
+            ("train_advreg.py", "(cls_loss + lam * reg_loss).backward(",
+             "(cls_loss + reg_loss).backward("),)))),
+    Exercise("ex06", "standardized kernels", "metrics", (
+        ("collect_kernels.py", "standardize_kernels"), ("train_advreg.py", "to_d_input")), (
+        ("the mean over all kernels", in_every(
+            KERNEL_COPIES, "flat = flat - flat.mean(dim=1, keepdim=True)",
+            "flat = flat - flat.mean()")),
+        ("one std for all kernels", in_every(
+            KERNEL_COPIES, "return flat / flat.std(dim=1, keepdim=True).clamp_min(1e-12)",
+            "return flat / flat.std().clamp_min(1e-12)")),
+        ("D's input: one std for the whole batch", (
+            ("train_advreg.py", "kernels / (kernels.std(dim=(1, 2), keepdim=True) + 1e-8)",
+             "kernels / (kernels.std() + 1e-8)"),)))),
+    Exercise("ex07", "the Fréchet distance", "metrics", (
+        ("collect_kernels.py", "psd_sqrt"), ("collect_kernels.py", "frechet_distance")), (
+        ("without the means' term", in_every(
+            FRECHET_COPIES, "((a.mean(0) - b.mean(0)) ** 2).sum().item()", "0.0")),
+        ("tr(C_a^1/2 C_b^1/2) for the root's trace", in_every(
+            FRECHET_COPIES, "inner = root_a @ cov_b @ root_a\n    tr_covmean = torch.linalg."
+            "eigvalsh((inner + inner.T) / 2).clamp(min=0).sqrt().sum()",
+            "tr_covmean = (root_a @ psd_sqrt(cov_b)).trace()")),
+        ("the matrix root taken element by element", in_every(
+            FRECHET_COPIES,
+            "w, v = torch.linalg.eigh(m)\n    return (v * w.clamp(min=0).sqrt()) @ v.T",
+            "return m.clamp(min=0).sqrt()")))),
+    Exercise("ex08", "the low-frequency share", "metrics", (
+        ("collect_kernels.py", "low_freq_share"),), (
+        ("the mean not removed", in_every(
+            KERNEL_COPIES, "centered = kernels.double() - kernels.double().mean(dim=(-2, -1), "
+            "keepdim=True)", "centered = kernels.double()")),
+        ("|X| instead of |X|^2", in_every(
+            KERNEL_COPIES, "power = torch.fft.fft2(centered).abs() ** 2",
+            "power = torch.fft.fft2(centered).abs()")),
+        ("the energy pooled over kernels", in_every(
+            KERNEL_COPIES, "return (power[:, low].sum(1) / power.sum(dim=(1, 2)).clamp_min(1e-12)"
+            ").mean().item()", "return (power[:, low].sum() / power.sum()).item()")))),
+    Exercise("ex09", "AMP's perturbation and step", "transfer", (
+        ("train_small.py", "perturb_adversarially"), ("train_small.py", "train_step")), (
+        ("the inner step descends", (
+            ("train_small.py", "d.add_(g, alpha=inner_lr)", "d.add_(g, alpha=-inner_lr)"),)),
+        ("no projection onto the ball", (
+            ("train_small.py", "shrink = torch.clamp(epsilon / (norm + 1e-12), max=1.0)",
+             "shrink = 1.0"),)),
+        ("the weights left at theta + delta", (
+            ("train_small.py", "                p.copy_(t)\n", "                pass\n"),)))),
+    Exercise("ex10", "freezing and the probe", "transfer", (
+        ("train_small.py", "freeze"), ("train_small.py", "train_mode"),
+        ("train_small.py", "Probe.forward")), (
+        ("convN frozen without its BatchNorm", (
+            ("train_small.py", "getattr(model, name).requires_grad_(False)",
+             "getattr(model, layer).requires_grad_(False)"),)),
+        ("a frozen BatchNorm left in train mode", (
+            ("train_small.py", "getattr(model, name).eval()", "getattr(model, name).train()"),)),
+        ("the probe one block short", (
+            ("train_small.py", "for i in range(1, self.depth + 1):",
+             "for i in range(1, self.depth):"),)),
+        ("the probe without its ReLUs", (
+            ("train_small.py", 'x = F.relu(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x)))',
+             'x = getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x))'),)))),
+    Exercise("ex11", "the paired difference and its t interval", "metrics", (
+        ("collect_kernels.py", "t_quantile"), ("collect_kernels.py", "paired_difference")), (
+        ("the t quantile's integral with 4 Simpson intervals", (
+            ("collect_kernels.py", "def cdf(x, n=2000):", "def cdf(x, n=4):"),)),
+        ("the interval over the pairs, not over the draws", (
+            ("collect_kernels.py", "values = per_subset if len(per_subset) > 1 else list("
+             "pairs.values())", "values = list(pairs.values())"),)),
+        ("the std over n, not n - 1", (
+            ("collect_kernels.py", "for v in values) / (n - 1))", "for v in values) / n)"),)),
+        ("the normal's 1.96 instead of the t quantile", (
+            ("collect_kernels.py", "half = t_quantile(0.975, n - 1) * std",
+             "half = 1.96 * std"),)))),
+    Exercise("ex12", "FGSM and PGD", "attacks", (("collect_kernels.py", "fgsm"),
+                                                 ("collect_kernels.py", "pgd")), (
+        ("FGSM with the opposite sign", (
+            ("collect_kernels.py", "return (x + eps * loss_gradient(model, x, y).sign())",
+             "return (x - eps * loss_gradient(model, x, y).sign())"),)),
+        ("FGSM without the clamp to [0, 1]", (
+            ("collect_kernels.py", "return (x + eps * loss_gradient(model, x, y).sign()).clamp("
+             "0, 1)", "return x + eps * loss_gradient(model, x, y).sign()"),)),
+        ("PGD without the projection onto the eps ball", (
+            ("collect_kernels.py", "torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)",
+             "x_adv.clamp(0, 1)"),)),
+        ("PGD without the clamp", (
+            ("collect_kernels.py", "torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)",
+             "torch.min(torch.max(x_adv, x - eps), x + eps)"),)))),
+    Exercise("ex13", "the saliency map", "attacks", (("collect_kernels.py", "on_pixels"),
+                                                     ("collect_kernels.py", "saliency")), (
+        ("the CNN left in train mode", (
+            ("collect_kernels.py", "    cnn.eval()\n", "    cnn.train()\n"),)),
+        ("the pixels fed without the training normalization", (
+            ("collect_kernels.py", "return lambda x: cnn((x - 0.5) / 0.5)",
+             "return lambda x: cnn(x)"),)),
+        ("the map summed over the colour channels", (
+            ("collect_kernels.py", "return torch.autograd.grad(score, x)[0].abs().amax(dim=1)",
+             "return torch.autograd.grad(score, x)[0].abs().sum(dim=1)"),)),
+        ("the predicted class's score, not the true class's", (
+            ("collect_kernels.py", "score = model(x).gather(1, y[:, None]).sum()",
+             "score = model(x).max(1).values.sum()"),)),
+        ("the loss's gradient, not the class score's", (
+            ("collect_kernels.py", "score = model(x).gather(1, y[:, None]).sum()",
+             'score = F.cross_entropy(model(x), y, reduction="sum")'),)))),
+    Exercise("ex14", "the GAN game", "gans", (("gan_labs.py", "bce_step"),), (
+        ("D's loss with the opposite sign", (
+            ("gan_labs.py", "loss_d = -(log_clamped(d_real).mean() + log_clamped(1 - d_fake)"
+             ".mean())", "loss_d = log_clamped(d_real).mean() + log_clamped(1 - d_fake).mean()"),)),
+        ("the non-saturating G loss with the opposite sign", (
+            ("gan_labs.py", "else -log_clamped(d_gen).mean()", "else log_clamped(d_gen).mean()"),)),
+        ("the fakes shown to D with the real images' labels", (
+            ("gan_labs.py", "d(fake_a, y_fake)\n", "d(fake_a, y_real)\n"),)),
+        ("DiffAugment on the real batch only", (
+            ("gan_labs.py", "real_a, fake_a = aug(real), aug(fake.detach())",
+             "real_a, fake_a = aug(real), fake.detach()"),)))),
+    Exercise("ex15", "the WGAN critic, its penalty and clipping", "gans", (
+        ("gan_labs.py", "wgan_critic_step"), ("gan_labs.py", "gradient_penalty"),
+        ("gan_labs.py", "clip_weights")), (
+        ("the critic's loss with the opposite sign", (
+            ("gan_labs.py", "loss_d = d_fake.mean() - d_real.mean()",
+             "loss_d = d_real.mean() - d_fake.mean()"),)),
+        ("the penalty at the real points only", (
+            ("gan_labs.py", "x_hat = (eps * real + (1 - eps) * fake).requires_grad_(True)",
+             "x_hat = real.clone().requires_grad_(True)"),)),
+        ("one interpolation weight for the whole batch", (
+            ("gan_labs.py", "eps = torch.rand(real.shape[0], *[1] * (real.dim() - 1),",
+             "eps = torch.rand(1, *[1] * (real.dim() - 1),"),)),
+        ("the penalty without its - 1", (
+            ("gan_labs.py", "return lam * (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()",
+             "return lam * grad.flatten(1).norm(dim=1).pow(2).mean()"),)),
+        ("the weights clipped before the critic's step", (
+            ("gan_labs.py", "    opt_d.step()  # RMSProp (WGAN line 6) or Adam (WGAN-GP line 9)\n"
+             "    if constraint == \"clip\":\n        clip_weights(d, clip)",
+             "    if constraint == \"clip\":\n        clip_weights(d, clip)\n"
+             "    opt_d.step()"),)))),
+    Exercise("ex16", "DANN: gradient reversal, the step, pseudo-labels", "dann", (
+        ("gan_labs.py", "GradientReversal.forward"), ("gan_labs.py", "GradientReversal.backward"),
+        ("gan_labs.py", "dann_step"), ("gan_labs.py", "pseudo_labels")), (
+        ("the reversal with the opposite sign", (
+            ("gan_labs.py", "return -ctx.lam * grad_output, None",
+             "return ctx.lam * grad_output, None"),)),
+        ("the domain classifier fed the features without the reversal", (
+            ("gan_labs.py", "GradientReversal.apply(f, lam)", "f"),)),
+        ("the step's learning rate ignored", (
+            ("gan_labs.py", "        group[\"lr\"] = lr\n", "        pass\n"),)),
+        ("pseudo-labels kept below the threshold", (
+            ("gan_labs.py", "torch.where(confidence > threshold, predicted, -1)",
+             "torch.where(confidence < threshold, predicted, -1)"),)),
+        ("the pseudo-labelled target images left out of the label loss", (
+            ("gan_labs.py", "F.cross_entropy(net.label_classifier(f), torch.cat([y_source, "
+             "y_target]),", "F.cross_entropy(net.label_classifier(f[:len(x_source)]), y_source,"),
+        )))),
+)
+LABS = {"paper": "ex01 ex02 ex03 ex04 ex05", "metrics": "ex06 ex07 ex08 ex11",
+        "transfer": "ex09 ex10", "attacks": "ex12 ex13", "gans": "ex14 ex15", "dann": "ex16"}
+COURSE = ("pretrain.py", "collect_kernels.py", "train_small.py", "train_advreg.py", "gan_labs.py",
+          "test_smoke.py", os.path.join("docs", "exercises.md"))
+
+
+def find_def(tree, name):
+    """The def or class `name` ("Class.method" for a method) in a parsed module."""
+    node = tree
+    for part in name.split("."):
+        node = next((n for n in node.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))
+                     and n.name == part), None)
+        assert node is not None, f"{name}: not defined"
+    return node
+
+
+def empty_functions(source, targets):
+    """`source` with the body of each target's function (name, tag, part) replaced by a
+    NotImplementedError naming the exercise, its docstring kept; with a part (first, last: how
+    their lines start) only the statements from the first to the last."""
+    lines = source.splitlines(keepends=True)
+    tree, spans = ast.parse(source), []
+    for name, tag, part in targets:
+        node, what = find_def(tree, name), name.split(".")[-1]
+        if part is None:
+            body = node.body[1:] if ast.get_docstring(node) is not None else node.body
+            start, end = body[0], body[-1]
+        else:
+            def starting(text):
+                found = [s for s in ast.walk(node) if isinstance(s, ast.stmt)
+                         and lines[s.lineno - 1].strip().startswith(text)]
+                assert len(found) == 1, f"{name}: {len(found)} statements start with {text!r}"
+                return found[0]
+            start, end, what = starting(part[0]), starting(part[1]), f"the lines of {what}"
+        spans.append((start.lineno, end.end_lineno, " " * start.col_offset + (
+            f'raise NotImplementedError("{tag}: write {what}, docs/exercises.md")\n')))
+    for first, last, stub in sorted(spans, reverse=True):
+        lines[first - 1:last] = [stub]
+    new = "".join(lines)
+    ast.parse(new)
+    return new
+
+
+def emptied_sources(root, tags):
+    """script -> its source with the exercises' functions emptied, in every script that has a
+    copy of a shared function (a function of OWN only in its own script)."""
+    sources, targets = {}, collections.defaultdict(list)
+    for name in COURSE[:5]:
+        with open(os.path.join(root, name), encoding="utf-8") as f:
+            sources[name] = f.read()
+    defined = {name: top_level_sources(source) for name, source in sources.items()}
+    for exercise in (e for e in EXERCISES if e.tag in tags):
+        for script, name, *part in exercise.functions:
+            top = name.split(".")[0]
+            copies = [s for s in sources if defined[s].get(top) == defined[script][top]]
+            for copy_ in copies if top not in OWN else [script]:
+                targets[copy_].append((name, exercise.tag, part[0] if part else None))
+    return {name: empty_functions(source, targets[name]) for name, source in sources.items()}
+
+
+def chosen_exercises(exercises, lab):
+    tags = exercises or (LABS[lab].split() if lab else [e.tag for e in EXERCISES])
+    unknown = sorted(set(tags) - {e.tag for e in EXERCISES})
+    if unknown:
+        raise SystemExit(f"error: no exercise {' '.join(unknown)} (ex01-ex{len(EXERCISES):02d})")
+    return [e.tag for e in EXERCISES if e.tag in tags]
+
+
+def copy_course(out, root=ROOT):
+    for name in COURSE:
+        os.makedirs(os.path.join(out, os.path.dirname(name)), exist_ok=True)
+        shutil.copy(os.path.join(root, name), os.path.join(out, name))
+
+
+def handout(out, tags):
+    """The course in `out`, with the chosen exercises' functions emptied."""
+    if os.path.exists(out) and os.listdir(out):
+        raise SystemExit(f"error: {out} is not empty; give a new folder")
+    copy_course(out)
+    for name, source in emptied_sources(ROOT, tags).items():
+        with open(os.path.join(out, name), "w", encoding="utf-8") as f:
+            f.write(source)
+    with open(os.path.join(out, "handout.json"), "w", encoding="utf-8") as f:
+        json.dump({"exercises": tags}, f)
+
+
+def grading(folder, tag, first_failure=False):
+    """Run an exercise's grading command in `folder`: (exit code, output, seconds)."""
+    env = {k: v for k, v in os.environ.items() if k != "EXERCISE_PROOF"}
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "--tb=short", *(["-x"] if first_failure else []), "-k", tag,
+                           "test_smoke.py"], cwd=folder, capture_output=True, text=True, env=env)
+    return proc.returncode, proc.stdout + proc.stderr, time.time() - start
+
+
+def verdict(tag, code, output):
+    if code == 0:
+        return "pass"
+    if code == 5:
+        return "FAIL (no test carries the tag)"
+    waiting = sorted(set(re.findall(r"NotImplementedError: (ex\d\d)", output)))
+    if tag in waiting:
+        return "not started (NotImplementedError)"
+    if waiting:
+        return f"FAIL (waits for {' '.join(waiting)})"
+    return "FAIL"
+
+
+def grade(folder, tags):
+    print(f"grading {os.path.abspath(folder)}: python -m pytest -q -k exNN test_smoke.py")
+    passed = 0
+    for exercise in (e for e in EXERCISES if e.tag in tags):
+        code, output, seconds = grading(folder, exercise.tag)
+        passed += code == 0
+        print(f"{exercise.tag}  {exercise.title:<50} {verdict(exercise.tag, code, output):<36} "
+              f"{seconds:5.1f} s", flush=True)
+    print(f"{passed} of {len(tags)} pass")
+    return 0 if passed == len(tags) else 1
+
+
+def exercises_main(argv=None):
+    p = argparse.ArgumentParser(prog="python test_smoke.py", description="The exercises of "
+                                "docs/exercises.md: a handout with their functions emptied, and "
+                                "the grade of each.")
+    sub = p.add_subparsers(dest="command", required=True)
+    h = sub.add_parser("handout", help="copy the course with the chosen exercises emptied")
+    h.add_argument("--out", required=True, help="a new folder")
+    which = h.add_mutually_exclusive_group()
+    which.add_argument("--exercises", nargs="+", metavar="exNN", help="(default: all)")
+    which.add_argument("--lab", choices=sorted(LABS), help="a lab's exercises: " + "; ".join(
+        f"{lab} {tags}" for lab, tags in LABS.items()))
+    g = sub.add_parser("grade", help="pass / FAIL / not started, one line per exercise")
+    g.add_argument("folder", nargs="?", default=ROOT, help="a handout (default: this course)")
+    g.add_argument("--exercises", nargs="+", metavar="exNN",
+                   help="(default: the handout's, else all)")
+    args = p.parse_args(argv)
+    if args.command == "handout":
+        tags = chosen_exercises(args.exercises, args.lab)
+        handout(os.path.expanduser(args.out), tags)
+        print(f"{args.out}: the course with {' '.join(tags)} to write; grade it with "
+              f"python test_smoke.py grade {args.out}")
+        return 0
+    folder = os.path.expanduser(args.folder)
+    given = os.path.join(folder, "handout.json")
+    tags = args.exercises or (json.load(open(given))["exercises"] if os.path.exists(given)
+                              else None)
+    return grade(folder, chosen_exercises(tags, None))
+
+
+if __name__ == "__main__":
+    sys.exit(exercises_main())
+
+
+def test_ex01_paper_cnn_blocks_have_the_papers_shapes():
+    """Each copy of the paper's CNN against the network written here with the model's own
+    weights: four blocks of convolution (stride 2, padding k // 2, no bias), BatchNorm and ReLU,
+    64 x 16 x 16 -> 128 x 8 x 8 -> 128 x 4 x 4 -> 256 x 2 x 2 for a 32 x 32 image, global
+    average pooling, the linear head. Catches a bias, a missing padding or ReLU, a max pool."""
+    x = torch.randn(2, 3, 32, 32)
+    for module in (pretrain, train_small, train_advreg, collect_kernels):
+        torch.manual_seed(0)
+        model = module.PaperCNN(10).eval()
+        randomize_batchnorm(model)
+        shapes = []
+        for i in range(1, 5):
+            getattr(model, f"bn{i}").register_forward_hook(
+                lambda m, inputs, out: shapes.append(tuple(out.shape[1:])))
+        logits = model(x)
+        assert shapes == [(64, 16, 16), (128, 8, 8), (128, 4, 4), (256, 2, 2)], module
+        h = x
+        for i, k in enumerate((7, 5, 5, 3), 1):
+            conv, bn = getattr(model, f"conv{i}"), getattr(model, f"bn{i}")
+            assert conv.bias is None and conv.kernel_size == (k, k), module
+            h = F.conv2d(h, conv.weight, stride=2, padding=k // 2)
+            h = F.relu(F.batch_norm(h, bn.running_mean, bn.running_var, bn.weight, bn.bias))
+        want = h.mean(dim=(2, 3)) @ model.fc.weight.T + model.fc.bias
+        assert logits.shape == (2, 10) and torch.allclose(logits, want, atol=1e-5), module
+
+
+def test_ex10_freeze_train_mode_and_the_probe_against_plain_torch():
+    """freeze: exactly the named layers (convN with its bnN) get no gradient; train_mode: the
+    model trains, but a frozen layer's BatchNorm keeps its running statistics through a forward
+    pass; Probe after conv2: conv1-conv2's blocks, global average pooling, a 128-wide head,
+    against plain torch. Catches bnN left trainable or in train mode, a probe a block short or
+    without its ReLUs."""
+    torch.manual_seed(0)
+    model = train_small.PaperCNN(10)
+    randomize_batchnorm(model)
+    frozen = {"conv1", "bn1", "conv3", "bn3"}
+    train_small.freeze(model, ["conv1", "conv3"])
+    for key, p in model.named_parameters():
+        assert p.requires_grad == (key.split(".")[0] not in frozen), key
+    train_small.train_mode(model.eval(), ["conv1", "conv3"])
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    model(torch.randn(4, 3, 32, 32))
+    for key, value in stats.items():
+        moved = not torch.equal(model.state_dict()[key], value)
+        assert moved == (key.split(".")[0] not in frozen), key
+    probe = train_small.Probe(10, "conv2")
+    randomize_batchnorm(probe)
+    x = torch.randn(4, 3, 32, 32)
+    h = x
+    for i, k in ((1, 7), (2, 5)):
+        conv, bn = getattr(probe, f"conv{i}"), getattr(probe, f"bn{i}")
+        h = F.conv2d(h, conv.weight, stride=2, padding=k // 2)
+        h = F.relu(F.batch_norm(h, bn.running_mean, bn.running_var, bn.weight, bn.bias))
+    want = h.mean(dim=(2, 3)) @ probe.fc.weight.T + probe.fc.bias
+    assert probe.fc.weight.shape == (10, 128)
+    assert torch.allclose(probe.eval()(x), want, atol=1e-5)
+
+
+def test_the_exercises_tags_functions_wrong_answers_and_page_agree():
+    """Every tag in a test's name is an exercise's, and every exercise has tests; every function
+    to write is found (and emptied without a syntax error); every wrong answer's text occurs
+    once in its file; docs/exercises.md has each exercise's heading and grading command."""
+    tags = [e.tag for e in EXERCISES]
+    assert tags == [f"ex{i:02d}" for i in range(1, len(EXERCISES) + 1)]
+    named = collections.Counter(tag for name in globals() if name.startswith("test_")
+                                for tag in re.findall(r"ex\d\d", name))
+    assert set(named) == set(tags), named
+    assert {t for lab in LABS.values() for t in lab.split()} == set(tags)
+    emptied = emptied_sources(ROOT, tags)
+    with open(os.path.join(ROOT, "docs", "exercises.md"), encoding="utf-8") as f:
+        page = f.read()
+    for name in COURSE[:5]:
+        assert "NotImplementedError" not in open(os.path.join(ROOT, name)).read(), name
+    for exercise in EXERCISES:
+        for script, name, *_ in exercise.functions:
+            assert f'raise NotImplementedError("{exercise.tag}: write' in emptied[script], name
+        for what, plants in exercise.wrong:
+            assert f"  - {what}\n" in page.split(f"## {exercise.tag}: ")[1].split("\n## ")[0], what
+            for script, old, new in plants:
+                count = open(os.path.join(ROOT, script)).read().count(old)
+                assert count == 1, (what, script, count)
+    for exercise in EXERCISES:
+        assert f"## {exercise.tag}: {exercise.title}\n" in page, exercise.tag
+        assert f"python -m pytest -q -k {exercise.tag} test_smoke.py" in page, exercise.tag
+
+
+@pytest.mark.skipif(not os.environ.get("EXERCISE_PROOF"), reason="about 10 minutes: "
+                    "EXERCISE_PROOF=1 python -m pytest -q -s -k proof test_smoke.py")
+@pytest.mark.parametrize("number", range(1, len(EXERCISES) + 1), ids="exercise{:02d}".format)
+def test_exercise_proof_empty_fails_reference_passes_each_wrong_answer_fails(number, tmp_path):
+    """For one exercise: its handout's grading fails on the NotImplementedError; the reference's
+    passes, in at most 20 s; each listed wrong answer, planted in a copy of the course, fails."""
+    exercise = EXERCISES[number - 1]
+    tag = exercise.tag
+    handout(str(tmp_path / "handout"), [tag])
+    code, output, seconds = grading(tmp_path / "handout", tag, first_failure=True)
+    print(f"\n{tag} emptied: exit {code}, {seconds:.1f} s")
+    assert code == 1 and f"NotImplementedError: {tag}" in output, output[-3000:]
+    copy_course(tmp_path / "reference")
+    code, output, seconds = grading(tmp_path / "reference", tag)
+    print(f"{tag} reference: {output.strip().splitlines()[-1]} ({seconds:.1f} s by the clock)")
+    assert code == 0, output[-3000:]
+    assert seconds <= 20
+    for i, (what, plants) in enumerate(exercise.wrong):
+        folder = tmp_path / f"wrong{i}"
+        copy_course(folder)
+        for script, old, new in plants:
+            text = (folder / script).read_text(encoding="utf-8")
+            assert text.count(old) == 1, (what, script, old)
+            (folder / script).write_text(text.replace(old, new), encoding="utf-8")
+        code, output, seconds = grading(folder, tag, first_failure=True)
+        print(f"{tag} wrong, {what}: exit {code}, {seconds:.1f} s")
+        assert code == 1, (what, output[-3000:])
+
+
 # ----------------------------------------------------------------------------- front page and flags
 import argparse  # noqa: E402  (this part's own imports)
 import glob  # noqa: E402
