@@ -3336,7 +3336,7 @@ def test_the_exercises_tags_functions_wrong_answers_and_page_agree():
         assert f"python -m pytest -q -k {exercise.tag} test_smoke.py" in page, exercise.tag
 
 
-@pytest.mark.skipif(not os.environ.get("EXERCISE_PROOF"), reason="about 10 minutes: "
+@pytest.mark.skipif(not os.environ.get("EXERCISE_PROOF"), reason="about 15 minutes: "
                     "EXERCISE_PROOF=1 python -m pytest -q -s -k proof test_smoke.py")
 @pytest.mark.parametrize("number", range(1, len(EXERCISES) + 1), ids="exercise{:02d}".format)
 def test_exercise_proof_empty_fails_reference_passes_each_wrong_answer_fails(number, tmp_path):
