@@ -35,6 +35,7 @@ import argparse
 import csv
 import functools
 import glob
+import hashlib
 import io
 import json
 import math
@@ -110,6 +111,7 @@ def collect(args):
         name = os.path.join(args.out, f"{layer}_{kernels.shape[-1]}x{kernels.shape[-1]}")
         bank = {"kernels": kernels, "layer": layer, "kernel_size": kernels.shape[-1],
                 "sources": [os.path.abspath(p) for p in paths],
+                "source_sha256": [file_sha256(p) for p in paths],  # matched to --init-from's
                 "source_counts": [len(s) for s in per_source],
                 "seeds": [c.get("seed") for c in ckpts],
                 "test_acc": [last(c.get("history", {}), "test_acc") for c in ckpts],
@@ -123,6 +125,12 @@ def collect(args):
               f"{low_freq_share(kernels):9.3f}")
     print(f"wrote {', '.join(f'{args.out}/{layer}_*.pt' for layer in args.layers)} and the "
           f"Figure 3 grids (*_grid.png)")
+
+
+def file_sha256(path):
+    """The file's SHA-256: which checkpoint a run started from, matched to a bank's sources."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def random_sample(kernels, count, seed):
@@ -238,6 +246,7 @@ def compare(args):
     rows, panels = [], {f"bank ({len(bank_kernels)} kernels)": bank_kernels}
     for path, ckpt, label, _ in runs:
         row, kernels = checkpoint_row(path, ckpt, label, layer, bank_kernels, bank_std)
+        row["frechet_without_source"] = frechet_without_source(ckpt, kernels, bank)
         panels.setdefault(label, kernels)  # the first run of each configuration is shown
         rows.append(row)
     bank_row = {"model": f"bank ({len(bank.get('source_counts', [1]))} sources)", "layer": layer,
@@ -259,6 +268,20 @@ def compare(args):
     print(f"wrote {args.out}/{', '.join([*tables, *figures])}")
     if seen:
         microscope(seen, args, baseline, kernel_prior)
+
+
+def frechet_without_source(ckpt, kernels, bank):
+    """A run whose layer was copied from a model in the bank (train_small.py --init-from, matched
+    by the file's hash) against the bank WITHOUT that model: against the whole bank it would be
+    measured against itself. None for every other run."""
+    hashes, transferred = bank.get("source_sha256", []), ckpt.get("args", {}).get("transfer")
+    if bank["layer"] not in (transferred or []) or ckpt.get("init_from_sha256") not in hashes:
+        return None
+    parts, i = torch.split(bank["kernels"], bank["source_counts"]), hashes.index(
+        ckpt["init_from_sha256"])
+    rest = torch.cat(parts[:i] + parts[i + 1:])
+    return frechet_distance(standardize_kernels(kernels), standardize_kernels(rest)) \
+        if len(rest) else None
 
 
 def checkpoint_row(path, ckpt, configuration, layer, bank_kernels, bank_std):
@@ -283,6 +306,7 @@ def checkpoint_row(path, ckpt, configuration, layer, bank_kernels, bank_std):
 METRICS = {  # the table's columns: a row's metric and its header
     "final_test_acc": "final acc", "best_test_acc": "best acc", "final_train_acc": "train acc",
     "final_val_acc": "val acc", "frechet_to_bank": "Frechet to bank",
+    "frechet_without_source": "Frechet to bank w/o its source",
     "low_freq_share": "low-freq share", "kernel_std": "kernel std",
     "near_zero_share": "near-zero kernels", "d_real": "D(real)", "d_fake": "D(fake)"}
 
@@ -378,7 +402,7 @@ def grouped_table(groups, rows, bank_row, bank_path):
     draws of the training images (subsets) and the seeds it holds, both counted beside it so that
     a ± over several draws is never mistaken for one over seeds; "-" where no run has the value;
     the val acc column only when some run has a validation split."""
-    metrics = [m for m in METRICS if m != "final_val_acc"
+    metrics = [m for m in METRICS if m not in ("final_val_acc", "frechet_without_source")
                or any(stats[m] for _, stats in groups.values())]
     lines = []
     for config, (runs, stats) in groups.items():

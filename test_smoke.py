@@ -3367,9 +3367,12 @@ def test_exercise_proof_empty_fails_reference_passes_each_wrong_answer_fails(num
 
 # ----------------------------------------------------------------------------- front page and flags
 import argparse  # noqa: E402  (this part's own imports)
+import fnmatch  # noqa: E402
 import glob  # noqa: E402
 import pathlib  # noqa: E402
 import shlex  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
 
 BF16_SCRIPTS = (pretrain, train_small, train_advreg, gan_labs)  # the scripts with --precision
 SLOW_BF16 = "warning: this CPU has no native bf16"
@@ -3630,6 +3633,93 @@ def test_readme_and_docs_commands_use_only_flags_that_help_lists():
     assert undefined_flags_in_prose("The trainers take `--precison bf16`.", accepted)
 
 
+def shell_commands(text, home="/home/student"):
+    """Every `python SCRIPT ...` that a page's code blocks run, as bash expands it: the blocks
+    run in order in one bash, with `python` a function that prints its words, nothing on PATH
+    (no other program runs) and HOME a fixed folder; [(block number, words)]."""
+    script = ['python() { printf "%s\x1f" "@@$BLOCK" "$@"; printf "\n"; }', 'nohup() { "$@"; }']
+    blocks = re.findall(r"^```([^\n]*)\n(.*?)^```", text, re.S | re.M)
+    for i, (info, body) in enumerate(blocks):
+        if info.strip() in ("", "bash", "sh"):
+            script.append(f"BLOCK={i}; read -r -d '' BODY <<'END_OF_BLOCK_{i}'\n{body}"
+                          f"END_OF_BLOCK_{i}\neval \"$BODY\" 2>/dev/null")
+    proc = subprocess.run([shutil.which("bash"), "-c", "\n".join(script)], capture_output=True,
+                          text=True, env={"HOME": home, "PATH": ""}, cwd=tempfile.mkdtemp(),
+                          timeout=60)
+    words = [line.split("\x1f")[:-1] for line in proc.stdout.splitlines()]
+    return [(int(w[0][2:]), w[1:]) for w in words if w and w[0].startswith("@@")]
+
+
+def path_values(parser, words):
+    """(flag, value) of every path flag (a string flag without choices) that a command's words
+    give, as argparse reads them; and the command's --out (or its default)."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        found, parsed = [], parser.parse_args(words)
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if subparsers:
+        parser = subparsers[0].choices[words[0]]
+    for action in parser._actions:
+        dest = getattr(parsed, action.dest, None)
+        if (action.option_strings and action.type is None and action.choices is None
+                and action.nargs != 0 and dest and action.dest not in ("layers", "diffaug")
+                and any(w.split("=")[0] in action.option_strings for w in words)):
+            found += [(action.option_strings[-1], v) for v in ([dest] if isinstance(dest, str)
+                                                                else dest)]
+    return found, getattr(parsed, "out", None)
+
+
+def misplaced_paths(pages, home="/home/student"):
+    """Each documented command that its parser refuses (a placeholder such as `--seed S`), and
+    each path flag's value that is neither a dataset name, nor under $HOME, nor under the --out
+    of a documented command (a misspelt variable, which bash expands to nothing; a path that no
+    command makes); --out, --data-root and --cache-dir name outputs and are not checked."""
+    parsers = {m.__name__ + ".py": parser_of(m) for m in SCRIPTS}
+    datasets = set(train_small.TORCHVISION_DATASETS)
+    commands, outs, wrong = [], [], []
+    for page, text in pages.items():
+        for block, words in shell_commands(text, home):
+            script = os.path.basename(words[0]) if words else ""
+            if script in parsers:
+                try:
+                    with pytest.MonkeyPatch.context() as mp:  # the scripts expand ~ themselves
+                        mp.setenv("HOME", home)
+                        values, out = path_values(parsers[script], words[1:])
+                except SystemExit:
+                    wrong.append(f"{page} block {block}: {script} does not parse: {words[1:]}")
+                    continue
+                commands.append((page, block, script, values))
+                outs += [out] if out else []
+    for page, block, script, values in commands:
+        for flag, value in values:
+            if flag in ("--out", "--data-root", "--cache-dir") or value in datasets \
+                    or value.startswith(home + "/"):
+                continue
+            parts = value.split("/")
+            if not any(len(o.split("/")) <= len(parts) and all(
+                    fnmatch.fnmatch(p, q) or fnmatch.fnmatch(q, p)
+                    for p, q in zip(parts, o.rstrip("/").split("/"))) for o in outs):
+                wrong.append(f"{page} block {block}: {script} {flag} {value}: no command makes it")
+    return wrong
+
+
+def test_docs_command_blocks_run_as_written_in_bash():
+    """The code blocks of README.md and docs/*.md, run by bash (their assignments and loops
+    expanded as a user's shell does, no program run): every command parses (types, choices),
+    and every path it reads is a dataset name, under $HOME, or made by a documented command.
+    The check can fail: a misspelt variable, a placeholder and a path nothing makes are found
+    (a `~` inside quotes is fine: bash leaves it, and every path flag expands it)."""
+    pages = {os.path.basename(p): open(p).read() for p in front_pages()}
+    assert sum(len(shell_commands(t)) for t in pages.values()) >= 150
+    assert misplaced_paths(pages) == []
+    planted = {'T="--data $HOEM/data/cifar10 --seeds 0"\npython train_small.py $T --out runs/x':
+               "train_small.py --data /data/cifar10: no command makes it",
+               "python gan_labs.py dcgan --seed S --out runs/g": "gan_labs.py does not parse",
+               "python train_advreg.py --bank kernels/nowhere.pt": "train_advreg.py --bank"}
+    for block, said in planted.items():
+        found = misplaced_paths({"page": f"```\n{block}\n```\n"})
+        assert len(found) == 1 and said in found[0], (block, found)
+
+
 class FakeTorchvisionSet:
     """A few images in the shape of torchvision's CIFAR10 / MNIST: .data, .targets, .classes,
     and (PIL image, label) items. No download."""
@@ -3841,3 +3931,268 @@ def test_ex16_gan_dann_step_features_get_the_label_gradient_minus_lambda_domain_
         for p, grad in zip(parts["domain_classifier"], g_d[n_f:]):
             p.sub_(lr * grad)
     gan_assert_same_nets(net, ref, start)
+
+
+# ----------------------------------------------------------------------------- data to numbers
+# Each path that carries the data to a published number, on inputs built so that the plausible
+# wrong computation gives another answer than the right one.
+def small_args(data, **flags):
+    return argparse.Namespace(**dict(dict(data=str(data), data_root="data", per_class=3,
+                                          subset_seed=0, val_size=0, test_limit=0), **flags))
+
+
+@pytest.mark.parametrize("loader", ["imagefolder", "torchvision"])
+def test_the_draw_of_the_images_follows_subset_seed_and_keeps_each_pair(loader, tiny_data,
+                                                                       monkeypatch):
+    """--subset-seed draws --per-class images of every class: the same seed the same images,
+    another seed other images (catches a seed that is ignored: five "draws" would be one), each
+    image with its own label (found again in the whole split), with either loader."""
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeTorchvisionSet)
+    data = tiny_data if loader == "imagefolder" else "cifar10"
+    train_small.load_split.cache_clear()
+    all_x, all_y, _ = train_small.load_split(str(data), "data", "train")
+    draws = [train_small.load_small_data(small_args(data, subset_seed=s), torch.device("cpu"))
+             for s in (0, 0, 1, 2)]
+    train_small.load_split.cache_clear()
+    assert torch.equal(draws[0]["train_x"], draws[1]["train_x"])
+    for a, b in ((0, 2), (0, 3), (2, 3)):
+        assert not torch.equal(draws[a]["train_x"], draws[b]["train_x"]), (a, b)
+    for d in draws:
+        assert torch.bincount(d["train_y"]).tolist() == [3] * len(all_y.unique())
+        for x, y in zip(d["train_x"], d["train_y"]):
+            at = [i for i in range(len(all_x)) if torch.equal(all_x[i], x)]
+            assert at and all_y[at[0]] == y  # the image is in the split, with this label
+
+
+def test_pretrain_train_and_test_limit_keep_image_label_pairs(tiny_data):
+    """--train-limit / --test-limit take a fixed random subset of the images WITH their labels
+    (catches images and labels sampled apart: the accuracy would be chance)."""
+    pretrain.load_split.cache_clear()
+    args = argparse.Namespace(data=str(tiny_data), data_root="data", train_limit=17, test_limit=7)
+    train_x, train_y, test_x, test_y, _ = pretrain.load_pretraining_data(args, torch.device("cpu"))
+    assert len(train_x) == 17 and len(test_x) == 7
+    for split, xs, ys in (("train", train_x, train_y), ("test", test_x, test_y)):
+        all_x, all_y, _ = pretrain.load_split(str(tiny_data), "data", split)
+        assert not torch.equal(ys, all_y[:len(ys)])  # a random subset, not the first images
+        for x, y in zip(xs, ys):
+            at = [i for i in range(len(all_x)) if torch.equal(all_x[i], x)]
+            assert at and all_y[at[0]] == y
+    pretrain.load_split.cache_clear()
+
+
+def test_augment_draws_every_offset_both_ways_and_flips_half():
+    """The crop's offset (dy, dx) is uniform on -4..+4 in both axes and half of the images are
+    mirrored, read back from images whose pixels hold their own row and column (catches a crop
+    that shifts one way only, a flip rate other than 1/2, a flip of the rows)."""
+    n, pad = 4000, 4
+    rows, cols = torch.meshgrid(torch.arange(1, 33), torch.arange(1, 33), indexing="ij")
+    image = torch.stack([rows, cols, torch.full_like(rows, 255)]).to(torch.uint8)  # 0 = padding
+    torch.manual_seed(0)
+    out = pretrain.augment(image.expand(n, -1, -1, -1).contiguous(), pad)
+    centre = out[:, :, 8:24, 8:24].long()  # never padding: offsets are at most 4
+    # output pixel (r, j) shows input row r + dy, and column j + dx, or 31 - j + dx if mirrored
+    dy = centre[:, 0, 0, 0] - 9  # (the centre's (0, 0) is the output's (8, 8); values are + 1)
+    mirrored = centre[:, 1, 0, 1] < centre[:, 1, 0, 0]
+    dx = torch.where(mirrored, centre[:, 1, 0, 0] - 24, centre[:, 1, 0, 0] - 9)
+    for shift in (dy, dx):
+        counts = torch.bincount(shift + pad, minlength=2 * pad + 1)
+        assert len(counts) == 2 * pad + 1 and counts.min() > n / 9 * 0.8, counts.tolist()
+    assert abs(mirrored.float().mean().item() - 0.5) < 0.03
+    for i in range(0, n, 397):  # the whole image is that crop, padding included
+        padded = F.pad(image, (pad, pad, pad, pad))[:, pad + dy[i]:pad + dy[i] + 32,
+                                                     pad + dx[i]:pad + dx[i] + 32]
+        assert torch.equal(out[i], padded.flip(2) if mirrored[i] else padded), i
+
+
+@pytest.mark.parametrize("module", [pretrain, train_small, train_advreg])
+def test_the_trainers_augment_by_default_and_not_with_no_augment(module, tiny_data, tmp_path,
+                                                                monkeypatch):
+    """The paper trains with crop + flip: every training batch goes through augment by default,
+    none with --no-augment (catches the flag read the wrong way round)."""
+    calls = []
+    monkeypatch.setattr(module, "augment", lambda x: calls.append(len(x)) or x)
+    flags = {pretrain: ["--train-limit", "32", "--test-limit", "8", "--batch-size", "16"],
+             train_small: ["--per-class", "2", "--eval-every", "1"],
+             train_advreg: ["--per-class", "2", "--eval-every", "1", "--lam", "0", "--bank",
+                            tmp_bank(tmp_path, torch.randn(300, 7, 7))]}[module]
+    for extra, images in (([], 32 if module is pretrain else 20), (["--no-augment"], 0)):
+        calls.clear()
+        module.main(["--data", str(tiny_data), "--epochs", "1", "--seeds", "0", *flags, *extra,
+                     "--out", str(tmp_path / f"run{len(extra)}")])
+        assert sum(calls) == images, extra
+
+
+def test_amp_delta_lies_inside_a_ball_larger_than_its_step():
+    """With a radius ten times one ascent step, delta is that step, lr * grad L(theta), strictly
+    inside the ball (catches delta rescaled onto the sphere ||delta|| = eps), and the parameters
+    sit at theta + delta."""
+    model, loss_fn, _, _ = amp_setup()
+    params = list(model.parameters())
+    start = [p.detach().clone() for p in params]
+    grads = torch.autograd.grad(loss_fn(), params)
+    lr = 1e-3
+    epsilon = 10 * lr * torch.sqrt(sum((g ** 2).sum() for g in grads)).item()
+    theta, delta = train_small.perturb_adversarially(params, loss_fn, epsilon, lr, 1)
+    for t, d, g, p, s in zip(theta, delta, grads, params, start):
+        assert torch.equal(t, s)
+        assert torch.allclose(d, lr * g, rtol=1e-5, atol=1e-10)
+        assert torch.allclose(p, s + d, rtol=0, atol=1e-7)
+    norm = torch.sqrt(sum((d ** 2).sum() for d in delta)).item()
+    assert norm == pytest.approx(epsilon / 10, rel=1e-4)
+
+
+def plain_attacks(reference, x, y, eps, steps):
+    """FGSM (Goodfellow et al.) and PGD (Madry et al.: `steps` sign steps of 2.5 eps / steps,
+    each projected onto the L-inf ball and [0, 1]) written here on the eval-mode reference."""
+    fgsm = (x + eps * plain_loss_gradient(reference, x, y)[1].sign()).clamp(0, 1)
+    x_adv = x.clone()
+    for _ in range(steps):
+        x_adv = x_adv + 2.5 * eps / steps * plain_loss_gradient(reference, x_adv, y)[1].sign()
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+    return fgsm, x_adv
+
+
+def test_every_attack_column_is_the_accuracy_on_the_attacked_images():
+    """robustness_row's columns (the microscope's table) against FGSM and PGD written in plain
+    torch, each scored on its attacked images (catches a column scored on the clean images, a
+    PGD step of another size, an attack at another eps)."""
+    cnn, _ = microscope_cnn()
+    with torch.no_grad():  # sharper logits: attacks of 2/255 and 4/255 flip some predictions
+        for m in cnn.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.mul_(3)
+        cnn.fc.weight.mul_(20)
+    reference = copy.deepcopy(cnn).eval()
+    x, _ = microscope_batch(40)
+    with torch.no_grad():
+        y = reference((x - 0.5) / 0.5).argmax(1)  # clean accuracy 1: every attack shows
+    model = collect_kernels.on_pixels(cnn)
+    want = {"clean_acc": 1.0}
+    for e in (2, 4):
+        fgsm, pgd = plain_attacks(reference, x, y, e / 255, steps=3)
+        assert torch.allclose(collect_kernels.pgd(model, x, y, e / 255, 3), pgd, atol=1e-6)
+        with torch.no_grad():
+            want[f"fgsm_{e}/255"] = (reference((fgsm - 0.5) / 0.5).argmax(1) == y).sum() / 40
+            want[f"pgd_{e}/255"] = (reference((pgd - 0.5) / 0.5).argmax(1) == y).sum() / 40
+    want = {k: float(v) for k, v in want.items()}
+    assert len(set(want.values())) >= 4, want  # the columns differ: a mix-up shows
+    got = collect_kernels.robustness_row(model, x, y, epsilons=[2, 4], steps=3, batch_size=16)
+    assert got == {k: pytest.approx(v) for k, v in want.items()}
+    assert list(got) == ["clean_acc", "fgsm_2/255", "fgsm_4/255", "pgd_2/255", "pgd_4/255"]
+
+
+def plain_precision_recall(real, fake, k):
+    """Kynkäänniemi et al.'s k-NN precision and recall, by brute force: a point's radius is the
+    distance to its k-th nearest other point of its set."""
+    def radii(points):
+        return [sorted(torch.dist(a, b).item() for j, b in enumerate(points) if j != i)[k - 1]
+                for i, a in enumerate(points)]
+
+    def share_inside(queries, refs, r):
+        return sum(any(torch.dist(q, ref).item() <= ri for ref, ri in zip(refs, r))
+                   for q in queries) / len(queries)
+    return share_inside(fake, real, radii(real)), share_inside(real, fake, radii(fake))
+
+
+def test_gan_precision_recall_is_the_k_nn_manifolds_by_brute_force():
+    """On sets where swapping precision and recall, or taking the 2nd or 4th neighbour instead
+    of the 3rd, gives another answer, gan_labs.precision_recall gives the brute force's."""
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(40, 2, generator=g, dtype=torch.float64)
+    fake = 1.6 * torch.randn(30, 2, generator=g, dtype=torch.float64) + 0.7
+    want = plain_precision_recall(real, fake, 3)
+    assert want[0] != want[1]
+    assert plain_precision_recall(real, fake, 2) != want != plain_precision_recall(real, fake, 4)
+    assert gan_labs.precision_recall(real, fake) == pytest.approx(want)
+
+
+def test_gan_eval_reads_a_collapsed_generator_as_precise_but_without_recall(gan_common):
+    """evaluate_gan's row for a generator that draws one real test image, whatever z: precision
+    1 (its samples lie on the real images), recall near 1/24 (its manifold holds one image),
+    a class share of 1 for one class (catches the two columns swapped)."""
+    args = gan_labs.parse_args(["dcgan", *map(str, gan_common), "--eval-samples", "24",
+                                "--device", "cpu", "--threads", "1"])
+    cpu = torch.device("cpu")
+    net, _ = gan_labs.metric_net(args, 1, cpu)
+    one = gan_labs.to_float(gan_labs.load_data(args.data, args.data_root, "test",
+                                               args.image_size, cpu)[0][:1])
+
+    class Collapsed(torch.nn.Module):
+        def forward(self, z, y=None):
+            return one.expand(len(z), -1, -1, -1)
+    generated, floor = gan_labs.evaluate_gan(args, Collapsed(), net, 0, cpu)
+    assert generated["precision"] == 1.0 and generated["recall"] <= 2 / 24
+    assert generated["class_share_max"] == 1.0 and floor["recall"] > 0.5
+
+
+def test_gan_cdcgan_nets_read_their_labels():
+    """The cDCGAN's G and D compute another output for another label, on the same z and x
+    (catches a net built without its label: the lab would train an unconditional GAN); with
+    --no-label-in-d, D does not see it."""
+    for extra, d_reads in (([], True), (["--no-label-in-d"], False)):
+        args = gan_labs.parse_args(["cdcgan", "--ngf", "8", "--ndf", "8", *extra])
+        torch.manual_seed(0)
+        g, d = gan_labs.build_models(args, 1, 3)
+        g.eval(), d.eval()
+        z, x = torch.randn(4, args.nz), torch.randn(4, 1, args.image_size, args.image_size)
+        y0, y1 = torch.zeros(4, dtype=torch.long), torch.full((4,), 2)
+        with torch.no_grad():
+            assert (g(z, y0) - g(z, y1)).flatten(1).abs().amax(1).min() > 0
+            assert (d(x, y0) != d(x, y1)).all() == d_reads
+
+
+def test_compare_reads_a_transferred_conv1_against_the_bank_without_its_source(tiny_data,
+                                                                              tmp_path):
+    """A bank of three sources, each a Gaussian of kernels around its own pattern; a run whose
+    conv1 is source 1's (--init-from, frozen) gets "Frechet to bank w/o its source": its kernels
+    against sources 0 and 2 only (found by the file's hash, kept in the run and the bank), far
+    above its in-sample distance to the whole bank; a run from scratch gets none (catches the
+    wrong source left out, none left out, the hash not matched)."""
+    sources, convs = tmp_path / "sources", []
+    sources.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(3):
+        net = pretrain.PaperCNN(10)
+        with torch.no_grad():
+            net.conv1.weight.copy_(3 * torch.randn(7, 7, generator=g)
+                                   + torch.randn(64, 3, 7, 7, generator=g))
+        convs.append(net.conv1.weight.detach().reshape(-1, 7, 7))
+        torch.save({"arch": "PaperCNN", "model": net.state_dict()}, sources / f"m_seed{i}.pt")
+    collect_kernels.main(["--checkpoints", str(sources), "--layers", "conv1", "--out",
+                          str(tmp_path / "bank")])
+    common = ["--data", str(tiny_data), "--per-class", "2", "--epochs", "1", "--seeds", "1"]
+    train_small.main(common + ["--init-from", str(sources / "m_seed{seed}.pt"), "--transfer",
+                               "conv1", "--freeze", "conv1", "--out", str(tmp_path / "t")])
+    train_small.main(common + ["--out", str(tmp_path / "b")])
+    collect_kernels.main(["--compare", str(tmp_path / "t/seed1/model.pt"),
+                          str(tmp_path / "b/seed1/model.pt"), "--bank",
+                          str(tmp_path / "bank/conv1_7x7.pt"), "--out", str(tmp_path / "cmp")])
+    with open(tmp_path / "cmp" / "compare.csv") as f:
+        scratch, transferred = list(csv.DictReader(f))  # the table's order: baseline first
+    assert transferred["configuration"] == "transfer conv1, frozen conv1"
+    std = collect_kernels.standardize_kernels
+    want = collect_kernels.frechet_distance(std(convs[1]), std(torch.cat([convs[0], convs[2]])))
+    assert float(transferred["frechet_without_source"]) == pytest.approx(want, rel=1e-6)
+    assert want > 1.4 * float(transferred["frechet_to_bank"])  # in-sample: much closer
+    assert scratch["frechet_without_source"] == ""
+    assert "Frechet to bank w/o its source" in (tmp_path / "cmp" / "compare.md").read_text()
+
+
+def test_gan_memorization_check_samples_g_at_its_fixed_z_and_labels(gan_data):
+    """memorization_check asks G for the 64 samples of the seed's fixed z (labels 0, 1, ..., k-1
+    in turn, for the cDCGAN), then for n samples of the seed + 4 stream: read back from a G that
+    records what it is given (catches an unseeded z, a lost label)."""
+    x = gan_labs.load_data(str(gan_data), "data", "train", 32, torch.device("cpu"))[0]
+    calls = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, z, y=None):
+            calls.append((z.clone(), y))
+            return gan_labs.to_float(x[:len(z)].repeat(3, 1, 1, 1)[:len(z)])
+    torch.manual_seed(0)
+    net = gan_labs.metric_classifier(1, GAN_CLASSES)
+    gan_labs.memorization_check(Recorder(), net, x, x[:20], 7, 3, 5, 20)
+    (z_shown, y_shown), (z_n, y_n) = calls
+    assert torch.equal(z_shown, torch.randn(64, 7, generator=torch.Generator().manual_seed(5)))
+    assert torch.equal(z_n, torch.randn(20, 7, generator=torch.Generator().manual_seed(9)))
+    assert torch.equal(y_shown, torch.arange(64) % 3) and torch.equal(y_n, torch.arange(20) % 3)

@@ -27,6 +27,7 @@ Results and the commands behind them: docs/train_small.md.
 import argparse
 import csv
 import functools
+import hashlib
 import io
 import json
 import math
@@ -186,7 +187,7 @@ def initialize(model, seed, args):
 def init_checkpoint(pattern, seed, layers, model):
     """The pretrained state_dict for `seed` ({seed} in the pattern), checked against the layers
     it must give: the paper's CNN's shapes, and for fc the model's class count."""
-    path = os.path.expanduser(pattern.replace("{seed}", str(seed)))
+    path = init_path(pattern, seed)
     if not os.path.exists(path):
         raise UserError(f"--init-from {path!r} not found (for seed {seed})")
     state, own = read_checkpoint(path)["model"], model.state_dict()
@@ -200,6 +201,16 @@ def init_checkpoint(pattern, seed, layers, model):
             raise UserError(f"{path} is not the paper's CNN: {key} is {shape}, expected "
                             f"{tuple(own[key].shape)}")
     return state
+
+
+def init_path(pattern, seed):
+    return os.path.expanduser(pattern.replace("{seed}", str(seed)))
+
+
+def file_sha256(path):
+    """The file's SHA-256: which checkpoint a run started from, matched to a bank's sources."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 # ----------------------------------------------------------------------------- AMP
@@ -261,7 +272,8 @@ def train(seed, args, data, device):
     flags = {key: value for key, value in vars(args).items() if key not in FREE_FLAGS}
     ckpt = {"model": model, "optimizer": optimizer, "arch": ARCH, "epoch": 0, "args": vars(args),
             "history": {"train_loss": [], "eval_epoch": []}, "flags": flags, "seed": seed,
-            "classes": data["classes"], "dataset": args.data, **row_label(args)}
+            "classes": data["classes"], "dataset": args.data, **row_label(args),
+            "init_from_sha256": args.init_from and file_sha256(init_path(args.init_from, seed))}
     saved = resume(path, ckpt, flags)
     if saved and saved["epoch"] > args.epochs:
         raise UserError(f"{path} already has {saved['epoch']} epochs, more than --epochs "
