@@ -2989,6 +2989,9 @@ EXERCISES = (
         ("no projection onto the ball", (
             ("train_small.py", "shrink = torch.clamp(epsilon / (norm + 1e-12), max=1.0)",
              "shrink = 1.0"),)),
+        ("delta rescaled onto the sphere ||delta|| = eps", (
+            ("train_small.py", "shrink = torch.clamp(epsilon / (norm + 1e-12), max=1.0)",
+             "shrink = epsilon / (norm + 1e-12)"),)),
         ("the weights left at theta + delta", (
             ("train_small.py", "                p.copy_(t)\n", "                pass\n"),)))),
     Exercise("ex10", "freezing and the probe", "transfer", (
@@ -3028,6 +3031,8 @@ EXERCISES = (
         ("PGD without the projection onto the eps ball", (
             ("collect_kernels.py", "torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)",
              "x_adv.clamp(0, 1)"),)),
+        ("PGD's step eps / steps instead of 2.5 eps / steps", (
+            ("collect_kernels.py", "step = 2.5 * eps / steps", "step = eps / steps"),)),
         ("PGD without the clamp", (
             ("collect_kernels.py", "torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)",
              "torch.min(torch.max(x_adv, x - eps), x + eps)"),)))),
@@ -4022,7 +4027,7 @@ def test_the_trainers_augment_by_default_and_not_with_no_augment(module, tiny_da
         assert sum(calls) == images, extra
 
 
-def test_amp_delta_lies_inside_a_ball_larger_than_its_step():
+def test_ex09_amp_delta_lies_inside_a_ball_larger_than_its_step():
     """With a radius ten times one ascent step, delta is that step, lr * grad L(theta), strictly
     inside the ball (catches delta rescaled onto the sphere ||delta|| = eps), and the parameters
     sit at theta + delta."""
@@ -4052,7 +4057,7 @@ def plain_attacks(reference, x, y, eps, steps):
     return fgsm, x_adv
 
 
-def test_every_attack_column_is_the_accuracy_on_the_attacked_images():
+def test_ex12_every_attack_column_is_the_accuracy_on_the_attacked_images():
     """robustness_row's columns (the microscope's table) against FGSM and PGD written in plain
     torch, each scored on its attacked images (catches a column scored on the clean images, a
     PGD step of another size, an attack at another eps)."""
