@@ -214,7 +214,7 @@ def test_authors_models_give_a_bank_and_an_accuracy(authors_models, tiny_data, t
         assert accs[path] == pytest.approx(expected)
 
 
-def test_paper_cnn_has_the_papers_parameter_count():
+def test_ex01_paper_cnn_has_the_papers_parameter_count():
     assert sum(p.numel() for p in pretrain.PaperCNN(100).parameters()) == 945_572
 
 
@@ -346,7 +346,7 @@ def test_pretrain_full_disk_gives_one_line_and_keeps_the_checkpoint(tiny_data, t
     assert not list(tmp_path.glob("*.tmp*"))
 
 
-def test_t_quantile_against_its_closed_forms():
+def test_ex11_t_quantile_against_its_closed_forms():
     """Catches a wrong density constant, too few Simpson steps or a bisection that stops early:
     Student's t has closed-form quantiles for df = 1 (Cauchy) and df = 2, and tends to the
     normal's 1.95996 at 97.5 %."""
@@ -374,7 +374,7 @@ STORED_ROWS = {  # a fake run's row label and order key, as its trainer stores t
     "t1f1": ("transfer conv1, frozen conv1", [3, 1, -1, 0.0])}
 
 
-def test_compare_pools_the_draws_and_pairs_runs_by_subset_and_seed(tmp_path):
+def test_ex11_compare_pools_the_draws_and_pairs_runs_by_subset_and_seed(tmp_path):
     """Fake runs on 3 draws of the training images x 2 seeds. Catches: a configuration split
     into one row per draw (or merged without saying how many draws it holds), LP-FT runs split
     by the folder of the probe they start from, runs paired by seed alone (across draws), and
@@ -591,7 +591,7 @@ def plain_loss_gradient(reference, x, y):
     return loss.item(), x.grad
 
 
-def test_fgsm_step_is_the_sign_step_and_raises_the_loss():
+def test_ex12_fgsm_step_is_the_sign_step_and_raises_the_loss():
     """Catches: a sign flip (the step lowers the loss), no clamp to [0, 1], the CNN not in eval
     mode or not fed the training normalization (another gradient than the reference's)."""
     cnn, reference = microscope_cnn()
@@ -604,7 +604,7 @@ def test_fgsm_step_is_the_sign_step_and_raises_the_loss():
     assert plain_loss_gradient(reference, x_adv, y)[0] > loss
 
 
-def test_epsilon_zero_changes_nothing():
+def test_ex12_epsilon_zero_changes_nothing():
     """eps = 0: the attacked images are the images, and every accuracy is the clean eval-mode
     accuracy (here 0.5 exactly: half the labels are the eval-mode predictions). Catches: the CNN
     in train mode (batch statistics: other predictions), a wrong count."""
@@ -620,7 +620,7 @@ def test_epsilon_zero_changes_nothing():
     assert accs == {"clean_acc": 0.5, "fgsm_0/255": 0.5, "pgd_0/255": 0.5}
 
 
-def test_pgd_stays_in_the_eps_ball_and_in_the_image_range():
+def test_ex12_pgd_stays_in_the_eps_ball_and_in_the_image_range():
     """Catches: no projection onto the eps ball (10 steps of 2.5 eps / 10 go 2.5 eps far), no
     clamp to [0, 1], a step that lowers the loss."""
     cnn, reference = microscope_cnn()
@@ -632,7 +632,7 @@ def test_pgd_stays_in_the_eps_ball_and_in_the_image_range():
     assert plain_loss_gradient(reference, x_adv, y)[0] > plain_loss_gradient(reference, x, y)[0]
 
 
-def test_saliency_map_is_the_class_score_gradient_with_the_inputs_shape():
+def test_ex13_saliency_map_is_the_class_score_gradient_with_the_inputs_shape():
     """|d S_y / d x|, max over the colour channels, against plain torch. Catches: the loss's
     gradient instead of the class score's, a sum or mean over channels, another class, train
     mode."""
@@ -840,7 +840,7 @@ def amp_setup():
     return model, loss_fn, images, labels
 
 
-def test_amp_perturbation_stays_in_the_ball_and_ascends():
+def test_ex09_amp_perturbation_stays_in_the_ball_and_ascends():
     """delta is not zero: it sits on the ball's surface (the projection is active for these
     small radii) and one ascent step strictly raises the loss (catches a no-op perturbation)."""
     model, loss_fn, _, _ = amp_setup()
@@ -859,7 +859,7 @@ def test_amp_perturbation_stays_in_the_ball_and_ascends():
                 p.copy_(t)
 
 
-def test_amp_with_epsilon_zero_is_the_plain_update():
+def test_ex09_amp_with_epsilon_zero_is_the_plain_update():
     """The whole state: parameters, optimizer state, and BatchNorm's running statistics, which
     AMP's inner forward pass updates once more (as the AMP authors' code does): equal to a plain
     step whose batch went through the network once before (catches any change of the step)."""
@@ -1118,10 +1118,10 @@ def algorithm1_batch():
     return model, disc, images, torch.randint(0, 10, (8,)), torch.Generator().manual_seed(0)
 
 
-def test_generator_loss_reaches_conv1_only():
+def test_ex02_ex03_generator_loss_reaches_conv1_only():
     """The generator loss's gradient reaches the regularized layer, not another one, nor D (D's
     forward and both steps' values: test_kernel_discriminator_is_the_notebooks_network and
-    test_algorithm1_iteration_at_lambda_half_is_the_papers_step)."""
+    test_ex02_ex03_ex04_ex05_algorithm1_iteration_at_lambda_half_is_the_papers_step)."""
     model, disc, _, _, g = algorithm1_batch()
     fakes = train_advreg.sample_fakes(model, {"conv1": disc}, 64, g)
     d_fakes = train_advreg.judge({"conv1": disc}, fakes, "standardized")
@@ -1132,7 +1132,7 @@ def test_generator_loss_reaches_conv1_only():
     assert all(p.grad is None for p in disc.parameters())  # the generator step does not train D
 
 
-def test_frechet_distance_and_low_frequency_share():
+def test_ex07_ex08_frechet_distance_and_low_frequency_share():
     torch.manual_seed(0)
     kernels = torch.randn(2000, 7, 7)
     flat = collect_kernels.standardize_kernels(kernels)
@@ -1170,7 +1170,8 @@ def assert_same_update(before, after, expected, rel=1e-4):
         assert torch.allclose(move, want, rtol=0, atol=rel * scale + 1e-12), (key, scale)
 
 
-def test_algorithm1_iteration_at_lambda_half_is_the_papers_step(tiny_data, tmp_path):
+def test_ex02_ex03_ex04_ex05_algorithm1_iteration_at_lambda_half_is_the_papers_step(tiny_data,
+                                                                                    tmp_path):
     """One iteration of train_advreg.py (10 images, batch 10, lambda = 0.5) against the paper's
     Algorithm 1 written here: the classifier's Adam gets the gradient of
     cls_loss + lam * (-log D(fake)), D's Adam the gradient of
@@ -1234,7 +1235,7 @@ def test_algorithm1_iteration_at_lambda_half_is_the_papers_step(tiny_data, tmp_p
     assert ckpt["log"][0, 2].item() == pytest.approx(disc_loss.item(), rel=1e-5)  # disc_loss
 
 
-def test_amp_step_takes_the_gradient_at_theta_plus_delta_and_steps_from_theta():
+def test_ex09_amp_step_takes_the_gradient_at_theta_plus_delta_and_steps_from_theta():
     """train_small.train_step with epsilon > 0 (one inner step) against AMP written here: delta =
     inner_lr * grad L(theta), projected onto ||delta|| <= epsilon; the outer gradient is taken at
     theta + delta and applied (here by SGD) to theta. Catches the outer gradient taken at theta,
@@ -1290,7 +1291,7 @@ def test_kernel_discriminator_is_the_notebooks_network():
     assert torch.allclose(disc(kernels), expected[:, 0], rtol=1e-4, atol=1e-6)
 
 
-def test_standardization_is_per_kernel():
+def test_ex06_standardization_is_per_kernel():
     """collect_kernels.standardize_kernels and D's standardized input: each kernel minus its own
     mean, over its own (unbiased) std, with another scale and shift per kernel. Catches the mean
     or std taken over the whole bank (a global rescaling would pass a test of one scale)."""
@@ -1317,7 +1318,7 @@ def gaussian_samples(mean, cov, n, seed):
     return z @ torch.linalg.cholesky(cov).T + mean
 
 
-def test_frechet_distance_of_gaussians_with_full_covariances_is_the_closed_form():
+def test_ex07_frechet_distance_of_gaussians_with_full_covariances_is_the_closed_form():
     """Two 4-d Gaussians, non-commuting full covariances (two 2x2 blocks, then one common
     rotation, which leaves the distance unchanged), means that differ in every coordinate. For a
     2x2 block, tr (C_a C_b)^1/2 = sqrt(tr(C_a C_b) + 2 sqrt(det C_a det C_b)). Both copies (stage 4
@@ -1343,7 +1344,7 @@ def test_frechet_distance_of_gaussians_with_full_covariances_is_the_closed_form(
         assert module.frechet_distance(b, a) == pytest.approx(closed, rel=1e-9)
 
 
-def test_low_frequency_share_of_cosines_and_a_constant():
+def test_ex08_low_frequency_share_of_cosines_and_a_constant():
     """7x7 cosines of known DFT, frequencies (fy, fx) in cycles per 7 pixels: (0, 1) has radius
     1/7 <= 0.25 cycles/pixel (low), (2, 0) and (2, 1) have 2/7 and sqrt(5)/7 > 0.25 (high).
     Kernel 1 = 3 cos(0, 1) + cos(2, 0) + 5: share 9/10 (the constant adds nothing); kernel 2 =
@@ -1426,7 +1427,7 @@ def test_init_bank_reaches_conv1_in_both_trainers_and_each_seed_draws_its_own(ti
 @pytest.mark.parametrize("layers,frozen,label", [
     (["conv2"], [], "transfer conv2"), (["conv1", "conv3"], ["conv1"], "transfer conv1+conv3, "
      "frozen conv1"), (["conv1", "conv2", "conv3", "conv4", "fc"], [], "LP-FT")])
-def test_transfer_copies_exactly_the_named_layers(layers, frozen, label, tmp_path):
+def test_ex10_transfer_copies_exactly_the_named_layers(layers, frozen, label, tmp_path):
     """train_small.initialize from the flags, as train() calls it, from a checkpoint whose every
     tensor differs from a fresh init: each named layer (convN with its BatchNorm's weights and
     statistics; fc, the head, for LP-FT from a probe) equals the checkpoint's, every other tensor
@@ -1704,7 +1705,7 @@ def test_lambda_zero_is_the_baseline_of_train_small(tiny_data, tmp_path):
     assert (adv["label"], adv["row_order"]) == ("baseline (λ = 0)", [0, 0, 0, 0.0])  # its row
 
 
-def test_one_d_pass_on_the_fakes_gives_the_three_pass_losses_and_gradients():
+def test_ex02_ex03_ex04_one_d_pass_on_the_fakes_gives_the_three_pass_losses_and_gradients():
     """D(G(z)) is computed once and serves both the generator loss and D's fake term. On a fixed
     batch, losses and the gradients of classifier and D equal those of the three-pass step (the
     generator loss through a frozen D, then D on real and on detached fakes): catches a reuse that
@@ -2052,7 +2053,7 @@ def gan_check_run(out, bce=True, size=32, channels=1):
     gen, floor = gan_read_csv(out / "eval.csv")
     assert gen["comparison"].startswith("generated") and floor["comparison"].startswith("train")
     for r in (gen, floor):
-        assert math.isfinite(float(r["fid"]))  # its value: test_gan_frechet_distance
+        assert math.isfinite(float(r["fid"]))  # its value: test_ex07_gan_frechet_distance
         assert 0 <= float(r["precision"]) <= 1 and 0 <= float(r["recall"]) <= 1
         # (min <= 1/n <= max holds for any shares that sum to 1; this catches swapped columns)
         assert 0 <= float(r["class_share_min"]) <= float(r["class_share_max"]) <= 1
@@ -2077,7 +2078,7 @@ def dann_batch():
     return x_s, torch.arange(8) % 3, x_t
 
 
-def test_gan_dann_without_reversal_features_get_the_label_plus_the_domain_gradient():
+def test_ex16_gan_dann_without_reversal_features_get_the_label_plus_the_domain_gradient():
     """Seed 003 Q1 and Q3: --no-reversal is lambda = -1 in the layer, so G_f's step is the label
     gradient PLUS the domain gradient; with the layer (lambda = 0.4) it is the label gradient
     minus 0.4 times it. Both computed here in plain torch, without the reversal layer (catches a
@@ -2132,7 +2133,7 @@ def test_gan_dann_lambda_flags_reach_the_step(flags, want, gan_data, tiny_data, 
         want, "no reversal")
 
 
-def test_gan_pseudo_labels_keep_only_confident_predictions():
+def test_ex16_gan_pseudo_labels_keep_only_confident_predictions():
     """A hand-made net whose softmax is known: only rows above the threshold keep a label, their
     argmax; the others get -1 (catches a reversed comparison, or the wrong class kept)."""
     logits = torch.tensor([[4.0, 0, 0], [0, 0, 1], [0, 5, 0], [2, 2, 0], [0, 0, 9]])
@@ -2520,9 +2521,9 @@ def test_gan_saturated_d_gives_a_finite_loss_and_gradient():
     assert torch.isnan(torch.autograd.grad(naive.sum(), logits)[0]).any()
 
 
-def test_gan_gradient_penalty_zero_for_unit_norm_linear_critic():
+def test_ex15_gan_gradient_penalty_zero_for_unit_norm_linear_critic():
     """The penalty's lambda and its "- 1" (a linear critic's gradient is the same at every
-    point, so this cannot see where the interpolates lie: test_gan_wgan_steps_are_the_papers
+    point, so this cannot see where the interpolates lie: test_ex15_gan_wgan_steps_are_the_papers
     checks that with a tanh critic)."""
     torch.manual_seed(0)
     real, fake = torch.randn(64, 1, 8, 8), torch.randn(64, 1, 8, 8)
@@ -2536,7 +2537,7 @@ def test_gan_gradient_penalty_zero_for_unit_norm_linear_critic():
     assert gp == pytest.approx(40.0, rel=1e-4)
 
 
-def test_gan_gradient_penalty_reaches_the_critic():
+def test_ex15_gan_gradient_penalty_reaches_the_critic():
     critic = gan_labs.conv_critic(1, 32)
     real, fake = torch.randn(4, 1, 32, 32), torch.randn(4, 1, 32, 32)
     gp = gan_labs.gradient_penalty(critic, real, fake, 10.0)
@@ -2544,7 +2545,7 @@ def test_gan_gradient_penalty_reaches_the_critic():
     assert gp.item() > 0 and critic[0].weight.grad.abs().sum() > 0
 
 
-def test_gan_clip_weights():
+def test_ex15_gan_clip_weights():
     critic = gan_labs.conv_critic(1, 32)
     gan_labs.clip_weights(critic, 0.01)
     assert all(p.abs().max() <= 0.01 for p in critic.parameters())
@@ -2590,7 +2591,7 @@ def test_gan_reshaped_norm_is_not_a_conv_bound_but_the_overlap_factor_is():
     assert product.item() < op_norm <= bound.item()
 
 
-def test_gan_frechet_distance():
+def test_ex07_gan_frechet_distance():
     torch.manual_seed(0)
     a = torch.randn(2000, 8) * torch.linspace(0.5, 2, 8)
     assert abs(gan_labs.frechet_distance(a, a)) < 1e-6
@@ -2720,7 +2721,7 @@ def test_gan_memorization_subcommand(case, gan_dcgan_run, gan_common, tmp_path, 
 
 
 # ----------------------------------------------------------------------------- DANN
-def test_gan_gradient_reversal_is_identity_forward_and_minus_lambda_backward():
+def test_ex16_gan_gradient_reversal_is_identity_forward_and_minus_lambda_backward():
     x = torch.randn(5, 7, requires_grad=True)
     out = gan_labs.GradientReversal.apply(x, 0.3)
     assert torch.equal(out, x)
@@ -2737,7 +2738,7 @@ def test_gan_dann_schedules():
 
 
 @pytest.mark.parametrize("lam", [0.0, 1.0])
-def test_gan_dann_step_lambda_zero_is_the_source_only_update(lam):
+def test_ex16_gan_dann_step_lambda_zero_is_the_source_only_update(lam):
     """With lambda = 0 the domain loss trains only the domain classifier: the features and the
     label classifier take the same step as with the label loss alone (catches --no-adapt leaking
     the domain gradient into the features); with lambda = 1 the features' step differs."""
@@ -2874,6 +2875,513 @@ def test_gan_bf16_runs_finish_and_write_their_outputs(lab, gan_common, tmp_path,
     assert ckpt["flags"]["precision"] == "bf16"
     conv = [w for w in ckpt["g"].values() if w.dim() == 4][0]  # the faster layout was used
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+
+
+# ----------------------------------------------------------------------------- the exercises
+# docs/exercises.md: each exercise is a function (or a few) a student writes, graded by the
+# tests whose names carry its tag: `python -m pytest -q -k ex07 test_smoke.py`. The handout and
+# the grade are this file's command line (pytest takes no options of ours without a conftest.py):
+#     python test_smoke.py handout --out DIR [--exercises ex03 ex07 | --lab NAME]
+#     python test_smoke.py grade [DIR]
+# The proof that each exercise can be graded (its emptied function fails, the reference passes,
+# each typical wrong answer fails) is a test, skipped unless asked for:
+#     EXERCISE_PROOF=1 python -m pytest -q -s -k proof test_smoke.py
+import argparse  # noqa: E402  (this part's own imports)
+import re  # noqa: E402
+import shutil  # noqa: E402
+
+Exercise = collections.namedtuple("Exercise", "tag title lab functions wrong")
+# functions: (script, name) pairs, "Class.method" for a method; (script, name, (first, last))
+# empties only the statements from the one starting with `first` to the one starting with `last`. A
+# function that several scripts share (the same text) is emptied in each of them.
+# wrong: (what, ((file, old text, new text), ...)): a typical wrong answer, planted by the proof;
+# the old text occurs exactly once in its file.
+CNN_COPIES = ("pretrain.py", "train_small.py", "train_advreg.py", "collect_kernels.py")
+FRECHET_COPIES = ("collect_kernels.py", "train_advreg.py", "gan_labs.py")
+KERNEL_COPIES = ("collect_kernels.py", "train_advreg.py")
+
+
+def in_every(files, old, new):
+    """The same replacement in every copy of a shared function."""
+    return tuple((name, old, new) for name in files)
+
+
+EXERCISES = (
+    Exercise("ex01", "the paper's CNN", "paper", (("pretrain.py", "PaperCNN.__init__"),
+                                                  ("pretrain.py", "PaperCNN.forward")), (
+        ("a bias in conv1 (BatchNorm follows it: the paper has none)", in_every(
+            CNN_COPIES, "nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)",
+            "nn.Conv2d(3, 64, 7, stride=2, padding=3)")),
+        ("conv2 without padding", in_every(
+            CNN_COPIES, "nn.Conv2d(64, 128, 5, stride=2, padding=2, bias=False)",
+            "nn.Conv2d(64, 128, 5, stride=2, padding=0, bias=False)")),
+        ("no ReLU after the second block", in_every(
+            CNN_COPIES, "x = F.relu(self.bn2(self.conv2(x)))", "x = self.bn2(self.conv2(x))")),
+        ("global max pooling instead of the average", in_every(
+            CNN_COPIES, "(self.conv4(x)))\n        return self.fc(x.mean(dim=(2, 3)))",
+            "(self.conv4(x)))\n        return self.fc(x.amax(dim=(2, 3)))")))),
+    Exercise("ex02", "G(z) = z and D(G(z))", "paper", (("train_advreg.py", "sample_fakes"),
+                                                       ("train_advreg.py", "judge")), (
+        ("the fakes detached from conv1 (the generator loss then trains nothing)", (
+            ("train_advreg.py", "kernels = kernels_of(getattr(model, layer).weight)\n        pick",
+             "kernels = kernels_of(getattr(model, layer).weight.detach())\n        pick"),)),
+        ("the kernels drawn with torch's global generator, not D's own", (
+            ("train_advreg.py", "torch.randperm(len(kernels), generator=d_gen, device=",
+             "torch.randperm(len(kernels), device="),)),
+        ("D shown the raw kernels, not standardized ones", (
+            ("train_advreg.py", "disc(to_d_input(fakes[layer], d_input))",
+             "disc(fakes[layer][:, None])"),)))),
+    Exercise("ex03", "the generator loss", "paper", (("train_advreg.py", "generator_loss"),), (
+        ("the saturating loss log(1 - D(G(z)))", (
+            ("train_advreg.py", "return sum((bce(d_fake, 1.0) for",
+             "return sum((-bce(d_fake, 0.0) for"),)),
+        ("the fakes' target 0, D's own (the generator helps D)", (
+            ("train_advreg.py", "return sum((bce(d_fake, 1.0) for",
+             "return sum((bce(d_fake, 0.0) for"),)))),
+    Exercise("ex04", "D's step", "paper", (("train_advreg.py", "discriminator_step"),), (
+        ("the labels swapped (bank 0, fakes 1)", (
+            ("train_advreg.py", "disc_loss = lam * (bce(d_real, 1.0) + bce(d_fake, 0.0))",
+             "disc_loss = lam * (bce(d_real, 0.0) + bce(d_fake, 1.0))"),)),
+        ("D's loss without lam", (
+            ("train_advreg.py", "disc_loss = lam * (bce(d_real, 1.0) + bce(d_fake, 0.0))",
+             "disc_loss = bce(d_real, 1.0) + bce(d_fake, 0.0)"),)),
+        ("D's loss differentiated into the classifier too", (
+            ("train_advreg.py", "disc_loss.backward(inputs=list(disc.parameters()))",
+             "disc_loss.backward()"),)))),
+    Exercise("ex05", "Algorithm 1, one iteration", "paper", (
+        ("train_advreg.py", "train", ("with autocast(args.precision, device):",
+                                      "optimizer.step()")),), (
+        ("the classifier step on cls_loss - lam * reg_loss", (
+            ("train_advreg.py", "(cls_loss + lam * reg_loss).backward(",
+             "(cls_loss - lam * reg_loss).backward("),)),
+        ("the classifier step without lam", (
+            ("train_advreg.py", "(cls_loss + lam * reg_loss).backward(",
+             "(cls_loss + reg_loss).backward("),)))),
+    Exercise("ex06", "standardized kernels", "metrics", (
+        ("collect_kernels.py", "standardize_kernels"), ("train_advreg.py", "to_d_input")), (
+        ("the mean over all kernels", in_every(
+            KERNEL_COPIES, "flat = flat - flat.mean(dim=1, keepdim=True)",
+            "flat = flat - flat.mean()")),
+        ("one std for all kernels", in_every(
+            KERNEL_COPIES, "return flat / flat.std(dim=1, keepdim=True).clamp_min(1e-12)",
+            "return flat / flat.std().clamp_min(1e-12)")),
+        ("D's input: one std for the whole batch", (
+            ("train_advreg.py", "kernels / (kernels.std(dim=(1, 2), keepdim=True) + 1e-8)",
+             "kernels / (kernels.std() + 1e-8)"),)))),
+    Exercise("ex07", "the Fréchet distance", "metrics", (
+        ("collect_kernels.py", "psd_sqrt"), ("collect_kernels.py", "frechet_distance")), (
+        ("without the means' term", in_every(
+            FRECHET_COPIES, "((a.mean(0) - b.mean(0)) ** 2).sum().item()", "0.0")),
+        ("tr(C_a^1/2 C_b^1/2) for the root's trace", in_every(
+            FRECHET_COPIES, "inner = root_a @ cov_b @ root_a\n    tr_covmean = torch.linalg."
+            "eigvalsh((inner + inner.T) / 2).clamp(min=0).sqrt().sum()",
+            "tr_covmean = (root_a @ psd_sqrt(cov_b)).trace()")),
+        ("the matrix root taken element by element", in_every(
+            FRECHET_COPIES,
+            "w, v = torch.linalg.eigh(m)\n    return (v * w.clamp(min=0).sqrt()) @ v.T",
+            "return m.clamp(min=0).sqrt()")))),
+    Exercise("ex08", "the low-frequency share", "metrics", (
+        ("collect_kernels.py", "low_freq_share"),), (
+        ("the mean not removed", in_every(
+            KERNEL_COPIES, "centered = kernels.double() - kernels.double().mean(dim=(-2, -1), "
+            "keepdim=True)", "centered = kernels.double()")),
+        ("|X| instead of |X|^2", in_every(
+            KERNEL_COPIES, "power = torch.fft.fft2(centered).abs() ** 2",
+            "power = torch.fft.fft2(centered).abs()")),
+        ("the energy pooled over kernels", in_every(
+            KERNEL_COPIES, "return (power[:, low].sum(1) / power.sum(dim=(1, 2)).clamp_min(1e-12)"
+            ").mean().item()", "return (power[:, low].sum() / power.sum()).item()")))),
+    Exercise("ex09", "AMP's perturbation and step", "transfer", (
+        ("train_small.py", "perturb_adversarially"), ("train_small.py", "train_step")), (
+        ("the inner step descends", (
+            ("train_small.py", "d.add_(g, alpha=inner_lr)", "d.add_(g, alpha=-inner_lr)"),)),
+        ("no projection onto the ball", (
+            ("train_small.py", "shrink = torch.clamp(epsilon / (norm + 1e-12), max=1.0)",
+             "shrink = 1.0"),)),
+        ("delta rescaled onto the sphere ||delta|| = eps", (
+            ("train_small.py", "shrink = torch.clamp(epsilon / (norm + 1e-12), max=1.0)",
+             "shrink = epsilon / (norm + 1e-12)"),)),
+        ("the weights left at theta + delta", (
+            ("train_small.py", "                p.copy_(t)\n", "                pass\n"),)))),
+    Exercise("ex10", "freezing and the probe", "transfer", (
+        ("train_small.py", "freeze"), ("train_small.py", "train_mode"),
+        ("train_small.py", "Probe.forward")), (
+        ("convN frozen without its BatchNorm", (
+            ("train_small.py", "getattr(model, name).requires_grad_(False)",
+             "getattr(model, layer).requires_grad_(False)"),)),
+        ("a frozen BatchNorm left in train mode", (
+            ("train_small.py", "getattr(model, name).eval()", "getattr(model, name).train()"),)),
+        ("the probe one block short", (
+            ("train_small.py", "for i in range(1, self.depth + 1):",
+             "for i in range(1, self.depth):"),)),
+        ("the probe without its ReLUs", (
+            ("train_small.py", 'x = F.relu(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x)))',
+             'x = getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x))'),)))),
+    Exercise("ex11", "the paired difference and its t interval", "metrics", (
+        ("collect_kernels.py", "t_quantile"), ("collect_kernels.py", "paired_difference")), (
+        ("the t quantile's integral with 4 Simpson intervals", (
+            ("collect_kernels.py", "def cdf(x, n=2000):", "def cdf(x, n=4):"),)),
+        ("the interval over the pairs, not over the draws", (
+            ("collect_kernels.py", "values = per_subset if len(per_subset) > 1 else list("
+             "pairs.values())", "values = list(pairs.values())"),)),
+        ("the std over n, not n - 1", (
+            ("collect_kernels.py", "for v in values) / (n - 1))", "for v in values) / n)"),)),
+        ("the normal's 1.96 instead of the t quantile", (
+            ("collect_kernels.py", "half = t_quantile(0.975, n - 1) * std",
+             "half = 1.96 * std"),)))),
+    Exercise("ex12", "FGSM and PGD", "attacks", (("collect_kernels.py", "fgsm"),
+                                                 ("collect_kernels.py", "pgd")), (
+        ("FGSM with the opposite sign", (
+            ("collect_kernels.py", "return (x + eps * loss_gradient(model, x, y).sign())",
+             "return (x - eps * loss_gradient(model, x, y).sign())"),)),
+        ("FGSM without the clamp to [0, 1]", (
+            ("collect_kernels.py", "return (x + eps * loss_gradient(model, x, y).sign()).clamp("
+             "0, 1)", "return x + eps * loss_gradient(model, x, y).sign()"),)),
+        ("PGD without the projection onto the eps ball", (
+            ("collect_kernels.py", "torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)",
+             "x_adv.clamp(0, 1)"),)),
+        ("PGD's step eps / steps instead of 2.5 eps / steps", (
+            ("collect_kernels.py", "step = 2.5 * eps / steps", "step = eps / steps"),)),
+        ("PGD without the clamp", (
+            ("collect_kernels.py", "torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)",
+             "torch.min(torch.max(x_adv, x - eps), x + eps)"),)))),
+    Exercise("ex13", "the saliency map", "attacks", (("collect_kernels.py", "on_pixels"),
+                                                     ("collect_kernels.py", "saliency")), (
+        ("the CNN left in train mode", (
+            ("collect_kernels.py", "    cnn.eval()\n", "    cnn.train()\n"),)),
+        ("the pixels fed without the training normalization", (
+            ("collect_kernels.py", "return lambda x: cnn((x - 0.5) / 0.5)",
+             "return lambda x: cnn(x)"),)),
+        ("the map summed over the colour channels", (
+            ("collect_kernels.py", "return torch.autograd.grad(score, x)[0].abs().amax(dim=1)",
+             "return torch.autograd.grad(score, x)[0].abs().sum(dim=1)"),)),
+        ("the predicted class's score, not the true class's", (
+            ("collect_kernels.py", "score = model(x).gather(1, y[:, None]).sum()",
+             "score = model(x).max(1).values.sum()"),)),
+        ("the loss's gradient, not the class score's", (
+            ("collect_kernels.py", "score = model(x).gather(1, y[:, None]).sum()",
+             'score = F.cross_entropy(model(x), y, reduction="sum")'),)))),
+    Exercise("ex14", "the GAN game", "gans", (("gan_labs.py", "bce_step"),), (
+        ("D's loss with the opposite sign", (
+            ("gan_labs.py", "loss_d = -(log_clamped(d_real).mean() + log_clamped(1 - d_fake)"
+             ".mean())", "loss_d = log_clamped(d_real).mean() + log_clamped(1 - d_fake).mean()"),)),
+        ("the non-saturating G loss with the opposite sign", (
+            ("gan_labs.py", "else -log_clamped(d_gen).mean()", "else log_clamped(d_gen).mean()"),)),
+        ("the fakes shown to D with the real images' labels", (
+            ("gan_labs.py", "d(fake_a, y_fake)\n", "d(fake_a, y_real)\n"),)),
+        ("DiffAugment on the real batch only", (
+            ("gan_labs.py", "real_a, fake_a = aug(real), aug(fake.detach())",
+             "real_a, fake_a = aug(real), fake.detach()"),)))),
+    Exercise("ex15", "the WGAN critic, its penalty and clipping", "gans", (
+        ("gan_labs.py", "wgan_critic_step"), ("gan_labs.py", "gradient_penalty"),
+        ("gan_labs.py", "clip_weights")), (
+        ("the critic's loss with the opposite sign", (
+            ("gan_labs.py", "loss_d = d_fake.mean() - d_real.mean()",
+             "loss_d = d_real.mean() - d_fake.mean()"),)),
+        ("the penalty at the real points only", (
+            ("gan_labs.py", "x_hat = (eps * real + (1 - eps) * fake).requires_grad_(True)",
+             "x_hat = real.clone().requires_grad_(True)"),)),
+        ("one interpolation weight for the whole batch", (
+            ("gan_labs.py", "eps = torch.rand(real.shape[0], *[1] * (real.dim() - 1),",
+             "eps = torch.rand(1, *[1] * (real.dim() - 1),"),)),
+        ("the penalty without its - 1", (
+            ("gan_labs.py", "return lam * (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()",
+             "return lam * grad.flatten(1).norm(dim=1).pow(2).mean()"),)),
+        ("the weights clipped before the critic's step", (
+            ("gan_labs.py", "    opt_d.step()  # RMSProp (WGAN line 6) or Adam (WGAN-GP line 9)\n"
+             "    if constraint == \"clip\":\n        clip_weights(d, clip)",
+             "    if constraint == \"clip\":\n        clip_weights(d, clip)\n"
+             "    opt_d.step()"),)))),
+    Exercise("ex16", "DANN: gradient reversal, the step, pseudo-labels", "dann", (
+        ("gan_labs.py", "GradientReversal.forward"), ("gan_labs.py", "GradientReversal.backward"),
+        ("gan_labs.py", "dann_step"), ("gan_labs.py", "pseudo_labels")), (
+        ("the reversal with the opposite sign", (
+            ("gan_labs.py", "return -ctx.lam * grad_output, None",
+             "return ctx.lam * grad_output, None"),)),
+        ("the domain classifier fed the features without the reversal", (
+            ("gan_labs.py", "GradientReversal.apply(f, lam)", "f"),)),
+        ("the step's learning rate ignored", (
+            ("gan_labs.py", "        group[\"lr\"] = lr\n", "        pass\n"),)),
+        ("pseudo-labels kept below the threshold", (
+            ("gan_labs.py", "torch.where(confidence > threshold, predicted, -1)",
+             "torch.where(confidence < threshold, predicted, -1)"),)),
+        ("the pseudo-labelled target images left out of the label loss", (
+            ("gan_labs.py", "F.cross_entropy(net.label_classifier(f), torch.cat([y_source, "
+             "y_target]),", "F.cross_entropy(net.label_classifier(f[:len(x_source)]), y_source,"),
+        )))),
+)
+LABS = {"paper": "ex01 ex02 ex03 ex04 ex05", "metrics": "ex06 ex07 ex08 ex11",
+        "transfer": "ex09 ex10", "attacks": "ex12 ex13", "gans": "ex14 ex15", "dann": "ex16"}
+COURSE = ("pretrain.py", "collect_kernels.py", "train_small.py", "train_advreg.py", "gan_labs.py",
+          "test_smoke.py", os.path.join("docs", "exercises.md"))
+
+
+def find_def(tree, name):
+    """The def or class `name` ("Class.method" for a method) in a parsed module."""
+    node = tree
+    for part in name.split("."):
+        node = next((n for n in node.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))
+                     and n.name == part), None)
+        assert node is not None, f"{name}: not defined"
+    return node
+
+
+def empty_functions(source, targets):
+    """`source` with the body of each target's function (name, tag, part) replaced by a
+    NotImplementedError naming the exercise, its docstring kept; with a part (first, last: how
+    their lines start) only the statements from the first to the last."""
+    lines = source.splitlines(keepends=True)
+    tree, spans = ast.parse(source), []
+    for name, tag, part in targets:
+        node, what = find_def(tree, name), name.split(".")[-1]
+        if part is None:
+            body = node.body[1:] if ast.get_docstring(node) is not None else node.body
+            start, end = body[0], body[-1]
+        else:
+            def starting(text):
+                found = [s for s in ast.walk(node) if isinstance(s, ast.stmt)
+                         and lines[s.lineno - 1].strip().startswith(text)]
+                assert len(found) == 1, f"{name}: {len(found)} statements start with {text!r}"
+                return found[0]
+            start, end, what = starting(part[0]), starting(part[1]), f"the lines of {what}"
+        spans.append((start.lineno, end.end_lineno, " " * start.col_offset + (
+            f'raise NotImplementedError("{tag}: write {what}, docs/exercises.md")\n')))
+    for first, last, stub in sorted(spans, reverse=True):
+        lines[first - 1:last] = [stub]
+    new = "".join(lines)
+    ast.parse(new)
+    return new
+
+
+def emptied_sources(root, tags):
+    """script -> its source with the exercises' functions emptied, in every script that has a
+    copy of a shared function (a function of OWN only in its own script)."""
+    sources, targets = {}, collections.defaultdict(list)
+    for name in COURSE[:5]:
+        with open(os.path.join(root, name), encoding="utf-8") as f:
+            sources[name] = f.read()
+    defined = {name: top_level_sources(source) for name, source in sources.items()}
+    for exercise in (e for e in EXERCISES if e.tag in tags):
+        for script, name, *part in exercise.functions:
+            top = name.split(".")[0]
+            copies = [s for s in sources if defined[s].get(top) == defined[script][top]]
+            for copy_ in copies if top not in OWN else [script]:
+                targets[copy_].append((name, exercise.tag, part[0] if part else None))
+    return {name: empty_functions(source, targets[name]) for name, source in sources.items()}
+
+
+def chosen_exercises(exercises, lab):
+    tags = exercises or (LABS[lab].split() if lab else [e.tag for e in EXERCISES])
+    unknown = sorted(set(tags) - {e.tag for e in EXERCISES})
+    if unknown:
+        raise SystemExit(f"error: no exercise {' '.join(unknown)} (ex01-ex{len(EXERCISES):02d})")
+    return [e.tag for e in EXERCISES if e.tag in tags]
+
+
+def copy_course(out, root=ROOT):
+    for name in COURSE:
+        os.makedirs(os.path.join(out, os.path.dirname(name)), exist_ok=True)
+        shutil.copy(os.path.join(root, name), os.path.join(out, name))
+
+
+def handout(out, tags):
+    """The course in `out`, with the chosen exercises' functions emptied."""
+    if os.path.exists(out) and os.listdir(out):
+        raise SystemExit(f"error: {out} is not empty; give a new folder")
+    copy_course(out)
+    for name, source in emptied_sources(ROOT, tags).items():
+        with open(os.path.join(out, name), "w", encoding="utf-8") as f:
+            f.write(source)
+    with open(os.path.join(out, "handout.json"), "w", encoding="utf-8") as f:
+        json.dump({"exercises": tags}, f)
+
+
+def grading(folder, tag, first_failure=False):
+    """Run an exercise's grading command in `folder`: (exit code, output, seconds by the clock,
+    seconds of CPU: what the clock would read on an idle CPU with one thread)."""
+    env = {k: v for k, v in os.environ.items() if k != "EXERCISE_PROOF"}
+    start, cpu = time.time(), os.times()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "--tb=short", *(["-x"] if first_failure else []), "-k", tag,
+                           "test_smoke.py"], cwd=folder, capture_output=True, text=True, env=env)
+    used = os.times()
+    cpu = used.children_user + used.children_system - cpu.children_user - cpu.children_system
+    return proc.returncode, proc.stdout + proc.stderr, time.time() - start, cpu
+
+
+def verdict(tag, code, output):
+    if code == 0:
+        return "pass"
+    if code == 5:
+        return "FAIL (no test carries the tag)"
+    waiting = sorted(set(re.findall(r"NotImplementedError: (ex\d\d)", output)))
+    if tag in waiting:
+        return "not started (NotImplementedError)"
+    if waiting:
+        return f"FAIL (waits for {' '.join(waiting)})"
+    return "FAIL"
+
+
+def grade(folder, tags):
+    print(f"grading {os.path.abspath(folder)}: python -m pytest -q -k exNN test_smoke.py")
+    passed = 0
+    for exercise in (e for e in EXERCISES if e.tag in tags):
+        code, output, seconds, _ = grading(folder, exercise.tag)
+        passed += code == 0
+        print(f"{exercise.tag}  {exercise.title:<50} {verdict(exercise.tag, code, output):<36} "
+              f"{seconds:5.1f} s", flush=True)
+    print(f"{passed} of {len(tags)} pass")
+    return 0 if passed == len(tags) else 1
+
+
+def exercises_main(argv=None):
+    p = argparse.ArgumentParser(prog="python test_smoke.py", description="The exercises of "
+                                "docs/exercises.md: a handout with their functions emptied, and "
+                                "the grade of each.")
+    sub = p.add_subparsers(dest="command", required=True)
+    h = sub.add_parser("handout", help="copy the course with the chosen exercises emptied")
+    h.add_argument("--out", required=True, help="a new folder")
+    which = h.add_mutually_exclusive_group()
+    which.add_argument("--exercises", nargs="+", metavar="exNN", help="(default: all)")
+    which.add_argument("--lab", choices=sorted(LABS), help="a lab's exercises: " + "; ".join(
+        f"{lab} {tags}" for lab, tags in LABS.items()))
+    g = sub.add_parser("grade", help="pass / FAIL / not started, one line per exercise")
+    g.add_argument("folder", nargs="?", default=ROOT, help="a handout (default: this course)")
+    g.add_argument("--exercises", nargs="+", metavar="exNN",
+                   help="(default: the handout's, else all)")
+    args = p.parse_args(argv)
+    if args.command == "handout":
+        tags = chosen_exercises(args.exercises, args.lab)
+        handout(os.path.expanduser(args.out), tags)
+        print(f"{args.out}: the course with {' '.join(tags)} to write; grade it with "
+              f"python test_smoke.py grade {args.out}")
+        return 0
+    folder = os.path.expanduser(args.folder)
+    given = os.path.join(folder, "handout.json")
+    tags = args.exercises or (json.load(open(given))["exercises"] if os.path.exists(given)
+                              else None)
+    return grade(folder, chosen_exercises(tags, None))
+
+
+if __name__ == "__main__":
+    sys.exit(exercises_main())
+
+
+def test_ex01_paper_cnn_blocks_have_the_papers_shapes():
+    """Each copy of the paper's CNN against the network written here with the model's own
+    weights: four blocks of convolution (stride 2, padding k // 2, no bias), BatchNorm and ReLU,
+    64 x 16 x 16 -> 128 x 8 x 8 -> 128 x 4 x 4 -> 256 x 2 x 2 for a 32 x 32 image, global
+    average pooling, the linear head. Catches a bias, a missing padding or ReLU, a max pool."""
+    x = torch.randn(2, 3, 32, 32)
+    for module in (pretrain, train_small, train_advreg, collect_kernels):
+        torch.manual_seed(0)
+        model = module.PaperCNN(10).eval()
+        randomize_batchnorm(model)
+        shapes = []
+        for i in range(1, 5):
+            getattr(model, f"bn{i}").register_forward_hook(
+                lambda m, inputs, out: shapes.append(tuple(out.shape[1:])))
+        logits = model(x)
+        assert shapes == [(64, 16, 16), (128, 8, 8), (128, 4, 4), (256, 2, 2)], module
+        h = x
+        for i, k in enumerate((7, 5, 5, 3), 1):
+            conv, bn = getattr(model, f"conv{i}"), getattr(model, f"bn{i}")
+            assert conv.bias is None and conv.kernel_size == (k, k), module
+            h = F.conv2d(h, conv.weight, stride=2, padding=k // 2)
+            h = F.relu(F.batch_norm(h, bn.running_mean, bn.running_var, bn.weight, bn.bias))
+        want = h.mean(dim=(2, 3)) @ model.fc.weight.T + model.fc.bias
+        assert logits.shape == (2, 10) and torch.allclose(logits, want, atol=1e-5), module
+
+
+def test_ex10_freeze_train_mode_and_the_probe_against_plain_torch():
+    """freeze: exactly the named layers (convN with its bnN) get no gradient; train_mode: the
+    model trains, but a frozen layer's BatchNorm keeps its running statistics through a forward
+    pass; Probe after conv2: conv1-conv2's blocks, global average pooling, a 128-wide head,
+    against plain torch. Catches bnN left trainable or in train mode, a probe a block short or
+    without its ReLUs."""
+    torch.manual_seed(0)
+    model = train_small.PaperCNN(10)
+    randomize_batchnorm(model)
+    frozen = {"conv1", "bn1", "conv3", "bn3"}
+    train_small.freeze(model, ["conv1", "conv3"])
+    for key, p in model.named_parameters():
+        assert p.requires_grad == (key.split(".")[0] not in frozen), key
+    train_small.train_mode(model.eval(), ["conv1", "conv3"])
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    model(torch.randn(4, 3, 32, 32))
+    for key, value in stats.items():
+        moved = not torch.equal(model.state_dict()[key], value)
+        assert moved == (key.split(".")[0] not in frozen), key
+    probe = train_small.Probe(10, "conv2")
+    randomize_batchnorm(probe)
+    x = torch.randn(4, 3, 32, 32)
+    h = x
+    for i, k in ((1, 7), (2, 5)):
+        conv, bn = getattr(probe, f"conv{i}"), getattr(probe, f"bn{i}")
+        h = F.conv2d(h, conv.weight, stride=2, padding=k // 2)
+        h = F.relu(F.batch_norm(h, bn.running_mean, bn.running_var, bn.weight, bn.bias))
+    want = h.mean(dim=(2, 3)) @ probe.fc.weight.T + probe.fc.bias
+    assert probe.fc.weight.shape == (10, 128)
+    assert torch.allclose(probe.eval()(x), want, atol=1e-5)
+
+
+def test_the_exercises_tags_functions_wrong_answers_and_page_agree():
+    """Every tag in a test's name is an exercise's, and every exercise has tests; every function
+    to write is found (and emptied without a syntax error); every wrong answer's text occurs
+    once in its file; docs/exercises.md has each exercise's heading and grading command."""
+    tags = [e.tag for e in EXERCISES]
+    assert tags == [f"ex{i:02d}" for i in range(1, len(EXERCISES) + 1)]
+    named = collections.Counter(tag for name in globals() if name.startswith("test_")
+                                for tag in re.findall(r"ex\d\d", name))
+    assert set(named) == set(tags), named
+    assert {t for lab in LABS.values() for t in lab.split()} == set(tags)
+    emptied = emptied_sources(ROOT, tags)
+    with open(os.path.join(ROOT, "docs", "exercises.md"), encoding="utf-8") as f:
+        page = f.read()
+    for name in COURSE[:5]:
+        assert "NotImplementedError" not in open(os.path.join(ROOT, name)).read(), name
+    for exercise in EXERCISES:
+        for script, name, *_ in exercise.functions:
+            assert f'raise NotImplementedError("{exercise.tag}: write' in emptied[script], name
+        for what, plants in exercise.wrong:
+            assert f"  - {what}\n" in page.split(f"## {exercise.tag}: ")[1].split("\n## ")[0], what
+            for script, old, new in plants:
+                count = open(os.path.join(ROOT, script)).read().count(old)
+                assert count == 1, (what, script, count)
+    for exercise in EXERCISES:
+        assert f"## {exercise.tag}: {exercise.title}\n" in page, exercise.tag
+        assert f"python -m pytest -q -k {exercise.tag} test_smoke.py" in page, exercise.tag
+
+
+@pytest.mark.skipif(not os.environ.get("EXERCISE_PROOF"), reason="about 15 minutes: "
+                    "EXERCISE_PROOF=1 python -m pytest -q -s -k proof test_smoke.py")
+@pytest.mark.parametrize("number", range(1, len(EXERCISES) + 1), ids="exercise{:02d}".format)
+def test_exercise_proof_empty_fails_reference_passes_each_wrong_answer_fails(number, tmp_path):
+    """For one exercise: its handout's grading fails on the NotImplementedError; the reference's
+    passes, in at most 20 s of CPU; each listed wrong answer, planted in a copy of the course,
+    fails."""
+    exercise = EXERCISES[number - 1]
+    tag = exercise.tag
+    handout(str(tmp_path / "handout"), [tag])
+    code, output, seconds, _ = grading(tmp_path / "handout", tag, first_failure=True)
+    print(f"\n{tag} emptied: exit {code}, {seconds:.1f} s")
+    assert code == 1 and f"NotImplementedError: {tag}" in output, output[-3000:]
+    copy_course(tmp_path / "reference")
+    code, output, seconds, cpu = grading(tmp_path / "reference", tag)
+    print(f"{tag} reference: {output.strip().splitlines()[-1]} ({seconds:.1f} s by the clock, "
+          f"{cpu:.1f} s of CPU)")
+    assert code == 0, output[-3000:]
+    assert cpu <= 20  # the clock reads more where other jobs share the CPU
+    for i, (what, plants) in enumerate(exercise.wrong):
+        folder = tmp_path / f"wrong{i}"
+        copy_course(folder)
+        for script, old, new in plants:
+            text = (folder / script).read_text(encoding="utf-8")
+            assert text.count(old) == 1, (what, script, old)
+            (folder / script).write_text(text.replace(old, new), encoding="utf-8")
+        code, output, seconds, _ = grading(folder, tag, first_failure=True)
+        print(f"{tag} wrong, {what}: exit {code}, {seconds:.1f} s")
+        assert code == 1, (what, output[-3000:])
 
 
 # ----------------------------------------------------------------------------- front page and flags
@@ -3323,7 +3831,7 @@ def gan_aug(x):
 
 
 @pytest.mark.parametrize("case", ["dcgan", "cdcgan", "diffaug_saturating"])
-def test_gan_bce_step_is_the_gan_game(case):
+def test_ex14_gan_bce_step_is_the_gan_game(case):
     """gan_labs.bce_step against Goodfellow et al.'s Alg. 1 (k = 1) written here: D descends
     -log D(x) - log(1 - D(G(z))) on real and detached fakes, then G descends -log D(G(z))
     (saturating: log(1 - D(G(z)))) through the UPDATED D, on the same fakes; the cDCGAN's labels
@@ -3369,7 +3877,7 @@ def gan_smooth_critic():
 
 
 @pytest.mark.parametrize("constraint", ["gp", "clip"])
-def test_gan_wgan_steps_are_the_papers(constraint):
+def test_ex15_gan_wgan_steps_are_the_papers(constraint):
     """wgan_critic_step against WGAN-GP's Alg. 1 lines 4-9 (the critic descends D(G(z)) - D(x) +
     10 (||grad D(x_hat)|| - 1)^2 at x_hat = e x + (1 - e) G(z), e ~ U[0, 1] per sample) or WGAN's
     lines 3-7 (the same without the penalty, then every weight clipped to [-c, c]), and
@@ -3411,7 +3919,7 @@ def test_gan_wgan_steps_are_the_papers(constraint):
     gan_assert_same_nets(g, g_ref, start_g)
 
 
-def test_gan_dann_step_features_get_the_label_gradient_minus_lambda_domain_gradient():
+def test_ex16_gan_dann_step_features_get_the_label_gradient_minus_lambda_domain_gradient():
     """dann_step (SGD, lambda = 0.7, the step's lr 0.05 over the optimizer's 1.0) against the
     DANN paper's update written here: G_f moves by -lr (dL_y/dtheta_f - lambda dL_d/dtheta_f),
     G_y by -lr dL_y/dtheta_y, G_d by -lr dL_d/dtheta_d, with L_d the logistic loss of source = 0,
@@ -3533,7 +4041,7 @@ def test_the_trainers_augment_by_default_and_not_with_no_augment(module, tiny_da
         assert sum(calls) == images, extra
 
 
-def test_amp_delta_lies_inside_a_ball_larger_than_its_step():
+def test_ex09_amp_delta_lies_inside_a_ball_larger_than_its_step():
     """With a radius ten times one ascent step, delta is that step, lr * grad L(theta), strictly
     inside the ball (catches delta rescaled onto the sphere ||delta|| = eps), and the parameters
     sit at theta + delta."""
@@ -3563,7 +4071,7 @@ def plain_attacks(reference, x, y, eps, steps):
     return fgsm, x_adv
 
 
-def test_every_attack_column_is_the_accuracy_on_the_attacked_images():
+def test_ex12_every_attack_column_is_the_accuracy_on_the_attacked_images():
     """robustness_row's columns (the microscope's table) against FGSM and PGD written in plain
     torch, each scored on its attacked images (catches a column scored on the clean images, a
     PGD step of another size, an attack at another eps)."""
