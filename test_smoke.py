@@ -18,6 +18,7 @@ import functools
 import inspect
 import json
 import math
+import statistics
 import os
 import subprocess
 import sys
@@ -350,7 +351,7 @@ def test_ex11_t_quantile_against_its_closed_forms():
     """Catches a wrong density constant, too few Simpson steps or a bisection that stops early:
     Student's t has closed-form quantiles for df = 1 (Cauchy) and df = 2, and tends to the
     normal's 1.95996 at 97.5 %."""
-    for p in (0.9, 0.975, 0.995):
+    for p in (0.6, 0.9, 0.975, 0.995):  # 0.6: a quantile under 1
         assert collect_kernels.t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)),
                                                                  rel=1e-6)
         assert collect_kernels.t_quantile(p, 2) == pytest.approx(
@@ -4269,3 +4270,91 @@ def test_gan_accuracy_counts_the_predictions_that_match():
     wrong = (predicted + 1) % 10
     assert gan_labs.accuracy(net, x, predicted) == 1.0 and gan_labs.accuracy(net, x, wrong) == 0
     assert gan_labs.accuracy(net, x, torch.cat([predicted[:3], wrong[3:]])) == 3 / 8
+
+
+def test_checkpoint_row_reads_the_history_and_ds_last_tenth():
+    """compare.csv's row of a run: the last and the best test accuracy of its history, and D's
+    outputs as the mean over the last tenth of its log (30 iterations: the last 3); a run
+    without a log has none."""
+    torch.manual_seed(0)
+    weight = torch.randn(64, 3, 7, 7)
+    bank = torch.randn(300, 7, 7)
+    log = torch.rand(30, len(collect_kernels.LOG_COLUMNS))
+    ckpt = {"model": {"conv1.weight": weight}, "args": {"per_class": 10, "subset_seed": 2},
+            "seed": 1, "history": {"test_acc": [0.1, 0.3, 0.2], "train_acc": [0.5, 0.9]},
+            "log": log}
+    std = collect_kernels.standardize_kernels(bank)
+    row, _ = collect_kernels.checkpoint_row("p", ckpt, "λ = 1", "conv1", bank, std)
+    assert (row["final_test_acc"], row["best_test_acc"], row["final_train_acc"]) == (0.2, 0.3, 0.9)
+    assert (row["subset"], row["seed"], row["kernels"]) == (2, 1, 192)
+    for name in ("d_real", "d_fake"):
+        column = log[:, collect_kernels.LOG_COLUMNS.index(name)]
+        assert row[name] == pytest.approx(column[-3:].mean().item())
+    del ckpt["log"]
+    row, _ = collect_kernels.checkpoint_row("p", ckpt, "baseline", "conv1", bank, std)
+    assert row["d_real"] is None and row["d_fake"] is None
+
+
+def test_paired_difference_over_two_draws_and_its_cells():
+    """Two draws of two seeds: the interval is a t interval (df = 1) over the two draws' mean
+    differences, labelled so; the cells read "shown" only where the interval leaves out 0."""
+    rows = [{"configuration": c, "subset": sub, "seed": seed, "final_test_acc": acc}
+            for c, offsets in (("a", (0.0, 0.0, 0.0, 0.0)), ("b", (0.01, 0.03, 0.02, 0.06)))
+            for (sub, seed), off in zip(((0, 0), (0, 1), (1, 0), (1, 1)), offsets)
+            for acc in [0.2 + off]]
+    d = collect_kernels.paired_difference(rows, "b", "a")
+    means = [0.02, 0.04]  # the two draws' mean differences
+    half = math.tan(math.pi * 0.475) * statistics.stdev(means) / math.sqrt(2)  # t(1) = Cauchy
+    assert (d["pairs"], d["subsets"], d["interval"]) == (4, 2, "t over subsets")
+    assert (d["mean"], d["ci_low"], d["ci_high"]) == pytest.approx((0.03, 0.03 - half, 0.03 + half))
+    interval = f"[{0.03 - half:+.3f}, {0.03 + half:+.3f}]"
+    assert collect_kernels.paired_cells(d) == ["+0.030", interval, "not shown"]
+    shown = dict(d, mean=0.03, ci_low=0.01, ci_high=0.05)
+    assert collect_kernels.paired_cells(shown) == ["+0.030", "[+0.010, +0.050]", "shown"]
+    assert collect_kernels.paired_cells(dict(d, ci_low=None, ci_high=None)) == ["+0.030", "-", ""]
+
+
+def test_robustness_row_attacks_at_each_eps_in_units_of_1_255(monkeypatch):
+    """Each column's attack gets its eps / 255 (and PGD its steps), recorded from the calls."""
+    calls = []
+    monkeypatch.setattr(collect_kernels, "fgsm", lambda m, x, y, eps: calls.append(
+        ("fgsm", eps)) or x)
+    monkeypatch.setattr(collect_kernels, "pgd", lambda m, x, y, eps, steps: calls.append(
+        ("pgd", eps, steps)) or x)
+    x, y = torch.rand(4, 3, 32, 32), torch.zeros(4, dtype=torch.long)
+    collect_kernels.robustness_row(lambda x: torch.zeros(len(x), 10), x, y, [1, 8], 5)
+    assert calls == [("fgsm", 1 / 255), ("fgsm", 8 / 255), ("pgd", 1 / 255, 5),
+                     ("pgd", 8 / 255, 5)]
+
+
+def test_discriminator_step_reports_the_means_of_d_over_its_layers():
+    """The logged D(real) and D(fake) are D's mean outputs on the bank batch and on the fakes,
+    averaged over the regularized layers; disc_loss is the sum of the layers' losses."""
+    torch.manual_seed(0)
+    args = argparse.Namespace(d_batch=8, d_input="standardized", precision="fp32", d_lr=1e-3,
+                              d_betas=[0.5, 0.999], d_weight_decay=0.0)
+    discs, opts, d_gen = train_advreg.make_discriminators(1.0, 0, ["conv1", "conv2"], args,
+                                                          torch.device("cpu"))
+    banks = {"conv1": torch.randn(50, 7, 7), "conv2": torch.randn(50, 5, 5)}
+    fakes = {"conv1": torch.randn(8, 7, 7), "conv2": torch.randn(8, 5, 5)}
+    start = {k: copy.deepcopy(d) for k, d in discs.items()}
+    g = torch.Generator().manual_seed(5)
+    reals = {k: banks[k][torch.randint(50, (8,), generator=g)] for k in ("conv1", "conv2")}
+    d_fakes = train_advreg.judge(discs, fakes, "standardized")
+    out = train_advreg.discriminator_step(discs, opts, banks, d_fakes, 1.0, args,
+                                          torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        d_real = [start[k](train_advreg.to_d_input(reals[k], "standardized")) for k in reals]
+        d_fake = [d_fakes[k] for k in reals]
+    assert out["d_real"].item() == pytest.approx(sum(d.mean().item() for d in d_real) / 2)
+    assert out["d_fake"].item() == pytest.approx(sum(d.mean().item() for d in d_fake) / 2)
+    losses = [train_advreg.bce(r, 1.0) + train_advreg.bce(f, 0.0) for r, f in zip(d_real, d_fake)]
+    assert out["disc_loss"].item() == pytest.approx(sum(x.item() for x in losses))
+
+
+def test_amp_with_a_vanishing_gradient_steps_by_it_inside_the_ball():
+    """A gradient of norm far under 1e-12: delta is still lr * grad, inside the ball (catches a
+    projection whose guard against a zero norm turns its sign)."""
+    w = torch.nn.Parameter(torch.ones(3))
+    delta = train_small.perturb_adversarially([w], lambda: 1e-16 * w.sum(), 0.5, 1.0, 1)[1][0]
+    assert torch.allclose(delta, torch.full((3,), 1e-16), rtol=1e-6, atol=0)
