@@ -4358,3 +4358,17 @@ def test_amp_with_a_vanishing_gradient_steps_by_it_inside_the_ball():
     w = torch.nn.Parameter(torch.ones(3))
     delta = train_small.perturb_adversarially([w], lambda: 1e-16 * w.sum(), 0.5, 1.0, 1)[1][0]
     assert torch.allclose(delta, torch.full((3,), 1e-16), rtol=1e-6, atol=0)
+
+
+def test_pretrained_rows_sort_by_their_label_the_authors_among_ours(authors_models, tmp_path):
+    """table_runs puts every pretrained model last, ordered by its label alone: the authors'
+    "pretrained (cifar100 ...)" before a pretrain.py model of MNIST, after one of CIFAR-10."""
+    paths = []
+    for data in ("mnist", "cifar10"):
+        paths.append(str(tmp_path / f"{data}.pt"))
+        torch.save({"arch": "PaperCNN", "model": pretrain.PaperCNN(10).state_dict(), "format": 2,
+                    "label": f"pretrained ({data})", "row_order": [4, 0, 0, 0.0], "epoch": 1,
+                    "args": {"epochs": 1}}, paths[-1])
+    runs = collect_kernels.table_runs(paths + [str(authors_models / "model1_seed0.pt")], "conv1")
+    assert [label for _, _, label, _ in runs] == [
+        "pretrained (cifar10)", "pretrained (cifar100 (the authors' models))", "pretrained (mnist)"]
