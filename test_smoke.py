@@ -4372,3 +4372,35 @@ def test_pretrained_rows_sort_by_their_label_the_authors_among_ours(authors_mode
     runs = collect_kernels.table_runs(paths + [str(authors_models / "model1_seed0.pt")], "conv1")
     assert [label for _, _, label, _ in runs] == [
         "pretrained (cifar10)", "pretrained (cifar100 (the authors' models))", "pretrained (mnist)"]
+
+
+def test_log_clamped_is_minus_100_at_and_below_e_to_the_minus_100():
+    """As nn.BCELoss: log p for p > e^-100, exactly -100 at or below it (p = e^-100.5 included),
+    with a zero gradient there, p = 0 included (no NaN)."""
+    p = torch.tensor([math.exp(-99.5), math.exp(-100.5), 0.0], requires_grad=True)
+    out = gan_labs.log_clamped(p)
+    assert out[0].item() == pytest.approx(-99.5, abs=0.05) and out[1:].tolist() == [-100, -100]
+    out.sum().backward()
+    assert p.grad[1:].tolist() == [0, 0]  # the clamped entries, p = 0 among them: no NaN
+
+
+def test_the_progress_line_reads_the_last_epochs_means():
+    """train_advreg.py's progress line after epoch 2 of 3: the means of epoch 2's iterations,
+    not of the log's later (empty) rows."""
+    log = {c: torch.tensor([1.0, 1.0, 2.0, 4.0, float("nan"), float("nan")])
+           for c in train_advreg.LOG_COLUMNS}
+    text = train_advreg.recent(log, {"test_acc": [0.25]}, 2, 2, 1.0)
+    assert text == "cls 3.000 reg 3.000 disc 3.000 | D(real) 3.00 D(fake) 3.00 | acc test 0.2500"
+
+
+def test_compare_of_unfinished_runs_only_says_so(tmp_path, capsys):
+    """--compare over runs none of which trained all its epochs: one line saying so."""
+    path = tmp_path / "run.pt"
+    torch.save({"arch": "PaperCNN", "model": pretrain.PaperCNN(10).state_dict(), "format": 2,
+                "label": "baseline (λ = 0)", "row_order": [0, 0, 0, 0.0], "epoch": 2,
+                "args": {"epochs": 5}}, path)
+    bank = tmp_path / "bank.pt"
+    torch.save({"kernels": torch.randn(300, 7, 7), "layer": "conv1"}, bank)
+    said = user_error(capsys, collect_kernels.main, "--compare", path, "--bank", bank, "--out",
+                      tmp_path / "cmp")
+    assert "none of the --compare checkpoints is a finished run" in said
