@@ -2404,6 +2404,9 @@ def test_gan_cdcgan_class_grid_and_conditional_accuracy(gan_common, tmp_path):
     assert 0 <= float(gen["cond_acc"]) <= 1
     # classes x z
     assert gan_png_shape(out / "class_grid.png") == (3, GAN_CLASSES * 34 + 2, 8 * 34 + 2)
+    grid = pil_to_tensor(PIL.Image.open(out / "class_grid.png")).float()
+    cell = grid[:, 2:34, 2:34]  # a sample of [-1, 1]: an untrained G's ~0 is mid-grey
+    assert cell.std() > 0 and 64 < cell.mean() < 192
     assert gan_ckpt(out)["d"]["0.weight"].shape[1] == 1 + GAN_CLASSES  # x and the label planes
     # in-process: no 5 s of imports
     gan_labs.main(["cdcgan", *map(str, gan_common), *GAN_TINY, "--no-label-in-d",
@@ -4233,6 +4236,13 @@ def test_row_labels_name_the_transfer_recipes_and_layer_ranges():
         "transfer conv2-4, frozen conv2-4"
     assert label(init_from="m.pt", transfer=convs[:2]) == "transfer conv1+conv2"
     assert train_small.layers_label(["conv1", "conv3", "conv4"]) == "conv1+conv3+conv4"
+    args = dict(transfer=None, freeze=[], amp_epsilon=None, init_bank=None, probe_after=None,
+                init_from=None)
+    orders = [train_small.row_label(argparse.Namespace(**(args | {"amp_epsilon": eps})))
+              for eps in (None, 0.3, 1.0)]  # the baseline first, then AMP by its radius
+    assert [(o["label"], o["row_order"]) for o in orders] == [
+        ("baseline (λ = 0)", [0, 0, 0, 0.0]), ("AMP ε = 0.3", [1, 0, 0, 0.3]),
+        ("AMP ε = 1", [1, 0, 0, 1.0])]
 
 
 def test_conv1_from_a_small_bank_draws_with_replacement_by_seed():
@@ -4404,3 +4414,12 @@ def test_compare_of_unfinished_runs_only_says_so(tmp_path, capsys):
     said = user_error(capsys, collect_kernels.main, "--compare", path, "--bank", bank, "--out",
                       tmp_path / "cmp")
     assert "none of the --compare checkpoints is a finished run" in said
+
+
+def test_train_advreg_prints_a_progress_line_every_log_every_epochs(tiny_data, tmp_path, capsys):
+    """--log-every 1 over 2 epochs: a progress line after each epoch, not only the last."""
+    train_advreg.main(["--data", str(tiny_data), "--per-class", "2", "--epochs", "2",
+                       "--log-every", "1", "--eval-every", "2", "--lam", "0", "--bank",
+                       tmp_bank(tmp_path, torch.randn(300, 7, 7)), "--out", str(tmp_path / "r")])
+    lines = capsys.readouterr().out.splitlines()
+    assert [sum(f"| {e}/2 |" in line for line in lines) for e in (1, 2)] == [1, 1]
