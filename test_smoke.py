@@ -2277,7 +2277,7 @@ def test_gan_seed_004_runs_conv_critic_diffaug_weight_norm_and_g_bn(gan_common, 
 def test_gan_dcgan_trains_resumes_and_has_bn_after_the_first_conv(gan_dcgan_run, gan_common,
                                                                   capsys):
     rows, gen, floor = gan_check_run(gan_dcgan_run)
-    assert int(rows[-1]["iter"]) == 48 // 16
+    assert [int(r["iter"]) for r in rows] == [1, 2, 3]  # --log-every 1: a row every iteration
     # the real-vs-real floor in a feature space that separates the classes beats one epoch of a GAN
     assert float(floor["fid"]) < float(gen["fid"])
     d = gan_ckpt(gan_dcgan_run)["d"]
@@ -4423,3 +4423,13 @@ def test_train_advreg_prints_a_progress_line_every_log_every_epochs(tiny_data, t
                        tmp_bank(tmp_path, torch.randn(300, 7, 7)), "--out", str(tmp_path / "r")])
     lines = capsys.readouterr().out.splitlines()
     assert [sum(f"| {e}/2 |" in line for line in lines) for e in (1, 2)] == [1, 1]
+
+
+def test_gan_wgan_lab_plays_with_its_flags(monkeypatch):
+    """play() hands the WGAN critic's step the lab's --constraint, --clip and --gp-lambda."""
+    seen = []
+    monkeypatch.setattr(gan_labs, "wgan_critic_step", lambda *a: seen.append(a[6:]) or {})
+    args = gan_labs.parse_args(["wgan", "--gp-lambda", "3", "--clip", "0.05"])
+    gan_labs.play(args, None, None, None, None, torch.zeros(2, 1, 32, 32), None, 0, None, False,
+                  torch.device("cpu"))
+    assert seen == [("gp", 0.05, 3.0)]
