@@ -4224,10 +4224,13 @@ def test_gan_memorization_check_samples_g_at_its_fixed_z_and_labels(gan_data):
 def test_row_labels_name_the_transfer_recipes_and_layer_ranges():
     """The row labels --compare prints, from a run's flags: the fine-tune is not the probe, three
     or more consecutive convs read as a range, two as a sum."""
-    def label(**flags):
+    def row(**flags):
         args = dict(transfer=None, freeze=[], amp_epsilon=None, init_bank=None, probe_after=None,
                     init_from=None)
-        return train_small.row_label(argparse.Namespace(**(args | flags)))["label"]
+        return train_small.row_label(argparse.Namespace(**(args | flags)))
+
+    def label(**flags):
+        return row(**flags)["label"]
     convs = ["conv1", "conv2", "conv3", "conv4"]
     common = dict(init_from="m_seed{seed}.pt", transfer=convs)
     assert label(**common) == "fine-tune (transfer conv1-4)"
@@ -4236,10 +4239,7 @@ def test_row_labels_name_the_transfer_recipes_and_layer_ranges():
         "transfer conv2-4, frozen conv2-4"
     assert label(init_from="m.pt", transfer=convs[:2]) == "transfer conv1+conv2"
     assert train_small.layers_label(["conv1", "conv3", "conv4"]) == "conv1+conv3+conv4"
-    args = dict(transfer=None, freeze=[], amp_epsilon=None, init_bank=None, probe_after=None,
-                init_from=None)
-    orders = [train_small.row_label(argparse.Namespace(**(args | {"amp_epsilon": eps})))
-              for eps in (None, 0.3, 1.0)]  # the baseline first, then AMP by its radius
+    orders = [row(amp_epsilon=eps) for eps in (None, 0.3, 1.0)]  # baseline, then AMP by radius
     assert [(o["label"], o["row_order"]) for o in orders] == [
         ("baseline (λ = 0)", [0, 0, 0, 0.0]), ("AMP ε = 0.3", [1, 0, 0, 0.3]),
         ("AMP ε = 1", [1, 0, 0, 1.0])]
