@@ -26,17 +26,7 @@ Writes: in --out, per epoch: samples_epochNN.png, interpolation_epochNN.png, met
         memorization: memorization.png, nn_distances.png, memorization.json in --run.
 Notes and results: docs/gan_labs.md; every flag's default and its source: docs/defaults.md.
 """
-import argparse
-import csv
-import functools
-import io
-import json
-import math
-import os
-import pathlib
-import re
-import sys
-import time
+import argparse, csv, functools, io, json, math, os, pathlib, re, sys, time
 
 import matplotlib
 matplotlib.use("Agg")  # figures go to files; no display needed
@@ -228,8 +218,6 @@ def training_flags(args):
     DANN's schedules run over all --epochs: its --epochs is one of them."""
     free = RUN_FLAGS - {"epochs"} if args.lab == "dann" else RUN_FLAGS
     return {k: v for k, v in vars(args).items() if k not in free}
-
-
 
 
 # ----------------------------------------------------------------------------- the nets
@@ -1273,7 +1261,94 @@ def main(argv=None):
         save_outputs(args, g, history, wall, metrics, classes, channels, k, device)
 
 
-# ==== plumbing: the same block in every script, checked by test_smoke.py; skip on a first read ====
+# ==== plumbing: skip on a first read; each copy the same, checked by test_smoke.py ====
+# ------------------------------------- in the four that train: the device, a run's files, progress
+def pick_device(args):
+    """--threads, then --device: 'auto' is CUDA, else Apple's MPS, else the CPU."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ok = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    name = next(n for n, there in ok.items() if there) if args.device == "auto" else args.device
+    if not ok[name]:
+        raise UserError(f"--device {name}: torch cannot use it here (try --device cpu)")
+    return torch.device(name)
+
+
+def write_json(path, obj):
+    write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(obj, indent=2)))
+
+
+def save_checkpoint(path, ckpt):
+    """One dict, written atomically: each module and optimizer as its state_dict, the other
+    values as they are, with the format and the random generators' state."""
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    saved = {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in ckpt.items()}
+    write_atomic(path, lambda tmp: torch.save(saved | {"format": FORMAT, "rng": rng}, tmp))
+
+
+def resume(path, ckpt, flags):
+    """Load the run saved at `path` into the modules and optimizers of `ckpt` (as given to
+    save_checkpoint) and restore the random generators; returns the saved dict, or None where
+    there is none yet. Refused in one line: a damaged file, an earlier format, and a run whose
+    defining flags (`flags`, name -> value) differ from the command's."""
+    if not os.path.exists(path):
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__}): damaged? Use another --out")
+    fmt = saved.get("format", 1) if isinstance(saved, dict) else "unknown"
+    if fmt != FORMAT:
+        raise UserError(f"{path} has checkpoint format {fmt}, not {FORMAT}: use another --out")
+    changed = [f"--{k.replace('_', '-')} {saved['flags'].get(k)!r} (now {v!r})"
+               for k, v in flags.items() if saved["flags"].get(k) != v]
+    if changed:
+        raise UserError(f"{path} is a run with other flags: {', '.join(changed)}; another --out?")
+    for key, obj in ckpt.items():
+        if hasattr(obj, "load_state_dict"):
+            obj.load_state_dict(saved[key])
+    torch.set_rng_state(saved["rng"]["cpu"])
+    if "cuda" in saved["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(saved["rng"]["cuda"].cpu())
+    return saved
+
+
+def stop_if_diverged(loss, where, flags):
+    """A run whose loss is not finite stops here, before it overwrites its last good checkpoint."""
+    if not math.isfinite(loss):
+        raise UserError(f"the training loss is {loss} at {where}; the run diverged (its last "
+                        f"good checkpoint is kept): lower {flags} and run again, another --out")
+
+
+def progress(name, done, total, seconds_each, text):
+    """One progress line: where the run is, what it measures, and the time left."""
+    eta = seconds_each * (total - done) / 60
+    print(f"{name} | {done}/{total} | {text} | ETA {eta:.1f} min", flush=True)
+
+
+# ---------------------------------------- in the four that write tables and grids: CSV, image grids
+def write_csv(path, rows):
+    """A list of dicts as CSV; the columns are their keys, in the order they first appear."""
+    buffer, columns = io.StringIO(), list(dict.fromkeys(k for row in rows for k in row))
+    writer = csv.DictWriter(buffer, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(buffer.getvalue()))
+
+
+def save_grid(path, images, nrow=8, value_range=None, scale=1):
+    """Images [N, C, H, W] as one grid PNG, each enlarged `scale` times; value_range=(lo, hi)
+    maps that range to black..white for all, None scales each image to its own range
+    (kernels, saliency maps)."""
+    big = F.interpolate(images.detach().float().cpu(), scale_factor=scale, mode="nearest")
+    grid = torchvision.utils.make_grid(big, nrow, max(2, scale // 2), normalize=True,
+                                       value_range=value_range, scale_each=value_range is None)
+    write_atomic(path, lambda tmp: torchvision.utils.save_image(grid, tmp))
+
+
+# ------------------------------------------------------------ in all five scripts, word for word
 class UserError(Exception):
     """A mistake in the input (a flag, a file), or a run that cannot go on: one line, exit 1."""
 
@@ -1287,18 +1362,6 @@ def entry_point(main, argv=None):
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted: every file written so far is whole; the same command resumes")
-
-
-def pick_device(args):
-    """--threads, then --device: 'auto' is CUDA, else Apple's MPS, else the CPU."""
-    if getattr(args, "threads", 0):
-        torch.set_num_threads(args.threads)
-    ok = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    name = getattr(args, "device", "auto")
-    name = next(n for n in ("cuda", "mps", "cpu") if ok[n]) if name == "auto" else name
-    if not ok[name]:
-        raise UserError(f"--device {name}: torch cannot use it here (try --device cpu)")
-    return torch.device(name)
 
 
 TORCHVISION_DATASETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "mnist": "MNIST"}
@@ -1362,70 +1425,7 @@ def write_atomic(path, write):
         raise UserError(f"could not write {path} ({reason}); its last version is kept") from e
 
 
-def write_json(path, obj):
-    write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(obj, indent=2)))
-
-
-def write_csv(path, rows):
-    """A list of dicts as CSV; the columns are their keys, in the order they first appear."""
-    buffer, columns = io.StringIO(), list(dict.fromkeys(k for row in rows for k in row))
-    writer = csv.DictWriter(buffer, columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(buffer.getvalue()))
-
-
 FORMAT = 2  # a checkpoint of this project: one dict; earlier formats are refused by name
-
-
-def save_checkpoint(path, ckpt):
-    """One dict, written atomically: each module and optimizer as its state_dict, the other
-    values as they are, with the format and the random generators' state."""
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    saved = {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in ckpt.items()}
-    write_atomic(path, lambda tmp: torch.save(saved | {"format": FORMAT, "rng": rng}, tmp))
-
-
-def resume(path, ckpt, flags):
-    """Load the run saved at `path` into the modules and optimizers of `ckpt` (as given to
-    save_checkpoint) and restore the random generators; returns the saved dict, or None where
-    there is none yet. Refused in one line: a damaged file, an earlier format, and a run whose
-    defining flags (`flags`, name -> value) differ from the command's."""
-    if not os.path.exists(path):
-        return None
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot read {path} ({type(e).__name__}): damaged? Use another --out")
-    fmt = saved.get("format", 1) if isinstance(saved, dict) else "unknown"
-    if fmt != FORMAT:
-        raise UserError(f"{path} has checkpoint format {fmt}, not {FORMAT}: use another --out")
-    changed = [f"--{k.replace('_', '-')} {saved['flags'].get(k)!r} (now {v!r})"
-               for k, v in flags.items() if saved["flags"].get(k) != v]
-    if changed:
-        raise UserError(f"{path} is a run with other flags: {', '.join(changed)}; another --out?")
-    for key, obj in ckpt.items():
-        if hasattr(obj, "load_state_dict"):
-            obj.load_state_dict(saved[key])
-    torch.set_rng_state(saved["rng"]["cpu"])
-    if "cuda" in saved["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state(saved["rng"]["cuda"].cpu())
-    return saved
-
-
-def stop_if_diverged(loss, where, flags):
-    """A run whose loss is not finite stops here, before it overwrites its last good checkpoint."""
-    if not math.isfinite(loss):
-        raise UserError(f"the training loss is {loss} at {where}; the run diverged (its last "
-                        f"good checkpoint is kept): lower {flags} and run again, another --out")
-
-
-def progress(name, done, total, seconds_each, text):
-    """One progress line: where the run is, what it measures, and the time left."""
-    eta = seconds_each * (total - done) / 60
-    print(f"{name} | {done}/{total} | {text} | ETA {eta:.1f} min", flush=True)
 
 
 def plot_lines(path, panels, width=4.5, dpi=100):
@@ -1440,16 +1440,6 @@ def plot_lines(path, panels, width=4.5, dpi=100):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     save_figure(fig, path, dpi)
-
-
-def save_grid(path, images, nrow=8, value_range=None, scale=1):
-    """Images [N, C, H, W] as one grid PNG, each enlarged `scale` times; value_range=(lo, hi)
-    maps that range to black..white for all, None scales each image to its own range
-    (kernels, saliency maps)."""
-    big = F.interpolate(images.detach().float().cpu(), scale_factor=scale, mode="nearest")
-    grid = torchvision.utils.make_grid(big, nrow, max(2, scale // 2), normalize=True,
-                                       value_range=value_range, scale_each=value_range is None)
-    write_atomic(path, lambda tmp: torchvision.utils.save_image(grid, tmp))
 
 
 def save_figure(fig, path, dpi=100):
