@@ -294,9 +294,9 @@ def checkpoint_row(path, ckpt, configuration, layer, bank_kernels, bank_std):
 METRICS = {  # the table's columns: a row's metric and its header
     "final_test_acc": "final acc", "best_test_acc": "best acc", "final_train_acc": "train acc",
     "final_val_acc": "val acc", "frechet_to_bank": "Frechet to bank",
-    "frechet_without_source": "Frechet to bank w/o its source",
-    "low_freq_share": "low-freq share", "kernel_std": "kernel std",
-    "near_zero_share": "near-zero kernels", "d_real": "D(real)", "d_fake": "D(fake)"}
+    "frechet_without_source": "Frechet to bank w/o its source", "low_freq_share": "low-freq share",
+    "kernel_std": "kernel std", "near_zero_share": "near-zero kernels", "d_real": "D(real)",
+    "d_fake": "D(fake)"}
 
 
 # The table's rows: a row per configuration, as each run's trainer named it when it saved it.
@@ -318,13 +318,12 @@ def table_runs(paths, layer):
         if done < asked:  # a run still training, or stopped
             print(f"left out: {path} is unfinished (epoch {done} of {asked})")
             continue
-        if ckpt.get("format") == "authors":
-            name, key = f"pretrained ({ckpt['dataset']})", [4, 0, 0, 0.0]
-        elif ckpt.get("format", 1) != FORMAT:
+        if ckpt.get("format") not in (FORMAT, "authors"):
             raise UserError(f"{path} has checkpoint format {ckpt.get('format', 1)}, not "
                             f"{FORMAT}: it stores no row label; train it again with this version")
-        else:
-            name, key = ckpt["label"], ckpt["row_order"]
+        authors = ckpt.get("format") == "authors"  # the authors' models: pretrained models
+        name = f"pretrained ({ckpt['dataset']})" if authors else ckpt["label"]
+        key = [4, 0, 0, 0.0] if authors else ckpt["row_order"]
         # the flags that define the run: its command's, but those in NOT_DEFINING. An --init-from
         # that names a run of this project (LP-FT starts from a probe's model.pt) is left out: the
         # row label says what the run started from, and the runs on several draws of the training
@@ -743,8 +742,7 @@ def microscope(inputs, args, baseline, kernel_prior):
         accs = robustness_row(on_pixels(cnn), x, y, args.epsilons, args.pgd_steps)
         rows.append({"model": path, "configuration": label, "subset": subset, "seed": seed,
                      "images": len(x), **accs})
-        print(f"attacked {path}: clean {accs['clean_acc']:.3f}, " + ", ".join(
-            f"{k} {v:.3f}" for k, v in accs.items() if k != "clean_acc"), flush=True)
+        print(f"attacked {path}: " + ", ".join(f"{k} {v:.3f}" for k, v in accs.items()), flush=True)
     if rows:  # the accuracy columns: clean, then each attack, after the five that name the run
         columns = list(rows[0])[5:]
         headers = ["clean acc" if c == "clean_acc" else c.replace("_", " ").upper().replace(
