@@ -225,6 +225,9 @@ def compare(args):
     """--compare: every finished run's kernels against the bank; a table row per configuration,
     and each row's difference to the baseline and to λ = 1 over matched runs."""
     bank = load_bank(args.bank)
+    if bank.get("layer") not in CONV_SHAPES:
+        raise UserError(f"bank {args.bank} names no layer of the paper's CNN (as banks of "
+                        f"collect_kernels.py do)")
     layer, bank_kernels = bank["layer"], bank["kernels"]
     runs = table_runs(args.compare, layer)  # (path, checkpoint, row, name), the table's order
     # the references of the paired table: the first row (in the table's order) of each name

@@ -249,6 +249,30 @@ def test_copies_across_scripts_agree():
     assert all(torch.equal(outputs[0], out) for out in outputs[1:])
 
 
+@pytest.mark.parametrize("module", [pretrain, train_small, train_advreg, gan_labs])
+def test_device_auto_is_cuda_then_mps_then_cpu_and_threads_are_set(module, monkeypatch):
+    """Catches: --threads ignored, 'auto' not taking an available accelerator (or taking the CPU
+    first), a named device that is missing used anyway instead of one line."""
+    def namespace(device, threads=0):
+        return argparse.Namespace(device=device, threads=threads)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        module.pick_device(namespace("cpu", threads=1))
+        assert torch.get_num_threads() == 1
+        module.pick_device(namespace("cpu", threads=0))  # 0: torch's own number, left as it is
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    for cuda, mps, expected in ((True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+        assert module.pick_device(namespace("auto")).type == expected
+        assert module.pick_device(namespace("cpu")).type == "cpu"
+    with pytest.raises(module.UserError, match="--device cuda: torch cannot use it"):
+        module.pick_device(namespace("cuda"))
+
+
 def test_augment_keeps_shapes_and_labels():
     """Each output image is a padded crop (or its mirror) of the SAME input image."""
     torch.manual_seed(0)
@@ -800,6 +824,10 @@ def test_bad_input_gives_one_clear_error(tiny_data, pretrained, tmp_path, capsys
     torch.save({"kernels": torch.full((10, 7, 7), float("nan"))}, nan_bank)
     assert "non-finite" in user_error(capsys, train_small.main, *small, "--init-bank", nan_bank,
                                       "--out", tmp_path / "s")
+    unnamed = tmp_path / "unnamed_bank.pt"  # kernels, but no layer to read the runs at
+    torch.save({"kernels": torch.randn(10, 7, 7)}, unnamed)
+    assert "names no layer" in user_error(capsys, collect_kernels.main, "--compare",
+                                          ckpts / "seed0.pt", "--bank", unnamed)
     assert not (tmp_path / "s").exists()
     (tmp_path / "s" / "seed0").mkdir(parents=True)  # a run folder whose checkpoint is corrupt
     (tmp_path / "s" / "seed0" / "model.pt").write_bytes(os.urandom(2000))
@@ -4202,6 +4230,13 @@ def test_compare_reads_a_transferred_conv1_against_the_bank_without_its_source(t
     assert want > 1.4 * float(transferred["frechet_to_bank"])  # in-sample: much closer
     assert scratch["frechet_without_source"] == ""
     assert "Frechet to bank w/o its source" in (tmp_path / "cmp" / "compare.md").read_text()
+    # a bank of the run's own source alone leaves nothing to compare with: no value, no crash
+    collect_kernels.main(["--checkpoints", str(sources / "m_seed1.pt"), "--layers", "conv1",
+                          "--out", str(tmp_path / "bank1")])
+    collect_kernels.main(["--compare", str(tmp_path / "t/seed1/model.pt"), "--bank",
+                          str(tmp_path / "bank1/conv1_7x7.pt"), "--out", str(tmp_path / "cmp1")])
+    with open(tmp_path / "cmp1" / "compare.csv") as f:
+        assert next(csv.DictReader(f))["frechet_without_source"] == ""
 
 
 def test_gan_memorization_check_samples_g_at_its_fixed_z_and_labels(gan_data):
