@@ -199,14 +199,19 @@ def near_zero_share(kernels, bank_kernels, fraction=0.1):
 def bank_reference(bank):
     """The bank's own Frechet distance: each source model's kernels against the other sources'
     (mean over sources); None for a bank of one source."""
-    kernels, counts = bank["kernels"], bank.get("source_counts") or [len(bank["kernels"])]
+    counts = bank.get("source_counts") or [len(bank["kernels"])]
     if len(counts) < 2:
         return None
-    parts = torch.split(kernels, counts)
-    distances = [frechet_distance(standardize_kernels(part),
-                                  standardize_kernels(torch.cat(parts[:i] + parts[i + 1:])))
-                 for i, part in enumerate(parts)]
+    parts = torch.split(bank["kernels"], counts)
+    distances = [frechet_to_other_sources(part, bank, i) for i, part in enumerate(parts)]
     return sum(distances) / len(distances)
+
+
+def frechet_to_other_sources(kernels, bank, i):
+    """Frechet distance of `kernels` to the bank without the kernels of its i-th source model."""
+    parts = torch.split(bank["kernels"], bank["source_counts"])
+    rest = torch.cat(parts[:i] + parts[i + 1:])
+    return frechet_distance(standardize_kernels(kernels), standardize_kernels(rest))
 
 
 def bank_floors(bank_std, count, draws=30):
@@ -270,9 +275,7 @@ def frechet_without_source(ckpt, kernels, bank):
     transferred = ckpt.get("args", {}).get("transfer") or []
     if bank["layer"] not in transferred or own not in hashes or len(hashes) < 2:
         return None
-    parts, i = torch.split(bank["kernels"], bank["source_counts"]), hashes.index(own)
-    rest = torch.cat(parts[:i] + parts[i + 1:])
-    return frechet_distance(standardize_kernels(kernels), standardize_kernels(rest))
+    return frechet_to_other_sources(kernels, bank, hashes.index(own))
 
 
 def checkpoint_row(path, ckpt, configuration, layer, bank_kernels, bank_std):
