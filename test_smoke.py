@@ -10,6 +10,7 @@ subprocesses with tiny budgets; the unit tests check the mathematics that can si
 The throughput comparison behind the README's ratio is a test too, skipped unless asked for:
     THROUGHPUT_DATA=~/data/cifar10 pytest -q -s -k throughput
 """
+import argparse
 import ast
 import collections
 import copy
