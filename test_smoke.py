@@ -588,6 +588,10 @@ def test_collect_compare_labels_rows_and_accuracy_columns(tmp_path, capsys):
     torch.save({**load(paths["t1"]), "format": 1}, tmp_path / "old.pt")  # before rows were kept
     assert "checkpoint format 1, not 2" in user_error(capsys, collect_kernels.main, "--compare",
                                                       tmp_path / "old.pt", "--bank", bank)
+    unmarked = {k: v for k, v in load(paths["t1"]).items() if k != "format"}  # stored no format
+    torch.save(unmarked, tmp_path / "older.pt")
+    assert "checkpoint format 1, not 2" in user_error(capsys, collect_kernels.main, "--compare",
+                                                      tmp_path / "older.pt", "--bank", bank)
     said = user_error(capsys, collect_kernels.main, "--compare", tmp_path / "no/*/model.pt")
     assert "no/*/model.pt: no such file (a pattern that matched none?)" in said  # not "corrupt"
 
@@ -1381,7 +1385,8 @@ def test_ex08_low_frequency_share_of_cosines_and_a_constant():
     1/7 <= 0.25 cycles/pixel (low), (2, 0) and (2, 1) have 2/7 and sqrt(5)/7 > 0.25 (high).
     Kernel 1 = 3 cos(0, 1) + cos(2, 0) + 5: share 9/10 (the constant adds nothing); kernel 2 =
     10 cos(2, 1): share 0; their mean 0.45. Catches energy as |X| instead of |X|^2 (0.75), the
-    mean not removed, the energy pooled over kernels (not a mean of shares)."""
+    mean not removed, the energy pooled over kernels (not a mean of shares), a floor on the
+    energy that is not tiny (the share is scale-free: kernels of weight 1e-4 give the same)."""
     yy, xx = torch.meshgrid(*[torch.arange(7, dtype=torch.float64)] * 2, indexing="ij")
 
     def wave(fy, fx):
@@ -1391,6 +1396,7 @@ def test_ex08_low_frequency_share_of_cosines_and_a_constant():
     assert collect_kernels.low_freq_share(kernels[1:]) == pytest.approx(0.0, abs=1e-9)
     assert collect_kernels.low_freq_share(kernels) == pytest.approx(0.45, abs=1e-9)
     assert collect_kernels.low_freq_share(kernels - 5) == pytest.approx(0.45, abs=1e-9)
+    assert collect_kernels.low_freq_share(kernels * 1e-4) == pytest.approx(0.45, abs=1e-9)
 
 
 def test_near_zero_share_uses_the_banks_median_norm():
@@ -1624,6 +1630,16 @@ def test_validation_split_is_disjoint_from_the_subset_and_the_test_set(tiny_data
     assert not flat["train_x"] & flat["val_x"] and not flat["val_x"] & flat["test_x"]
     same = train_small.load_small_data(args, torch.device("cpu"))  # the same split every time
     assert all(torch.equal(same[k], data[k]) for k in ("val_x", "train_x"))
+    # the draws by value: the validation images by --subset-seed + 1 among the images outside
+    # the subset, the test order by seed 0 (catches another seed, or an unseeded draw)
+    all_x, all_y, _ = train_small.load_split(str(tiny_data), "data", "train")
+    rest = torch.isin(torch.arange(len(all_y)), train_small.small_subset(all_y, 3, 0),
+                      invert=True).nonzero().flatten()
+    val = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(1))[:50]]
+    assert torch.equal(data["val_x"], train_small.as_cifar_images(all_x[val]))
+    test_x, _, _ = train_small.load_split(str(tiny_data), "data", "test")
+    order = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(data["test_x"], train_small.as_cifar_images(test_x[order]))
     said = user_error(capsys, train_small.main, "--data", tiny_data, "--per-class", 3,
                       "--val-size", 91)  # 120 train images - 30 = 90 outside the subset
     assert "--val-size 91" in said and "90" in said
@@ -1686,6 +1702,12 @@ def test_train_small_resumes_to_the_straight_runs_weights_and_refuses_other_flag
     for key, value in straight["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
     assert straight["history"] == resumed["history"]
+    # the same command again on a finished run: accepted, nothing more trained (catches a run
+    # of exactly --epochs epochs refused as one of more)
+    train_small.main(common + ["--epochs", "3", "--out", str(tmp_path / "straight")])
+    again = load(tmp_path / "straight" / "seed0" / "model.pt")
+    assert again["epoch"] == 3 and all(torch.equal(v, again["model"][k])
+                                       for k, v in straight["model"].items())
     # another learning rate into the same folder: refused, naming the flag; nothing changes
     before = (tmp_path / "resumed" / "seed0" / "model.pt").read_bytes()
     said = user_error(capsys, train_small.main, *common, "--epochs", 4, "--lr", 0.1,
@@ -1696,6 +1718,24 @@ def test_train_small_resumes_to_the_straight_runs_weights_and_refuses_other_flag
     train_small.main(common + ["--epochs", "4", "--log-every", "2", "--threads", "1",
                                "--out", str(tmp_path / "resumed")])
     assert load(tmp_path / "resumed" / "seed0" / "model.pt")["epoch"] == 4
+
+
+def test_train_small_progress_line_has_the_epochs_mean_loss_and_the_flags_to_lower(
+        tiny_data, tmp_path, monkeypatch):
+    """Each progress line's loss is its epoch's mean over the training images, the value of
+    metrics.csv (catches a sum), and its divergence hint names the flags to lower: --lr, with
+    AMP --amp-epsilon too (catches a hint that names none)."""
+    seen, text = [], train_small.progress_text
+    monkeypatch.setattr(train_small, "progress_text", lambda *a: seen.append(a) or text(*a))
+    for amp, flags in (([], "--lr"), (["--amp-epsilon", "0.5"], "--lr or --amp-epsilon")):
+        out = tmp_path / flags[-3:]
+        train_small.main(["--data", str(tiny_data), "--per-class", "2", "--epochs", "2",
+                          "--eval-every", "2", "--log-every", "1", *amp, "--out", str(out)])
+        history = load(out / "seed0" / "model.pt")["history"]
+        assert [a[0] for a in seen] == pytest.approx(history["train_loss"], rel=1e-6)
+        assert [a[4] for a in seen] == [flags, flags]
+        seen.clear()
+    assert text(10.0, {}, 2.3, 0.1, "--lr").endswith("diverging? lower --lr")
 
 
 def test_a_full_disk_gives_one_line_and_keeps_the_last_checkpoint(tiny_data, tmp_path):
@@ -2826,6 +2866,9 @@ def test_gan_dann_end_to_end_with_and_without_adaptation(gan_dann_runs):
         assert not list(out.glob("*.tmp*"))
         rows = gan_read_csv(out / "metrics.csv")
         assert [int(r["iter"]) for r in rows] == [3, 6]  # 48 source images / 16 per step
+        assert list(rows[0]) == ["epoch", "iter", "lambda", "lr", "loss_y", "loss_d",
+                                 "train_domain_acc", "source_acc", "target_acc", "domain_acc",
+                                 "s_per_iter"]  # the columns users' scripts read
         # each epoch logs its last step's schedules, at progress p = step / all steps (3 per
         # epoch, 2 epochs): catches a progress that restarts each epoch or counts epochs only
         for r, p in zip(rows, (2 / 6, 5 / 6)):
@@ -4278,6 +4321,7 @@ def test_row_labels_name_the_transfer_recipes_and_layer_ranges():
         "transfer conv2-4, frozen conv2-4"
     assert label(init_from="m.pt", transfer=convs[:2]) == "transfer conv1+conv2"
     assert train_small.layers_label(["conv1", "conv3", "conv4"]) == "conv1+conv3+conv4"
+    assert label(freeze=convs[:3]) == "baseline (λ = 0), frozen conv1-3"  # nothing transferred
     orders = [row(amp_epsilon=eps) for eps in (None, 0.3, 1.0)]  # baseline, then AMP by radius
     assert [(o["label"], o["row_order"]) for o in orders] == [
         ("baseline (λ = 0)", [0, 0, 0, 0.0]), ("AMP ε = 0.3", [1, 0, 0, 0.3]),
@@ -4361,6 +4405,8 @@ def test_paired_difference_over_two_draws_and_its_cells():
     shown = dict(d, mean=0.03, ci_low=0.01, ci_high=0.05)
     assert collect_kernels.paired_cells(shown) == ["+0.030", "[+0.010, +0.050]", "shown"]
     assert collect_kernels.paired_cells(dict(d, ci_low=None, ci_high=None)) == ["+0.030", "-", ""]
+    ends_at_0 = dict(d, mean=-0.02, ci_low=-0.04, ci_high=0.0)  # it holds 0: not shown
+    assert collect_kernels.paired_cells(ends_at_0) == ["-0.020", "[-0.040, +0.000]", "not shown"]
 
 
 def test_robustness_row_attacks_at_each_eps_in_units_of_1_255(monkeypatch):
