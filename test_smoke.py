@@ -192,6 +192,8 @@ def test_authors_models_give_a_bank_and_an_accuracy(authors_models, tiny_data, t
     (tmp_path / "ev").mkdir()  # an existing folder is fine: a new evaluation overwrites
     pretrain.main(["--evaluate", *paths, "--data", str(tiny_data), "--out", str(tmp_path / "ev")])
     said = capsys.readouterr().out
+    header = f"{'layer':6} {'bank':>14} {'mean':>8} {'std':>7} {'|kernel|':>9} {'low-freq':>9}"
+    assert header in said and f"conv1  {'[384, 7, 7]':>14} " in said  # 2 models x 192 kernels
     evaluation = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
     accs = evaluation["test_acc"]
     assert (evaluation["data"], evaluation["images"]) == (str(tiny_data), 50)
@@ -322,6 +324,28 @@ def pretrain_in_process(tiny_data, out, *flags):
     return None
 
 
+def test_pretrain_loss_is_the_epochs_mean_and_one_seed_has_std_0(tiny_data, tmp_path,
+                                                                  monkeypatch):
+    """The history's train_loss is the mean of the epoch's batch losses, weighted by their sizes
+    (120 images in batches of 32, the last of 24: catches a sum that keeps the last batch only);
+    one seed's summary has std 0; the checkpoint holds --compare's pretrained row."""
+    losses, plain = [], F.cross_entropy
+
+    def recording(logits, labels):
+        loss = plain(logits, labels)
+        losses.append((loss.item(), len(labels)))
+        return loss
+    monkeypatch.setattr(pretrain.F, "cross_entropy", recording)
+    assert pretrain_in_process(tiny_data, tmp_path / "r", "--epochs", 1) is None
+    ckpt = load(tmp_path / "r" / "seed0.pt")
+    assert [n for _, n in losses] == [32, 32, 32, 24]
+    want = sum(loss * n for loss, n in losses) / 120
+    assert ckpt["history"]["train_loss"] == [pytest.approx(want, rel=1e-5)]
+    assert (ckpt["label"], ckpt["row_order"]) == (f"pretrained ({tiny_data})", [4, 0, 0, 0.0])
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["std"] == 0.0 and summary["mean"] == summary["test_acc"]["0"]
+
+
 def test_pretrain_refuses_a_folder_holding_a_run_with_other_flags(pretrained, tiny_data):
     """Catches: a second run with another --lr / --no-augment silently continuing the first one's
     checkpoint (two runs mixed in one file); the refusal writing anything."""
@@ -372,6 +396,25 @@ def test_pretrain_full_disk_gives_one_line_and_keeps_the_checkpoint(tiny_data, t
     assert "disk full" in message and "\n" not in message
     assert (tmp_path / "seed0.pt").read_bytes() == before
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_bank_reference_is_each_source_against_the_others():
+    """The bank's own Fréchet distance: the mean over its sources of each one's distance to the
+    others (catches a bank of two sources given none); a bank of one source has none. mean_std
+    in float64 (catches float32: 1e8 + 1 and 1e8 + 3 would both be 1e8)."""
+    def fd(x, y):
+        std = collect_kernels.standardize_kernels
+        return collect_kernels.frechet_distance(std(x), std(y))
+    g, pattern = torch.Generator().manual_seed(0), torch.arange(9.0).reshape(3, 3)
+    a, b, c = (torch.randn(60, 3, 3, generator=g) + w * pattern for w in (0.0, 1.0, -1.0))
+    two = {"kernels": torch.cat([a, b]), "source_counts": [60, 60]}
+    assert collect_kernels.bank_reference(two) == pytest.approx(fd(a, b), rel=1e-9)
+    three = {"kernels": torch.cat([a, b, c]), "source_counts": [60, 60, 60]}
+    want = (fd(a, torch.cat([b, c])) + fd(b, torch.cat([a, c])) + fd(c, torch.cat([a, b]))) / 3
+    assert collect_kernels.bank_reference(three) == pytest.approx(want, rel=1e-9)
+    assert collect_kernels.bank_reference({"kernels": a, "source_counts": [60]}) is None
+    mean, std = collect_kernels.mean_std([1e8 + 1, 1e8 + 3])
+    assert mean == 1e8 + 2 and std == pytest.approx(math.sqrt(2), rel=1e-9)
 
 
 def test_ex11_t_quantile_against_its_closed_forms():
@@ -736,7 +779,8 @@ def test_microscope_end_to_end_rows_figures_and_bad_input(tiny_data, pretrained,
         assert float(p["ci_low"]) == pytest.approx(sum(d) / 2 - half, abs=1e-6)
         assert float(p["ci_high"]) == pytest.approx(sum(d) / 2 + half, abs=1e-6)
     paired_md = (out / "microscope_paired.md").read_text()
-    assert "| AMP ε = 0.1 | baseline (λ = 0) | 2 | 1 |" in paired_md
+    clean = float(paired["clean_acc"]["mean"])  # the clean accuracy's cell, not "-"
+    assert f"| AMP ε = 0.1 | baseline (λ = 0) | 2 | 1 | {clean:+.3f} [" in paired_md
     table = (out / "microscope.md").read_text()
     for config, count in (("baseline (λ = 0)", 2), ("AMP ε = 0.1", 2),
                           ("pretrained (cifar100 (the authors' models))", 2)):
@@ -1050,6 +1094,10 @@ def test_train_advreg_sweep_end_to_end_resume_and_gif(tiny_data, pretrained, tmp
         collect_kernels.standardize_kernels(kernels), collect_kernels.standardize_kernels(bank)))
     assert summary["conv1_low_freq"] == pytest.approx(collect_kernels.low_freq_share(kernels))
     assert summary["final_train_acc"] == ckpt["history"]["train_acc"][-1]
+    # D over the last 10 % of the 6 iterations: the last one; this run's own init; its time
+    d_real = ckpt["log"][-1][train_advreg.LOG_COLUMNS.index("d_real")].item()
+    assert summary["d_real_last10pct"] == pytest.approx(d_real, abs=1e-6)
+    assert summary["init"] == "default" and summary["seconds"] > 0
     # lam = 0 has no discriminator: its D columns are empty (NaN in the CSV, null in the JSON)
     assert "nan" in (out / "lam0_seed0" / "metrics.csv").read_text().splitlines()[1]
     assert json.loads((out / "lam0_seed0" / "summary.json").read_text())["d_real_last10pct"] is None
@@ -1104,7 +1152,8 @@ def test_train_advreg_two_layers_and_compare(tiny_data, pretrained, tmp_path):
     ckpt = load(out / "lam1_seed0" / "model.pt")
     assert [k for k in ckpt if k.startswith("d_conv")] == ["d_conv1", "d_conv2"]
     assert (ckpt["label"], ckpt["row_order"]) == ("λ = 1, conv1+conv2", [2, False, 0, 1.0])
-    assert (out / "lam1_seed0" / "kernels_conv2.png").exists()
+    # conv2's 8192 kernels: a fixed sample of 256, 16 x 16 of 5x5 at 8x, 4-px padding
+    assert gan_png_shape(out / "lam1_seed0" / "kernels_conv2.png")[1:] == (708, 708)
     summary = json.loads((out / "lam1_seed0" / "summary.json").read_text())
     kernels = ckpt["model"]["conv2.weight"].reshape(-1, 5, 5)  # conv2's against conv2's bank
     assert summary["conv2_frechet"] == pytest.approx(collect_kernels.frechet_distance(
@@ -1312,9 +1361,13 @@ def test_ex09_amp_step_takes_the_gradient_at_theta_plus_delta_and_steps_from_the
 def test_kernel_discriminator_is_the_notebooks_network():
     """D's forward against the notebook's layers written in plain torch (two 3x3 convs with
     BatchNorm and LeakyReLU 0.2, global average pooling, a linear layer, a sigmoid): catches a
-    lost sigmoid, another slope or pooling."""
+    lost sigmoid, another slope or pooling, another kernel size (the reference takes D's own
+    weights, so their shapes are checked too)."""
     torch.manual_seed(0)
     disc = train_advreg.KernelDiscriminator()
+    assert [tuple(p.shape) for p in disc.parameters()] == [
+        (64, 1, 3, 3), (64,), (64,), (64,), (128, 64, 3, 3), (128,), (128,), (128,), (1, 128),
+        (1,)]
     kernels = torch.randn(16, 1, 7, 7) * 3
     h = kernels
     for conv, bn in ((disc.conv1, disc.bn1), (disc.conv2, disc.bn2)):
@@ -1721,7 +1774,7 @@ def test_train_small_resumes_to_the_straight_runs_weights_and_refuses_other_flag
 
 
 def test_train_small_progress_line_has_the_epochs_mean_loss_and_the_flags_to_lower(
-        tiny_data, tmp_path, monkeypatch):
+        tiny_data, tmp_path, monkeypatch, capsys):
     """Each progress line's loss is its epoch's mean over the training images, the value of
     metrics.csv (catches a sum), and its divergence hint names the flags to lower: --lr, with
     AMP --amp-epsilon too (catches a hint that names none)."""
@@ -1734,6 +1787,7 @@ def test_train_small_progress_line_has_the_epochs_mean_loss_and_the_flags_to_low
         history = load(out / "seed0" / "model.pt")["history"]
         assert [a[0] for a in seen] == pytest.approx(history["train_loss"], rel=1e-6)
         assert [a[4] for a in seen] == [flags, flags]
+        assert capsys.readouterr().out.count("\nseed 0 | 2/2 | loss ") == 1
         seen.clear()
     assert text(10.0, {}, 2.3, 0.1, "--lr").endswith("diverging? lower --lr")
 
@@ -2133,6 +2187,7 @@ def gan_check_run(out, bce=True, size=32, channels=1):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["iterations"] == int(rows[-1]["iter"]) > 0
     assert summary["args"]["channels"] == channels and summary["args"]["image_size"] == size
+    assert isinstance(summary["args"]["classes"], list) and len(summary["args"]["classes"]) > 1
     assert summary["metrics"][0]["fid"] == float(gen["fid"])  # summary and eval.csv agree
     return rows, gen, floor
 
@@ -2269,6 +2324,14 @@ def test_gan_dann_pseudo_labels_run_beside_dann_and_source_only(gan_dann_runs, g
     assert summary["method"] == f"pseudo-labels > {threshold:g}"
     stats = summary["pseudo_labels"]
     assert 0 < stats["train_kept"] <= 1 and 0 <= stats["test_kept"] <= 1
+    x_test, y_test = data["target_test"]  # what the threshold keeps there, and how many are right
+    with torch.no_grad():
+        prob = F.softmax(labeller.eval().label_classifier(labeller.features(
+            gan_labs.to_float(x_test))), 1)
+    kept = prob.max(1).values > threshold
+    assert stats["test_kept"] == pytest.approx(kept.float().mean().item())
+    assert stats["test_kept_acc"] == pytest.approx(
+        (prob.argmax(1)[kept] == y_test[kept]).float().mean().item())
     common = argv[:-4] + ["--out", str(tmp_path / "bad")]
     for flags, want in (
             (["--threshold", "1"], "--threshold must be in (0, 1)"),
@@ -3987,6 +4050,7 @@ def test_ex15_gan_wgan_steps_are_the_papers(constraint):
     torch.manual_seed(3)
     out = gan_labs.wgan_critic_step(g, d, torch.optim.SGD(d.parameters(), lr=lr), real, z,
                                     gan_aug, constraint, c)
+    assert out["wdist"].item() == pytest.approx(-loss_d.item(), rel=1e-5)  # D(x) - D(G(z))
     gan_assert_same_nets(d, d_ref, start_d)
     assert torch.equal(g.state_dict()["0.weight"], start_g["0.weight"])  # the critic step only
     if constraint == "gp":
